@@ -1,0 +1,471 @@
+//! The wire contract with game servers (`shared/CONTRACT.md`, "Messages"):
+//! decoding and validating commands, and the reply they get.
+//!
+//! Decoding never panics and never trusts the input: any byte string yields either
+//! a [`Command`] or a [`Rejection`] that carries whatever could still be read
+//! (op, bill_no, openid) so the game server gets a `rejected` reply.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Settings;
+use crate::secret::Secret;
+
+/// The largest amount Midas accepts.
+pub const MAX_AMOUNT: i64 = 2_147_483_647;
+/// Upper bound for free-text fields (openid, pay_item, ...): larger is certainly not a
+/// real value and would only bloat the outbox.
+pub const MAX_TEXT: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Pay,
+    Present,
+    CancelPay,
+    Balance,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Pay => "pay",
+            Op::Present => "present",
+            Op::CancelPay => "cancel_pay",
+            Op::Balance => "balance",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        match s {
+            "pay" => Some(Op::Pay),
+            "present" => Some(Op::Present),
+            "cancel_pay" => Some(Op::CancelPay),
+            "balance" => Some(Op::Balance),
+            _ => None,
+        }
+    }
+
+    pub const ALL: [Op; 4] = [Op::Pay, Op::Present, Op::CancelPay, Op::Balance];
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The command as published, before validation. Unknown fields are an error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire {
+    op: String,
+    #[serde(default)]
+    bill_no: Option<String>,
+    #[serde(default)]
+    openid: Option<String>,
+    #[serde(default)]
+    session_key: Option<String>,
+    #[serde(default)]
+    appid: Option<String>,
+    #[serde(default)]
+    zone_id: Option<String>,
+    #[serde(default)]
+    pf: Option<String>,
+    #[serde(default)]
+    user_ip: Option<String>,
+    #[serde(default)]
+    amt: Option<i64>,
+    #[serde(default)]
+    present_counts: Option<i64>,
+    #[serde(default)]
+    pay_item: Option<String>,
+    #[serde(default)]
+    app_remark: Option<String>,
+}
+
+/// The parameters that identify what a job does: everything but the session_key.
+/// Two commands with the same key (op, bill_no) must have equal `Params` to join.
+/// Field order is fixed, so the JSON form is canonical and stored in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Params {
+    pub op: Op,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bill_no: Option<String>,
+    pub openid: String,
+    pub appid: String,
+    pub zone_id: String,
+    pub pf: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub amt: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub present_counts: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pay_item: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub app_remark: Option<String>,
+}
+
+impl Params {
+    /// Canonical JSON (what the outbox stores and compares).
+    pub fn canonical(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// A valid command.
+#[derive(Debug, Clone)]
+pub struct Command {
+    pub params: Params,
+    pub session_key: Option<Secret>,
+}
+
+/// Why a command was refused, and what of it could still be read for the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stable machine code: `invalid_command`, `unknown_app`, `bill_no_conflict`.
+    pub code: &'static str,
+    pub message: String,
+    pub op: Option<String>,
+    pub bill_no: Option<String>,
+    pub openid: Option<String>,
+    pub appid: Option<String>,
+}
+
+impl Rejection {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            message: message.into(),
+            op: None,
+            bill_no: None,
+            openid: None,
+            appid: None,
+        }
+    }
+}
+
+/// A bill_no is 1–63 chars of `[A-Za-z0-9_-]`.
+pub fn valid_bill_no(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Decode and validate one message body.
+pub fn decode(body: &[u8], settings: &Settings) -> Result<Command, Box<Rejection>> {
+    let wire: Wire = match serde_json::from_slice(body) {
+        Ok(w) => w,
+        Err(e) => {
+            let mut r = Rejection::new("invalid_command", format!("bad command: {e}"));
+            salvage(body, &mut r);
+            return Err(Box::new(r));
+        }
+    };
+    let mut r = Rejection::new("invalid_command", "");
+    r.op = Some(truncate(&wire.op));
+    r.bill_no = wire.bill_no.clone().filter(|b| valid_bill_no(b));
+    r.openid = wire.openid.as_deref().map(truncate);
+    r.appid = wire.appid.as_deref().map(truncate);
+    validate(wire, settings).map_err(|(code, message)| {
+        r.code = code;
+        r.message = message;
+        Box::new(r)
+    })
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Read what can be read from a body that did not decode, for the rejected reply.
+fn salvage(body: &[u8], r: &mut Rejection) {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return;
+    };
+    let text = |k: &str| map.get(k).and_then(|v| v.as_str()).map(truncate);
+    r.op = text("op");
+    r.bill_no = text("bill_no").filter(|b| valid_bill_no(b));
+    r.openid = text("openid");
+    r.appid = text("appid");
+}
+
+fn text_field(
+    name: &str,
+    v: Option<String>,
+    required: bool,
+) -> Result<Option<String>, (&'static str, String)> {
+    match v {
+        None if required => Err(("invalid_command", format!("missing field `{name}`"))),
+        None => Ok(None),
+        Some(s) if s.is_empty() => Err(("invalid_command", format!("`{name}` is empty"))),
+        Some(s) if s.len() > MAX_TEXT => Err((
+            "invalid_command",
+            format!("`{name}` is longer than {MAX_TEXT} bytes"),
+        )),
+        Some(s) if s.chars().any(|c| c.is_control()) => Err((
+            "invalid_command",
+            format!("`{name}` contains control characters"),
+        )),
+        Some(s) => Ok(Some(s)),
+    }
+}
+
+fn amount(name: &str, v: Option<i64>, needed: bool) -> Result<Option<i64>, (&'static str, String)> {
+    match (v, needed) {
+        (None, true) => Err(("invalid_command", format!("missing field `{name}`"))),
+        (Some(_), false) => Err((
+            "invalid_command",
+            format!("`{name}` is not allowed for this op"),
+        )),
+        (Some(n), true) if !(1..=MAX_AMOUNT).contains(&n) => Err((
+            "invalid_command",
+            format!("`{name}` must be an integer in 1..=2147483647"),
+        )),
+        (v, _) => Ok(v),
+    }
+}
+
+fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, String)> {
+    let op = Op::parse(&w.op).ok_or((
+        "invalid_command",
+        "unknown op: expected pay, present, cancel_pay or balance".to_string(),
+    ))?;
+    let bill_no = match (op, w.bill_no) {
+        (Op::Balance, Some(_)) => {
+            return Err((
+                "invalid_command",
+                "`bill_no` is not allowed for balance".into(),
+            ))
+        }
+        (Op::Balance, None) => None,
+        (_, None) => return Err(("invalid_command", "missing field `bill_no`".into())),
+        (_, Some(b)) if !valid_bill_no(&b) => {
+            return Err((
+                "invalid_command",
+                "`bill_no` must be 1-63 characters of [A-Za-z0-9_-]".into(),
+            ))
+        }
+        (_, Some(b)) => Some(b),
+    };
+    let openid = text_field("openid", w.openid, true)?.unwrap_or_default();
+    let session_key = text_field("session_key", w.session_key, false)?.map(Secret::new);
+    let app = match w.appid {
+        Some(id) => settings
+            .app(&id)
+            .ok_or(("unknown_app", "`appid` names no configured app".to_string()))?,
+        None if settings.apps.len() == 1 => &settings.apps[0],
+        None => {
+            return Err((
+                "invalid_command",
+                "`appid` is required when several apps are configured".into(),
+            ))
+        }
+    };
+    let zone_id = text_field("zone_id", w.zone_id, false)?.unwrap_or_else(|| app.zone_id.clone());
+    let pf = text_field("pf", w.pf, false)?.unwrap_or_else(|| app.pf.clone());
+    let user_ip = text_field("user_ip", w.user_ip, false)?;
+    let amt = amount("amt", w.amt, op == Op::Pay)?;
+    let present_counts = amount("present_counts", w.present_counts, op == Op::Present)?;
+    let pay_item = text_field("pay_item", w.pay_item, false)?;
+    let app_remark = text_field("app_remark", w.app_remark, false)?;
+    // pay_item is also a cancelpay field in MIDAS.md; app_remark is pay-only.
+    if pay_item.is_some() && !matches!(op, Op::Pay | Op::CancelPay) {
+        return Err((
+            "invalid_command",
+            "`pay_item` is only allowed for pay and cancel_pay".into(),
+        ));
+    }
+    if app_remark.is_some() && op != Op::Pay {
+        return Err((
+            "invalid_command",
+            "`app_remark` is only allowed for pay".into(),
+        ));
+    }
+    Ok(Command {
+        params: Params {
+            op,
+            bill_no,
+            openid,
+            appid: app.appid.clone(),
+            zone_id,
+            pf,
+            user_ip,
+            amt,
+            present_counts,
+            pay_item,
+            app_remark,
+        },
+        session_key,
+    })
+}
+
+/// Reply statuses (CONTRACT.md). `succeeded`, `failed` and `unknown` are also the
+/// final states of a job; `rejected` never has a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Succeeded,
+    Failed,
+    Rejected,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Rejected => "rejected",
+            Status::Unknown => "unknown",
+        }
+    }
+}
+
+/// The reply published for a command. Stored verbatim in the outbox once final, so a
+/// repeated reply is byte-identical.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bill_no: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub openid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub appid: Option<String>,
+    pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errcode: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errmsg: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_gen_amt: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gen_balance: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_save: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_amt: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub save_sum: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_sum: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub present_sum: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+impl Reply {
+    /// The `rejected` reply for an invalid or conflicting command.
+    pub fn rejected(r: &Rejection, received_at: String) -> Reply {
+        Reply {
+            op: r.op.clone(),
+            bill_no: r.bill_no.clone(),
+            openid: r.openid.clone(),
+            appid: r.appid.clone(),
+            status: Some(Status::Rejected),
+            error: Some(r.code.to_string()),
+            errmsg: Some(r.message.clone()),
+            attempts: 0,
+            finished_at: Some(received_at.clone()),
+            received_at: Some(received_at),
+            ..Reply::default()
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// RFC 3339 UTC with millisecond precision, from unix milliseconds.
+pub fn rfc3339_ms(unix_ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Current unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    pub(crate) fn settings() -> Settings {
+        crate::config::load_from(include_str!("../config.toml"), &BTreeMap::new(), "t").unwrap()
+    }
+
+    fn ok(s: &str) -> Command {
+        decode(s.as_bytes(), &settings()).unwrap()
+    }
+    fn err(s: &[u8]) -> Rejection {
+        *decode(s, &settings()).unwrap_err()
+    }
+
+    #[test]
+    fn a_pay_gets_app_defaults() {
+        let c = ok(r#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":10}"#);
+        assert_eq!(c.params.appid, "wx1234567");
+        assert_eq!(c.params.zone_id, "1");
+        assert_eq!(c.params.pf, "android");
+        assert_eq!(c.params.amt, Some(10));
+        assert!(!c.params.canonical().contains("session_key"));
+    }
+
+    #[test]
+    fn rejections_are_clear_and_salvage_the_bill_no() {
+        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amount":10}"#);
+        assert_eq!(r.code, "invalid_command");
+        assert!(r.message.contains("amount"), "{}", r.message);
+        assert_eq!(r.bill_no.as_deref(), Some("B-1"));
+        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":0}"#);
+        assert!(r.message.contains("amt"));
+        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":2147483648}"#);
+        assert!(r.message.contains("amt"));
+        let r = err(br#"{"op":"pay","bill_no":"B 1","openid":"o1","amt":1}"#);
+        assert!(r.message.contains("bill_no") && r.bill_no.is_none());
+        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":1,"appid":"wxnope"}"#);
+        assert_eq!(r.code, "unknown_app");
+        let r = err(b"\xff\xfe not json");
+        assert_eq!(r.code, "invalid_command");
+        let r = err(br#"{"op":"refund","bill_no":"B-2","openid":"o1"}"#);
+        assert!(r.message.contains("op"));
+        assert_eq!(r.bill_no.as_deref(), Some("B-2"));
+        let r = err(br#"{"op":"pay","op":"pay","bill_no":"B-1","openid":"o1","amt":1}"#);
+        assert!(r.message.contains("duplicate"), "{}", r.message);
+        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":1.5}"#);
+        assert!(
+            r.message.contains("amt") || r.message.contains("float"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn bill_no_bounds() {
+        assert!(valid_bill_no(&"a".repeat(63)));
+        assert!(!valid_bill_no(&"a".repeat(64)));
+        assert!(!valid_bill_no(""));
+        assert!(!valid_bill_no("é"));
+    }
+}
