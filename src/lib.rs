@@ -4,7 +4,20 @@
 //!
 //! Data flows one way: delivery → outbox → dispatcher → Midas → outbox → reply.
 
+pub mod bench;
+pub mod broker;
+pub mod client;
 pub mod command;
 pub mod config;
+pub mod demo;
+pub mod dispatch;
+pub mod enqueue;
+pub mod http;
+pub mod job;
+pub mod metrics;
 pub mod midas;
+pub mod outbox;
 pub mod secret;
+pub mod sim;
+pub mod telemetry;
+pub mod worker;

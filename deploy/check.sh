@@ -1,0 +1,476 @@
+#!/usr/bin/env bash
+# Offline validation of deploy/ and schema/. Runs on a fresh Debian machine (CI):
+#   bash deploy/check.sh
+# One line per check: "ok", "FAIL" or "skip". Exit status 1 if any check failed.
+# Needs python3; installs PyYAML and jsonschema quietly when missing. Uses docker
+# compose, systemd-analyze and kubectl only when present (skips otherwise).
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+
+fails=0
+ok()   { printf 'ok   %s\n' "$1"; }
+fail() { printf 'FAIL %s\n' "$1"; fails=$((fails + 1)); }
+skip() { printf 'skip %s\n' "$1"; }
+
+# ---------------------------------------------------------------- python deps
+if ! command -v python3 >/dev/null 2>&1; then
+  fail "python3: not installed (apt-get install python3)"
+  exit 1
+fi
+have_py_deps() { python3 -c 'import yaml, jsonschema; jsonschema.Draft202012Validator' >/dev/null 2>&1; }
+if ! have_py_deps; then
+  python3 -m pip install --quiet --disable-pip-version-check pyyaml jsonschema >/dev/null 2>&1 ||
+    python3 -m pip install --quiet --disable-pip-version-check --user pyyaml jsonschema >/dev/null 2>&1 ||
+    python3 -m pip install --quiet --disable-pip-version-check --user --break-system-packages pyyaml jsonschema >/dev/null 2>&1 ||
+    { [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-yaml python3-jsonschema >/dev/null 2>&1; } ||
+    true
+fi
+if have_py_deps; then
+  ok "python3 with PyYAML and jsonschema"
+else
+  fail "python3 modules yaml/jsonschema unavailable (pip install pyyaml jsonschema)"
+  exit 1
+fi
+
+# ---------------------------------------------------------------- python checks
+# Everything that needs only files: parsing, manifests, metric names, schemas.
+python3 - "$ROOT" <<'PY'
+import glob, json, os, re, sys
+
+import jsonschema
+import yaml
+
+root = sys.argv[1]
+os.chdir(root)
+fails = 0
+
+
+def ok(msg):
+    print(f"ok   {msg}")
+
+
+def fail(msg):
+    global fails
+    fails += 1
+    print(f"FAIL {msg}")
+
+
+def files(*patterns):
+    out = set()
+    for p in patterns:
+        out.update(glob.glob(p, recursive=True))
+    return sorted(out)
+
+
+# --- every YAML and JSON file parses -------------------------------------------------
+docs = {}
+for f in files("deploy/**/*.yaml", "deploy/**/*.yml", "schema/**/*.yaml", "schema/**/*.yml"):
+    try:
+        with open(f) as fh:
+            docs[f] = [d for d in yaml.safe_load_all(fh) if d is not None]
+        ok(f"yaml parses: {f}")
+    except Exception as e:  # noqa: BLE001
+        fail(f"yaml parses: {f}: {str(e).splitlines()[0]}")
+for f in files("deploy/**/*.json", "schema/**/*.json"):
+    try:
+        with open(f) as fh:
+            docs[f] = [json.load(fh)]
+        ok(f"json parses: {f}")
+    except Exception as e:  # noqa: BLE001
+        fail(f"json parses: {f}: {e}")
+
+
+def doc(path):
+    d = docs.get(path)
+    return d[0] if d else None
+
+
+def get(obj, *path):
+    for p in path:
+        if isinstance(obj, dict):
+            obj = obj.get(p)
+        elif isinstance(obj, list) and isinstance(p, int) and p < len(obj):
+            obj = obj[p]
+        else:
+            return None
+    return obj
+
+
+def check(name, problems):
+    if problems:
+        fail(f"{name}: " + "; ".join(problems))
+    else:
+        ok(name)
+
+
+# --- Kubernetes manifests -------------------------------------------------------------
+K8S = "deploy/k8s"
+want_kinds = {
+    "statefulset.yaml": "StatefulSet",
+    "configmap.yaml": "ConfigMap",
+    "secret.example.yaml": "Secret",
+    "service.yaml": "Service",
+    "servicemonitor.yaml": "ServiceMonitor",
+    "kustomization.yaml": "Kustomization",
+}
+p = []
+for name, kind in want_kinds.items():
+    d = doc(f"{K8S}/{name}")
+    if d is None:
+        p.append(f"{name} missing or empty")
+    elif d.get("kind") != kind:
+        p.append(f"{name}: kind {d.get('kind')!r}, want {kind}")
+    elif kind != "Kustomization" and "namespace" in (d.get("metadata") or {}):
+        p.append(f"{name}: has metadata.namespace (manifests are namespace-less)")
+check("k8s: files and kinds", p)
+
+kust = doc(f"{K8S}/kustomization.yaml") or {}
+res = kust.get("resources") or []
+p = [f"resource {r} not found" for r in res if not os.path.exists(f"{K8S}/{r}")]
+p += [f"{r} not in resources" for r in ("statefulset.yaml", "configmap.yaml", "service.yaml") if r not in res]
+if "secret.example.yaml" in res:
+    p.append("secret.example.yaml must not be a resource")
+check("k8s: kustomization resources", p)
+
+sts = doc(f"{K8S}/statefulset.yaml") or {}
+spec = sts.get("spec") or {}
+pod = get(spec, "template", "spec") or {}
+containers = pod.get("containers") or []
+c = containers[0] if containers else {}
+p = []
+if spec.get("replicas") != 2:
+    p.append(f"replicas {spec.get('replicas')!r}, want 2")
+if pod.get("terminationGracePeriodSeconds") != 60:
+    p.append("terminationGracePeriodSeconds != 60")
+vcts = spec.get("volumeClaimTemplates") or []
+vct_names = {get(v, "metadata", "name") for v in vcts}
+mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
+if not vcts:
+    p.append("no volumeClaimTemplates")
+if mounts.get("/var/lib/midas-worker") not in vct_names:
+    p.append("/var/lib/midas-worker is not mounted from a volumeClaimTemplate")
+if "/etc/midas-worker" not in mounts:
+    p.append("config not mounted at /etc/midas-worker")
+cfg_vols = [v for v in pod.get("volumes") or [] if get(v, "configMap", "name") == "midas-worker-config"]
+if not cfg_vols or mounts.get("/etc/midas-worker") != cfg_vols[0].get("name"):
+    p.append("/etc/midas-worker is not the ConfigMap midas-worker-config")
+check("k8s: statefulset replicas, grace period, volumes", p)
+
+p = []
+for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    g = get(c, probe, "httpGet") or {}
+    port = g.get("port")
+    ports = {pp.get("name"): pp.get("containerPort") for pp in c.get("ports") or []}
+    if g.get("path") != path:
+        p.append(f"{probe} path {g.get('path')!r}, want {path}")
+    if port != 9464 and ports.get(port) != 9464:
+        p.append(f"{probe} port {port!r} is not 9464")
+check("k8s: probes /healthz and /readyz on 9464", p)
+
+p = []
+psc = pod.get("securityContext") or {}
+csc = c.get("securityContext") or {}
+if not (psc.get("runAsNonRoot") or csc.get("runAsNonRoot")):
+    p.append("runAsNonRoot not set")
+if csc.get("readOnlyRootFilesystem") is not True:
+    p.append("readOnlyRootFilesystem not true")
+if csc.get("allowPrivilegeEscalation") is not False:
+    p.append("allowPrivilegeEscalation not false")
+if "ALL" not in (get(csc, "capabilities", "drop") or []):
+    p.append("capabilities not dropped")
+check("k8s: securityContext", p)
+
+p = []
+env = {e.get("name"): e for e in c.get("env") or []}
+for key in ("MIDAS_APP_KEY", "WECHAT_APP_SECRET"):
+    ref = get(env.get(key) or {}, "valueFrom", "secretKeyRef") or {}
+    if ref.get("name") != "midas-worker-secrets" or ref.get("key") != key:
+        p.append(f"{key} not from secret midas-worker-secrets")
+if get(env.get("MIDAS_WORKER__MIDAS__ENVIRONMENT") or {}, "value") != "production":
+    p.append("MIDAS_WORKER__MIDAS__ENVIRONMENT != production")
+ann = get(spec, "template", "metadata", "annotations") or {}
+if ann.get("prometheus.io/scrape") != "true" or ann.get("prometheus.io/port") != "9464":
+    p.append("prometheus.io scrape annotations missing")
+secret = doc(f"{K8S}/secret.example.yaml") or {}
+skeys = set((secret.get("stringData") or {}) | (secret.get("data") or {}))
+refs = {get(e, "valueFrom", "secretKeyRef", "key") for e in c.get("env") or []} - {None}
+if refs - skeys:
+    p.append(f"secret.example.yaml lacks keys {sorted(refs - skeys)}")
+check("k8s: env, secrets, scrape annotations", p)
+
+p = []
+svc = doc(f"{K8S}/service.yaml") or {}
+if get(svc, "spec", "clusterIP") != "None":
+    p.append("service is not headless")
+if spec.get("serviceName") != get(svc, "metadata", "name"):
+    p.append("statefulset serviceName does not name the service")
+sel = get(svc, "spec", "selector") or {}
+labels = get(spec, "template", "metadata", "labels") or {}
+if not sel or any(labels.get(k) != v for k, v in sel.items()):
+    p.append("service selector does not match the pod labels")
+svc_ports = {pp.get("name"): pp.get("port") for pp in get(svc, "spec", "ports") or []}
+sm = doc(f"{K8S}/servicemonitor.yaml") or {}
+if sm.get("apiVersion") != "monitoring.coreos.com/v1":
+    p.append("servicemonitor apiVersion != monitoring.coreos.com/v1")
+for ep in get(sm, "spec", "endpoints") or [{}]:
+    if ep.get("port") not in svc_ports:
+        p.append(f"servicemonitor port {ep.get('port')!r} not a service port")
+sm_sel = get(sm, "spec", "selector", "matchLabels") or {}
+svc_labels = get(svc, "metadata", "labels") or {}
+if not sm_sel or any(svc_labels.get(k) != v for k, v in sm_sel.items()):
+    p.append("servicemonitor selector does not match the service labels")
+check("k8s: headless service and servicemonitor", p)
+
+# The ConfigMap's config.toml has the repo config's sections and keys (no unknown
+# key, which would stop start-up) and puts the outbox on the volume.
+p = []
+try:
+    import tomllib
+
+    repo_cfg = tomllib.load(open("config.toml", "rb"))
+    cm_text = get(doc(f"{K8S}/configmap.yaml") or {}, "data", "config.toml") or ""
+    cm_cfg = tomllib.loads(cm_text)
+
+    def keys(t, prefix=""):
+        out = set()
+        for k, v in t.items():
+            if isinstance(v, dict):
+                out |= keys(v, f"{prefix}{k}.")
+            elif isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    out |= keys(item, f"{prefix}{k}[].")
+            else:
+                out.add(prefix + k)
+        return out
+
+    extra = keys(cm_cfg) - keys(repo_cfg)
+    if extra:
+        p.append(f"keys not in config.toml: {sorted(extra)}")
+    if get(cm_cfg, "outbox", "path") != "/var/lib/midas-worker/outbox.sqlite":
+        p.append("outbox.path is not on /var/lib/midas-worker")
+    if not str(get(cm_cfg, "http", "listen") or "").startswith("0.0.0.0:9464"):
+        p.append("http.listen is not 0.0.0.0:9464")
+    check("k8s: configmap config.toml keys", p)
+except ImportError:
+    print("skip k8s: configmap config.toml keys (python < 3.11 has no tomllib)")
+except Exception as e:  # noqa: BLE001
+    fail(f"k8s: configmap config.toml: {e}")
+
+# --- compose --------------------------------------------------------------------------
+comp = doc("deploy/compose.yaml") or {}
+svcs = comp.get("services") or {}
+p = []
+rmq, w = svcs.get("rabbitmq") or {}, svcs.get("worker") or {}
+if not str(rmq.get("image", "")).startswith("rabbitmq:3.13-management"):
+    p.append("rabbitmq image is not rabbitmq:3.13-management")
+if "rabbitmq-diagnostics" not in " ".join(map(str, get(rmq, "healthcheck", "test") or [])):
+    p.append("rabbitmq healthcheck missing")
+if get(w, "build", "dockerfile") != "deploy/Dockerfile" or get(w, "build", "context") != "..":
+    p.append("worker is not built from deploy/Dockerfile with context ..")
+if get(w, "depends_on", "rabbitmq", "condition") != "service_healthy":
+    p.append("worker does not wait for rabbitmq healthy")
+wenv = w.get("environment") or {}
+if isinstance(wenv, list):
+    wenv = dict(e.split("=", 1) for e in wenv)
+if "@rabbitmq:5672" not in str(wenv.get("MIDAS_WORKER__BROKER__URL", "")):
+    p.append("MIDAS_WORKER__BROKER__URL does not point at rabbitmq")
+vols = [str(v) for v in w.get("volumes") or []]
+if not any(v.endswith(":/var/lib/midas-worker") and v.split(":")[0] in (comp.get("volumes") or {}) for v in vols):
+    p.append("outbox is not a named volume at /var/lib/midas-worker")
+check("compose: services, healthcheck, depends_on, volume", p)
+
+# --- Dockerfile (text checks; no engine needed) ---------------------------------------
+p = []
+df = open("deploy/Dockerfile").read()
+for needle in (
+    "FROM rust:1-bookworm",
+    "cargo build --release --locked",
+    "FROM debian:bookworm-slim",
+    "ca-certificates",
+    "--uid 10001",
+    "/usr/local/bin/midas-worker",
+    "/etc/midas-worker/config.toml",
+    "MIDAS_WORKER__OUTBOX__PATH=/var/lib/midas-worker/outbox.sqlite",
+    "MIDAS_WORKER__HTTP__LISTEN=0.0.0.0:9464",
+    'VOLUME ["/var/lib/midas-worker"]',
+    "EXPOSE 9464",
+    'ENTRYPOINT ["midas-worker"]',
+    'CMD ["run", "--config", "/etc/midas-worker/config.toml"]',
+):
+    if needle not in df:
+        p.append(f"missing {needle!r}")
+users = re.findall(r"^USER\s+(\S+)", df, re.M)
+if not users or users[-1].split(":")[0] not in ("10001", "midas"):
+    p.append("final USER is not midas/10001")
+for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+?)\s+\S+$", df, re.M):
+    for s in src.split():
+        if not os.path.exists(s):
+            p.append(f"COPY source {s} does not exist in the repo")
+check("dockerfile: stages, user, paths, ports", p)
+
+# --- metric names: dashboard and alerts use only the exported ones ----------------------
+METRICS = {
+    "midas_worker_commands_received_total",
+    "midas_worker_jobs",
+    "midas_worker_midas_calls_total",
+    "midas_worker_midas_call_duration_seconds",
+    "midas_worker_retries_total",
+    "midas_worker_oldest_pending_job_age_seconds",
+    "midas_worker_replies_pending",
+    "midas_worker_replies_published_total",
+    "midas_worker_broker_connected",
+    "midas_worker_outbox_commit_batch_size",
+    "midas_worker_outbox_commits_total",
+}
+HISTOGRAMS = {"midas_worker_midas_call_duration_seconds", "midas_worker_outbox_commit_batch_size"}
+
+
+def metric_names(text):
+    out = set()
+    for m in re.findall(r"midas_worker_[a-z_]+", text):
+        base = re.sub(r"_(bucket|sum|count)$", "", m)
+        if base in HISTOGRAMS:
+            out.add(base)
+        else:
+            out.add(m)
+    return out
+
+
+for f, need_all in (("deploy/grafana/midas-worker.json", True), ("deploy/prometheus-alerts.yaml", False)):
+    text = open(f).read()
+    used = metric_names(text)
+    p = [f"unknown metric {m}" for m in sorted(used - METRICS)]
+    if need_all and METRICS - used:
+        p.append(f"metrics not shown: {sorted(METRICS - used)}")
+    check(f"metric names: {f} ({len(used)} used)", p)
+
+dash = doc("deploy/grafana/midas-worker.json") or {}
+p = []
+titles = [pp.get("title", "") for pp in dash.get("panels") or [] if pp.get("type") != "row"]
+if not dash.get("uid") or not dash.get("title"):
+    p.append("dashboard has no uid/title")
+for pp in dash.get("panels") or []:
+    if pp.get("type") != "row" and not pp.get("targets"):
+        p.append(f"panel {pp.get('title')!r} has no query")
+ids = [pp.get("id") for pp in dash.get("panels") or []]
+if len(ids) != len(set(ids)):
+    p.append("duplicate panel ids")
+check(f"grafana: dashboard structure ({len(titles)} panels)", p)
+
+p = []
+alerts = doc("deploy/prometheus-alerts.yaml") or {}
+rules = [r for g in alerts.get("groups") or [] for r in g.get("rules") or []]
+if not rules:
+    p.append("no rules")
+for r in rules:
+    if not r.get("alert") or not r.get("expr"):
+        p.append(f"rule without alert/expr: {r}")
+    if "summary" not in (r.get("annotations") or {}):
+        p.append(f"{r.get('alert')}: no summary")
+check(f"prometheus alerts: {len(rules)} rules well-formed", p)
+
+# --- JSON Schemas and their examples ----------------------------------------------------
+V = jsonschema.Draft202012Validator
+for schema_file, example_dir in (
+    ("schema/command.schema.json", "schema/examples"),
+    ("schema/reply.schema.json", "schema/examples/replies"),
+):
+    try:
+        schema = json.load(open(schema_file))
+        V.check_schema(schema)
+        ok(f"schema is valid draft 2020-12: {schema_file}")
+    except Exception as e:  # noqa: BLE001
+        fail(f"schema is valid draft 2020-12: {schema_file}: {str(e).splitlines()[0]}")
+        continue
+    validator = V(schema, format_checker=V.FORMAT_CHECKER)
+    valid = sorted(glob.glob(f"{example_dir}/valid/*.json"))
+    invalid = sorted(glob.glob(f"{example_dir}/invalid/*.json"))
+    if not valid or not invalid:
+        fail(f"{example_dir}: no valid or no invalid examples")
+    def load(f):
+        try:
+            with open(f) as fh:
+                return json.load(fh), None
+        except Exception as e:  # noqa: BLE001
+            return None, e
+
+    for f in valid:
+        inst, err = load(f)
+        if err:
+            fail(f"valid example passes {os.path.basename(schema_file)}: {f}: not JSON: {err}")
+            continue
+        errs = sorted(validator.iter_errors(inst), key=lambda e: list(e.path))
+        if errs:
+            fail(f"valid example passes {os.path.basename(schema_file)}: {f}: {errs[0].message}")
+        else:
+            ok(f"valid example passes {os.path.basename(schema_file)}: {f}")
+    for f in invalid:
+        inst, err = load(f)
+        if err:
+            fail(f"invalid example fails {os.path.basename(schema_file)}: {f}: not JSON (examples must be JSON): {err}")
+        elif validator.is_valid(inst):
+            fail(f"invalid example fails {os.path.basename(schema_file)}: {f}: accepted")
+        else:
+            ok(f"invalid example fails {os.path.basename(schema_file)}: {f}")
+
+sys.exit(min(fails, 100))
+PY
+py_status=$?   # the number of failed checks (or 1 if python itself crashed)
+fails=$((fails + py_status))
+
+# ---------------------------------------------------------------- kustomize build
+if command -v kubectl >/dev/null 2>&1 && out=$(kubectl kustomize deploy/k8s 2>&1); then
+  ok "kubectl kustomize deploy/k8s ($(grep -c '^kind:' <<<"$out") objects)"
+elif command -v kubectl >/dev/null 2>&1; then
+  fail "kubectl kustomize deploy/k8s: $(head -n1 <<<"$out")"
+else
+  skip "kubectl kustomize deploy/k8s (kubectl not installed)"
+fi
+
+# ---------------------------------------------------------------- docker compose config
+compose=()
+if docker compose version >/dev/null 2>&1; then
+  compose=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1 && docker-compose version >/dev/null 2>&1; then
+  compose=(docker-compose)
+fi
+if [ ${#compose[@]} -eq 0 ]; then
+  skip "docker compose config (neither 'docker compose' nor docker-compose available)"
+elif out=$("${compose[@]}" -f deploy/compose.yaml config -q 2>&1); then
+  ok "${compose[*]} -f deploy/compose.yaml config -q"
+elif grep -qiE 'cannot connect to the docker daemon|docker daemon|connection refused|permission denied.*docker.sock' <<<"$out"; then
+  skip "${compose[*]} config (needs a Docker engine here: $(head -n1 <<<"$out"))"
+else
+  fail "${compose[*]} -f deploy/compose.yaml config -q: $(tr -s '\n' ' ' <<<"$out" | cut -c1-300)"
+fi
+
+# ---------------------------------------------------------------- systemd unit
+# verify complains that /usr/local/bin/midas-worker does not exist on a build
+# machine; that line is expected. Any other output (unknown key, bad value) fails.
+if command -v systemd-analyze >/dev/null 2>&1; then
+  tmp=$(mktemp -d)
+  cp deploy/midas-worker.service "$tmp/midas-worker.service"
+  out=$(cd "$tmp" && SYSTEMD_LOG_COLOR=0 systemd-analyze verify ./midas-worker.service 2>&1)
+  rm -rf "$tmp"
+  bad=$(grep -vE 'Command /usr/local/bin/midas-worker is not executable|^\s*$' <<<"$out" || true)
+  if [ -z "$bad" ]; then
+    ok "systemd-analyze verify deploy/midas-worker.service (missing binary ignored)"
+  else
+    fail "systemd-analyze verify deploy/midas-worker.service: $(head -n1 <<<"$bad")"
+  fi
+else
+  skip "systemd-analyze verify (systemd-analyze not installed)"
+fi
+
+# ---------------------------------------------------------------- shell scripts
+if bash -n deploy/check.sh; then ok "bash -n deploy/check.sh"; else fail "bash -n deploy/check.sh"; fi
+
+echo "---"
+if [ "$fails" -gt 0 ]; then
+  echo "deploy/check.sh: $fails check(s) failed"
+  exit 1
+fi
+echo "deploy/check.sh: all checks passed"

@@ -1,0 +1,81 @@
+-- The outbox schema: the single truth. Applied by the worker at every start
+-- (idempotent). Times are unix milliseconds (UTC).
+--
+-- A job is one (op, bill_no): a pay and the cancel of that pay are two jobs.
+-- Its state is one of the names of shared/CONTRACT.md:
+--   pending   accepted, waiting for its (next) call to Midas
+--   succeeded Midas answered 0 (or 90012: already processed)
+--   failed    Midas gave a definitive error
+--   unknown   retries ran out before a definitive answer: a person must reconcile
+PRAGMA foreign_keys = ON;
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id               INTEGER PRIMARY KEY,        -- arrival order
+    op               TEXT    NOT NULL CHECK (op IN ('pay', 'present', 'cancel_pay')),
+    bill_no          TEXT    NOT NULL,
+    appid            TEXT    NOT NULL,
+    openid           TEXT    NOT NULL,
+    request          TEXT    NOT NULL,           -- canonical parameters, JSON, no secrets
+    session_key      TEXT,                       -- erased when the job is final
+    state            TEXT    NOT NULL DEFAULT 'pending'
+                     CHECK (state IN ('pending', 'succeeded', 'failed', 'unknown')),
+    attempts         INTEGER NOT NULL DEFAULT 0, -- calls to Midas for this bill_no
+    next_attempt_at  INTEGER NOT NULL,
+    first_attempt_at INTEGER,                    -- start of the 48 h bill_no window
+    last_errcode     INTEGER,
+    last_error       TEXT,
+    result           TEXT,                       -- the final reply, JSON, verbatim
+    received_at      INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    finished_at      INTEGER,
+    UNIQUE (op, bill_no)
+);
+CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs (state, id);
+CREATE INDEX IF NOT EXISTS jobs_openid_id ON jobs (openid, id);
+CREATE INDEX IF NOT EXISTS jobs_bill_no ON jobs (bill_no);
+CREATE INDEX IF NOT EXISTS jobs_received_at ON jobs (received_at);
+
+-- Every command that asked for a job's bill_no, and whether its reply was confirmed.
+CREATE TABLE IF NOT EXISTS reply_targets (
+    id             INTEGER PRIMARY KEY,
+    job_id         INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    reply_to       TEXT    NOT NULL,
+    correlation_id TEXT    NOT NULL,
+    added_at       INTEGER NOT NULL,
+    published_at   INTEGER,                      -- set on the broker's confirm only
+    returned       INTEGER NOT NULL DEFAULT 0,   -- 1: confirmed but unroutable (no such queue)
+    UNIQUE (job_id, reply_to, correlation_id)
+);
+CREATE INDEX IF NOT EXISTS reply_targets_unpublished
+    ON reply_targets (job_id) WHERE published_at IS NULL;
+
+-- One row per call to Midas.
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    job_id      INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    n           INTEGER NOT NULL,                -- the job's attempt number (1-based)
+    api         TEXT    NOT NULL,                -- pay, present, cancelpay, getbalance
+    started_at  INTEGER NOT NULL,
+    latency_ms  INTEGER NOT NULL,
+    http_status INTEGER,
+    errcode     INTEGER,
+    errmsg      TEXT,
+    outcome     TEXT    NOT NULL                 -- success, duplicate, definitive, transient, token_invalid
+);
+CREATE INDEX IF NOT EXISTS attempts_job ON attempts (job_id, id);
+
+-- Every operator action (outbox retry/republish/prune): who, when, what.
+CREATE TABLE IF NOT EXISTS operator_actions (
+    id      INTEGER PRIMARY KEY,
+    at      INTEGER NOT NULL,
+    actor   TEXT    NOT NULL,
+    action  TEXT    NOT NULL,
+    target  TEXT    NOT NULL,
+    detail  TEXT    NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');

@@ -1,0 +1,352 @@
+//! Intake: delivery → validate → outbox commit → ack.
+//!
+//! Deliveries are handled concurrently but settled in delivery order
+//! (`FuturesOrdered`), which lets consecutive acks go out as one `multiple` ack and
+//! hands new jobs to the dispatcher in arrival order. Nothing is acked before the
+//! outbox has committed it. Invalid and conflicting commands get a confirmed
+//! `rejected` reply and are then rejected without requeue (dead-lettered,
+//! unchanged). Storage trouble requeues the delivery after a pause.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use tokio::sync::{mpsc, watch};
+
+use super::publisher::Publisher;
+use super::BrokerError;
+use crate::command::{self, now_ms, rfc3339_ms, Command, Op, Rejection, Reply, Status};
+use crate::config::Settings;
+use crate::dispatch::DispatchMsg;
+use crate::metrics::METRICS;
+use crate::midas::{Api, MidasClient, OutcomeClass};
+use crate::outbox::{Intake, IntakeOutcome, OutgoingReply, Writer};
+
+/// Pause before requeueing a delivery the outbox could not take.
+const STORAGE_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// What intake needs.
+#[derive(Clone)]
+pub struct IntakeCtx {
+    pub settings: Arc<Settings>,
+    pub writer: Writer,
+    pub dispatcher: mpsc::UnboundedSender<DispatchMsg>,
+    pub publisher: Publisher,
+    pub midas: Arc<MidasClient>,
+}
+
+enum Disposition {
+    Ack(Option<DispatchMsg>),
+    DeadLetter,
+    Requeue,
+}
+
+/// Consume commands on `ch` until it fails or `shutdown` turns true.
+pub async fn run(
+    ch: &Channel,
+    ctx: &IntakeCtx,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), BrokerError> {
+    let cfg = &ctx.settings.config.broker;
+    ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = ch
+        .basic_consume(
+            cfg.command_queue.as_str().into(),
+            "midas-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut pending = FuturesOrdered::new();
+    let result = loop {
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {}
+            Some(first) = pending.next(), if !pending.is_empty() => {
+                let mut batch = vec![first];
+                while let Some(Some(more)) = pending.next().now_or_never() {
+                    batch.push(more);
+                }
+                if let Err(e) = settle(ch, ctx, batch).await {
+                    break Err(e);
+                }
+            }
+            d = consumer.next() => match d {
+                Some(Ok(delivery)) => {
+                    let ctx = ctx.clone();
+                    let tag = delivery.delivery_tag;
+                    pending.push_back(async move {
+                        (tag, handle(&ctx, delivery.data, delivery.properties).await)
+                    });
+                }
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(BrokerError::Closed),
+            }
+        }
+    };
+    // Settle what was already taken in (shutdown or not, the outbox decides).
+    if result.is_ok() {
+        let mut batch = Vec::new();
+        while let Some(r) = pending.next().await {
+            batch.push(r);
+        }
+        settle(ch, ctx, batch).await?;
+    }
+    result
+}
+
+async fn settle(
+    ch: &Channel,
+    ctx: &IntakeCtx,
+    batch: Vec<(u64, Disposition)>,
+) -> Result<(), BrokerError> {
+    let mut ack_upto: Option<u64> = None;
+    let mut acks = 0usize;
+    for (tag, d) in batch {
+        match d {
+            Disposition::Ack(msg) => {
+                if let Some(m) = msg {
+                    let _ = ctx.dispatcher.send(m);
+                }
+                ack_upto = Some(tag);
+                acks += 1;
+            }
+            other => {
+                if let Some(t) = ack_upto.take() {
+                    ch.basic_ack(t, BasicAckOptions { multiple: acks > 1 })
+                        .await?;
+                    acks = 0;
+                }
+                match other {
+                    Disposition::DeadLetter => {
+                        ch.basic_reject(tag, BasicRejectOptions { requeue: false })
+                            .await?
+                    }
+                    _ => {
+                        ch.basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        )
+                        .await?
+                    }
+                }
+            }
+        }
+    }
+    if let Some(t) = ack_upto {
+        ch.basic_ack(t, BasicAckOptions { multiple: acks > 1 })
+            .await?;
+    }
+    Ok(())
+}
+
+fn target(props: &BasicProperties, ctx: &IntakeCtx, bill_no: Option<&str>) -> (String, String) {
+    let reply_to = props
+        .reply_to()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| ctx.settings.config.broker.reply_queue.clone());
+    let correlation_id = props
+        .correlation_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .or_else(|| bill_no.map(str::to_string))
+        .unwrap_or_default();
+    (reply_to, correlation_id)
+}
+
+async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Disposition {
+    let now = now_ms();
+    let cmd = match command::decode(&body, &ctx.settings) {
+        Ok(c) => c,
+        Err(rej) => {
+            let op = rej
+                .op
+                .clone()
+                .filter(|o| Op::parse(o).is_some())
+                .unwrap_or_else(|| "invalid".into());
+            METRICS.command(&op, "rejected");
+            tracing::warn!(code = rej.code, reason = %rej.message, bill_no = rej.bill_no.as_deref().unwrap_or(""), "command rejected; dead-lettering it");
+            let named_target = props
+                .reply_to()
+                .as_ref()
+                .is_some_and(|s| !s.as_str().is_empty());
+            if named_target || rej.bill_no.is_some() {
+                return reject(ctx, &rej, &props, now).await;
+            }
+            return Disposition::DeadLetter;
+        }
+    };
+    let op = cmd.params.op;
+    if op == Op::Balance {
+        return balance(ctx, cmd, &props, now).await;
+    }
+    let (reply_to, correlation_id) = target(&props, ctx, cmd.params.bill_no.as_deref());
+    let bill_no = cmd.params.bill_no.clone();
+    let outcome = ctx
+        .writer
+        .intake(Intake {
+            command: cmd,
+            reply_to,
+            correlation_id,
+            now,
+        })
+        .await;
+    match outcome {
+        Ok(IntakeOutcome::New(job)) => {
+            METRICS.command(op.as_str(), "accepted");
+            Disposition::Ack(Some(DispatchMsg::Job(job)))
+        }
+        Ok(IntakeOutcome::Reopened(job)) => {
+            METRICS.command(op.as_str(), "reopened");
+            tracing::info!(bill_no = bill_no.as_deref().unwrap_or(""), op = %op, "job re-opened with a new session_key");
+            Disposition::Ack(Some(DispatchMsg::Job(job)))
+        }
+        Ok(IntakeOutcome::Joined { reply, .. }) => {
+            METRICS.command(op.as_str(), "joined");
+            if let Some(r) = reply {
+                ctx.publisher.send(r);
+            }
+            Disposition::Ack(None)
+        }
+        Ok(IntakeOutcome::Conflict { .. }) => {
+            METRICS.command(op.as_str(), "conflict");
+            let rej = Rejection {
+                code: "bill_no_conflict",
+                message: "a command with this op and bill_no but different parameters was already accepted; the original is untouched".into(),
+                op: Some(op.as_str().into()),
+                bill_no: bill_no.clone(),
+                openid: None,
+                appid: None,
+            };
+            tracing::warn!(bill_no = bill_no.as_deref().unwrap_or(""), op = %op, "bill_no conflict; dead-lettering the command");
+            reject(ctx, &rej, &props, now).await
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "outbox cannot take the command; it stays in the queue");
+            tokio::time::sleep(STORAGE_RETRY_PAUSE).await;
+            Disposition::Requeue
+        }
+    }
+}
+
+/// Publish a confirmed `rejected` reply, then dead-letter the message.
+async fn reject(
+    ctx: &IntakeCtx,
+    rej: &Rejection,
+    props: &BasicProperties,
+    now: i64,
+) -> Disposition {
+    let (reply_to, correlation_id) = target(props, ctx, rej.bill_no.as_deref());
+    let reply = Reply::rejected(rej, rfc3339_ms(now));
+    let ok = ctx
+        .publisher
+        .send_confirmed(OutgoingReply {
+            target_id: None,
+            reply_to,
+            correlation_id,
+            payload: Arc::from(reply.to_bytes()),
+        })
+        .await;
+    if ok {
+        Disposition::DeadLetter
+    } else {
+        Disposition::Requeue
+    }
+}
+
+/// `balance` moves nothing: answered directly with a short bounded retry.
+async fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
+    let delays = [Duration::from_millis(100), Duration::from_millis(400)];
+    let mut attempts = 0u32;
+    let mut answer = ctx
+        .midas
+        .call(Api::GetBalance, &cmd.params, cmd.session_key.as_ref())
+        .await;
+    attempts += 1;
+    METRICS.midas_call(
+        "getbalance",
+        answer.errcode,
+        answer.class.as_str(),
+        answer.latency.as_secs_f64(),
+    );
+    for d in delays {
+        if matches!(
+            answer.class,
+            OutcomeClass::Success | OutcomeClass::Definitive
+        ) {
+            break;
+        }
+        if answer.class != OutcomeClass::TokenInvalid {
+            tokio::time::sleep(d).await;
+        }
+        answer = ctx
+            .midas
+            .call(Api::GetBalance, &cmd.params, cmd.session_key.as_ref())
+            .await;
+        attempts += 1;
+        METRICS.midas_call(
+            "getbalance",
+            answer.errcode,
+            answer.class.as_str(),
+            answer.latency.as_secs_f64(),
+        );
+    }
+    let p = &cmd.params;
+    let status = match answer.class {
+        OutcomeClass::Success => Status::Succeeded,
+        OutcomeClass::Definitive | OutcomeClass::Duplicate => Status::Failed,
+        _ => Status::Unknown,
+    };
+    let b = &answer.body;
+    let reply = Reply {
+        op: Some("balance".into()),
+        openid: Some(p.openid.clone()),
+        appid: Some(p.appid.clone()),
+        status: Some(status),
+        errcode: answer.errcode,
+        errmsg: answer.errmsg.clone(),
+        error: (status == Status::Unknown).then(|| "retries_exhausted".to_string()),
+        balance: b.balance,
+        gen_balance: b.gen_balance,
+        first_save: b.first_save,
+        save_amt: b.save_amt,
+        save_sum: b.save_sum,
+        cost_sum: b.cost_sum,
+        present_sum: b.present_sum,
+        attempts,
+        received_at: Some(rfc3339_ms(now)),
+        finished_at: Some(rfc3339_ms(now_ms())),
+        ..Reply::default()
+    };
+    METRICS.command("balance", "answered");
+    let (reply_to, correlation_id) = target(props, ctx, None);
+    let ok = ctx
+        .publisher
+        .send_confirmed(OutgoingReply {
+            target_id: None,
+            reply_to,
+            correlation_id,
+            payload: Arc::from(reply.to_bytes()),
+        })
+        .await;
+    if ok {
+        Disposition::Ack(None)
+    } else {
+        Disposition::Requeue
+    }
+}

@@ -1,0 +1,250 @@
+//! The confirmed reply publisher.
+//!
+//! Replies are published persistent and `mandatory` to their `reply_to` queue with
+//! the command's correlation_id, on a channel in confirm mode. Confirms are
+//! pipelined: many publishes are outstanding at once and are awaited as they come.
+//! A reply target is marked published in the outbox only on the broker's ack; a
+//! reply whose queue does not exist comes back (basic.return) and is marked
+//! `returned` so it is not retried forever. Anything not confirmed — nack, broker
+//! down, crash — stays unpublished and the relay ([`Publisher::relay_once`]) sends
+//! it again from the outbox.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::BrokerError;
+use crate::command::now_ms;
+use crate::metrics::METRICS;
+use crate::outbox::{OutgoingReply, Writer};
+
+struct Req {
+    reply: OutgoingReply,
+    done: Option<oneshot::Sender<bool>>,
+}
+
+/// Handle used by intake and the dispatcher. Cheap to clone.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::UnboundedSender<Req>,
+    /// Outbox reply targets queued or awaiting a confirm (so the relay skips them).
+    inflight: Arc<Mutex<HashSet<i64>>>,
+}
+
+/// The receiving end, owned by the broker session.
+pub struct PublisherQueue {
+    rx: mpsc::UnboundedReceiver<Req>,
+    inflight: Arc<Mutex<HashSet<i64>>>,
+}
+
+pub fn channel() -> (Publisher, PublisherQueue) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let inflight = Arc::new(Mutex::new(HashSet::new()));
+    (
+        Publisher {
+            tx,
+            inflight: inflight.clone(),
+        },
+        PublisherQueue { rx, inflight },
+    )
+}
+
+fn lock(s: &Mutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+    match s.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Publisher {
+    /// Queue an outbox reply; it is confirmed (and marked) in the background.
+    pub fn send(&self, reply: OutgoingReply) {
+        if let Some(id) = reply.target_id {
+            if !lock(&self.inflight).insert(id) {
+                return; // already on its way
+            }
+        }
+        let _ = self.tx.send(Req { reply, done: None });
+    }
+
+    /// Publish a reply that has no outbox row and wait for the broker's confirm.
+    pub async fn send_confirmed(&self, reply: OutgoingReply) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .tx
+            .send(Req {
+                reply,
+                done: Some(tx),
+            })
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Re-send every unconfirmed reply of a final job found in the outbox.
+    pub fn relay_once(&self, replies: Vec<OutgoingReply>) -> usize {
+        let mut n = 0;
+        for r in replies {
+            let skip = r
+                .target_id
+                .is_some_and(|id| lock(&self.inflight).contains(&id));
+            if !skip {
+                self.send(r);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+type Pending =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Req, lapin::Result<Confirmation>)> + Send>>;
+
+async fn publish(
+    ch: &Channel,
+    req: Req,
+    confirms: &mut FuturesUnordered<Pending>,
+    q: &PublisherQueue,
+) -> Result<(), BrokerError> {
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_correlation_id(req.reply.correlation_id.as_str().into());
+    let published = ch
+        .basic_publish(
+            "".into(),
+            req.reply.reply_to.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            },
+            &req.reply.payload,
+            props,
+        )
+        .await;
+    match published {
+        Ok(confirm) => {
+            confirms.push(Box::pin(confirm.map(move |c| (req, c))));
+            Ok(())
+        }
+        Err(e) => {
+            q.forget(req);
+            Err(e.into())
+        }
+    }
+}
+
+impl PublisherQueue {
+    /// Publish on `ch` until the channel fails, or `stop` turns true (then drain
+    /// what is queued and wait, bounded, for its confirms).
+    pub async fn run(
+        &mut self,
+        ch: &Channel,
+        writer: &Writer,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), BrokerError> {
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mut confirms = FuturesUnordered::new();
+        let mut stopping = *stop.borrow();
+        let result = loop {
+            if stopping {
+                while let Ok(req) = self.rx.try_recv() {
+                    if let Err(e) = publish(ch, req, &mut confirms, self).await {
+                        return Err(e);
+                    }
+                }
+                let drain = async {
+                    let mut marks = Vec::new();
+                    let mut failed = None;
+                    while let Some((req, c)) = confirms.next().await {
+                        self.settle(req, c, &mut marks, &mut failed);
+                    }
+                    marks
+                };
+                if let Ok(marks) = tokio::time::timeout(Duration::from_secs(5), drain).await {
+                    METRICS.reply_published(marks.len() as u64);
+                    writer.published(marks, now_ms());
+                }
+                break Ok(());
+            }
+            tokio::select! {
+                _ = stop.changed() => stopping = *stop.borrow(),
+                req = self.rx.recv() => {
+                    let Some(req) = req else { break Ok(()) };
+                    if let Err(e) = publish(ch, req, &mut confirms, self).await {
+                        break Err(e);
+                    }
+                }
+                Some((req, c)) = confirms.next(), if !confirms.is_empty() => {
+                    let mut marks = Vec::new();
+                    let mut failed = None;
+                    self.settle(req, c, &mut marks, &mut failed);
+                    while let Some(Some((req, c))) = confirms.next().now_or_never() {
+                        self.settle(req, c, &mut marks, &mut failed);
+                    }
+                    if !marks.is_empty() {
+                        METRICS.reply_published(marks.len() as u64);
+                        writer.published(marks, now_ms());
+                    }
+                    if let Some(e) = failed {
+                        break Err(e);
+                    }
+                }
+            }
+        };
+        // Whatever is still unconfirmed on this channel will be relayed from the outbox.
+        drop(confirms);
+        lock(&self.inflight).clear();
+        result
+    }
+
+    fn settle(
+        &self,
+        req: Req,
+        c: lapin::Result<Confirmation>,
+        marks: &mut Vec<(i64, bool)>,
+        failed: &mut Option<BrokerError>,
+    ) {
+        match c {
+            Ok(Confirmation::Ack(returned)) => {
+                let returned = returned.is_some();
+                if returned {
+                    tracing::warn!(reply_to = %req.reply.reply_to, "reply unroutable: no such queue (marked returned)");
+                }
+                if let Some(id) = req.reply.target_id {
+                    lock(&self.inflight).remove(&id);
+                    marks.push((id, returned));
+                }
+                if let Some(d) = req.done {
+                    let _ = d.send(true);
+                }
+            }
+            Ok(Confirmation::NotRequested) | Ok(Confirmation::Nack(_)) => {
+                tracing::warn!(reply_to = %req.reply.reply_to, "reply nacked by the broker; will retry");
+                self.forget(req);
+            }
+            Err(e) => {
+                self.forget(req);
+                *failed = Some(e.into());
+            }
+        }
+    }
+
+    fn forget(&self, req: Req) {
+        if let Some(id) = req.reply.target_id {
+            lock(&self.inflight).remove(&id);
+        }
+        if let Some(d) = req.done {
+            let _ = d.send(false);
+        }
+    }
+}

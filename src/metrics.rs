@@ -1,0 +1,236 @@
+//! Prometheus metrics, in one place: counters and histograms updated on the hot
+//! path (a short mutex per update), gauges refreshed from the outbox at scrape time.
+//! Label values are fixed vocabularies (ops, states, errcodes, classes): never a
+//! bill_no, openid or secret.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+/// Upper bounds of the Midas latency histogram, seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Upper bounds of the commit batch size histogram.
+const BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; bounds.len()];
+        }
+        for (i, b) in bounds.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in bounds.iter().enumerate() {
+            let c = self.counts.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    commands: BTreeMap<(String, String), u64>,
+    calls: BTreeMap<(String, String, String), u64>,
+    latency: BTreeMap<String, Histogram>,
+    retries: BTreeMap<String, u64>,
+    batch: Histogram,
+}
+
+/// The process-wide metrics.
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    commits: AtomicU64,
+    rows_committed: AtomicU64,
+    replies_published: AtomicU64,
+    broker_connected: AtomicI64,
+    midas_calls: AtomicU64,
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// Gauges read from the outbox at scrape time.
+#[derive(Default)]
+pub struct Snapshot {
+    pub jobs_by_state: Vec<(String, i64)>,
+    pub oldest_pending_age_seconds: f64,
+    pub replies_pending: i64,
+}
+
+impl Metrics {
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut g = match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut g)
+    }
+
+    /// A command arrived: `outcome` is accepted, joined, rejected, conflict, reopened or answered.
+    pub fn command(&self, op: &str, outcome: &str) {
+        self.with(|i| *i.commands.entry((op.into(), outcome.into())).or_default() += 1);
+    }
+
+    pub fn midas_call(&self, api: &str, errcode: Option<i64>, class: &str, seconds: f64) {
+        let code = errcode.map_or_else(|| "none".to_string(), |c| c.to_string());
+        self.midas_calls.fetch_add(1, Ordering::Relaxed);
+        self.with(|i| {
+            *i.calls.entry((api.into(), code, class.into())).or_default() += 1;
+            i.latency
+                .entry(api.into())
+                .or_default()
+                .observe(&LATENCY_BUCKETS, seconds);
+        });
+    }
+
+    pub fn retry(&self, op: &str) {
+        self.with(|i| *i.retries.entry(op.into()).or_default() += 1);
+    }
+
+    pub fn outbox_commit(&self, rows: usize) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.rows_committed
+            .fetch_add(rows as u64, Ordering::Relaxed);
+        self.with(|i| i.batch.observe(&BATCH_BUCKETS, rows as f64));
+    }
+
+    pub fn reply_published(&self, n: u64) {
+        self.replies_published.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn set_broker_connected(&self, up: bool) {
+        self.broker_connected.store(up as i64, Ordering::Relaxed);
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed) == 1
+    }
+
+    /// (commits, rows committed, Midas calls, replies published) so far, for `bench`.
+    pub fn totals(&self) -> (u64, u64, u64, u64) {
+        (
+            self.commits.load(Ordering::Relaxed),
+            self.rows_committed.load(Ordering::Relaxed),
+            self.midas_calls.load(Ordering::Relaxed),
+            self.replies_published.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut out = String::with_capacity(8192);
+        let p = "midas_worker";
+        self.with(|i| {
+            let _ = writeln!(out, "# HELP {p}_commands_received_total Commands received, by op and outcome.");
+            let _ = writeln!(out, "# TYPE {p}_commands_received_total counter");
+            for ((op, outcome), v) in &i.commands {
+                let _ = writeln!(out, "{p}_commands_received_total{{op=\"{op}\",outcome=\"{outcome}\"}} {v}");
+            }
+            let _ = writeln!(out, "# HELP {p}_midas_calls_total Calls to Midas by api, errcode and outcome class.");
+            let _ = writeln!(out, "# TYPE {p}_midas_calls_total counter");
+            for ((api, code, class), v) in &i.calls {
+                let _ = writeln!(out, "{p}_midas_calls_total{{api=\"{api}\",errcode=\"{code}\",class=\"{class}\"}} {v}");
+            }
+            let _ = writeln!(out, "# HELP {p}_midas_call_duration_seconds Midas call latency.");
+            let _ = writeln!(out, "# TYPE {p}_midas_call_duration_seconds histogram");
+            for (api, h) in &i.latency {
+                h.render(&mut out, &format!("{p}_midas_call_duration_seconds"), &format!("api=\"{api}\""), &LATENCY_BUCKETS);
+            }
+            let _ = writeln!(out, "# HELP {p}_retries_total Calls scheduled again with the same bill_no.");
+            let _ = writeln!(out, "# TYPE {p}_retries_total counter");
+            for (op, v) in &i.retries {
+                let _ = writeln!(out, "{p}_retries_total{{op=\"{op}\"}} {v}");
+            }
+            let _ = writeln!(out, "# HELP {p}_outbox_commit_batch_size Requests per outbox transaction.");
+            let _ = writeln!(out, "# TYPE {p}_outbox_commit_batch_size histogram");
+            i.batch.render(&mut out, &format!("{p}_outbox_commit_batch_size"), "", &BATCH_BUCKETS);
+        });
+        let _ = writeln!(
+            out,
+            "# HELP {p}_outbox_commits_total Outbox transactions committed."
+        );
+        let _ = writeln!(out, "# TYPE {p}_outbox_commits_total counter");
+        let _ = writeln!(
+            out,
+            "{p}_outbox_commits_total {}",
+            self.commits.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {p}_replies_published_total Replies confirmed by the broker."
+        );
+        let _ = writeln!(out, "# TYPE {p}_replies_published_total counter");
+        let _ = writeln!(
+            out,
+            "{p}_replies_published_total {}",
+            self.replies_published.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {p}_broker_connected 1 when the broker connection is up."
+        );
+        let _ = writeln!(out, "# TYPE {p}_broker_connected gauge");
+        let _ = writeln!(
+            out,
+            "{p}_broker_connected {}",
+            self.broker_connected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP {p}_jobs Jobs in the outbox by state.");
+        let _ = writeln!(out, "# TYPE {p}_jobs gauge");
+        for state in ["pending", "succeeded", "failed", "unknown"] {
+            let v = snap
+                .jobs_by_state
+                .iter()
+                .find(|(s, _)| s == state)
+                .map_or(0, |(_, v)| *v);
+            let _ = writeln!(out, "{p}_jobs{{state=\"{state}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {p}_oldest_pending_job_age_seconds Age of the oldest non-final job."
+        );
+        let _ = writeln!(out, "# TYPE {p}_oldest_pending_job_age_seconds gauge");
+        let _ = writeln!(
+            out,
+            "{p}_oldest_pending_job_age_seconds {}",
+            snap.oldest_pending_age_seconds
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {p}_replies_pending Reply targets not yet confirmed by the broker."
+        );
+        let _ = writeln!(out, "# TYPE {p}_replies_pending gauge");
+        let _ = writeln!(out, "{p}_replies_pending {}", snap.replies_pending);
+        out
+    }
+}

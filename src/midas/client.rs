@@ -1,0 +1,412 @@
+//! The Midas HTTP client: one call per attempt, a typed [`Answer`], no retries inside.
+//!
+//! It builds the body from a job's [`Params`], signs it (`sig` always, `mp_sig` when the
+//! command carries a session_key and `midas.mp_sig` is on), puts the access token in
+//! the query string only, and classifies whatever comes back (or does not) with
+//! [`errcode::classify`]. Retrying is the dispatcher's decision.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use super::errcode::{self, OutcomeClass};
+use super::sign::{self, Param};
+use super::token::TokenCache;
+use crate::command::Params;
+use crate::config::{App, Environment, Settings};
+use crate::secret::Secret;
+
+/// A Midas endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    GetBalance,
+    Pay,
+    Present,
+    CancelPay,
+}
+
+impl Api {
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::GetBalance => "getbalance",
+            Api::Pay => "pay",
+            Api::Present => "present",
+            Api::CancelPay => "cancelpay",
+        }
+    }
+
+    /// The path called, which is also the `org_loc` signed.
+    pub fn path(self, sandbox: bool) -> &'static str {
+        match (self, sandbox) {
+            (Api::GetBalance, false) => "/cgi-bin/midas/getbalance",
+            (Api::Pay, false) => "/cgi-bin/midas/pay",
+            (Api::Present, false) => "/cgi-bin/midas/present",
+            (Api::CancelPay, false) => "/cgi-bin/midas/cancelpay",
+            (Api::GetBalance, true) => "/cgi-bin/midas/sandbox/getbalance",
+            (Api::Pay, true) => "/cgi-bin/midas/sandbox/pay",
+            (Api::Present, true) => "/cgi-bin/midas/sandbox/present",
+            (Api::CancelPay, true) => "/cgi-bin/midas/sandbox/cancelpay",
+        }
+    }
+
+    pub fn for_op(op: crate::command::Op) -> Api {
+        use crate::command::Op;
+        match op {
+            Op::Pay => Api::Pay,
+            Op::Present => Api::Present,
+            Op::CancelPay => Api::CancelPay,
+            Op::Balance => Api::GetBalance,
+        }
+    }
+}
+
+/// The fields of a Midas answer beyond errcode/errmsg.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Body {
+    pub balance: Option<i64>,
+    pub used_gen_amt: Option<i64>,
+    pub gen_balance: Option<i64>,
+    pub first_save: Option<i64>,
+    pub save_amt: Option<i64>,
+    pub save_sum: Option<i64>,
+    pub cost_sum: Option<i64>,
+    pub present_sum: Option<i64>,
+}
+
+/// What one call produced.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub api: Api,
+    pub class: OutcomeClass,
+    pub http_status: Option<u16>,
+    pub errcode: Option<i64>,
+    pub errmsg: Option<String>,
+    pub body: Body,
+    pub latency: Duration,
+}
+
+impl Answer {
+    fn transient(api: Api, http_status: Option<u16>, why: String, started: Instant) -> Answer {
+        Answer {
+            api,
+            class: OutcomeClass::Transient,
+            http_status,
+            errcode: None,
+            errmsg: Some(why),
+            body: Body::default(),
+            latency: started.elapsed(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    errcode: Option<i64>,
+    #[serde(default)]
+    errmsg: Option<String>,
+    #[serde(default)]
+    balance: Option<i64>,
+    #[serde(default)]
+    used_gen_amt: Option<i64>,
+    #[serde(default)]
+    gen_balance: Option<i64>,
+    #[serde(default)]
+    first_save: Option<serde_json::Value>,
+    #[serde(default)]
+    save_amt: Option<i64>,
+    #[serde(default)]
+    save_sum: Option<i64>,
+    #[serde(default)]
+    cost_sum: Option<i64>,
+    #[serde(default)]
+    present_sum: Option<i64>,
+}
+
+/// The Midas client for every configured app.
+pub struct MidasClient {
+    http: reqwest::Client,
+    base_url: String,
+    sandbox: bool,
+    mp_sig: bool,
+    apps: HashMap<String, App>,
+    tokens: TokenCache,
+}
+
+/// A short, secret-free description of a transport error.
+pub fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else if e.is_body() || e.is_decode() {
+        "body error"
+    } else if e.is_request() {
+        "request error"
+    } else {
+        "transport error"
+    };
+    // Never include the URL: it carries the access token.
+    let mut source = std::error::Error::source(e);
+    let mut detail = String::new();
+    while let Some(s) = source {
+        detail = s.to_string();
+        source = s.source();
+    }
+    if detail.is_empty() || detail.contains("access_token") {
+        kind.to_string()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+impl MidasClient {
+    /// A client for `base_url` (the simulator's address in simulator mode).
+    pub fn new(settings: &Settings, base_url: &str) -> Result<MidasClient, reqwest::Error> {
+        let cfg = &settings.config.midas;
+        let http = reqwest::Client::builder()
+            .timeout(cfg.request_timeout.0)
+            .connect_timeout(cfg.request_timeout.0.min(Duration::from_secs(3)))
+            .pool_max_idle_per_host(cfg.max_in_flight.max(16))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()?;
+        let tokens = TokenCache::new(http.clone(), base_url, &settings.apps);
+        Ok(MidasClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            sandbox: cfg.environment == Environment::Sandbox,
+            mp_sig: cfg.mp_sig,
+            apps: settings
+                .apps
+                .iter()
+                .map(|a| (a.appid.clone(), a.clone()))
+                .collect(),
+            tokens,
+        })
+    }
+
+    pub fn tokens(&self) -> &TokenCache {
+        &self.tokens
+    }
+
+    /// One call to Midas for `params` (the job's parameters). `api` is usually
+    /// `Api::for_op(params.op)`; getbalance after a 90012 passes `Api::GetBalance`.
+    pub async fn call(&self, api: Api, params: &Params, session_key: Option<&Secret>) -> Answer {
+        let started = Instant::now();
+        let Some(app) = self.apps.get(&params.appid) else {
+            return Answer {
+                api,
+                class: OutcomeClass::Definitive,
+                http_status: None,
+                errcode: None,
+                errmsg: Some(format!("no configured app {}", params.appid)),
+                body: Body::default(),
+                latency: started.elapsed(),
+            };
+        };
+        let token = match self.tokens.get(&app.appid).await {
+            Ok(t) => t,
+            Err(e) => return Answer::transient(api, None, e.to_string(), started),
+        };
+        let ts = crate::command::now_ms() / 1000;
+        let path = api.path(self.sandbox);
+        let body = build_body(
+            api,
+            params,
+            app,
+            ts,
+            path,
+            &token,
+            session_key.filter(|_| self.mp_sig),
+        );
+        let url = format!("{}{}", self.base_url, path);
+        let resp = match self
+            .http
+            .post(&url)
+            .query(&[("access_token", token.expose())])
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Answer::transient(api, None, describe(&e), started),
+        };
+        let status = resp.status().as_u16();
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Answer::transient(api, Some(status), describe(&e), started),
+        };
+        let wire: Wire = match serde_json::from_slice(&bytes) {
+            Ok(w) => w,
+            Err(_) => {
+                let why = format!("HTTP {status}: not a Midas answer");
+                let mut a = Answer::transient(api, Some(status), why, started);
+                a.class = errcode::classify_http(status);
+                return a;
+            }
+        };
+        let Some(code) = wire.errcode else {
+            return Answer::transient(
+                api,
+                Some(status),
+                format!("HTTP {status}: no errcode"),
+                started,
+            );
+        };
+        let class = errcode::classify(code);
+        if class == OutcomeClass::TokenInvalid {
+            self.tokens.invalidate(&app.appid, &token).await;
+        }
+        Answer {
+            api,
+            class,
+            http_status: Some(status),
+            errcode: Some(code),
+            errmsg: wire.errmsg,
+            body: Body {
+                balance: wire.balance,
+                used_gen_amt: wire.used_gen_amt,
+                gen_balance: wire.gen_balance,
+                first_save: wire.first_save.and_then(|v| match v {
+                    serde_json::Value::Bool(b) => Some(b as i64),
+                    serde_json::Value::Number(n) => n.as_i64(),
+                    _ => None,
+                }),
+                save_amt: wire.save_amt,
+                save_sum: wire.save_sum,
+                cost_sum: wire.cost_sum,
+                present_sum: wire.present_sum,
+            },
+            latency: started.elapsed(),
+        }
+    }
+}
+
+/// The signed JSON body for one call (pure apart from its inputs; tested below).
+pub fn build_body(
+    api: Api,
+    p: &Params,
+    app: &App,
+    ts: i64,
+    path: &str,
+    token: &Secret,
+    session_key: Option<&Secret>,
+) -> Vec<u8> {
+    let mut params: Vec<(&str, Param<'_>)> = Vec::with_capacity(13);
+    params.push(("openid", Param::Str(&p.openid)));
+    params.push(("appid", Param::Str(&app.appid)));
+    params.push(("offer_id", Param::Str(&app.offer_id)));
+    params.push(("ts", Param::Int(ts)));
+    params.push(("zone_id", Param::Str(&p.zone_id)));
+    params.push(("pf", Param::Str(&p.pf)));
+    if let Some(ip) = &p.user_ip {
+        params.push(("user_ip", Param::Str(ip)));
+    }
+    match api {
+        Api::GetBalance => {}
+        Api::Pay | Api::Present | Api::CancelPay => {
+            if let Some(b) = &p.bill_no {
+                params.push(("bill_no", Param::Str(b)));
+            }
+        }
+    }
+    match api {
+        Api::Pay => {
+            if let Some(a) = p.amt {
+                params.push(("amt", Param::Int(a)));
+            }
+            if let Some(i) = &p.pay_item {
+                params.push(("pay_item", Param::Str(i)));
+            }
+            if let Some(r) = &p.app_remark {
+                params.push(("app_remark", Param::Str(r)));
+            }
+        }
+        Api::Present => {
+            if let Some(c) = p.present_counts {
+                params.push(("present_counts", Param::Int(c)));
+            }
+        }
+        Api::CancelPay => {
+            if let Some(i) = &p.pay_item {
+                params.push(("pay_item", Param::Str(i)));
+            }
+        }
+        Api::GetBalance => {}
+    }
+    let sig = sign::sig(&params, path, app.app_key.expose());
+    let mp_sig = session_key.map(|k| sign::mp_sig(&params, token.expose(), &sig, path, k.expose()));
+    let mut map = serde_json::Map::with_capacity(params.len() + 2);
+    for (k, v) in &params {
+        let v = match v {
+            Param::Str(s) => serde_json::Value::String((*s).to_string()),
+            Param::Int(n) => serde_json::Value::from(*n),
+        };
+        map.insert((*k).to_string(), v);
+    }
+    map.insert("sig".into(), serde_json::Value::String(sig));
+    if let Some(m) = mp_sig {
+        map.insert("mp_sig".into(), serde_json::Value::String(m));
+    }
+    serde_json::to_vec(&map).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Op;
+
+    fn app() -> App {
+        App {
+            appid: "wx1234567".into(),
+            offer_id: "12345678".into(),
+            zone_id: "1".into(),
+            pf: "android".into(),
+            app_key: Secret::new("zNLgAGgqsEWJOg1nFVaO5r7fAlIQxr1u"),
+            app_secret: Secret::new("s"),
+        }
+    }
+
+    #[test]
+    fn getbalance_body_matches_the_vector() {
+        let p = Params {
+            op: Op::Balance,
+            bill_no: None,
+            openid: "odkx20ENSNa2w5y3g_qOkOvBNM1g".into(),
+            appid: "wx1234567".into(),
+            zone_id: "1".into(),
+            pf: "android".into(),
+            user_ip: None,
+            amt: None,
+            present_counts: None,
+            pay_item: None,
+            app_remark: None,
+        };
+        let body = build_body(
+            Api::GetBalance,
+            &p,
+            &app(),
+            1507530737,
+            Api::GetBalance.path(false),
+            &Secret::new("ACCESSTOKEN"),
+            Some(&Secret::new("V7Q38/i2KXaqrQyl2Yx9Hg==")),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["sig"],
+            "1ad64e8dcb2ec1dc486b7fdf01f4a15159fc623dc3422470e51cf6870734726b"
+        );
+        assert_eq!(
+            v["mp_sig"],
+            "ff4c5bb39dea1002a8f03be0438724e1a8bcea5ebce8f221f9b9fea3bcf3bf76"
+        );
+        assert_eq!(v["ts"], 1507530737);
+        assert!(
+            v.get("access_token").is_none(),
+            "token only in the query string"
+        );
+        assert!(v.get("user_ip").is_none());
+    }
+}

@@ -1,0 +1,123 @@
+//! Read-side queries shared by the worker (start-up load, reply relay) and the
+//! operator CLI. Each runs on its own connection; WAL keeps them off the writer's way.
+
+use rusqlite::{params, Connection};
+use std::sync::Arc;
+
+use super::writer::{decode_params, OutgoingReply};
+use super::OutboxError;
+use crate::job::Job;
+use crate::secret::Secret;
+
+/// Every non-final job with id above `after`, in arrival order.
+pub fn pending_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError> {
+    load_jobs(c, "state = 'pending' AND id > ?1", after)
+}
+
+fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxError> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT id, request, session_key, attempts, first_attempt_at, next_attempt_at, received_at \
+         FROM jobs WHERE {filter} ORDER BY id"
+    ))?;
+    let rows = stmt.query_map(params![arg], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<String>>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+            r.get::<_, i64>(5)?,
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, request, sk, attempts, first, next, received) = row?;
+        out.push(Job {
+            id,
+            params: decode_params(&request)?,
+            session_key: sk.map(Secret::new),
+            attempts: attempts.max(0) as u32,
+            token_retries: 0,
+            first_attempt_at: first,
+            next_attempt_at: next,
+            received_at: received,
+        });
+    }
+    Ok(out)
+}
+
+/// Reply targets of final jobs whose reply is not confirmed yet.
+pub fn unpublished_replies(
+    c: &Connection,
+    limit: usize,
+) -> Result<Vec<OutgoingReply>, OutboxError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
+         JOIN jobs j ON j.id = t.job_id \
+         WHERE t.published_at IS NULL AND j.result IS NOT NULL ORDER BY t.id LIMIT ?1",
+    )?;
+    let rows = stmt.query_map(params![limit as i64], |r| {
+        Ok(OutgoingReply {
+            target_id: Some(r.get(0)?),
+            reply_to: r.get(1)?,
+            correlation_id: r.get(2)?,
+            payload: Arc::from(r.get::<_, String>(3)?.into_bytes()),
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The newest operator action id (the worker reloads pending jobs when it moves).
+pub fn last_operator_action(c: &Connection) -> Result<i64, OutboxError> {
+    Ok(c.query_row(
+        "SELECT COALESCE(MAX(id), 0) FROM operator_actions",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Counts of jobs by state, the oldest pending job's received_at, and replies pending.
+pub struct Gauges {
+    pub by_state: Vec<(String, i64)>,
+    pub oldest_pending_ms: Option<i64>,
+    pub replies_pending: i64,
+}
+
+pub fn gauges(c: &Connection) -> Result<Gauges, OutboxError> {
+    let mut stmt = c.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+    let by_state = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let oldest_pending_ms = c.query_row(
+        "SELECT MIN(received_at) FROM jobs WHERE state = 'pending'",
+        [],
+        |r| r.get::<_, Option<i64>>(0),
+    )?;
+    let replies_pending = c.query_row(
+        "SELECT COUNT(*) FROM reply_targets WHERE published_at IS NULL",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(Gauges {
+        by_state,
+        oldest_pending_ms,
+        replies_pending,
+    })
+}
+
+/// Pending jobs re-opened by an operator `retry` recorded after action `after`.
+pub fn reopened_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError> {
+    let ids: Vec<i64> = c
+        .prepare_cached(
+            "SELECT DISTINCT j.id FROM operator_actions a JOIN jobs j ON j.bill_no = a.target \
+             WHERE a.id > ?1 AND a.action = 'retry' AND j.state = 'pending' ORDER BY j.id",
+        )?
+        .query_map(params![after], |r| r.get(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut out = Vec::new();
+    for id in ids {
+        out.extend(load_jobs(c, "state = 'pending' AND id = ?1", id)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,450 @@
+//! The one writer: a thread that owns the write connection and commits requests in
+//! batches (group commit). Callers send a request and await its answer, which comes
+//! only after the transaction holding it has committed (`synchronous=FULL`): an
+//! answer is a durability promise. Each request runs in its own savepoint, so one bad
+//! request cannot fail its batch; a failed commit fails every request of the batch.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::OutboxError;
+use crate::command::{Command, Params};
+use crate::job::{Job, JobState};
+use crate::metrics::METRICS;
+use crate::midas::errcode::SESSION_EXPIRED;
+use crate::midas::Answer;
+use crate::secret::Secret;
+
+/// Most requests committed in one transaction.
+const MAX_BATCH: usize = 1024;
+
+/// A reply to publish for one reply target.
+#[derive(Debug, Clone)]
+pub struct OutgoingReply {
+    /// `None` for replies that have no outbox row (rejections, balance).
+    pub target_id: Option<i64>,
+    pub reply_to: String,
+    pub correlation_id: String,
+    pub payload: Arc<[u8]>,
+}
+
+/// A valid command to record.
+pub struct Intake {
+    pub command: Command,
+    pub reply_to: String,
+    pub correlation_id: String,
+    pub now: i64,
+}
+
+/// What the outbox did with a command.
+#[derive(Debug)]
+pub enum IntakeOutcome {
+    /// A new job: the dispatcher must schedule it.
+    New(Job),
+    /// Same key, same parameters: the command joined the existing job. When the job
+    /// is already final, its stored reply is to be published to the new target.
+    Joined {
+        job_id: i64,
+        reply: Option<OutgoingReply>,
+    },
+    /// A job that had failed with 90010 re-opened with the command's new session_key.
+    Reopened(Job),
+    /// Same key, different parameters: the original job is untouched.
+    Conflict { job_id: i64 },
+}
+
+/// One Midas call to record.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub n: u32,
+    pub started_at: i64,
+    pub answer: Answer,
+}
+
+/// The job's state after an answer.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Retry { next_attempt_at: i64 },
+    Final { state: JobState, reply: Vec<u8> },
+}
+
+pub struct Record {
+    pub job_id: i64,
+    pub attempts_total: u32,
+    pub first_attempt_at: Option<i64>,
+    pub rows: Vec<AttemptRow>,
+    pub update: Update,
+    pub now: i64,
+}
+
+enum Request {
+    Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
+    Record(
+        Record,
+        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
+    ),
+    Published(Vec<(i64, bool)>, i64),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Request>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    /// Open the outbox at `path` and start the writer thread.
+    pub fn start(path: &Path) -> Result<(Writer, std::thread::JoinHandle<()>), OutboxError> {
+        let conn = super::open_rw(path)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        let join = std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || run(conn, rx, h))?;
+        Ok((Writer { tx, healthy }, join))
+    }
+
+    /// Whether the last commit succeeded (for `/readyz`).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Intake(i, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Record(r, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    /// Resolves once every request sent before it is committed.
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Flush(tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)
+    }
+
+    /// Mark reply targets confirmed by the broker (`returned`: confirmed but unroutable).
+    /// Fire and forget: an unmarked target is re-published later, which is harmless.
+    pub fn published(&self, targets: Vec<(i64, bool)>, now: i64) {
+        let _ = self.tx.send(Request::Published(targets, now));
+    }
+}
+
+fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
+    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        let result = commit_batch(&mut conn, &mut batch);
+        healthy.store(result.is_ok(), Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
+        } else {
+            METRICS.outbox_commit(n);
+        }
+        batch.clear();
+    }
+    tracing::debug!("outbox writer stopped");
+}
+
+/// Answers held until the commit decides them.
+enum Pending {
+    Intake(
+        oneshot::Sender<Result<IntakeOutcome, OutboxError>>,
+        Result<IntakeOutcome, OutboxError>,
+    ),
+    Record(
+        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
+        Result<Vec<OutgoingReply>, OutboxError>,
+    ),
+    Flush(oneshot::Sender<()>),
+}
+
+fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), OutboxError> {
+    let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
+    let outcome = (|| -> Result<(), rusqlite::Error> {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for req in batch.drain(..) {
+            match req {
+                Request::Intake(i, resp) => {
+                    let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
+                    answers.push(Pending::Intake(resp, r));
+                }
+                Request::Record(r, resp) => {
+                    let out = in_savepoint(&mut tx, |sp| record(sp, &r));
+                    answers.push(Pending::Record(resp, out));
+                }
+                Request::Flush(resp) => answers.push(Pending::Flush(resp)),
+                Request::Published(targets, now) => {
+                    let mut stmt = tx.prepare_cached(
+                        "UPDATE reply_targets SET published_at = ?1, returned = ?2 WHERE id = ?3 AND published_at IS NULL",
+                    )?;
+                    for (id, returned) in targets {
+                        stmt.execute(params![now, returned as i64, id])?;
+                    }
+                }
+            }
+        }
+        tx.commit()
+    })();
+    match outcome {
+        Ok(()) => {
+            for a in answers {
+                match a {
+                    Pending::Intake(s, r) => {
+                        let _ = s.send(r);
+                    }
+                    Pending::Record(s, r) => {
+                        let _ = s.send(r);
+                    }
+                    Pending::Flush(s) => {
+                        let _ = s.send(());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for a in answers {
+                let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+                match a {
+                    Pending::Intake(s, _) => {
+                        let _ = s.send(Err(err()));
+                    }
+                    Pending::Record(s, _) => {
+                        let _ = s.send(Err(err()));
+                    }
+                    Pending::Flush(_) => {}
+                }
+            }
+            Err(OutboxError::Sqlite(e))
+        }
+    }
+}
+
+fn in_savepoint<T>(
+    tx: &mut rusqlite::Transaction<'_>,
+    f: impl FnOnce(&rusqlite::Savepoint<'_>) -> Result<T, OutboxError>,
+) -> Result<T, OutboxError> {
+    let sp = tx.savepoint()?;
+    let r = f(&sp);
+    match r {
+        Ok(v) => {
+            sp.commit()?;
+            Ok(v)
+        }
+        Err(e) => {
+            drop(sp); // rolls back this request only
+            Err(e)
+        }
+    }
+}
+
+fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
+    let p = &i.command.params;
+    let bill_no = p.bill_no.as_deref().unwrap_or_default();
+    let canonical = p.canonical();
+    let existing = c
+        .prepare_cached(
+            "SELECT id, request, state, last_errcode, result, attempts, first_attempt_at, received_at \
+             FROM jobs WHERE op = ?1 AND bill_no = ?2",
+        )?
+        .query_row(params![p.op.as_str(), bill_no], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })
+        .optional()?;
+    let session_key = i.command.session_key.as_ref().map(Secret::expose);
+    let Some((id, request, state, last_errcode, result, attempts, first_attempt_at, received_at)) =
+        existing
+    else {
+        c.prepare_cached(
+            "INSERT INTO jobs (op, bill_no, appid, openid, request, session_key, state, next_attempt_at, received_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?7)",
+        )?
+        .execute(params![p.op.as_str(), bill_no, p.appid, p.openid, canonical, session_key, i.now])?;
+        let id = c.last_insert_rowid();
+        add_target(c, id, i, false)?;
+        return Ok(IntakeOutcome::New(Job {
+            id,
+            params: p.clone(),
+            session_key: i.command.session_key.clone(),
+            attempts: 0,
+            token_retries: 0,
+            first_attempt_at: None,
+            next_attempt_at: i.now,
+            received_at: i.now,
+        }));
+    };
+    if request != canonical {
+        return Ok(IntakeOutcome::Conflict { job_id: id });
+    }
+    let state = JobState::parse(&state)
+        .ok_or_else(|| OutboxError::Corrupt(format!("job {id} has state {state:?}")))?;
+    if state == JobState::Failed && last_errcode == Some(SESSION_EXPIRED) && session_key.is_some() {
+        c.prepare_cached(
+            "UPDATE jobs SET state = 'pending', session_key = ?2, next_attempt_at = ?3, result = NULL, \
+             finished_at = NULL, updated_at = ?3 WHERE id = ?1",
+        )?
+        .execute(params![id, session_key, i.now])?;
+        add_target(c, id, i, true)?;
+        return Ok(IntakeOutcome::Reopened(Job {
+            id,
+            params: p.clone(),
+            session_key: i.command.session_key.clone(),
+            attempts: attempts.max(0) as u32,
+            token_retries: 0,
+            first_attempt_at,
+            next_attempt_at: i.now,
+            received_at,
+        }));
+    }
+    let target = add_target(c, id, i, state.is_final())?;
+    let reply = match (state.is_final(), result) {
+        (true, Some(payload)) => Some(OutgoingReply {
+            target_id: Some(target),
+            reply_to: i.reply_to.clone(),
+            correlation_id: i.correlation_id.clone(),
+            payload: Arc::from(payload.into_bytes()),
+        }),
+        _ => None,
+    };
+    Ok(IntakeOutcome::Joined { job_id: id, reply })
+}
+
+/// Add a reply target; when `republish`, an existing identical target is marked for
+/// publishing again (a re-sent command gets the stored final reply again).
+fn add_target(
+    c: &Connection,
+    job_id: i64,
+    i: &Intake,
+    republish: bool,
+) -> Result<i64, OutboxError> {
+    let sql = if republish {
+        "INSERT INTO reply_targets (job_id, reply_to, correlation_id, added_at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (job_id, reply_to, correlation_id) DO UPDATE SET published_at = NULL, returned = 0 \
+         RETURNING id"
+    } else {
+        "INSERT INTO reply_targets (job_id, reply_to, correlation_id, added_at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (job_id, reply_to, correlation_id) DO UPDATE SET added_at = added_at \
+         RETURNING id"
+    };
+    Ok(c.prepare_cached(sql)?
+        .query_row(params![job_id, i.reply_to, i.correlation_id, i.now], |r| {
+            r.get(0)
+        })?)
+}
+
+fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+    {
+        let mut ins = c.prepare_cached(
+            "INSERT INTO attempts (job_id, n, api, started_at, latency_ms, http_status, errcode, errmsg, outcome) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for a in &r.rows {
+            ins.execute(params![
+                r.job_id,
+                a.n,
+                a.answer.api.name(),
+                a.started_at,
+                a.answer.latency.as_millis() as i64,
+                a.answer.http_status,
+                a.answer.errcode,
+                a.answer.errmsg,
+                a.answer.class.as_str(),
+            ])?;
+        }
+    }
+    let last = r.rows.first().map(|a| &a.answer);
+    let (errcode, error) = (
+        last.and_then(|a| a.errcode),
+        last.and_then(|a| a.errmsg.clone()),
+    );
+    match &r.update {
+        Update::Retry { next_attempt_at } => {
+            c.prepare_cached(
+                "UPDATE jobs SET attempts = ?2, first_attempt_at = COALESCE(first_attempt_at, ?3), \
+                 next_attempt_at = ?4, last_errcode = ?5, last_error = ?6, updated_at = ?7 WHERE id = ?1",
+            )?
+            .execute(params![
+                r.job_id,
+                r.attempts_total,
+                r.first_attempt_at,
+                next_attempt_at,
+                errcode,
+                error,
+                r.now
+            ])?;
+            Ok(Vec::new())
+        }
+        Update::Final { state, reply } => {
+            let payload = String::from_utf8_lossy(reply).into_owned();
+            c.prepare_cached(
+                "UPDATE jobs SET state = ?2, attempts = ?3, first_attempt_at = COALESCE(first_attempt_at, ?4), \
+                 last_errcode = COALESCE(?5, last_errcode), last_error = COALESCE(?6, last_error), result = ?7, \
+                 session_key = NULL, finished_at = ?8, updated_at = ?8 WHERE id = ?1",
+            )?
+            .execute(params![
+                r.job_id,
+                state.as_str(),
+                r.attempts_total,
+                r.first_attempt_at,
+                errcode,
+                error,
+                payload,
+                r.now
+            ])?;
+            let payload: Arc<[u8]> = Arc::from(reply.clone());
+            let mut q = c.prepare_cached(
+                "SELECT id, reply_to, correlation_id FROM reply_targets WHERE job_id = ?1 AND published_at IS NULL",
+            )?;
+            let rows = q.query_map(params![r.job_id], |row| {
+                Ok(OutgoingReply {
+                    target_id: Some(row.get(0)?),
+                    reply_to: row.get(1)?,
+                    correlation_id: row.get(2)?,
+                    payload: payload.clone(),
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        }
+    }
+}
+
+/// Parameters stored for a job, decoded (used when loading pending jobs).
+pub fn decode_params(request: &str) -> Result<Params, OutboxError> {
+    serde_json::from_str(request).map_err(|e| OutboxError::Corrupt(format!("request JSON: {e}")))
+}

@@ -1,0 +1,144 @@
+//! Fault injection for the simulator: the failure modes a Midas client must survive
+//! (busy, 502, lost answers after a charge, stalls, "processing", revoked tokens),
+//! drawn from a seeded RNG so that a run can be repeated exactly.
+
+use rand::rngs::SmallRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SimulatorConfig;
+
+/// Fault rates (0.0..=1.0 each) and timings; replaceable at runtime.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Answer `{"errcode":-1}` without applying.
+    pub busy_rate: f64,
+    /// Added to every answer of the four Midas endpoints.
+    pub latency_ms: u64,
+    /// Apply, then stall `stall_ms` before answering (charge happened, answer lost).
+    pub apply_then_stall_rate: f64,
+    /// Stall `stall_ms` without applying, then answer 504 with a non-JSON body.
+    pub stall_then_drop_rate: f64,
+    /// Answer HTTP 502 with an HTML body, not applied.
+    pub http_502_rate: f64,
+    /// cancelpay only: answer 90016 (still processing), not applied.
+    pub processing_rate: f64,
+    /// Revoke the app's current token and answer 40001.
+    pub token_revoke_rate: f64,
+    pub stall_ms: u64,
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl From<&SimulatorConfig> for Faults {
+    fn from(c: &SimulatorConfig) -> Faults {
+        Faults {
+            busy_rate: c.busy_rate,
+            latency_ms: millis(c.latency.0),
+            apply_then_stall_rate: c.apply_then_stall_rate,
+            stall_then_drop_rate: c.stall_then_drop_rate,
+            http_502_rate: c.http_502_rate,
+            processing_rate: c.processing_rate,
+            token_revoke_rate: c.token_revoke_rate,
+            stall_ms: millis(c.stall.0),
+        }
+    }
+}
+
+impl From<SimulatorConfig> for Faults {
+    fn from(c: SimulatorConfig) -> Faults {
+        Faults::from(&c)
+    }
+}
+
+/// What happens to one call that passed the auth checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    None,
+    TokenRevoke,
+    Busy,
+    Http502,
+    StallThenDrop,
+    ApplyThenStall,
+    Processing,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::None => "none",
+            Fault::TokenRevoke => "token_revoke",
+            Fault::Busy => "busy",
+            Fault::Http502 => "http_502",
+            Fault::StallThenDrop => "stall_then_drop",
+            Fault::ApplyThenStall => "apply_then_stall",
+            Fault::Processing => "processing",
+        }
+    }
+}
+
+/// Decide the fault for one call. Always draws the same number of values (one per
+/// kind, in a fixed order) whatever the rates and the operation, so the sequence of
+/// draws depends only on the seed and the number of calls; the first kind whose draw
+/// falls under its rate wins. `processing` only applies when `is_cancelpay`.
+pub fn decide(rng: &mut SmallRng, f: &Faults, is_cancelpay: bool) -> Fault {
+    let order = [
+        (Fault::TokenRevoke, f.token_revoke_rate),
+        (Fault::Busy, f.busy_rate),
+        (Fault::Http502, f.http_502_rate),
+        (Fault::StallThenDrop, f.stall_then_drop_rate),
+        (Fault::ApplyThenStall, f.apply_then_stall_rate),
+        (
+            Fault::Processing,
+            if is_cancelpay { f.processing_rate } else { 0.0 },
+        ),
+    ];
+    let mut chosen = Fault::None;
+    for (fault, rate) in order {
+        let draw: f64 = rng.random();
+        if chosen == Fault::None && draw < rate {
+            chosen = fault;
+        }
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn same_seed_same_decisions_and_certain_rates() {
+        let f = Faults {
+            busy_rate: 0.3,
+            http_502_rate: 0.3,
+            ..Faults::default()
+        };
+        let run = |seed| {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            (0..200)
+                .map(|_| decide(&mut rng, &f, false))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+        let mut rng = SmallRng::seed_from_u64(1);
+        let all = Faults {
+            busy_rate: 1.0,
+            ..Faults::default()
+        };
+        assert!((0..100).all(|_| decide(&mut rng, &all, false) == Fault::Busy));
+        assert!((0..100).all(|_| decide(&mut rng, &Faults::default(), true) == Fault::None));
+        let proc_only = Faults {
+            processing_rate: 1.0,
+            ..Faults::default()
+        };
+        assert_eq!(decide(&mut rng, &proc_only, false), Fault::None);
+        assert_eq!(decide(&mut rng, &proc_only, true), Fault::Processing);
+    }
+}

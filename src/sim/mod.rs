@@ -1,0 +1,611 @@
+//! A Midas simulator served over real HTTP (axum), so the worker and its tests can be
+//! run end to end without touching real currency, and so that every failure mode a
+//! client must survive can be produced on demand and repeatably (seeded RNG).
+//!
+//! Routes:
+//! - `POST /cgi-bin/stable_token`, `GET /cgi-bin/token`: access tokens.
+//! - `POST /cgi-bin/midas/{getbalance,pay,present,cancelpay}` and the same under
+//!   `/cgi-bin/midas/sandbox/`: checked in this order — access token (41001, 40001,
+//!   42001), JSON object body and fields (90018), appid known (90018) and owning the
+//!   token (90017), `sig` (90011, sandbox key on sandbox paths, AppKey otherwise),
+//!   `mp_sig` (90009/90010), then faults, then the ledger.
+//! - `GET /sim/ledger`, `POST /sim/faults`, `POST /sim/revoke`, `POST /sim/sessions`,
+//!   `GET /healthz`: inspection and control for tests and operators.
+//!
+//! Session keys: the simulator cannot know a user's session_key, so it must be told
+//! (`POST /sim/sessions` or [`SimHandle::register_session`]). Trust on first use is
+//! off; register to enforce: for an openid with no registered key, `mp_sig` is not
+//! checked at all; once a key is registered, `mp_sig` must verify with it (90009 if
+//! it does not, 90010 if it verifies only with a rotated-out key). A call without
+//! `mp_sig` is accepted either way (current documentation lists only `sig`).
+//!
+//! Sandbox and official paths share one ledger, keyed by (appid, openid).
+//! Tokens, keys and session keys are never logged.
+
+pub mod cli;
+pub mod faults;
+pub mod ledger;
+pub mod tokens;
+pub mod verify;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::SimulatorConfig;
+use crate::midas::errcode;
+use crate::midas::sign;
+use crate::secret::Secret;
+
+pub use faults::{Fault, Faults};
+use ledger::Ledger;
+pub use ledger::{Account, LedgerDump, Order};
+use tokens::{SessionCheck, Sessions, Tokens};
+use verify::{Op, Reject, Request};
+
+/// An app the simulator knows, with its three secrets.
+#[derive(Clone, Debug)]
+pub struct SimApp {
+    pub appid: String,
+    /// AppKey for the official paths.
+    pub app_key: Secret,
+    /// AppKey for the sandbox paths.
+    pub sandbox_key: Secret,
+    /// App secret for `stable_token` / `token`.
+    pub app_secret: Secret,
+}
+
+/// Mutable state; one lock, never held across an await.
+struct Inner {
+    ledger: Ledger,
+    tokens: Tokens,
+    sessions: Sessions,
+    faults: Faults,
+    fault_rng: SmallRng,
+    calls: BTreeMap<String, u64>,
+}
+
+struct Shared {
+    apps: HashMap<String, SimApp>,
+    state: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, kind: &str) {
+        *self.lock().calls.entry(kind.to_string()).or_insert(0) += 1;
+    }
+
+    fn dump(&self) -> LedgerDump {
+        let st = self.lock();
+        st.ledger.dump(st.calls.clone())
+    }
+}
+
+/// The simulator, before it is bound to a port.
+#[derive(Clone)]
+pub struct Simulator {
+    listen: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+/// Token RNG seed derived from the configured seed, so that fetching tokens does not
+/// shift the sequence of fault decisions.
+const TOKEN_SEED_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Simulator {
+    pub fn new(cfg: SimulatorConfig, apps: Vec<SimApp>) -> Simulator {
+        let faults = Faults::from(&cfg);
+        let state = Inner {
+            ledger: Ledger::new(cfg.initial_balance),
+            tokens: Tokens::new(
+                SmallRng::seed_from_u64(cfg.seed ^ TOKEN_SEED_SALT),
+                cfg.token_ttl.0,
+            ),
+            sessions: Sessions::default(),
+            faults,
+            fault_rng: SmallRng::seed_from_u64(cfg.seed),
+            calls: BTreeMap::new(),
+        };
+        Simulator {
+            listen: cfg.listen,
+            shared: Arc::new(Shared {
+                apps: apps.into_iter().map(|a| (a.appid.clone(), a)).collect(),
+                state: Mutex::new(state),
+            }),
+        }
+    }
+
+    /// Bind `cfg.listen` (port 0 = any free port) and serve in a spawned task until the
+    /// handle is dropped or [`SimHandle::shutdown`] is called.
+    pub async fn start(self) -> std::io::Result<SimHandle> {
+        let listener = tokio::net::TcpListener::bind(self.listen).await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let router = self.router();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "midas simulator stopped");
+            }
+        });
+        tracing::info!(%addr, "midas simulator listening");
+        Ok(SimHandle {
+            addr,
+            shared: self.shared,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/cgi-bin/stable_token", post(stable_token))
+            .route("/cgi-bin/token", get(legacy_token))
+            .route("/cgi-bin/midas/{op}", post(midas_official))
+            .route("/cgi-bin/midas/sandbox/{op}", post(midas_sandbox))
+            .route("/sim/ledger", get(sim_ledger))
+            .route("/sim/faults", post(sim_faults))
+            .route("/sim/revoke", post(sim_revoke))
+            .route("/sim/sessions", post(sim_sessions))
+            .with_state(self.shared.clone())
+    }
+}
+
+/// A running simulator. Dropping it stops the server.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// `http://IP:PORT`, with a loopback address when bound to an unspecified one.
+    pub fn base_url(&self) -> String {
+        let ip = match self.addr.ip() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// Same data as `GET /sim/ledger`.
+    pub fn ledger(&self) -> LedgerDump {
+        self.shared.dump()
+    }
+
+    /// Replace the fault rates.
+    pub fn set_faults(&self, f: Faults) {
+        self.shared.lock().faults = f;
+    }
+
+    /// Revoke every token issued so far.
+    pub fn revoke_tokens(&self) {
+        self.shared.lock().tokens.revoke_all();
+    }
+
+    /// Register (or rotate) the session key of an openid.
+    pub fn register_session(&self, openid: &str, session_key: &str) {
+        self.shared.lock().sessions.register(openid, session_key);
+    }
+
+    /// Stop accepting, let in-flight requests finish for up to a second, then abort.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn err_json(errcode: i64, errmsg: &str) -> Value {
+    json!({"errcode": errcode, "errmsg": errmsg})
+}
+
+// ---------------------------------------------------------------- tokens
+
+#[derive(Deserialize)]
+struct TokenBody {
+    grant_type: Option<String>,
+    appid: Option<String>,
+    secret: Option<String>,
+    force_refresh: Option<bool>,
+}
+
+/// Check grant_type, appid and secret; `Ok(appid)` or the platform's error answer.
+fn check_credentials(shared: &Shared, body: &TokenBody) -> Result<String, Value> {
+    if body.grant_type.as_deref() != Some("client_credential") {
+        return Err(err_json(40002, "invalid grant_type"));
+    }
+    let Some(appid) = body.appid.as_deref().filter(|a| !a.is_empty()) else {
+        return Err(err_json(41002, "appid missing"));
+    };
+    let Some(app) = shared.apps.get(appid) else {
+        return Err(err_json(40013, "invalid appid"));
+    };
+    let Some(secret) = body.secret.as_deref().filter(|s| !s.is_empty()) else {
+        return Err(err_json(41004, "appsecret missing"));
+    };
+    if !sign::sig_eq(secret, app.app_secret.expose()) {
+        return Err(err_json(40125, "invalid appsecret"));
+    }
+    Ok(appid.to_string())
+}
+
+async fn stable_token(State(shared): State<Arc<Shared>>, body: Bytes) -> Json<Value> {
+    shared.count("stable_token");
+    let Ok(body) = serde_json::from_slice::<TokenBody>(&body) else {
+        return Json(err_json(errcode::PARAM_ERROR, "invalid request body"));
+    };
+    let appid = match check_credentials(&shared, &body) {
+        Ok(a) => a,
+        Err(answer) => {
+            tracing::debug!(kind = "stable_token", answer = %answer, "sim call refused");
+            return Json(answer);
+        }
+    };
+    let force = body.force_refresh.unwrap_or(false);
+    let (token, expires_in) = shared.lock().tokens.stable(&appid, force, Instant::now());
+    tracing::debug!(kind = "stable_token", %appid, force_refresh = force, "sim token");
+    Json(json!({"access_token": token, "expires_in": expires_in}))
+}
+
+async fn legacy_token(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Json<Value> {
+    shared.count("token");
+    let q = query.map(|Query(q)| q).unwrap_or_default();
+    let body = TokenBody {
+        grant_type: q.get("grant_type").cloned(),
+        appid: q.get("appid").cloned(),
+        secret: q.get("secret").cloned(),
+        force_refresh: None,
+    };
+    let appid = match check_credentials(&shared, &body) {
+        Ok(a) => a,
+        Err(answer) => {
+            tracing::debug!(kind = "token", answer = %answer, "sim call refused");
+            return Json(answer);
+        }
+    };
+    let (token, expires_in) = shared.lock().tokens.legacy(&appid, Instant::now());
+    tracing::debug!(kind = "token", %appid, "sim token");
+    Json(json!({"access_token": token, "expires_in": expires_in}))
+}
+
+// ---------------------------------------------------------------- midas endpoints
+
+/// What the handler does after the synchronous part.
+enum Outcome {
+    Answer(Value),
+    Http502,
+    /// Applied; answer after the stall (the client has given up by then).
+    StallThenAnswer(Value, Duration),
+    /// Not applied; stall, then a non-JSON 504.
+    StallThenDrop(Duration),
+}
+
+async fn midas_official(
+    State(shared): State<Arc<Shared>>,
+    Path(op): Path<String>,
+    uri: Uri,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    body: Bytes,
+) -> Response {
+    midas(shared, &op, false, uri, query, body).await
+}
+
+async fn midas_sandbox(
+    State(shared): State<Arc<Shared>>,
+    Path(op): Path<String>,
+    uri: Uri,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    body: Bytes,
+) -> Response {
+    midas(shared, &op, true, uri, query, body).await
+}
+
+async fn midas(
+    shared: Arc<Shared>,
+    op: &str,
+    sandbox: bool,
+    uri: Uri,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let Some(op) = Op::from_path(op) else {
+        return (StatusCode::NOT_FOUND, Json(err_json(404, "no such api"))).into_response();
+    };
+    let token = query.ok().and_then(|Query(mut q)| q.remove("access_token"));
+    let latency = {
+        let mut st = shared.lock();
+        *st.calls.entry(op.kind().to_string()).or_insert(0) += 1;
+        st.faults.latency_ms
+    };
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    match process(&shared, op, sandbox, uri.path(), token.as_deref(), &body) {
+        Outcome::Answer(v) => Json(v).into_response(),
+        Outcome::Http502 => (
+            StatusCode::BAD_GATEWAY,
+            Html("<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>"),
+        )
+            .into_response(),
+        Outcome::StallThenAnswer(v, stall) => {
+            tokio::time::sleep(stall).await;
+            Json(v).into_response()
+        }
+        Outcome::StallThenDrop(stall) => {
+            tokio::time::sleep(stall).await;
+            (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\u{0}\u{7f}garbage").into_response()
+        }
+    }
+}
+
+/// Everything between the request and the answer that needs the lock; no awaits.
+fn process(
+    shared: &Shared,
+    op: Op,
+    sandbox: bool,
+    uri: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> Outcome {
+    let mut st = shared.lock();
+    let now = Instant::now();
+    let log_refused = |r: &Reject, appid: &str, openid: &str| {
+        tracing::debug!(
+            kind = op.kind(),
+            sandbox,
+            appid,
+            openid,
+            errcode = r.errcode,
+            errmsg = %r.errmsg,
+            "sim call refused"
+        );
+    };
+
+    // 1. access token
+    let token_appid = match st.tokens.check(token, now) {
+        Ok(a) => a.to_string(),
+        Err((code, msg)) => {
+            let r = Reject::new(code, msg);
+            log_refused(&r, "", "");
+            return Outcome::Answer(err_json(r.errcode, &r.errmsg));
+        }
+    };
+    let token = token.unwrap_or_default();
+
+    // 2. body, app, signatures
+    let req = match authenticate(
+        shared,
+        &st.sessions,
+        op,
+        sandbox,
+        uri,
+        token,
+        &token_appid,
+        body,
+    ) {
+        Ok(r) => r,
+        Err(r) => {
+            log_refused(&r, &token_appid, "");
+            return Outcome::Answer(err_json(r.errcode, &r.errmsg));
+        }
+    };
+
+    // 3. faults
+    let faults = st.faults.clone();
+    let fault = faults::decide(&mut st.fault_rng, &faults, op == Op::CancelPay);
+    let stall = Duration::from_millis(faults.stall_ms);
+    let answer = match fault {
+        Fault::TokenRevoke => {
+            st.tokens.revoke_for(token, &req.appid);
+            Some(err_json(
+                errcode::TOKEN_INVALID,
+                "invalid credential, access_token is invalid or not latest",
+            ))
+        }
+        Fault::Busy => Some(err_json(errcode::SYSTEM_BUSY, "system error")),
+        Fault::Processing => Some(err_json(errcode::ORDER_PROCESSING, "order processing")),
+        Fault::Http502 | Fault::StallThenDrop => None,
+        Fault::None | Fault::ApplyThenStall => Some(apply(&mut st.ledger, &req)),
+    };
+    let code = answer
+        .as_ref()
+        .and_then(|a| a.get("errcode"))
+        .and_then(Value::as_i64);
+    tracing::debug!(
+        kind = op.kind(),
+        sandbox,
+        appid = %req.appid,
+        openid = %req.openid,
+        bill_no = req.bill_no.as_deref().unwrap_or(""),
+        fault = fault.as_str(),
+        errcode = code,
+        "sim call"
+    );
+    match (fault, answer) {
+        (Fault::Http502, _) => Outcome::Http502,
+        (Fault::StallThenDrop, _) => Outcome::StallThenDrop(stall),
+        (Fault::ApplyThenStall, Some(a)) => Outcome::StallThenAnswer(a, stall),
+        (_, Some(a)) => Outcome::Answer(a),
+        (_, None) => Outcome::Answer(err_json(errcode::SYSTEM_BUSY, "system error")),
+    }
+}
+
+/// Body checks, app lookup, `sig`, then `mp_sig` against registered session keys.
+#[allow(clippy::too_many_arguments)]
+fn authenticate(
+    shared: &Shared,
+    sessions: &Sessions,
+    op: Op,
+    sandbox: bool,
+    uri: &str,
+    token: &str,
+    token_appid: &str,
+    body: &[u8],
+) -> Result<Request, Reject> {
+    let req = verify::parse(op, body)?;
+    let Some(app) = shared.apps.get(&req.appid) else {
+        return Err(Reject::new(
+            errcode::PARAM_ERROR,
+            "param error: unknown appid",
+        ));
+    };
+    if req.appid != token_appid {
+        return Err(Reject::new(
+            errcode::NO_PERMISSION,
+            "no permission: access_token belongs to another appid",
+        ));
+    }
+    let key = if sandbox {
+        &app.sandbox_key
+    } else {
+        &app.app_key
+    };
+    if !verify::sig_ok(&req, uri, key.expose()) {
+        return Err(Reject::new(errcode::SIG_WRONG, "sig wrong"));
+    }
+    if req.mp_sig.is_some() {
+        match sessions.check(&req.openid, |k| verify::mp_sig_ok(&req, uri, token, k)) {
+            SessionCheck::Unknown | SessionCheck::Current => {}
+            SessionCheck::Expired => {
+                return Err(Reject::new(errcode::SESSION_EXPIRED, "session expired"))
+            }
+            SessionCheck::Wrong => return Err(Reject::new(errcode::MP_SIG_WRONG, "mp_sig wrong")),
+        }
+    }
+    Ok(req)
+}
+
+/// Apply a checked request to the ledger; the JSON answer.
+fn apply(ledger: &mut Ledger, req: &Request) -> Value {
+    let bill_no = req.bill_no.clone().unwrap_or_default();
+    let amount = req.amount.unwrap_or(0);
+    let result = match req.op {
+        Op::GetBalance => {
+            let a = ledger.balance(&req.appid, &req.openid);
+            Ok(json!({
+                "errcode": 0, "errmsg": "ok",
+                "balance": a.balance, "gen_balance": a.gen_balance,
+                "first_save": i32::from(a.first_save),
+                "save_amt": a.save_amt, "save_sum": a.save_sum,
+                "cost_sum": a.cost_sum, "present_sum": a.present_sum,
+            }))
+        }
+        Op::Pay => ledger
+            .pay(&req.appid, &req.openid, &bill_no, amount, now_ms())
+            .map(|p| {
+                json!({"errcode": 0, "errmsg": "ok", "bill_no": bill_no,
+                       "balance": p.balance, "used_gen_amt": p.used_gen_amt})
+            }),
+        Op::Present => ledger
+            .present(&req.appid, &req.openid, &bill_no, amount, now_ms())
+            .map(|b| json!({"errcode": 0, "errmsg": "ok", "bill_no": bill_no, "balance": b})),
+        Op::CancelPay => ledger
+            .cancel_pay(&req.appid, &req.openid, &bill_no)
+            .map(|()| json!({"errcode": 0, "errmsg": "ok", "bill_no": bill_no})),
+    };
+    result.unwrap_or_else(|e| err_json(e.errcode(), e.errmsg()))
+}
+
+// ---------------------------------------------------------------- admin
+
+async fn sim_ledger(State(shared): State<Arc<Shared>>) -> Json<LedgerDump> {
+    Json(shared.dump())
+}
+
+async fn sim_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(f) => {
+            tracing::debug!(faults = ?f, "sim faults replaced");
+            shared.lock().faults = f;
+            Json(json!({"ok": true})).into_response()
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"ok": false, "error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn sim_revoke(State(shared): State<Arc<Shared>>) -> Json<Value> {
+    shared.lock().tokens.revoke_all();
+    tracing::debug!("sim tokens revoked");
+    Json(json!({"ok": true}))
+}
+
+#[derive(Deserialize)]
+struct SessionBody {
+    openid: String,
+    session_key: String,
+}
+
+async fn sim_sessions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<SessionBody>(&body) {
+        Ok(s) if !s.openid.is_empty() && !s.session_key.is_empty() => {
+            shared.lock().sessions.register(&s.openid, &s.session_key);
+            tracing::debug!(openid = %s.openid, "sim session key registered");
+            Json(json!({"ok": true})).into_response()
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"ok": false, "error": "expected {\"openid\":..,\"session_key\":..}"})),
+        )
+            .into_response(),
+    }
+}

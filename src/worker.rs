@@ -1,0 +1,243 @@
+//! `midas-worker run`: wires the pieces together and shuts them down in order.
+//!
+//! Start: outbox writer → (embedded simulator) → Midas client → dispatcher (resumes
+//! every non-final job) → broker session (consume + publish) → reply relay → HTTP.
+//! Stop (SIGTERM/SIGINT or the handle): stop consuming and settle what was taken
+//! in → let in-flight Midas calls finish and be recorded (bounded) → publish and
+//! confirm the replies they produced (bounded) → flush the writer. A SIGKILL at any
+//! instant loses nothing: whatever was acked is in the outbox, and everything the
+//! outbox holds resumes at the next start.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::broker::consumer::IntakeCtx;
+use crate::broker::{publisher, session};
+use crate::config::{Environment, Settings};
+use crate::dispatch::{DispatchMsg, Dispatcher};
+use crate::midas::MidasClient;
+use crate::outbox::{query, Writer};
+use crate::sim::{SimApp, SimHandle, Simulator};
+
+/// How often unconfirmed replies and operator actions are looked for.
+pub const RELAY_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
+    #[error("cannot start the embedded simulator: {0}")]
+    Simulator(std::io::Error),
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A running worker.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub midas_url: String,
+    shutdown: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+    _sim: Option<SimHandle>,
+}
+
+impl Running {
+    /// Stop in order and wait for it.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.done.await;
+    }
+
+    /// Wait until stopped by `trigger` (e.g. a signal future).
+    pub async fn run_until(self, trigger: impl std::future::Future<Output = ()>) {
+        trigger.await;
+        tracing::info!("shutting down: no new commands; finishing in-flight work");
+        self.stop().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// The embedded simulator for `environment = "simulator"`, keyed with the apps' keys.
+pub async fn start_embedded_simulator(settings: &Settings) -> Result<SimHandle, WorkerError> {
+    let apps = settings
+        .apps
+        .iter()
+        .map(|a| SimApp {
+            appid: a.appid.clone(),
+            app_key: a.app_key.clone(),
+            sandbox_key: a.app_key.clone(),
+            app_secret: a.app_secret.clone(),
+        })
+        .collect();
+    let sim = Simulator::new(settings.config.simulator.clone(), apps)
+        .start()
+        .await
+        .map_err(WorkerError::Simulator)?;
+    tracing::warn!(
+        url = %sim.base_url(),
+        "SIMULATOR MODE: Midas calls go to the embedded simulator; NO REAL CURRENCY MOVES"
+    );
+    Ok(sim)
+}
+
+/// Start the worker. With `midas_url` set, Midas calls go there (tests); otherwise to
+/// the embedded simulator or `midas.base_url` as `midas.environment` says.
+pub async fn start(
+    settings: Arc<Settings>,
+    midas_url: Option<String>,
+) -> Result<Running, WorkerError> {
+    let (writer, writer_thread) = Writer::start(&settings.config.outbox.path)?;
+    let mut sim = None;
+    let midas_url = match midas_url {
+        Some(u) => u,
+        None if settings.config.midas.environment == Environment::Simulator => {
+            let s = start_embedded_simulator(&settings).await?;
+            let u = s.base_url();
+            sim = Some(s);
+            u
+        }
+        None => settings.config.midas.base_url.clone(),
+    };
+    let midas = Arc::new(MidasClient::new(&settings, &midas_url)?);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (stop_pub_tx, stop_pub) = watch::channel(false);
+    let (pub_handle, pub_queue) = publisher::channel();
+    let (dtx, drx) = mpsc::unbounded_channel();
+
+    let dispatcher = Dispatcher::new(
+        settings.clone(),
+        writer.clone(),
+        pub_handle.clone(),
+        midas.clone(),
+    );
+    let dispatcher = tokio::spawn(dispatcher.run(drx, shutdown.clone()));
+
+    let ctx = IntakeCtx {
+        settings: settings.clone(),
+        writer: writer.clone(),
+        dispatcher: dtx.clone(),
+        publisher: pub_handle.clone(),
+        midas,
+    };
+    let name = format!(
+        "midas-worker {} pid {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
+    let broker = tokio::spawn(session::run(
+        ctx,
+        pub_queue,
+        shutdown.clone(),
+        stop_pub,
+        name,
+    ));
+
+    let relay = tokio::spawn(relay_loop(
+        settings.config.outbox.path.clone(),
+        pub_handle,
+        dtx,
+        shutdown.clone(),
+    ));
+
+    let http_addr = settings.config.http.listen;
+    let (http_addr, http) = crate::http::serve(
+        http_addr,
+        writer.clone(),
+        settings.config.outbox.path.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| WorkerError::Http {
+        addr: http_addr,
+        source,
+    })?;
+    tracing::info!(http = %http_addr, outbox = %settings.config.outbox.path.display(), "worker started");
+
+    let done = tokio::spawn(async move {
+        let mut s = shutdown;
+        while !*s.borrow() {
+            if s.changed().await.is_err() {
+                break;
+            }
+        }
+        // 1. intake stops on `shutdown`; 2. the dispatcher finishes in-flight calls
+        let _ = dispatcher.await;
+        let _ = relay.await;
+        // 3. publish what those calls produced, then stop the broker side
+        let _ = stop_pub_tx.send(true);
+        if tokio::time::timeout(Duration::from_secs(15), broker)
+            .await
+            .is_err()
+        {
+            tracing::warn!("broker session did not stop in time");
+        }
+        let _ = http.await;
+        // 4. flush the writer: every earlier request is committed when this returns
+        let _ = writer.flush().await;
+        drop(writer);
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    });
+    Ok(Running {
+        http_addr,
+        midas_url,
+        shutdown: shutdown_tx,
+        done,
+        _sim: sim,
+    })
+}
+
+/// Re-publish unconfirmed replies from the outbox and notice operator re-opens.
+async fn relay_loop(
+    db: std::path::PathBuf,
+    publisher: publisher::Publisher,
+    dispatcher: mpsc::UnboundedSender<DispatchMsg>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last_action: Option<i64> = None;
+    loop {
+        let path = db.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let c = crate::outbox::open_ro(&path)?;
+            Ok::<_, crate::outbox::OutboxError>((
+                query::unpublished_replies(&c, 2000)?,
+                query::last_operator_action(&c)?,
+            ))
+        })
+        .await;
+        match found {
+            Ok(Ok((replies, action))) => {
+                let n = publisher.relay_once(replies);
+                if n > 0 {
+                    tracing::info!(
+                        replies = n,
+                        "re-publishing unconfirmed replies from the outbox"
+                    );
+                }
+                match last_action {
+                    Some(prev) if action > prev => {
+                        let _ = dispatcher.send(DispatchMsg::Reload { after_action: prev });
+                    }
+                    _ => {}
+                }
+                last_action = Some(action);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "reply relay cannot read the outbox"),
+            Err(e) => tracing::warn!(error = %e, "reply relay task failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RELAY_INTERVAL) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Crashes and outages: SIGKILL of a worker child process mid-run, a cut broker
+//! link, Midas down then back, SIGTERM. Each ends by holding every reply against
+//! the simulator's ledger: nothing lost, nothing charged twice.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::proxy::Proxy;
+use common::*;
+use midas_worker::command::Status;
+use midas_worker::sim::Faults;
+
+fn kill9(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// Hold replies against the ledger: every bill got a reply, every succeeded bill is
+/// charged exactly once, nothing is charged that was not sent, statuses agree.
+fn check_against_ledger(
+    sent: &[String],
+    replies: &[midas_worker::client::Received],
+    ledger: &midas_worker::sim::LedgerDump,
+) {
+    let sent_set: HashSet<&str> = sent.iter().map(String::as_str).collect();
+    let mut status: HashMap<String, Status> = HashMap::new();
+    for r in replies {
+        let s = r.reply.status.expect("status");
+        if let Some(prev) = status.insert(r.correlation_id.clone(), s) {
+            assert_eq!(
+                prev, s,
+                "a repeated reply is identical ({})",
+                r.correlation_id
+            );
+        }
+    }
+    for b in sent {
+        let s = status.get(b).unwrap_or_else(|| panic!("no reply for {b}"));
+        let n = orders_for(ledger, b).len();
+        match s {
+            Status::Succeeded => assert_eq!(n, 1, "{b} succeeded but charged {n} times"),
+            Status::Failed | Status::Rejected => assert_eq!(n, 0, "{b} is {s:?} but charged"),
+            Status::Unknown => assert!(n <= 1),
+        }
+    }
+    for o in &ledger.orders {
+        assert!(
+            sent_set.contains(o.bill_no.as_str()),
+            "charged a bill_no the game never sent: {}",
+            o.bill_no
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_then_restart_loses_nothing_and_charges_once() {
+    let env = TestEnv::new("kill");
+    let sim = env
+        .simulator(Faults {
+            latency_ms: 2,
+            busy_rate: 0.05,
+            ..Faults::default()
+        })
+        .await;
+    let mut c = env.client().await;
+    let b = unique("K");
+    let sent: Vec<String> = (0..400).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        c.publish(pay(bill, &format!("u{}", i % 40), 1).as_bytes(), bill)
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    for round in 0..3 {
+        let mut child = env.spawn_child(&sim.base_url());
+        // let it take some work, then kill it at an arbitrary instant
+        let target = (round + 1) * 60;
+        while got.len() < target {
+            match c.next_reply(Duration::from_secs(30)).await {
+                Ok(r) => got.push(r),
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 40)).await;
+        kill9(&mut child);
+    }
+    let mut child = env.spawn_child(&sim.base_url());
+    let distinct = |g: &Vec<midas_worker::client::Received>| {
+        g.iter()
+            .map(|r| r.correlation_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while distinct(&got) < sent.len() && tokio::time::Instant::now() < deadline {
+        if let Ok(r) = c.next_reply(Duration::from_secs(5)).await {
+            got.push(r);
+        }
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0");
+    check_against_ledger(&sent, &got, &sim.ledger());
+    assert!(got
+        .iter()
+        .all(|r| r.reply.status == Some(Status::Succeeded)));
+    env.cleanup(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_link_cut_during_intake_and_publishing() {
+    let mut env = TestEnv::new("cut");
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    env.set("BROKER__URL", &proxy.url_amqp());
+    let sim = env
+        .simulator(Faults {
+            latency_ms: 3,
+            ..Faults::default()
+        })
+        .await;
+    let worker = env.worker(&sim.base_url()).await;
+    // the game talks to the broker directly, not through the proxy
+    let mut direct = env.clone_settings_direct();
+    let mut c = direct.client().await;
+    let b = unique("C");
+    let sent: Vec<String> = (0..300).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        c.publish(pay(bill, &format!("v{}", i % 30), 1).as_bytes(), bill)
+            .await
+            .unwrap();
+        if i == 100 || i == 200 {
+            proxy.cut();
+        }
+    }
+    let mut got = Vec::new();
+    let cut_again_at = 150;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let distinct = |g: &Vec<midas_worker::client::Received>| {
+        g.iter()
+            .map(|r| r.correlation_id.clone())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    let mut cut_done = false;
+    while distinct(&got) < sent.len() && tokio::time::Instant::now() < deadline {
+        if let Ok(r) = c.next_reply(Duration::from_secs(3)).await {
+            got.push(r);
+        }
+        if !cut_done && got.len() >= cut_again_at {
+            proxy.down();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            proxy.up();
+            cut_done = true;
+        }
+    }
+    check_against_ledger(&sent, &got, &sim.ledger());
+    worker.stop().await;
+    direct.env.clear();
+    env.cleanup(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn midas_down_then_back_drains_the_backlog() {
+    let env = TestEnv::new("midasdown");
+    let sim = env.simulator(Faults::default()).await;
+    let link = Proxy::start(sim.addr).await;
+    link.down();
+    let worker = env.worker(&link.url_http()).await;
+    let mut c = env.client().await;
+    let b = unique("D");
+    let sent: Vec<String> = (0..100).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        c.publish(present(bill, &format!("w{}", i % 10), 2).as_bytes(), bill)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        sim.ledger().orders.is_empty(),
+        "nothing applied while Midas is down"
+    );
+    assert!(
+        c.next_reply(Duration::from_millis(200)).await.is_err(),
+        "no reply while Midas is down"
+    );
+    link.up();
+    let got = replies(&mut c, sent.len(), Duration::from_secs(60)).await;
+    check_against_ledger(&sent, &got, &sim.ledger());
+    assert!(got
+        .iter()
+        .all(|r| r.reply.status == Some(Status::Succeeded)));
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
