@@ -158,8 +158,8 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
     }
     println!("\nReplies:");
     println!(
-        "{:<38} {:<10} {:<18} {}",
-        "command", "status", "error/errcode", "details"
+        "{:<38} {:<10} {:<18} details",
+        "command", "status", "error/errcode"
     );
     let mut got = Vec::new();
     for _ in 0..samples.len() {
@@ -203,8 +203,15 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
     }
     println!("\nOutbox (midas-worker outbox list):");
     running.stop().await;
-    // AUDIT-PENDING
-
+    let mut out = std::io::stdout();
+    let list = crate::audit::OutboxCmd::List(crate::audit::ListArgs {
+        filters: crate::audit::Filters::default(),
+        limit: 50,
+        json: false,
+    });
+    if let Err(e) = crate::audit::run(&list, &settings, &mut out) {
+        println!("(cannot list the outbox: {e})");
+    }
     client
         .delete_queues(&[
             &settings.config.broker.command_queue,

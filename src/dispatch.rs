@@ -34,6 +34,9 @@ use crate::outbox::{query, Writer};
 pub enum DispatchMsg {
     /// A new (or re-opened) job, in arrival order.
     Job(Job),
+    /// A pending job a re-sent or redelivered command joined: scheduled unless this
+    /// dispatcher already holds it or has just finished it.
+    Rejoin(Job),
     /// An operator re-opened jobs: load pending jobs re-opened by actions after this id.
     Reload { after_action: i64 },
 }
@@ -82,9 +85,14 @@ pub struct Dispatcher {
     db_path: std::path::PathBuf,
 }
 
+/// How many recently finished job ids are remembered (to ignore stale rejoins).
+const FINISHED_MEMORY: usize = 65_536;
+
 #[derive(Default)]
 struct State {
     jobs: HashMap<i64, Job>,
+    finished: std::collections::HashSet<i64>,
+    finished_order: VecDeque<i64>,
     queues: HashMap<String, VecDeque<i64>>,
     busy: std::collections::HashSet<String>,
     timers: BinaryHeap<Reverse<(i64, i64)>>,
@@ -106,6 +114,28 @@ impl State {
         self.jobs.insert(id, job);
         if head {
             self.timers.push(Reverse((at, id)));
+        }
+    }
+
+    fn rejoin(&mut self, job: Job) {
+        if !self.finished.contains(&job.id) {
+            self.add(job);
+        }
+    }
+
+    fn reopen(&mut self, job: Job) {
+        self.finished.remove(&job.id);
+        self.add(job);
+    }
+
+    fn mark_finished(&mut self, id: i64) {
+        if self.finished.insert(id) {
+            self.finished_order.push_back(id);
+            if self.finished_order.len() > FINISHED_MEMORY {
+                if let Some(old) = self.finished_order.pop_front() {
+                    self.finished.remove(&old);
+                }
+            }
         }
     }
 
@@ -207,9 +237,10 @@ impl Dispatcher {
             tokio::select! {
                 _ = shutdown.changed() => {}
                 msg = rx.recv() => match msg {
-                    Some(DispatchMsg::Job(j)) => st.add(j),
+                    Some(DispatchMsg::Job(j)) => st.reopen(j),
+                    Some(DispatchMsg::Rejoin(j)) => st.rejoin(j),
                     Some(DispatchMsg::Reload { after_action }) => match self.load(Some(after_action)).await {
-                        Ok(jobs) => for j in jobs { st.add(j) },
+                        Ok(jobs) => for j in jobs { st.reopen(j) },
                         Err(e) => tracing::error!(error = %e, "cannot load re-opened jobs"),
                     },
                     None => break,
@@ -263,6 +294,7 @@ impl Dispatcher {
             }
             None => {
                 st.jobs.remove(&id);
+                st.mark_finished(id);
                 if let Some(q) = st.queues.get_mut(&openid) {
                     q.retain(|&i| i != id);
                     match q.front().copied() {
@@ -336,6 +368,8 @@ async fn attempt(
         } else {
             job.token_retries = 0;
         }
+        job.last_errcode = answer.errcode;
+        job.last_error = answer.errmsg.clone();
         let now = now_ms();
         rows.push(AttemptRow {
             n: job.attempts,

@@ -75,9 +75,14 @@ pub struct Job {
     pub first_attempt_at: Option<i64>,
     pub next_attempt_at: i64,
     pub received_at: i64,
+    /// Midas's last errcode and message for this job (for the `unknown` reply).
+    pub last_errcode: Option<i64>,
+    pub last_error: Option<String>,
 }
 
 /// What to do after an answer.
+// One per command, moved a few times: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Call again with the same bill_no at `at` (unix ms).
@@ -134,7 +139,14 @@ pub fn decide(job: &Job, answer: &Answer, now: i64, retry: &RetryConfig) -> Deci
             } else {
                 now + backoff_delay(retry, job.attempts).as_millis() as i64
             };
-            Decision::Retry { at: at.min(limit) }
+            if at >= limit {
+                // the next attempt would fall past the deadline: stop now
+                return Decision::Final {
+                    state: JobState::Unknown,
+                    reply: exhausted(job, Some(answer), now),
+                };
+            }
+            Decision::Retry { at }
         }
     }
 }
@@ -152,10 +164,14 @@ pub fn finish_duplicate(job: &Job, answer: &Answer, balance: Option<&Answer>, no
 /// `unknown` / `retries_exhausted`: a person must reconcile.
 pub fn exhausted(job: &Job, last: Option<&Answer>, now: i64) -> Reply {
     let mut r = base(job, Status::Unknown, now);
-    r.errcode = last.and_then(|a| a.errcode);
+    r.errcode = match last {
+        Some(a) => a.errcode,
+        None => job.last_errcode,
+    };
     r.error = Some("retries_exhausted".into());
     let last_msg = last
         .and_then(|a| a.errmsg.clone())
+        .or_else(|| job.last_error.clone())
         .unwrap_or_else(|| "no answer".into());
     r.errmsg = Some(format!(
         "no definitive answer before retry.give_up_after (last: {last_msg}); reconcile this bill_no by hand"
@@ -226,6 +242,8 @@ mod tests {
             first_attempt_at: Some(0),
             next_attempt_at: 0,
             received_at: 0,
+            last_errcode: None,
+            last_error: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! Data flows one way: delivery → outbox → dispatcher → Midas → outbox → reply.
 
+pub mod audit;
 pub mod bench;
 pub mod broker;
 pub mod client;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use midas_worker::config::{self, LogFormat, Settings};
-use midas_worker::{bench, demo, enqueue, sim, telemetry, worker};
+use midas_worker::{audit, bench, demo, enqueue, sim, telemetry, worker};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -39,7 +39,8 @@ enum Verb {
     /// Publish one command (and optionally wait for its reply).
     Enqueue(enqueue::EnqueueArgs),
     /// Audit and operator actions on the outbox.
-    Outbox,
+    #[command(subcommand)]
+    Outbox(audit::OutboxCmd),
     /// End-to-end benchmark with the broker's own ceiling measured in the same run.
     Bench(bench::BenchArgs),
     /// Validate the config and environment; print the effective config (secrets masked).
@@ -68,7 +69,7 @@ fn main() -> ExitCode {
     };
     let quiet = matches!(
         cli.verb,
-        Verb::Outbox | Verb::CheckConfig | Verb::Enqueue(_) | Verb::Demo(_) | Verb::Bench(_)
+        Verb::Outbox(_) | Verb::CheckConfig | Verb::Enqueue(_) | Verb::Demo(_) | Verb::Bench(_)
     );
     // People-facing verbs log warnings only, unless RUST_LOG says otherwise.
     let level = if quiet {
@@ -84,7 +85,16 @@ fn main() -> ExitCode {
             println!("# config OK");
             ExitCode::SUCCESS
         }
-        Verb::Outbox => ExitCode::SUCCESS,
+        Verb::Outbox(cmd) => {
+            let mut out = std::io::stdout().lock();
+            match audit::run(&cmd, &settings, &mut out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(e.exit_code().clamp(0, 255) as u8)
+                }
+            }
+        }
         verb => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -108,7 +118,7 @@ async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
         Verb::Demo(args) => demo::run(args, settings).await,
         Verb::Enqueue(args) => enqueue::run(args, &settings).await,
         Verb::Bench(args) => bench::run(args, settings).await,
-        Verb::CheckConfig | Verb::Outbox => Ok(()),
+        Verb::CheckConfig | Verb::Outbox(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -230,7 +230,7 @@ async fn relay_loop(
                 last_action = Some(action);
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "reply relay cannot read the outbox"),
-            Err(e) => tracing::warn!(error = %e, "reply relay task failed"),
+            Err(_) => break, // the runtime is shutting down
         }
         tokio::select! {
             _ = tokio::time::sleep(RELAY_INTERVAL) => {}

@@ -26,6 +26,15 @@ fn check_against_ledger(
     replies: &[midas_worker::client::Received],
     ledger: &midas_worker::sim::LedgerDump,
 ) {
+    check_with_db(sent, replies, ledger, None)
+}
+
+fn check_with_db(
+    sent: &[String],
+    replies: &[midas_worker::client::Received],
+    ledger: &midas_worker::sim::LedgerDump,
+    db: Option<&std::path::Path>,
+) {
     let sent_set: HashSet<&str> = sent.iter().map(String::as_str).collect();
     let mut status: HashMap<String, Status> = HashMap::new();
     for r in replies {
@@ -39,7 +48,19 @@ fn check_against_ledger(
         }
     }
     for b in sent {
-        let s = status.get(b).unwrap_or_else(|| panic!("no reply for {b}"));
+        let s = status.get(b).unwrap_or_else(|| {
+            let diag = db.map(|p| {
+                let c = rusqlite::Connection::open(p).expect("db");
+                let job: String = c
+                    .query_row("SELECT id || ' ' || state || ' attempts=' || attempts || ' next=' || next_attempt_at FROM jobs WHERE bill_no = ?1", [b], |r| r.get(0))
+                    .unwrap_or_else(|e| format!("no job: {e}"));
+                let targets: String = c
+                    .query_row("SELECT group_concat(reply_to || ' ' || correlation_id || ' pub=' || coalesce(published_at, 'NULL'), '; ') FROM reply_targets t JOIN jobs j ON j.id = t.job_id WHERE j.bill_no = ?1", [b], |r| r.get::<_, Option<String>>(0))
+                    .ok().flatten().unwrap_or_default();
+                format!("job: {job}; targets: {targets}; ledger orders: {}", orders_for(ledger, b).len())
+            });
+            panic!("no reply for {b}: {diag:?}")
+        });
         let n = orders_for(ledger, b).len();
         match s {
             Status::Succeeded => assert_eq!(n, 1, "{b} succeeded but charged {n} times"),
@@ -159,7 +180,7 @@ async fn broker_link_cut_during_intake_and_publishing() {
             cut_done = true;
         }
     }
-    check_against_ledger(&sent, &got, &sim.ledger());
+    check_with_db(&sent, &got, &sim.ledger(), Some(&env.outbox_path()));
     worker.stop().await;
     direct.env.clear();
     env.cleanup(&c).await;

@@ -41,6 +41,8 @@ pub struct IntakeCtx {
     pub midas: Arc<MidasClient>,
 }
 
+// One per command, moved a few times: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
 enum Disposition {
     Ack(Option<DispatchMsg>),
     DeadLetter,
@@ -216,12 +218,12 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
             tracing::info!(bill_no = bill_no.as_deref().unwrap_or(""), op = %op, "job re-opened with a new session_key");
             Disposition::Ack(Some(DispatchMsg::Job(job)))
         }
-        Ok(IntakeOutcome::Joined { reply, .. }) => {
+        Ok(IntakeOutcome::Joined { reply, pending, .. }) => {
             METRICS.command(op.as_str(), "joined");
             if let Some(r) = reply {
                 ctx.publisher.send(r);
             }
-            Disposition::Ack(None)
+            Disposition::Ack(pending.map(DispatchMsg::Rejoin))
         }
         Ok(IntakeOutcome::Conflict { .. }) => {
             METRICS.command(op.as_str(), "conflict");

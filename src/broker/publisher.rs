@@ -158,9 +158,7 @@ impl PublisherQueue {
         let result = loop {
             if stopping {
                 while let Ok(req) = self.rx.try_recv() {
-                    if let Err(e) = publish(ch, req, &mut confirms, self).await {
-                        return Err(e);
-                    }
+                    publish(ch, req, &mut confirms, self).await?;
                 }
                 let drain = async {
                     let mut marks = Vec::new();

@@ -16,8 +16,8 @@ pub fn pending_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError>
 
 fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxError> {
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT id, request, session_key, attempts, first_attempt_at, next_attempt_at, received_at \
-         FROM jobs WHERE {filter} ORDER BY id"
+        "SELECT id, request, session_key, attempts, first_attempt_at, next_attempt_at, received_at, \
+         last_errcode, last_error FROM jobs WHERE {filter} ORDER BY id"
     ))?;
     let rows = stmt.query_map(params![arg], |r| {
         Ok((
@@ -28,11 +28,13 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             r.get::<_, Option<i64>>(4)?,
             r.get::<_, i64>(5)?,
             r.get::<_, i64>(6)?,
+            r.get::<_, Option<i64>>(7)?,
+            r.get::<_, Option<String>>(8)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, request, sk, attempts, first, next, received) = row?;
+        let (id, request, sk, attempts, first, next, received, last_errcode, last_error) = row?;
         out.push(Job {
             id,
             params: decode_params(&request)?,
@@ -42,6 +44,8 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             first_attempt_at: first,
             next_attempt_at: next,
             received_at: received,
+            last_errcode,
+            last_error,
         });
     }
     Ok(out)

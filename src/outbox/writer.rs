@@ -46,10 +46,13 @@ pub enum IntakeOutcome {
     /// A new job: the dispatcher must schedule it.
     New(Job),
     /// Same key, same parameters: the command joined the existing job. When the job
-    /// is already final, its stored reply is to be published to the new target.
+    /// is already final, its stored reply is to be published to the new target; when
+    /// it is still pending, `pending` carries it (a redelivery after a broker outage
+    /// may be the only news of it the dispatcher gets).
     Joined {
         job_id: i64,
         reply: Option<OutgoingReply>,
+        pending: Option<Job>,
     },
     /// A job that had failed with 90010 re-opened with the command's new session_key.
     Reopened(Job),
@@ -81,6 +84,8 @@ pub struct Record {
     pub now: i64,
 }
 
+// One per command, moved a few times: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
 enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
     Record(
@@ -172,6 +177,8 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
 }
 
 /// Answers held until the commit decides them.
+// One per command, moved a few times: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     Intake(
         oneshot::Sender<Result<IntakeOutcome, OutboxError>>,
@@ -271,8 +278,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     let canonical = p.canonical();
     let existing = c
         .prepare_cached(
-            "SELECT id, request, state, last_errcode, result, attempts, first_attempt_at, received_at \
-             FROM jobs WHERE op = ?1 AND bill_no = ?2",
+            "SELECT id, request, state, last_errcode, result, attempts, first_attempt_at, received_at, \
+             session_key, next_attempt_at, last_error FROM jobs WHERE op = ?1 AND bill_no = ?2",
         )?
         .query_row(params![p.op.as_str(), bill_no], |r| {
             Ok((
@@ -284,12 +291,26 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
                 r.get::<_, i64>(5)?,
                 r.get::<_, Option<i64>>(6)?,
                 r.get::<_, i64>(7)?,
+                r.get::<_, Option<String>>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, Option<String>>(10)?,
             ))
         })
         .optional()?;
     let session_key = i.command.session_key.as_ref().map(Secret::expose);
-    let Some((id, request, state, last_errcode, result, attempts, first_attempt_at, received_at)) =
-        existing
+    let Some((
+        id,
+        request,
+        state,
+        last_errcode,
+        result,
+        attempts,
+        first_attempt_at,
+        received_at,
+        stored_key,
+        next_attempt_at,
+        last_error,
+    )) = existing
     else {
         c.prepare_cached(
             "INSERT INTO jobs (op, bill_no, appid, openid, request, session_key, state, next_attempt_at, received_at, updated_at) \
@@ -307,6 +328,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
             first_attempt_at: None,
             next_attempt_at: i.now,
             received_at: i.now,
+            last_errcode: None,
+            last_error: None,
         }));
     };
     if request != canonical {
@@ -330,6 +353,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
             first_attempt_at,
             next_attempt_at: i.now,
             received_at,
+            last_errcode,
+            last_error: None,
         }));
     }
     let target = add_target(c, id, i, state.is_final())?;
@@ -342,7 +367,23 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
         }),
         _ => None,
     };
-    Ok(IntakeOutcome::Joined { job_id: id, reply })
+    let pending = (!state.is_final()).then(|| Job {
+        id,
+        params: p.clone(),
+        session_key: stored_key.map(Secret::new),
+        attempts: attempts.max(0) as u32,
+        token_retries: 0,
+        first_attempt_at,
+        next_attempt_at,
+        received_at,
+        last_errcode,
+        last_error,
+    });
+    Ok(IntakeOutcome::Joined {
+        job_id: id,
+        reply,
+        pending,
+    })
 }
 
 /// Add a reply target; when `republish`, an existing identical target is marked for

@@ -32,6 +32,8 @@ impl TestEnv {
     /// Settings for a test: unique queues, outbox in a temp dir, fast retries,
     /// production paths pointed at a simulator (set with `midas_url`).
     pub fn new(name: &str) -> TestEnv {
+        // RUST_LOG=midas_worker=info shows the worker's logs in test output
+        midas_worker::telemetry::init(midas_worker::config::LogFormat::Human, "off");
         let tag = unique(name);
         let dir = tempfile::tempdir().expect("tempdir");
         let mut env = BTreeMap::new();

@@ -39,6 +39,8 @@ impl Proxy {
                     continue;
                 }
                 let mut cut_rx = cut_rx.clone();
+                // only cuts after this connection was accepted count
+                cut_rx.borrow_and_update();
                 let stalled = s.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
