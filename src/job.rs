@@ -287,7 +287,7 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
-        // never scheduled past the deadline
+        // never scheduled past the deadline: it ends now instead
         let near = late - 10;
         match decide(
             &j,
@@ -295,7 +295,10 @@ mod tests {
             near,
             &retry(),
         ) {
-            Decision::Retry { at } => assert!(at <= late),
+            Decision::Final { state, reply } => {
+                assert_eq!(state, JobState::Unknown);
+                assert_eq!(reply.errcode, Some(-1));
+            }
             d => panic!("{d:?}"),
         }
     }

@@ -9,8 +9,9 @@
 //! down, crash — stays unpublished and the relay ([`Publisher::relay_once`]) sends
 //! it again from the outbox.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -25,6 +26,10 @@ use crate::command::now_ms;
 use crate::metrics::METRICS;
 use crate::outbox::{OutgoingReply, Writer};
 
+/// A reply queued or awaiting its confirm longer than this is sent again by the
+/// relay (a duplicate is harmless: replies are identical; a lost one is not).
+const INFLIGHT_STALE: Duration = Duration::from_secs(10);
+
 struct Req {
     reply: OutgoingReply,
     done: Option<oneshot::Sender<bool>>,
@@ -35,18 +40,18 @@ struct Req {
 pub struct Publisher {
     tx: mpsc::UnboundedSender<Req>,
     /// Outbox reply targets queued or awaiting a confirm (so the relay skips them).
-    inflight: Arc<Mutex<HashSet<i64>>>,
+    inflight: Arc<Mutex<HashMap<i64, Instant>>>,
 }
 
 /// The receiving end, owned by the broker session.
 pub struct PublisherQueue {
     rx: mpsc::UnboundedReceiver<Req>,
-    inflight: Arc<Mutex<HashSet<i64>>>,
+    inflight: Arc<Mutex<HashMap<i64, Instant>>>,
 }
 
 pub fn channel() -> (Publisher, PublisherQueue) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let inflight = Arc::new(Mutex::new(HashSet::new()));
+    let inflight = Arc::new(Mutex::new(HashMap::new()));
     (
         Publisher {
             tx,
@@ -56,7 +61,7 @@ pub fn channel() -> (Publisher, PublisherQueue) {
     )
 }
 
-fn lock(s: &Mutex<HashSet<i64>>) -> std::sync::MutexGuard<'_, HashSet<i64>> {
+fn lock(s: &Mutex<HashMap<i64, Instant>>) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
     match s.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -67,8 +72,12 @@ impl Publisher {
     /// Queue an outbox reply; it is confirmed (and marked) in the background.
     pub fn send(&self, reply: OutgoingReply) {
         if let Some(id) = reply.target_id {
-            if !lock(&self.inflight).insert(id) {
-                return; // already on its way
+            let mut inflight = lock(&self.inflight);
+            match inflight.get(&id) {
+                Some(since) if since.elapsed() < INFLIGHT_STALE => return, // already on its way
+                _ => {
+                    inflight.insert(id, Instant::now());
+                }
             }
         }
         let _ = self.tx.send(Req { reply, done: None });
@@ -94,9 +103,11 @@ impl Publisher {
     pub fn relay_once(&self, replies: Vec<OutgoingReply>) -> usize {
         let mut n = 0;
         for r in replies {
-            let skip = r
-                .target_id
-                .is_some_and(|id| lock(&self.inflight).contains(&id));
+            let skip = r.target_id.is_some_and(|id| {
+                lock(&self.inflight)
+                    .get(&id)
+                    .is_some_and(|since| since.elapsed() < INFLIGHT_STALE)
+            });
             if !skip {
                 self.send(r);
                 n += 1;
@@ -152,13 +163,32 @@ impl PublisherQueue {
         writer: &Writer,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), BrokerError> {
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        // A session ends by being dropped when the consumer side fails first, so
+        // nothing after an await is sure to run: forget the old session's publishes
+        // here, at the start of the new one (the relay re-sends them from the outbox).
+        lock(&self.inflight).clear();
         let mut confirms = FuturesUnordered::new();
+        let result = self.run_inner(ch, writer, stop, &mut confirms).await;
+        // Whatever is still unconfirmed on this channel will be relayed from the outbox.
+        drop(confirms);
+        lock(&self.inflight).clear();
+        result
+    }
+
+    async fn run_inner(
+        &mut self,
+        ch: &Channel,
+        writer: &Writer,
+        stop: &mut watch::Receiver<bool>,
+        confirms: &mut FuturesUnordered<Pending>,
+    ) -> Result<(), BrokerError> {
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        tracing::debug!("reply publisher ready");
         let mut stopping = *stop.borrow();
-        let result = loop {
+        loop {
             if stopping {
                 while let Ok(req) = self.rx.try_recv() {
-                    publish(ch, req, &mut confirms, self).await?;
+                    publish(ch, req, confirms, self).await?;
                 }
                 let drain = async {
                     let mut marks = Vec::new();
@@ -172,15 +202,13 @@ impl PublisherQueue {
                     METRICS.reply_published(marks.len() as u64);
                     writer.published(marks, now_ms());
                 }
-                break Ok(());
+                return Ok(());
             }
             tokio::select! {
                 _ = stop.changed() => stopping = *stop.borrow(),
                 req = self.rx.recv() => {
-                    let Some(req) = req else { break Ok(()) };
-                    if let Err(e) = publish(ch, req, &mut confirms, self).await {
-                        break Err(e);
-                    }
+                    let Some(req) = req else { return Ok(()) };
+                    publish(ch, req, confirms, self).await?;
                 }
                 Some((req, c)) = confirms.next(), if !confirms.is_empty() => {
                     let mut marks = Vec::new();
@@ -194,15 +222,11 @@ impl PublisherQueue {
                         writer.published(marks, now_ms());
                     }
                     if let Some(e) = failed {
-                        break Err(e);
+                        return Err(e);
                     }
                 }
             }
-        };
-        // Whatever is still unconfirmed on this channel will be relayed from the outbox.
-        drop(confirms);
-        lock(&self.inflight).clear();
-        result
+        }
     }
 
     fn settle(
@@ -231,6 +255,7 @@ impl PublisherQueue {
                 self.forget(req);
             }
             Err(e) => {
+                tracing::debug!(error = %e, "publisher confirm failed");
                 self.forget(req);
                 *failed = Some(e.into());
             }

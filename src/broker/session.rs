@@ -15,6 +15,9 @@ use super::publisher::PublisherQueue;
 use super::{connect, declare_topology, display_url, BrokerError};
 use crate::metrics::METRICS;
 
+/// How long a close may take before the connection is given up.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Run until `stop_publishing` turns true (intake stops earlier, on `shutdown`).
 pub async fn run(
     ctx: IntakeCtx,
@@ -52,7 +55,11 @@ pub async fn run(
                 )
                 .await;
                 METRICS.set_broker_connected(false);
-                let _ = conn.close(200, "bye".into()).await;
+                // a dead connection may never answer close-ok: bound it
+                if conn.status().connected() {
+                    let _ =
+                        tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "bye".into())).await;
+                }
                 match r {
                     Ok(()) => break,
                     Err(e) => {
@@ -88,14 +95,16 @@ async fn session(
         if !*shutdown.borrow() {
             consumer::run(&cons_ch, ctx, &mut shutdown).await?;
         }
-        let _ = cons_ch.close(200, "shutdown".into()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, cons_ch.close(200, "shutdown".into())).await;
         // keep publishing until told to stop
         std::future::pending::<()>().await;
         Ok::<(), BrokerError>(())
     };
     let publishing = pq.run(&pub_ch, &writer, &mut stop_publishing);
-    tokio::select! {
-        r = intake => r,
-        r = publishing => r,
-    }
+    let r = tokio::select! {
+        r = intake => ("intake", r),
+        r = publishing => ("publisher", r),
+    };
+    tracing::debug!(side = r.0, ok = r.1.is_ok(), "broker session ended");
+    r.1
 }
