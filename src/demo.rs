@@ -149,7 +149,8 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             body: r#"{"op":"balance","openid":"player-A"}"#.to_string(),
         },
     ];
-    for s in &samples {
+    let (jobs, balance) = samples.split_at(samples.len() - 1);
+    for s in jobs {
         client.publish(s.body.as_bytes(), &s.corr).await?;
         // keep the walk-through readable: the re-send after the first reply
         if s.corr == "c3" {
@@ -162,13 +163,21 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         "command", "status", "error/errcode"
     );
     let mut got = Vec::new();
-    for _ in 0..samples.len() {
+    for _ in 0..jobs.len() {
         match client.next_reply(Duration::from_secs(20)).await {
             Ok(r) => got.push(r),
             Err(e) => {
                 println!("(stopped waiting: {e})");
                 break;
             }
+        }
+    }
+    // balance is answered at once, not queued behind the player's jobs: ask it last
+    for s in balance {
+        client.publish(s.body.as_bytes(), &s.corr).await?;
+        match client.reply_for(&s.corr, Duration::from_secs(20)).await {
+            Ok(r) => got.push(r),
+            Err(e) => println!("(no balance reply: {e})"),
         }
     }
     for s in &samples {

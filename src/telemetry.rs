@@ -10,9 +10,11 @@ use crate::config::LogFormat;
 
 /// Install the global subscriber (once; later calls are no-ops). Logs go to stderr.
 pub fn init(format: LogFormat, level: &str) {
+    // lapin logs every broken socket at ERROR; the worker reports (and survives)
+    // those itself, so lapin is quiet unless RUST_LOG asks for it.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(format!("{level},lapin=off")))
+        .unwrap_or_else(|_| EnvFilter::new("info,lapin=off"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Human => false,
