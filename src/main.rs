@@ -72,10 +72,11 @@ fn main() -> ExitCode {
         Verb::Outbox(_) | Verb::CheckConfig | Verb::Enqueue(_) | Verb::Demo(_) | Verb::Bench(_)
     );
     // People-facing verbs log warnings only, unless RUST_LOG says otherwise.
-    let level = if quiet {
-        "warn"
-    } else {
-        settings.config.log.level.as_str()
+    let level = match (&cli.verb, quiet) {
+        // the demo prints what matters itself
+        (Verb::Demo(_), _) => "error",
+        (_, true) => "warn",
+        _ => settings.config.log.level.as_str(),
     };
     telemetry::init(format, level);
 
