@@ -116,6 +116,11 @@ pub struct BrokerConfig {
 pub struct OutboxConfig {
     pub path: PathBuf,
     pub retention: Dur,
+    /// Disk budget for the outbox database file, in MiB (`PRAGMA max_page_count`).
+    /// When it is reached, new commands are not acknowledged (they stay in the
+    /// broker queue) until space is made or the budget is raised. None: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -314,6 +319,8 @@ pub fn load_from(
         })?;
     validate(&config)?;
     let apps = resolve_apps(&config, env)?;
+    // the writer opens the outbox by path only: hand it the budget for that path
+    crate::outbox::set_size_budget(&config.outbox.path, config.outbox.max_size_mb);
     Ok(Settings {
         config,
         apps,
@@ -418,6 +425,12 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         if q.is_empty() || q.len() > 255 {
             return Err(invalid(key, "must be 1..=255 characters"));
         }
+    }
+    if c.outbox.max_size_mb == Some(0) {
+        return Err(invalid(
+            "outbox.max_size_mb",
+            "must be at least 1 (or absent: unlimited)",
+        ));
     }
     if c.broker.prefetch == 0 {
         return Err(invalid("broker.prefetch", "must be at least 1"));

@@ -105,7 +105,7 @@ pub fn backoff_delay(retry: &RetryConfig, attempt: u32) -> Duration {
         .build();
     it.nth(attempt.saturating_sub(1).min(64) as usize)
         .unwrap_or(retry.max.0)
-        .min(retry.max.0 * 2)
+        .min(retry.max.0)
 }
 
 /// The moment after which this job must not be sent again (the bill_no window).
@@ -272,7 +272,7 @@ mod tests {
             d => panic!("{d:?}"),
         }
         for n in 1..100 {
-            assert!(backoff_delay(&retry(), n) <= Duration::from_secs(600));
+            assert!(backoff_delay(&retry(), n) <= Duration::from_secs(300));
         }
         let late = 24 * 3600 * 1000;
         match decide(

@@ -9,7 +9,9 @@
 pub mod query;
 pub mod writer;
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -39,8 +41,66 @@ fn pragmas(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// Open (creating if needed) the outbox for writing: WAL, `synchronous=FULL`, schema applied.
+/// `outbox.max_size_mb` per outbox path, set when the config is loaded
+/// ([`crate::config::load_from`]) and read by [`open_rw`], which the writer calls with
+/// the path only.
+static SIZE_BUDGETS: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
+
+/// Record the disk budget (MiB) for the outbox at `path`; `None` removes it.
+pub fn set_size_budget(path: &Path, max_size_mb: Option<u64>) {
+    let mut g = SIZE_BUDGETS.lock().unwrap_or_else(|e| e.into_inner());
+    let map = g.get_or_insert_with(HashMap::new);
+    match max_size_mb {
+        Some(mb) => {
+            map.insert(path.to_path_buf(), mb);
+        }
+        None => {
+            map.remove(path);
+        }
+    }
+}
+
+fn size_budget(path: &Path) -> Option<u64> {
+    let g = SIZE_BUDGETS.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref().and_then(|m| m.get(path).copied())
+}
+
+/// Apply a disk budget to a write connection: `PRAGMA max_page_count` from the page
+/// size. Past it, a write that needs a new page fails with SQLITE_FULL ("database or
+/// disk is full"), which intake turns into "not acknowledged, stays in the queue".
+/// SQLite never sets the limit below the current size, so an over-budget file stays
+/// readable and writable in the pages it has (updates that fit still work).
+/// `None` lifts any limit (SQLite's default maximum). Returns the page limit in force.
+pub fn apply_size_budget(conn: &Connection, max_size_mb: Option<u64>) -> Result<u64, OutboxError> {
+    let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages = match max_size_mb {
+        Some(mb) => (mb.saturating_mul(1024 * 1024) / page_size.max(512)).max(1),
+        // SQLite's own ceiling (SQLITE_MAX_PAGE_COUNT)
+        None => 0xffff_fffe,
+    };
+    let set: u64 = conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+        r.get(0)
+    })?;
+    Ok(set)
+}
+
+/// Open (creating if needed) the outbox for writing: WAL, `synchronous=FULL`, schema
+/// applied, and the `outbox.max_size_mb` budget (if any) applied.
 pub fn open_rw(path: &Path) -> Result<Connection, OutboxError> {
+    let conn = open_rw_unbudgeted(path)?;
+    let budget = size_budget(path);
+    if budget.is_some() {
+        let pages = apply_size_budget(&conn, budget)?;
+        tracing::info!(
+            max_size_mb = budget,
+            max_pages = pages,
+            "outbox disk budget applied"
+        );
+    }
+    Ok(conn)
+}
+
+fn open_rw_unbudgeted(path: &Path) -> Result<Connection, OutboxError> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir)?;

@@ -210,3 +210,189 @@ impl DirectEnv {
             .expect("client connects")
     }
 }
+
+// ---------------------------------------------------------------- reliability helpers
+
+/// Hold replies against the simulator's ledger (shared by the reliability suite):
+/// - every sent key (correlation id) got a reply, and repeated replies agree;
+/// - pay/present `succeeded` ⇒ exactly one order; `failed`/`rejected` ⇒ none;
+///   `unknown` ⇒ at most one (a person reconciles);
+/// - cancel_pay `succeeded` ⇒ the pay's order exists and is cancelled; `failed` ⇒
+///   the pay's order is not cancelled (or does not exist);
+/// - no order for a bill_no the game never sent.
+///
+/// `sent` maps correlation id → (op, bill_no).
+pub fn check_ledger_ops(
+    sent: &BTreeMap<String, (String, String)>,
+    replies: &[Received],
+    ledger: &LedgerDump,
+) -> BTreeMap<String, midas_worker::command::Reply> {
+    use midas_worker::command::Status;
+    let mut last: BTreeMap<String, midas_worker::command::Reply> = BTreeMap::new();
+    for r in replies {
+        let s = r.reply.status.expect("status");
+        if let Some(prev) = last.get(&r.correlation_id) {
+            assert_eq!(
+                prev.status,
+                Some(s),
+                "a repeated reply agrees ({})",
+                r.correlation_id
+            );
+        }
+        last.insert(r.correlation_id.clone(), r.reply.clone());
+    }
+    let mut bills = std::collections::HashSet::new();
+    for (key, (op, bill)) in sent {
+        bills.insert(bill.as_str());
+        let r = last
+            .get(key)
+            .unwrap_or_else(|| panic!("no reply for {key} ({op} {bill})"));
+        let s = r.status.expect("status");
+        let orders: Vec<_> = ledger
+            .orders
+            .iter()
+            .filter(|o| &o.bill_no == bill && (op == "cancel_pay" || &o.op == op))
+            .collect();
+        match op.as_str() {
+            "cancel_pay" => {
+                let pay = orders.iter().find(|o| o.op == "pay");
+                match s {
+                    Status::Succeeded => assert!(
+                        pay.is_some_and(|o| o.cancelled),
+                        "cancel {bill} succeeded but the ledger shows {pay:?} ({r:?})"
+                    ),
+                    Status::Failed | Status::Rejected => assert!(
+                        !pay.is_some_and(|o| o.cancelled),
+                        "cancel {bill} is {s:?} but the ledger shows the pay cancelled ({r:?})"
+                    ),
+                    Status::Unknown => {}
+                }
+            }
+            _ => {
+                let n = orders.len();
+                match s {
+                    Status::Succeeded => {
+                        assert_eq!(n, 1, "{op} {bill} succeeded but applied {n} times")
+                    }
+                    Status::Failed | Status::Rejected => {
+                        assert_eq!(n, 0, "{op} {bill} is {s:?} but applied")
+                    }
+                    Status::Unknown => assert!(n <= 1, "{op} {bill} applied {n} times"),
+                }
+            }
+        }
+    }
+    for o in &ledger.orders {
+        assert!(
+            bills.contains(o.bill_no.as_str()),
+            "charged a bill_no the game never sent: {}",
+            o.bill_no
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for o in &ledger.orders {
+        assert!(
+            seen.insert((o.op.as_str(), o.bill_no.as_str())),
+            "{} {} applied twice",
+            o.op,
+            o.bill_no
+        );
+    }
+    last
+}
+
+/// Read replies until every key in `want` has one (or `timeout`).
+pub async fn collect_replies(
+    client: &mut GameClient,
+    want: &BTreeMap<String, (String, String)>,
+    timeout: Duration,
+) -> Vec<Received> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut have = std::collections::HashSet::new();
+    while have.len() < want.len() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if let Ok(r) = client.next_reply(left.min(Duration::from_secs(5))).await {
+            if want.contains_key(&r.correlation_id) {
+                have.insert(r.correlation_id.clone());
+            }
+            got.push(r);
+        }
+    }
+    got
+}
+
+/// Ready messages in `queue` (passive declare on a connection of its own).
+pub async fn queue_depth(queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    let conn = midas_worker::broker::connect(BROKER, "test depth")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let n = q.message_count();
+    let _ = conn.close(200, "bye".into()).await;
+    n
+}
+
+/// `GET http://{addr}{path}`: status and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("http get");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+/// One value of a job in the outbox (read-only connection), e.g. `state`.
+pub fn job_field(db: &std::path::Path, bill: &str, op: &str, field: &str) -> Option<String> {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .ok()?;
+    c.query_row(
+        &format!("SELECT CAST({field} AS TEXT) FROM jobs WHERE bill_no = ?1 AND op = ?2"),
+        [bill, op],
+        |r| r.get::<_, Option<String>>(0),
+    )
+    .ok()
+    .flatten()
+}
+
+/// Rows of `SELECT COUNT(*) FROM jobs [WHERE ...]` in the outbox.
+pub fn count_jobs(db: &std::path::Path, filter: &str) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open outbox");
+    c.query_row(&format!("SELECT COUNT(*) FROM jobs {filter}"), [], |r| {
+        r.get(0)
+    })
+    .expect("count")
+}
+
+/// This process's resident set size in KiB (Linux `/proc/self/status`).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn cancel_pay(bill: &str, openid: &str) -> String {
+    format!(r#"{{"op":"cancel_pay","bill_no":"{bill}","openid":"{openid}"}}"#)
+}
