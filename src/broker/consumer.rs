@@ -253,9 +253,28 @@ async fn reject(
     props: &BasicProperties,
     now: i64,
 ) -> Disposition {
-    let (reply_to, correlation_id) = target(props, ctx, rej.bill_no.as_deref());
     let reply = Reply::rejected(rej, rfc3339_ms(now));
-    let ok = ctx
+    reply_then(
+        ctx,
+        props,
+        rej.bill_no.as_deref(),
+        &reply,
+        Disposition::DeadLetter,
+    )
+    .await
+}
+
+/// Publish a reply that has no outbox row; settle the delivery as `then` once the
+/// broker confirmed it, or requeue it (to try again) when it did not.
+async fn reply_then(
+    ctx: &IntakeCtx,
+    props: &BasicProperties,
+    bill_no: Option<&str>,
+    reply: &Reply,
+    then: Disposition,
+) -> Disposition {
+    let (reply_to, correlation_id) = target(props, ctx, bill_no);
+    let confirmed = ctx
         .publisher
         .send_confirmed(OutgoingReply {
             target_id: None,
@@ -264,8 +283,8 @@ async fn reject(
             payload: Arc::from(reply.to_bytes()),
         })
         .await;
-    if ok {
-        Disposition::DeadLetter
+    if confirmed {
+        then
     } else {
         Disposition::Requeue
     }
@@ -336,19 +355,5 @@ async fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i6
         ..Reply::default()
     };
     METRICS.command("balance", "answered");
-    let (reply_to, correlation_id) = target(props, ctx, None);
-    let ok = ctx
-        .publisher
-        .send_confirmed(OutgoingReply {
-            target_id: None,
-            reply_to,
-            correlation_id,
-            payload: Arc::from(reply.to_bytes()),
-        })
-        .await;
-    if ok {
-        Disposition::Ack(None)
-    } else {
-        Disposition::Requeue
-    }
+    reply_then(ctx, props, None, &reply, Disposition::Ack(None)).await
 }
