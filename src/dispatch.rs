@@ -14,6 +14,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +45,26 @@ pub enum DispatchMsg {
 struct Done {
     job: Job,
     next: Option<i64>,
+}
+
+/// What a call task tells the loop.
+enum TaskMsg {
+    /// Midas answered (or the call was skipped): the `max_in_flight` slot is free.
+    /// The player stays busy until `Done`, so ordering is unchanged.
+    Returned,
+    /// The outcome is recorded durably.
+    Done(Done),
+}
+
+/// Frees a call's `max_in_flight` slot exactly once.
+struct Slot(Option<mpsc::UnboundedSender<TaskMsg>>);
+
+impl Slot {
+    fn release(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(TaskMsg::Returned);
+        }
+    }
 }
 
 /// A per-appid token bucket.
@@ -83,6 +104,7 @@ pub struct Dispatcher {
     publisher: Publisher,
     midas: Arc<MidasClient>,
     db_path: std::path::PathBuf,
+    held: Arc<AtomicUsize>,
 }
 
 /// How many recently finished job ids are remembered (to ignore stale rejoins).
@@ -97,7 +119,10 @@ struct State {
     busy: std::collections::HashSet<String>,
     timers: BinaryHeap<Reverse<(i64, i64)>>,
     ready: VecDeque<i64>,
+    /// Call tasks not yet `Done` (shutdown waits for them).
     inflight: usize,
+    /// Calls to Midas in progress (bounded by `midas.max_in_flight`).
+    calls: usize,
 }
 
 impl State {
@@ -162,7 +187,14 @@ impl Dispatcher {
             publisher,
             midas,
             db_path,
+            held: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// How many non-final jobs the dispatcher holds (intake pauses above a bound,
+    /// so a backlog waits in the broker rather than in memory).
+    pub fn held(&self) -> Arc<AtomicUsize> {
+        self.held.clone()
     }
 
     /// Run until `shutdown`; then let in-flight calls finish (bounded) and return.
@@ -188,7 +220,7 @@ impl Dispatcher {
         let max_in_flight = self.settings.config.midas.max_in_flight;
         let max_rps = self.settings.config.midas.max_rps;
         let mut buckets: HashMap<String, Bucket> = HashMap::new();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskMsg>();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -204,7 +236,7 @@ impl Dispatcher {
                 }
             }
             let mut wake: Option<Duration> = None;
-            while st.inflight < max_in_flight {
+            while st.calls < max_in_flight {
                 let Some(&id) = st.ready.front() else { break };
                 let Some(job) = st.jobs.get(&id) else {
                     st.ready.pop_front();
@@ -224,6 +256,7 @@ impl Dispatcher {
                 st.ready.pop_front();
                 st.busy.insert(job.params.openid.clone());
                 st.inflight += 1;
+                st.calls += 1;
                 self.spawn_call(job.clone(), done_tx.clone());
             }
             let timer_wait = st
@@ -245,9 +278,10 @@ impl Dispatcher {
                     },
                     None => break,
                 },
-                Some(done) = done_rx.recv() => self.complete(&mut st, done),
+                Some(msg) = done_rx.recv() => self.task_msg(&mut st, msg),
                 _ = tokio::time::sleep(sleep_for) => {}
             }
+            self.held.store(st.jobs.len(), Ordering::Relaxed);
         }
         // Shutdown: no new calls; let in-flight ones finish and be recorded.
         let grace = self.settings.config.midas.request_timeout.0 + Duration::from_secs(5);
@@ -257,7 +291,7 @@ impl Dispatcher {
         let deadline = tokio::time::Instant::now() + grace;
         while st.inflight > 0 {
             match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-                Ok(Some(done)) => self.complete(&mut st, done),
+                Ok(Some(msg)) => self.task_msg(&mut st, msg),
                 _ => {
                     tracing::warn!(in_flight = st.inflight, "in-flight calls did not finish in time; they resume at the next start with the same bill_no");
                     break;
@@ -280,6 +314,13 @@ impl Dispatcher {
         })
         .await
         .map_err(|e| crate::outbox::OutboxError::Corrupt(e.to_string()))?
+    }
+
+    fn task_msg(&self, st: &mut State, msg: TaskMsg) {
+        match msg {
+            TaskMsg::Returned => st.calls -= 1,
+            TaskMsg::Done(done) => self.complete(st, done),
+        }
     }
 
     fn complete(&self, st: &mut State, done: Done) {
@@ -311,7 +352,7 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_call(&self, job: Job, done: mpsc::UnboundedSender<Done>) {
+    fn spawn_call(&self, job: Job, done: mpsc::UnboundedSender<TaskMsg>) {
         let midas = self.midas.clone();
         let writer = self.writer.clone();
         let publisher = self.publisher.clone();
@@ -325,8 +366,11 @@ impl Dispatcher {
         );
         tokio::spawn(
             async move {
-                let (job, next) = attempt(job, &midas, &writer, &publisher, &settings).await;
-                let _ = done.send(Done { job, next });
+                let mut slot = Slot(Some(done.clone()));
+                let (job, next) =
+                    attempt(job, &midas, &writer, &publisher, &settings, &mut slot).await;
+                slot.release();
+                let _ = done.send(TaskMsg::Done(Done { job, next }));
             }
             .instrument(span),
         );
@@ -341,6 +385,7 @@ async fn attempt(
     writer: &Writer,
     publisher: &Publisher,
     settings: &Settings,
+    slot: &mut Slot,
 ) -> (Job, Option<i64>) {
     let retry = &settings.config.retry;
     let started = now_ms();
@@ -403,6 +448,9 @@ async fn attempt(
             d => d,
         }
     };
+    // Midas is done with this job: free the call slot before the outbox write, so
+    // `max_in_flight` bounds calls, not calls plus commits.
+    slot.release();
     let now = now_ms();
     let (update, next) = match &decision {
         Decision::Retry { at } => {

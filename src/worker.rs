@@ -118,6 +118,7 @@ pub async fn start(
         pub_handle.clone(),
         midas.clone(),
     );
+    let held = dispatcher.held();
     let dispatcher = tokio::spawn(dispatcher.run(drx, shutdown.clone()));
 
     let ctx = IntakeCtx {
@@ -126,6 +127,8 @@ pub async fn start(
         dispatcher: dtx.clone(),
         publisher: pub_handle.clone(),
         midas,
+        held,
+        max_held: max_held(&settings),
     };
     let name = format!(
         "midas-worker {} pid {}",
@@ -192,6 +195,15 @@ pub async fn start(
         done,
         _sim: sim,
     })
+}
+
+/// Intake pauses while the dispatcher holds this many non-final jobs: a backlog
+/// waits in the broker (replicated, durable) instead of in the worker's memory.
+pub fn max_held(settings: &Settings) -> usize {
+    let c = &settings.config;
+    (4 * c.midas.max_in_flight)
+        .max(2 * c.broker.prefetch as usize)
+        .max(1024)
 }
 
 /// Re-publish unconfirmed replies from the outbox and notice operator re-opens.

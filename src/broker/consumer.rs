@@ -7,6 +7,7 @@
 //! `rejected` reply and are then rejected without requeue (dead-lettered,
 //! unchanged). Storage trouble requeues the delivery after a pause.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ use crate::metrics::METRICS;
 use crate::midas::{Api, MidasClient, OutcomeClass};
 use crate::outbox::{Intake, IntakeOutcome, OutgoingReply, Writer};
 
+/// How often a paused intake looks whether the dispatcher caught up.
+const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
+
 /// Pause before requeueing a delivery the outbox could not take.
 const STORAGE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -39,6 +43,9 @@ pub struct IntakeCtx {
     pub dispatcher: mpsc::UnboundedSender<DispatchMsg>,
     pub publisher: Publisher,
     pub midas: Arc<MidasClient>,
+    /// Non-final jobs the dispatcher holds; intake pauses while it is above `max_held`.
+    pub held: Arc<AtomicUsize>,
+    pub max_held: usize,
 }
 
 // One per command, moved a few times: boxing would add an allocation per job.
@@ -83,7 +90,8 @@ pub async fn run(
                     break Err(e);
                 }
             }
-            d = consumer.next() => match d {
+            _ = tokio::time::sleep(BACKPRESSURE_POLL), if ctx.held.load(Ordering::Relaxed) >= ctx.max_held => {}
+            d = consumer.next(), if ctx.held.load(Ordering::Relaxed) < ctx.max_held => match d {
                 Some(Ok(delivery)) => {
                     let ctx = ctx.clone();
                     let tag = delivery.delivery_tag;

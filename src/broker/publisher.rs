@@ -101,6 +101,7 @@ impl Publisher {
 
     /// Re-send every unconfirmed reply of a final job found in the outbox.
     pub fn relay_once(&self, replies: Vec<OutgoingReply>) -> usize {
+        lock(&self.inflight).retain(|_, since| since.elapsed() < INFLIGHT_STALE);
         let mut n = 0;
         for r in replies {
             let skip = r.target_id.is_some_and(|id| {
@@ -243,7 +244,9 @@ impl PublisherQueue {
                     tracing::warn!(reply_to = %req.reply.reply_to, "reply unroutable: no such queue (marked returned)");
                 }
                 if let Some(id) = req.reply.target_id {
-                    lock(&self.inflight).remove(&id);
+                    // keep it a while: the relay must not re-send it before the
+                    // mark below is committed (stale entries are dropped by the relay)
+                    lock(&self.inflight).insert(id, Instant::now());
                     marks.push((id, returned));
                 }
                 if let Some(d) = req.done {
