@@ -48,6 +48,8 @@ struct Done {
 }
 
 /// What a call task tells the loop.
+// One `Done` per attempt; boxing it would add an allocation per call.
+#[allow(clippy::large_enum_variant)]
 enum TaskMsg {
     /// Midas answered (or the call was skipped): the `max_in_flight` slot is free.
     /// The player stays busy until `Done`, so ordering is unchanged.
