@@ -176,14 +176,33 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
+    #[serde(deserialize_with = "text")]
     pub appid: String,
+    #[serde(deserialize_with = "text")]
     pub offer_id: String,
+    #[serde(deserialize_with = "text")]
     pub app_key_env: String,
+    #[serde(deserialize_with = "text")]
     pub app_secret_env: String,
-    #[serde(default = "default_zone")]
+    #[serde(default = "default_zone", deserialize_with = "text")]
     pub zone_id: String,
-    #[serde(default = "default_pf")]
+    #[serde(default = "default_pf", deserialize_with = "text")]
     pub pf: String,
+}
+
+/// A string field that also takes a bare number: `MIDAS_WORKER__APPS__1__OFFER_ID=87654321`
+/// (a key the file does not have) reads as an integer but means the text.
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        S(String),
+        I(i64),
+    }
+    Ok(match Text::deserialize(d)? {
+        Text::S(s) => s,
+        Text::I(i) => i.to_string(),
+    })
 }
 
 fn default_zone() -> String {
@@ -589,6 +608,21 @@ mod tests {
         assert_eq!(s.config.apps[0].offer_id, "999");
         assert_eq!(s.config.retry.max.0, Duration::from_secs(10));
         assert!(!s.config.midas.mp_sig);
+        // a second app entirely from the environment, numeric-looking ids stay text
+        let s = load_from(
+            SHIPPED,
+            &env(&[
+                ("MIDAS_WORKER__APPS__1__APPID", "wx7654321"),
+                ("MIDAS_WORKER__APPS__1__OFFER_ID", "87654321"),
+                ("MIDAS_WORKER__APPS__1__APP_KEY_ENV", "KEY2"),
+                ("MIDAS_WORKER__APPS__1__APP_SECRET_ENV", "SECRET2"),
+                ("MIDAS_WORKER__APPS__1__ZONE_ID", "2"),
+            ]),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(s.apps[1].offer_id, "87654321");
+        assert_eq!(s.apps[1].zone_id, "2");
     }
 
     #[test]

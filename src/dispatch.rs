@@ -259,7 +259,7 @@ impl Dispatcher {
                 st.busy.insert(job.params.openid.clone());
                 st.inflight += 1;
                 st.calls += 1;
-                self.spawn_call(job.clone(), done_tx.clone());
+                self.spawn_call(job.clone(), done_tx.clone(), shutdown.clone());
             }
             let timer_wait = st
                 .timers
@@ -354,7 +354,12 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_call(&self, job: Job, done: mpsc::UnboundedSender<TaskMsg>) {
+    fn spawn_call(
+        &self,
+        job: Job,
+        done: mpsc::UnboundedSender<TaskMsg>,
+        shutdown: watch::Receiver<bool>,
+    ) {
         let midas = self.midas.clone();
         let writer = self.writer.clone();
         let publisher = self.publisher.clone();
@@ -369,8 +374,10 @@ impl Dispatcher {
         tokio::spawn(
             async move {
                 let mut slot = Slot(Some(done.clone()));
-                let (job, next) =
-                    attempt(job, &midas, &writer, &publisher, &settings, &mut slot).await;
+                let (job, next) = attempt(
+                    job, &midas, &writer, &publisher, &settings, &mut slot, shutdown,
+                )
+                .await;
                 slot.release();
                 let _ = done.send(TaskMsg::Done(Done { job, next }));
             }
@@ -388,6 +395,7 @@ async fn attempt(
     publisher: &Publisher,
     settings: &Settings,
     slot: &mut Slot,
+    shutdown: watch::Receiver<bool>,
 ) -> (Job, Option<i64>) {
     let retry = &settings.config.retry;
     let started = now_ms();
@@ -510,9 +518,17 @@ async fn attempt(
                 tracing::error!("outbox writer gone; the job resumes at the next start");
                 break;
             }
+            Err(e) if *shutdown.borrow() => {
+                tracing::error!(error = %e, "cannot record the outcome and shutting down; the job resumes at the next start with the same bill_no");
+                break;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the outcome; retrying the write");
-                tokio::time::sleep(pause).await;
+                let mut stop = shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         }

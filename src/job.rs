@@ -122,6 +122,15 @@ pub fn decide(job: &Job, answer: &Answer, now: i64, retry: &RetryConfig) -> Deci
             reply: reply(job, Status::Succeeded, answer, now),
         },
         OutcomeClass::Duplicate => Decision::Duplicate,
+        // A cancel sent before without a definitive answer, now "already rolled back":
+        // the earlier call of this very cancel went through (as 90012 is for a pay).
+        OutcomeClass::Definitive
+            if job.params.op == crate::command::Op::CancelPay
+                && answer.errcode == Some(crate::midas::errcode::ORDER_ROLLED_BACK)
+                && job.attempts > 1 =>
+        {
+            Decision::Duplicate
+        }
         OutcomeClass::Definitive => Decision::Final {
             state: JobState::Failed,
             reply: reply(job, Status::Failed, answer, now),

@@ -129,6 +129,7 @@ pub async fn start(
         midas,
         held,
         max_held: max_held(&settings),
+        shutdown: shutdown.clone(),
     };
     let name = format!(
         "midas-worker {} pid {}",

@@ -46,6 +46,8 @@ pub struct IntakeCtx {
     /// Non-final jobs the dispatcher holds; intake pauses while it is above `max_held`.
     pub held: Arc<AtomicUsize>,
     pub max_held: usize,
+    /// Turns true at shutdown (stops retrying storage trouble).
+    pub shutdown: watch::Receiver<bool>,
 }
 
 // One per command, moved a few times: boxing would add an allocation per job.
@@ -207,15 +209,25 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
     }
     let (reply_to, correlation_id) = target(&props, ctx, cmd.params.bill_no.as_deref());
     let bill_no = cmd.params.bill_no.clone();
-    let outcome = ctx
-        .writer
-        .intake(Intake {
-            command: cmd,
-            reply_to,
-            correlation_id,
-            now,
-        })
-        .await;
+    let intake = Intake {
+        command: cmd,
+        reply_to,
+        correlation_id,
+        now,
+    };
+    // Storage trouble (disk full, size budget, read-only file): keep the delivery
+    // unacked and try again, so the broker keeps it and the prefetch window stops
+    // intake. Requeueing instead would count as a redelivery (a quorum queue's
+    // delivery limit could dead-letter a valid command).
+    let outcome = loop {
+        match ctx.writer.intake(intake.clone()).await {
+            Err(e) if !*ctx.shutdown.borrow() => {
+                storage_trouble(&e);
+                tokio::time::sleep(STORAGE_RETRY_PAUSE).await;
+            }
+            other => break other,
+        }
+    };
     match outcome {
         Ok(IntakeOutcome::New(job)) => {
             METRICS.command(op.as_str(), "accepted");
@@ -247,10 +259,24 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
             reject(ctx, &rej, &props, now).await
         }
         Err(e) => {
-            tracing::error!(error = %e, "outbox cannot take the command; it stays in the queue");
-            tokio::time::sleep(STORAGE_RETRY_PAUSE).await;
+            tracing::warn!(error = %e, "shutting down with the outbox unavailable; the command stays in the queue");
             Disposition::Requeue
         }
+    }
+}
+
+/// Log outbox trouble at most every 10 s (every stuck delivery retries each second).
+fn storage_trouble(e: &crate::outbox::OutboxError) {
+    use std::sync::atomic::AtomicI64;
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    if now - last >= 10_000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::error!(error = %e, "outbox cannot take commands; they stay unacked in the broker until it can (see /readyz)");
     }
 }
 

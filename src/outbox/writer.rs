@@ -33,6 +33,7 @@ pub struct OutgoingReply {
 }
 
 /// A valid command to record.
+#[derive(Clone)]
 pub struct Intake {
     pub command: Command,
     pub reply_to: String,
@@ -193,16 +194,25 @@ enum Pending {
 
 fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), OutboxError> {
     let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
+    // The first request error: when SQLite rolls the whole transaction back (disk or
+    // size budget full), later statements only say "no transaction is active".
+    let mut first_err: Option<String> = None;
     let outcome = (|| -> Result<(), rusqlite::Error> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for req in batch.drain(..) {
             match req {
                 Request::Intake(i, resp) => {
                     let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
+                    if let (Err(e), None) = (&r, &first_err) {
+                        first_err = Some(e.to_string());
+                    }
                     answers.push(Pending::Intake(resp, r));
                 }
                 Request::Record(r, resp) => {
                     let out = in_savepoint(&mut tx, |sp| record(sp, &r));
+                    if let (Err(e), None) = (&out, &first_err) {
+                        first_err = Some(e.to_string());
+                    }
                     answers.push(Pending::Record(resp, out));
                 }
                 Request::Flush(resp) => answers.push(Pending::Flush(resp)),
@@ -236,7 +246,10 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
             Ok(())
         }
         Err(e) => {
-            let msg = e.to_string();
+            let msg = match &first_err {
+                Some(first) => format!("{first} (then: {e})"),
+                None => e.to_string(),
+            };
             for a in answers {
                 let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
                 match a {

@@ -307,9 +307,24 @@ pub async fn collect_replies(
     want: &BTreeMap<String, (String, String)>,
     timeout: Duration,
 ) -> Vec<Received> {
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut got = Vec::new();
-    let mut have = std::collections::HashSet::new();
+    collect_more(client, want, &mut got, timeout).await;
+    got
+}
+
+/// Add replies to `got` until every key in `want` has one there (or `timeout`).
+pub async fn collect_more(
+    client: &mut GameClient,
+    want: &BTreeMap<String, (String, String)>,
+    got: &mut Vec<Received>,
+    timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut have: std::collections::HashSet<String> = got
+        .iter()
+        .filter(|r| want.contains_key(&r.correlation_id))
+        .map(|r| r.correlation_id.clone())
+        .collect();
     while have.len() < want.len() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
@@ -322,7 +337,6 @@ pub async fn collect_replies(
             got.push(r);
         }
     }
-    got
 }
 
 /// Ready messages in `queue` (passive declare on a connection of its own).
@@ -395,4 +409,59 @@ pub fn rss_kib() -> u64 {
 
 pub fn cancel_pay(bill: &str, openid: &str) -> String {
     format!(r#"{{"op":"cancel_pay","bill_no":"{bill}","openid":"{openid}"}}"#)
+}
+
+impl TestEnv {
+    /// Like [`TestEnv::spawn_child`], with the child's log (RUST_LOG=warn) written to
+    /// `log` instead of the test's stderr.
+    pub fn spawn_child_logged(
+        &self,
+        midas_url: &str,
+        log: &std::path::Path,
+    ) -> std::process::Child {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("child log");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_midas-worker"));
+        cmd.arg("run")
+            .arg("--config")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+            .envs(&self.env)
+            .env("MIDAS_WORKER__MIDAS__BASE_URL", midas_url)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        cmd.spawn().expect("spawn worker")
+    }
+}
+
+/// A TCP port free at the time of the call (for a child worker's `http.listen`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// SIGTERM `child` and wait up to `grace` for it to exit; SIGKILL it after that.
+/// Returns whether it exited on its own (and with status 0).
+pub fn terminate(child: &mut std::process::Child, grace: Duration) -> bool {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    false
 }
