@@ -65,6 +65,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         crate::command::now_ms() % 1_000_000
     );
     let tmp = std::env::temp_dir().join(format!("midas-worker-demo-{tag}"));
+    let owns_tmp = args.outbox.is_none();
     let outbox = args.outbox.unwrap_or_else(|| tmp.join("outbox.sqlite"));
     {
         let c = &mut settings.config;
@@ -229,6 +230,9 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         ])
         .await;
     client.close().await;
+    if owns_tmp {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
     println!("\nThe invalid and the conflicting command were dead-lettered unchanged; the re-sent pay got the stored reply again without a second charge.");
     println!("Try `midas-worker outbox show BILL_NO --config ...` on a real outbox, or `midas-worker run` to start the worker.");
     Ok(())
