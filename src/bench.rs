@@ -439,17 +439,9 @@ impl Sim {
         let mut cfg = settings.config.simulator.clone();
         cfg.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         cfg.initial_balance = SIM_BALANCE;
-        let apps = settings
-            .apps
-            .iter()
-            .map(|a| SimApp {
-                appid: a.appid.clone(),
-                app_key: a.app_key.clone(),
-                sandbox_key: a.app_key.clone(),
-                app_secret: a.app_secret.clone(),
-            })
-            .collect();
-        let h = Simulator::new(cfg, apps).start().await?;
+        let h = Simulator::new(cfg, SimApp::from_settings(settings))
+            .start()
+            .await?;
         h.set_faults(Faults {
             latency_ms,
             ..Faults::default()

@@ -26,7 +26,7 @@ use crate::command::now_ms;
 use crate::config::Settings;
 use crate::job::{self, Decision, Job, JobState};
 use crate::metrics::METRICS;
-use crate::midas::{Answer, Api, MidasClient, OutcomeClass};
+use crate::midas::{Api, MidasClient, OutcomeClass};
 use crate::outbox::writer::{AttemptRow, Record, Update};
 use crate::outbox::{query, Writer};
 
@@ -415,7 +415,7 @@ async fn attempt(
                 job.session_key.as_ref(),
             )
             .await;
-        observe(&answer);
+        METRICS.observe(&answer);
         job.attempts += 1;
         job.first_attempt_at.get_or_insert(started);
         if answer.class == OutcomeClass::TokenInvalid {
@@ -444,7 +444,7 @@ async fn attempt(
                 let bal = midas
                     .call(Api::GetBalance, &job.params, job.session_key.as_ref())
                     .await;
-                observe(&bal);
+                METRICS.observe(&bal);
                 rows.push(AttemptRow {
                     n: job.attempts,
                     started_at: b_started,
@@ -545,13 +545,4 @@ fn clone_record(r: &Record) -> Record {
         update: r.update.clone(),
         now: r.now,
     }
-}
-
-fn observe(a: &Answer) {
-    METRICS.midas_call(
-        a.api.name(),
-        a.errcode,
-        a.class.as_str(),
-        a.latency.as_secs_f64(),
-    );
 }

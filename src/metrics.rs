@@ -113,6 +113,16 @@ impl Metrics {
         });
     }
 
+    /// Count one call to Midas and its latency.
+    pub fn observe(&self, a: &crate::midas::Answer) {
+        self.midas_call(
+            a.api.name(),
+            a.errcode,
+            a.class.as_str(),
+            a.latency.as_secs_f64(),
+        );
+    }
+
     pub fn retry(&self, op: &str) {
         self.with(|i| *i.retries.entry(op.into()).or_default() += 1);
     }

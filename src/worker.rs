@@ -67,20 +67,13 @@ impl Running {
 
 /// The embedded simulator for `environment = "simulator"`, keyed with the apps' keys.
 pub async fn start_embedded_simulator(settings: &Settings) -> Result<SimHandle, WorkerError> {
-    let apps = settings
-        .apps
-        .iter()
-        .map(|a| SimApp {
-            appid: a.appid.clone(),
-            app_key: a.app_key.clone(),
-            sandbox_key: a.app_key.clone(),
-            app_secret: a.app_secret.clone(),
-        })
-        .collect();
-    let sim = Simulator::new(settings.config.simulator.clone(), apps)
-        .start()
-        .await
-        .map_err(WorkerError::Simulator)?;
+    let sim = Simulator::new(
+        settings.config.simulator.clone(),
+        SimApp::from_settings(settings),
+    )
+    .start()
+    .await
+    .map_err(WorkerError::Simulator)?;
     tracing::warn!(
         url = %sim.base_url(),
         "SIMULATOR MODE: Midas calls go to the embedded simulator; NO REAL CURRENCY MOVES"

@@ -326,41 +326,35 @@ async fn reply_then(
 
 /// `balance` moves nothing: answered directly with a short bounded retry.
 async fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
-    let delays = [Duration::from_millis(100), Duration::from_millis(400)];
+    // up to 3 calls: at once, after 100 ms, after 400 ms (a token refresh: at once)
+    let delays = [
+        Duration::ZERO,
+        Duration::from_millis(100),
+        Duration::from_millis(400),
+    ];
     let mut attempts = 0u32;
-    let mut answer = ctx
-        .midas
-        .call(Api::GetBalance, &cmd.params, cmd.session_key.as_ref())
-        .await;
-    attempts += 1;
-    METRICS.midas_call(
-        "getbalance",
-        answer.errcode,
-        answer.class.as_str(),
-        answer.latency.as_secs_f64(),
-    );
+    let mut answer = None;
     for d in delays {
-        if matches!(
-            answer.class,
-            OutcomeClass::Success | OutcomeClass::Definitive
-        ) {
-            break;
+        if let Some(a) = &answer {
+            let a: &crate::midas::Answer = a;
+            if matches!(a.class, OutcomeClass::Success | OutcomeClass::Definitive) {
+                break;
+            }
+            if a.class != OutcomeClass::TokenInvalid {
+                tokio::time::sleep(d).await;
+            }
         }
-        if answer.class != OutcomeClass::TokenInvalid {
-            tokio::time::sleep(d).await;
-        }
-        answer = ctx
+        let a = ctx
             .midas
             .call(Api::GetBalance, &cmd.params, cmd.session_key.as_ref())
             .await;
+        METRICS.observe(&a);
         attempts += 1;
-        METRICS.midas_call(
-            "getbalance",
-            answer.errcode,
-            answer.class.as_str(),
-            answer.latency.as_secs_f64(),
-        );
+        answer = Some(a);
     }
+    let Some(answer) = answer else {
+        return Disposition::Requeue;
+    };
     let p = &cmd.params;
     let status = match answer.class {
         OutcomeClass::Success => Status::Succeeded,

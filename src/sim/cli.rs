@@ -95,16 +95,12 @@ pub async fn simulate(
         .as_deref()
         .and_then(|v| std::env::var(v).ok())
         .map(Secret::new);
-    let apps: Vec<SimApp> = settings
-        .apps
-        .iter()
-        .map(|a| SimApp {
-            appid: a.appid.clone(),
-            app_key: a.app_key.clone(),
-            sandbox_key: sandbox.clone().unwrap_or_else(|| a.app_key.clone()),
-            app_secret: a.app_secret.clone(),
-        })
-        .collect();
+    let mut apps = SimApp::from_settings(settings);
+    if let Some(key) = sandbox {
+        for a in &mut apps {
+            a.sandbox_key = key.clone();
+        }
+    }
     let ids: Vec<String> = apps.iter().map(|a| a.appid.clone()).collect();
     let handle = Simulator::new(cfg, apps).start().await?;
     println!(

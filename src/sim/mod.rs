@@ -70,6 +70,23 @@ pub struct SimApp {
     pub app_secret: Secret,
 }
 
+impl SimApp {
+    /// The configured apps, each with its AppKey for both official and sandbox paths
+    /// (what the embedded simulator and `bench` use).
+    pub fn from_settings(settings: &crate::config::Settings) -> Vec<SimApp> {
+        settings
+            .apps
+            .iter()
+            .map(|a| SimApp {
+                appid: a.appid.clone(),
+                app_key: a.app_key.clone(),
+                sandbox_key: a.app_key.clone(),
+                app_secret: a.app_secret.clone(),
+            })
+            .collect()
+    }
+}
+
 /// Mutable state; one lock, never held across an await.
 struct Inner {
     ledger: Ledger,
