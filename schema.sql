@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts         INTEGER NOT NULL DEFAULT 0, -- calls to Midas for this bill_no
     next_attempt_at  INTEGER NOT NULL,
     first_attempt_at INTEGER,                    -- start of the 48 h bill_no window
+    reopened_at      INTEGER,                    -- last re-open (90010 + new session_key, outbox retry)
     last_errcode     INTEGER,
     last_error       TEXT,
     result           TEXT,                       -- the final reply, JSON, verbatim

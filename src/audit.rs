@@ -1592,7 +1592,7 @@ fn retry(
     }
     let changed = tx.execute(
         "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, result = NULL, finished_at = NULL, \
-         updated_at = ?2 WHERE id = ?1 AND state IN ('unknown', 'failed')",
+         reopened_at = ?2, updated_at = ?2 WHERE id = ?1 AND state IN ('unknown', 'failed')",
         params![j.id, now],
     )?;
     if changed != 1 {
@@ -1627,14 +1627,13 @@ fn retry(
         if targets == 1 { "" } else { "s" }
     )?;
     if let Some(first) = j.first_attempt_at {
-        let deadline = first + settings.config.retry.give_up_after.0.as_millis() as i64;
-        if now >= deadline {
-            writeln!(
-                out,
-                "note: the retry deadline (first call + retry.give_up_after = {}) has passed: if Midas again gives no definitive answer, the job ends unknown after this call",
-                rfc3339_ms(deadline)
-            )?;
-        }
+        let window = first + crate::config::MAX_GIVE_UP_AFTER.as_millis() as i64;
+        let deadline = (now + settings.config.retry.give_up_after.0.as_millis() as i64).min(window);
+        writeln!(
+            out,
+            "retries with the same bill_no until {} (retry.give_up_after from now, within the 48 h bill_no window), then unknown again",
+            rfc3339_ms(deadline)
+        )?;
     }
     Ok(())
 }

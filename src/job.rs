@@ -78,6 +78,8 @@ pub struct Job {
     /// Midas's last errcode and message for this job (for the `unknown` reply).
     pub last_errcode: Option<i64>,
     pub last_error: Option<String>,
+    /// When the job was last re-opened (its retry period starts again from there).
+    pub reopened_at: Option<i64>,
 }
 
 /// What to do after an answer.
@@ -108,10 +110,14 @@ pub fn backoff_delay(retry: &RetryConfig, attempt: u32) -> Duration {
         .min(retry.max.0)
 }
 
-/// The moment after which this job must not be sent again (the bill_no window).
+/// The moment after which this job must not be sent again: `retry.give_up_after`
+/// after the first attempt (or after a re-open), and never past 47 h from the first
+/// attempt, since the bill_no deduplicates for 48 h only.
 pub fn deadline(job: &Job, retry: &RetryConfig) -> Option<i64> {
-    job.first_attempt_at
-        .map(|t| t + retry.give_up_after.0.as_millis() as i64)
+    let first = job.first_attempt_at?;
+    let start = job.reopened_at.map_or(first, |r| r.max(first));
+    let window = first + crate::config::MAX_GIVE_UP_AFTER.as_millis() as i64;
+    Some((start + retry.give_up_after.0.as_millis() as i64).min(window))
 }
 
 /// Decide from `answer` (the job's `attempts` already counts this call).
@@ -253,6 +259,7 @@ mod tests {
             received_at: 0,
             last_errcode: None,
             last_error: None,
+            reopened_at: None,
         }
     }
 
@@ -310,6 +317,22 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
+    }
+
+    #[test]
+    fn a_reopened_job_gets_a_new_retry_period_inside_the_bill_no_window() {
+        let hour = 3_600_000;
+        let mut j = job();
+        j.first_attempt_at = Some(0);
+        assert_eq!(deadline(&j, &retry()), Some(24 * hour));
+        j.reopened_at = Some(30 * hour);
+        assert_eq!(
+            deadline(&j, &retry()),
+            Some(47 * hour),
+            "capped by the 48 h window"
+        );
+        j.reopened_at = Some(2 * hour);
+        assert_eq!(deadline(&j, &retry()), Some(26 * hour));
     }
 
     #[test]

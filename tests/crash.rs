@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::proxy::Proxy;
@@ -12,69 +12,42 @@ use common::*;
 use midas_worker::command::Status;
 use midas_worker::sim::Faults;
 
-fn kill9(child: &mut std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
-/// Hold replies against the ledger: every bill got a reply, every succeeded bill is
-/// charged exactly once, nothing is charged that was not sent, statuses agree.
-fn check_against_ledger(
-    sent: &[String],
-    replies: &[midas_worker::client::Received],
-    ledger: &midas_worker::sim::LedgerDump,
-) {
-    check_with_db(sent, replies, ledger, None)
-}
-
+/// Hold the replies of the `sent` bills (all of kind `op`) against the ledger (see `check_ledger_ops`);
+/// with `db`, a missing reply is reported with its outbox row for diagnosis.
 fn check_with_db(
     sent: &[String],
+    op: &str,
     replies: &[midas_worker::client::Received],
     ledger: &midas_worker::sim::LedgerDump,
     db: Option<&std::path::Path>,
 ) {
-    let sent_set: HashSet<&str> = sent.iter().map(String::as_str).collect();
-    let mut status: HashMap<String, Status> = HashMap::new();
-    for r in replies {
-        let s = r.reply.status.expect("status");
-        if let Some(prev) = status.insert(r.correlation_id.clone(), s) {
-            assert_eq!(
-                prev, s,
-                "a repeated reply is identical ({})",
-                r.correlation_id
-            );
-        }
+    let answered: HashSet<&str> = replies.iter().map(|r| r.correlation_id.as_str()).collect();
+    if let (Some(p), Some(b)) = (db, sent.iter().find(|b| !answered.contains(b.as_str()))) {
+        let c = rusqlite::Connection::open(p).expect("db");
+        let job: String = c
+            .query_row(
+                "SELECT id || ' ' || state || ' attempts=' || attempts FROM jobs WHERE bill_no = ?1",
+                [b],
+                |r| r.get(0),
+            )
+            .unwrap_or_else(|e| format!("no job: {e}"));
+        let targets: String = c
+            .query_row(
+                "SELECT group_concat(reply_to || ' pub=' || coalesce(published_at, 'NULL'), '; ') \
+                 FROM reply_targets t JOIN jobs j ON j.id = t.job_id WHERE j.bill_no = ?1",
+                [b],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        panic!("no reply for {b}: job {job}; targets {targets}");
     }
-    for b in sent {
-        let s = status.get(b).unwrap_or_else(|| {
-            let diag = db.map(|p| {
-                let c = rusqlite::Connection::open(p).expect("db");
-                let job: String = c
-                    .query_row("SELECT id || ' ' || state || ' attempts=' || attempts || ' next=' || next_attempt_at FROM jobs WHERE bill_no = ?1", [b], |r| r.get(0))
-                    .unwrap_or_else(|e| format!("no job: {e}"));
-                let targets: String = c
-                    .query_row("SELECT group_concat(reply_to || ' ' || correlation_id || ' pub=' || coalesce(published_at, 'NULL'), '; ') FROM reply_targets t JOIN jobs j ON j.id = t.job_id WHERE j.bill_no = ?1", [b], |r| r.get::<_, Option<String>>(0))
-                    .ok().flatten().unwrap_or_default();
-                format!("job: {job}; targets: {targets}; ledger orders: {}", orders_for(ledger, b).len())
-            });
-            panic!("no reply for {b}: {diag:?}")
-        });
-        let n = orders_for(ledger, b).len();
-        match s {
-            Status::Succeeded => assert_eq!(n, 1, "{b} succeeded but charged {n} times"),
-            Status::Failed | Status::Rejected => assert_eq!(n, 0, "{b} is {s:?} but charged"),
-            Status::Unknown => assert!(n <= 1),
-        }
-    }
-    for o in &ledger.orders {
-        assert!(
-            sent_set.contains(o.bill_no.as_str()),
-            "charged a bill_no the game never sent: {}",
-            o.bill_no
-        );
-    }
+    let ops: BTreeMap<String, (String, String)> = sent
+        .iter()
+        .map(|b| (b.clone(), (op.to_string(), b.clone())))
+        .collect();
+    check_ledger_ops(&ops, replies, ledger);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +100,7 @@ async fn sigkill_mid_run_then_restart_loses_nothing_and_charges_once() {
         .status();
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0");
-    check_against_ledger(&sent, &got, &sim.ledger());
+    check_with_db(&sent, "pay", &got, &sim.ledger(), Some(&env.outbox_path()));
     assert!(got
         .iter()
         .all(|r| r.reply.status == Some(Status::Succeeded)));
@@ -180,7 +153,7 @@ async fn broker_link_cut_during_intake_and_publishing() {
             cut_done = true;
         }
     }
-    check_with_db(&sent, &got, &sim.ledger(), Some(&env.outbox_path()));
+    check_with_db(&sent, "pay", &got, &sim.ledger(), Some(&env.outbox_path()));
     worker.stop().await;
     direct.env.clear();
     env.cleanup(&c).await;
@@ -212,7 +185,13 @@ async fn midas_down_then_back_drains_the_backlog() {
     );
     link.up();
     let got = replies(&mut c, sent.len(), Duration::from_secs(60)).await;
-    check_against_ledger(&sent, &got, &sim.ledger());
+    check_with_db(
+        &sent,
+        "present",
+        &got,
+        &sim.ledger(),
+        Some(&env.outbox_path()),
+    );
     assert!(got
         .iter()
         .all(|r| r.reply.status == Some(Status::Succeeded)));

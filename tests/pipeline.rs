@@ -385,3 +385,79 @@ async fn session_key_is_erased_when_final_and_never_echoed() {
     assert!(!dump.contains("SESSIONKEY") && !dump.contains("WRONG"));
     env.cleanup(&c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expired_reopens_with_a_new_session_key_and_charges_once() {
+    let env = TestEnv::new("s90010");
+    let sim = env.simulator(Faults::default()).await;
+    sim.register_session("sess-old", "OLD-KEY");
+    sim.register_session("sess-old", "NEW-KEY"); // OLD-KEY is now expired
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bill = unique("E");
+    let with_key = |k: &str| {
+        format!(
+            r#"{{"op":"pay","bill_no":"{bill}","openid":"sess-old","amt":4,"session_key":"{k}"}}"#
+        )
+    };
+    c.publish(with_key("OLD-KEY").as_bytes(), "old")
+        .await
+        .unwrap();
+    let r = c.reply_for("old", T).await.unwrap().reply;
+    assert_eq!(r.status, Some(Status::Failed));
+    assert_eq!(r.errcode, Some(90010));
+    assert!(orders_for(&sim.ledger(), &bill).is_empty());
+    // the game re-sends the same command with the player's new session_key
+    c.publish(with_key("NEW-KEY").as_bytes(), "new")
+        .await
+        .unwrap();
+    let r = c.reply_for("new", T).await.unwrap().reply;
+    assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
+    assert_eq!(r.attempts, 2, "same job, same bill_no");
+    assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1);
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_retry_of_an_unknown_job_is_picked_up_by_the_running_worker() {
+    use midas_worker::audit::{run, Operator, OutboxCmd};
+    let mut env = TestEnv::new("opretry");
+    // long enough for the worker to notice the operator's action (it looks every 2 s)
+    env.set("RETRY__GIVE_UP_AFTER", "4s");
+    let sim = env
+        .simulator(Faults {
+            busy_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bill = unique("P");
+    c.publish(pay(&bill, "op-user", 6).as_bytes(), "p")
+        .await
+        .unwrap();
+    let r = c.reply_for("p", T).await.unwrap().reply;
+    assert_eq!(r.status, Some(Status::Unknown));
+    // Midas is healthy again; an operator decides to re-send the same bill_no
+    sim.set_faults(Faults::default());
+    let mut out = Vec::new();
+    run(
+        &OutboxCmd::Retry {
+            bill_no: bill.clone(),
+            op: None,
+            who: Operator {
+                actor: Some("test".into()),
+                reason: Some("midas recovered".into()),
+            },
+        },
+        &env.settings(),
+        &mut out,
+    )
+    .expect("retry accepted");
+    let r = c.reply_for("p", T).await.unwrap().reply;
+    assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
+    assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1, "charged once");
+    worker.stop().await;
+    env.cleanup(&c).await;
+}

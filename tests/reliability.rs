@@ -516,13 +516,6 @@ async fn job_older_than_give_up_after_ends_unknown_and_is_never_resent() {
     env.cleanup(&c).await;
 }
 
-fn kill9(child: &mut std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
 /// 2000 commands, the worker child process SIGKILLed at 5 random instants, then a
 /// clean run to the end: every command answered, each charged exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

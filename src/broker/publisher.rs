@@ -71,14 +71,10 @@ fn lock(s: &Mutex<HashMap<i64, Instant>>) -> std::sync::MutexGuard<'_, HashMap<i
 impl Publisher {
     /// Queue an outbox reply; it is confirmed (and marked) in the background.
     pub fn send(&self, reply: OutgoingReply) {
+        // The owner of a fresh reply (a job just final, a command that joined a final
+        // job) always sends: only the relay defers to what is already on its way.
         if let Some(id) = reply.target_id {
-            let mut inflight = lock(&self.inflight);
-            match inflight.get(&id) {
-                Some(since) if since.elapsed() < INFLIGHT_STALE => return, // already on its way
-                _ => {
-                    inflight.insert(id, Instant::now());
-                }
-            }
+            lock(&self.inflight).insert(id, Instant::now());
         }
         let _ = self.tx.send(Req { reply, done: None });
     }
@@ -100,15 +96,15 @@ impl Publisher {
     }
 
     /// Re-send every unconfirmed reply of a final job found in the outbox.
+    /// Skips targets queued, awaiting a confirm, or confirmed moments ago (their mark
+    /// may not be committed yet) unless that was longer than `INFLIGHT_STALE` ago.
     pub fn relay_once(&self, replies: Vec<OutgoingReply>) -> usize {
         lock(&self.inflight).retain(|_, since| since.elapsed() < INFLIGHT_STALE);
         let mut n = 0;
         for r in replies {
-            let skip = r.target_id.is_some_and(|id| {
-                lock(&self.inflight)
-                    .get(&id)
-                    .is_some_and(|since| since.elapsed() < INFLIGHT_STALE)
-            });
+            let skip = r
+                .target_id
+                .is_some_and(|id| lock(&self.inflight).contains_key(&id));
             if !skip {
                 self.send(r);
                 n += 1;

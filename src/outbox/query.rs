@@ -17,7 +17,7 @@ pub fn pending_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError>
 fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxError> {
     let mut stmt = c.prepare_cached(&format!(
         "SELECT id, request, session_key, attempts, first_attempt_at, next_attempt_at, received_at, \
-         last_errcode, last_error FROM jobs WHERE {filter} ORDER BY id"
+         last_errcode, last_error, reopened_at FROM jobs WHERE {filter} ORDER BY id"
     ))?;
     let rows = stmt.query_map(params![arg], |r| {
         Ok((
@@ -30,11 +30,23 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             r.get::<_, i64>(6)?,
             r.get::<_, Option<i64>>(7)?,
             r.get::<_, Option<String>>(8)?,
+            r.get::<_, Option<i64>>(9)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, request, sk, attempts, first, next, received, last_errcode, last_error) = row?;
+        let (
+            id,
+            request,
+            sk,
+            attempts,
+            first,
+            next,
+            received,
+            last_errcode,
+            last_error,
+            reopened_at,
+        ) = row?;
         out.push(Job {
             id,
             params: decode_params(&request)?,
@@ -46,6 +58,7 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             received_at: received,
             last_errcode,
             last_error,
+            reopened_at,
         });
     }
     Ok(out)

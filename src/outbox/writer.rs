@@ -292,7 +292,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     let existing = c
         .prepare_cached(
             "SELECT id, request, state, last_errcode, result, attempts, first_attempt_at, received_at, \
-             session_key, next_attempt_at, last_error FROM jobs WHERE op = ?1 AND bill_no = ?2",
+             session_key, next_attempt_at, last_error, reopened_at FROM jobs WHERE op = ?1 AND bill_no = ?2",
         )?
         .query_row(params![p.op.as_str(), bill_no], |r| {
             Ok((
@@ -307,6 +307,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
                 r.get::<_, Option<String>>(8)?,
                 r.get::<_, i64>(9)?,
                 r.get::<_, Option<String>>(10)?,
+                r.get::<_, Option<i64>>(11)?,
             ))
         })
         .optional()?;
@@ -323,6 +324,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
         stored_key,
         next_attempt_at,
         last_error,
+        reopened_at,
     )) = existing
     else {
         c.prepare_cached(
@@ -343,6 +345,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
             received_at: i.now,
             last_errcode: None,
             last_error: None,
+            reopened_at: None,
         }));
     };
     if request != canonical {
@@ -353,7 +356,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     if state == JobState::Failed && last_errcode == Some(SESSION_EXPIRED) && session_key.is_some() {
         c.prepare_cached(
             "UPDATE jobs SET state = 'pending', session_key = ?2, next_attempt_at = ?3, result = NULL, \
-             finished_at = NULL, updated_at = ?3 WHERE id = ?1",
+             finished_at = NULL, reopened_at = ?3, updated_at = ?3 WHERE id = ?1",
         )?
         .execute(params![id, session_key, i.now])?;
         add_target(c, id, i, true)?;
@@ -368,6 +371,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
             received_at,
             last_errcode,
             last_error: None,
+            reopened_at: Some(i.now),
         }));
     }
     let target = add_target(c, id, i, state.is_final())?;
@@ -391,6 +395,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
         received_at,
         last_errcode,
         last_error,
+        reopened_at,
     });
     Ok(IntakeOutcome::Joined {
         job_id: id,

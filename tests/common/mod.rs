@@ -465,3 +465,11 @@ pub fn terminate(child: &mut std::process::Child, grace: Duration) -> bool {
     let _ = child.wait();
     false
 }
+
+/// SIGKILL a child process and reap it.
+pub fn kill9(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
