@@ -20,6 +20,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state            TEXT    NOT NULL DEFAULT 'pending'
                      CHECK (state IN ('pending', 'succeeded', 'failed', 'unknown')),
     attempts         INTEGER NOT NULL DEFAULT 0, -- calls to Midas for this bill_no
+    calls            INTEGER NOT NULL DEFAULT 0, -- calls that may have gone out: counted before each call
+    uncertain        INTEGER NOT NULL DEFAULT 0, -- 1 once a call of this job went unanswered
     next_attempt_at  INTEGER NOT NULL,
     first_attempt_at INTEGER,                    -- start of the 48 h bill_no window
     reopened_at      INTEGER,                    -- last re-open (90010 + new session_key, outbox retry)

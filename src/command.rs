@@ -362,6 +362,9 @@ pub struct Reply {
     pub present_sum: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate: Option<bool>,
+    /// True when the reply came from the simulator: no real currency moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulated: Option<bool>,
     pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub received_at: Option<String>,

@@ -140,6 +140,13 @@ pub struct RetryConfig {
     pub initial: Dur,
     pub max: Dur,
     pub give_up_after: Dur,
+    /// How long a `balance` command is retried from receipt before `unknown`.
+    #[serde(default = "default_balance_give_up_after")]
+    pub balance_give_up_after: Dur,
+}
+
+fn default_balance_give_up_after() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

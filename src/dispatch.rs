@@ -1,19 +1,14 @@
-//! The dispatcher: due jobs → Midas → outcome → outbox → reply.
+//! The dispatcher: the async shell around the [`Engine`].
 //!
-//! It holds every non-final job in memory (loaded from the outbox at start, then fed
-//! by intake in arrival order) and enforces, in one loop:
-//! - one call in flight per openid, in arrival order: a player's later jobs wait
-//!   until the head job is final (a cancel_pay never overtakes its pay);
-//! - at most `midas.max_in_flight` calls at once;
-//! - at most `midas.max_rps` calls per second per appid (token bucket);
-//! - retry times from [`job::decide`] (same bill_no, capped backoff with jitter).
+//! It owns the engine, feeds it events (intake messages, operator re-opens, results
+//! of the tasks it started) and performs the actions it returns: pre-call marks and
+//! outcomes go to the outbox writer (retried until they land), calls go to Midas,
+//! replies to the publisher. It decides nothing about a job itself.
 //!
-//! Each call runs in its own task that also records the outcome durably (retrying
-//! the write until it lands) and hands final replies to the publisher before it
-//! tells the loop the openid is free.
+//! Every task reports back exactly once: a call task that ends without an answer
+//! (a panic, a cancelled future) still reports a transient answer from its drop
+//! guard, so a call slot or a player can never be leaked.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,81 +18,27 @@ use tracing::Instrument;
 
 use crate::broker::publisher::Publisher;
 use crate::command::now_ms;
-use crate::config::Settings;
-use crate::job::{self, Decision, Job, JobState};
+use crate::config::{Environment, Settings};
+use crate::engine::job::Job;
+use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
 use crate::metrics::METRICS;
-use crate::midas::{Api, MidasClient, OutcomeClass};
-use crate::outbox::writer::{AttemptRow, Record, Update};
-use crate::outbox::{query, Writer};
+use crate::midas::{Answer, Api, Body, MidasClient, OutcomeClass};
+use crate::outbox::writer::Record;
+use crate::outbox::{query, OutboxError, OutgoingReply, Writer};
 
 /// Messages to the dispatcher.
 #[derive(Debug)]
 pub enum DispatchMsg {
-    /// A new (or re-opened) job, in arrival order.
+    /// A new job, in arrival order.
     Job(Job),
-    /// A pending job a re-sent or redelivered command joined: scheduled unless this
-    /// dispatcher already holds it or has just finished it.
+    /// A final job re-opened (a re-send with a new session_key).
+    Reopened(Job),
+    /// A pending job a re-sent or redelivered command joined.
     Rejoin(Job),
+    /// A `balance` command.
+    Balance(Box<BalanceCmd>),
     /// An operator re-opened jobs: load pending jobs re-opened by actions after this id.
     Reload { after_action: i64 },
-}
-
-struct Done {
-    job: Job,
-    next: Option<i64>,
-}
-
-/// What a call task tells the loop.
-// One `Done` per attempt; boxing it would add an allocation per call.
-#[allow(clippy::large_enum_variant)]
-enum TaskMsg {
-    /// Midas answered (or the call was skipped): the `max_in_flight` slot is free.
-    /// The player stays busy until `Done`, so ordering is unchanged.
-    Returned,
-    /// The outcome is recorded durably.
-    Done(Done),
-}
-
-/// Frees a call's `max_in_flight` slot exactly once.
-struct Slot(Option<mpsc::UnboundedSender<TaskMsg>>);
-
-impl Slot {
-    fn release(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(TaskMsg::Returned);
-        }
-    }
-}
-
-/// A per-appid token bucket.
-struct Bucket {
-    tokens: f64,
-    rate: f64,
-    last: tokio::time::Instant,
-}
-
-impl Bucket {
-    fn new(rate: u32) -> Bucket {
-        Bucket {
-            tokens: rate as f64,
-            rate: rate as f64,
-            last: tokio::time::Instant::now(),
-        }
-    }
-
-    /// Take a token, or say how long until one is there.
-    fn take(&mut self) -> Result<(), Duration> {
-        let now = tokio::time::Instant::now();
-        let dt = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + dt * self.rate).min(self.rate.max(1.0));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
-        }
-    }
 }
 
 pub struct Dispatcher {
@@ -109,69 +50,56 @@ pub struct Dispatcher {
     held: Arc<AtomicUsize>,
 }
 
-/// How many recently finished job ids are remembered (to ignore stale rejoins).
-const FINISHED_MEMORY: usize = 65_536;
-
-#[derive(Default)]
-struct State {
-    jobs: HashMap<i64, Job>,
-    finished: std::collections::HashSet<i64>,
-    finished_order: VecDeque<i64>,
-    queues: HashMap<String, VecDeque<i64>>,
-    busy: std::collections::HashSet<String>,
-    timers: BinaryHeap<Reverse<(i64, i64)>>,
-    ready: VecDeque<i64>,
-    /// Call tasks not yet `Done` (shutdown waits for them).
-    inflight: usize,
-    /// Calls to Midas in progress (bounded by `midas.max_in_flight`).
-    calls: usize,
+/// The engine's settings from the config.
+pub fn engine_config(settings: &Settings) -> EngineConfig {
+    let c = &settings.config;
+    EngineConfig {
+        retry: c.retry.clone(),
+        max_in_flight: c.midas.max_in_flight.max(1),
+        max_rps: c.midas.max_rps,
+        apps: settings.apps.iter().map(|a| a.appid.clone()).collect(),
+        simulated: c.midas.environment == Environment::Simulator,
+    }
 }
 
-impl State {
-    fn add(&mut self, job: Job) {
-        if self.jobs.contains_key(&job.id) {
-            return;
-        }
-        let q = self.queues.entry(job.params.openid.clone()).or_default();
-        // ids are arrival order; keep each player's queue sorted by them
-        let pos = q.iter().rposition(|&i| i < job.id).map_or(0, |p| p + 1);
-        q.insert(pos, job.id);
-        let head = pos == 0 && !self.busy.contains(&job.params.openid);
-        let (id, at) = (job.id, job.next_attempt_at);
-        self.jobs.insert(id, job);
-        if head {
-            self.timers.push(Reverse((at, id)));
+/// Sends a transient answer if a call task ends without reporting.
+struct CallGuard {
+    tx: Option<mpsc::UnboundedSender<Event>>,
+    id: i64,
+    api: Api,
+    balance: bool,
+}
+
+impl CallGuard {
+    fn report(mut self, answer: Answer) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(event(self.id, self.balance, answer));
         }
     }
+}
 
-    fn rejoin(&mut self, job: Job) {
-        if !self.finished.contains(&job.id) {
-            self.add(job);
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let answer = Answer {
+                api: self.api,
+                class: OutcomeClass::Transient,
+                http_status: None,
+                errcode: None,
+                errmsg: Some("the call ended without an answer".into()),
+                body: Body::default(),
+                latency: Duration::ZERO,
+            };
+            let _ = tx.send(event(self.id, self.balance, answer));
         }
     }
+}
 
-    fn reopen(&mut self, job: Job) {
-        self.finished.remove(&job.id);
-        self.add(job);
-    }
-
-    fn mark_finished(&mut self, id: i64) {
-        if self.finished.insert(id) {
-            self.finished_order.push_back(id);
-            if self.finished_order.len() > FINISHED_MEMORY {
-                if let Some(old) = self.finished_order.pop_front() {
-                    self.finished.remove(&old);
-                }
-            }
-        }
-    }
-
-    fn is_head(&self, id: i64) -> bool {
-        self.jobs
-            .get(&id)
-            .and_then(|j| self.queues.get(&j.params.openid))
-            .and_then(|q| q.front())
-            == Some(&id)
+fn event(id: i64, balance: bool, answer: Answer) -> Event {
+    if balance {
+        Event::BalanceFetched(id, Box::new(answer))
+    } else {
+        Event::Answered(id, Box::new(answer))
     }
 }
 
@@ -193,119 +121,80 @@ impl Dispatcher {
         }
     }
 
-    /// How many non-final jobs the dispatcher holds (intake pauses above a bound,
-    /// so a backlog waits in the broker rather than in memory).
+    /// How many jobs the dispatcher holds (intake pauses above a bound, so a
+    /// backlog waits in the broker rather than in memory).
     pub fn held(&self) -> Arc<AtomicUsize> {
         self.held.clone()
     }
 
-    /// Run until `shutdown`; then let in-flight calls finish (bounded) and return.
+    /// Run until `shutdown`; then let steps under way finish (bounded) and return.
     pub async fn run(
         self,
         mut rx: mpsc::UnboundedReceiver<DispatchMsg>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut st = State::default();
+        let mut engine = Engine::new(engine_config(&self.settings), rand::random());
+        let (tx, mut events) = mpsc::unbounded_channel::<Event>();
+        let mut actions = Vec::new();
         match self.load(None).await {
             Ok(jobs) => {
                 if !jobs.is_empty() {
                     tracing::info!(jobs = jobs.len(), "resuming non-final jobs from the outbox");
                 }
-                for j in jobs {
-                    st.add(j);
-                }
+                engine.handle(Event::Loaded(jobs), now_ms(), &mut actions);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load pending jobs; they resume at the next start")
             }
         }
-        let max_in_flight = self.settings.config.midas.max_in_flight;
-        let max_rps = self.settings.config.midas.max_rps;
-        let mut buckets: HashMap<String, Bucket> = HashMap::new();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<TaskMsg>();
         loop {
+            self.perform(&mut actions, &tx);
+            self.held.store(engine.held(), Ordering::Relaxed);
             if *shutdown.borrow() {
                 break;
             }
             let now = now_ms();
-            while let Some(Reverse((at, id))) = st.timers.peek().copied() {
-                if at > now {
-                    break;
-                }
-                st.timers.pop();
-                if st.is_head(id) {
-                    st.ready.push_back(id);
-                }
-            }
-            let mut wake: Option<Duration> = None;
-            while st.calls < max_in_flight {
-                let Some(&id) = st.ready.front() else { break };
-                let Some(job) = st.jobs.get(&id) else {
-                    st.ready.pop_front();
-                    continue;
-                };
-                if st.busy.contains(&job.params.openid) {
-                    st.ready.pop_front();
-                    continue;
-                }
-                let bucket = buckets
-                    .entry(job.params.appid.clone())
-                    .or_insert_with(|| Bucket::new(max_rps));
-                if let Err(wait) = bucket.take() {
-                    wake = Some(wait);
-                    break;
-                }
-                st.ready.pop_front();
-                st.busy.insert(job.params.openid.clone());
-                st.inflight += 1;
-                st.calls += 1;
-                self.spawn_call(job.clone(), done_tx.clone(), shutdown.clone());
-            }
-            let timer_wait = st
-                .timers
-                .peek()
-                .map(|Reverse((at, _))| Duration::from_millis((at - now).max(0) as u64));
-            let sleep_for = match (wake, timer_wait) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => a.or(b).unwrap_or(Duration::from_secs(3600)),
-            };
+            let sleep_for = engine.next_wake().map_or(Duration::from_secs(3600), |at| {
+                Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
+            });
             tokio::select! {
                 _ = shutdown.changed() => {}
                 msg = rx.recv() => match msg {
-                    Some(DispatchMsg::Job(j)) => st.reopen(j),
-                    Some(DispatchMsg::Rejoin(j)) => st.rejoin(j),
                     Some(DispatchMsg::Reload { after_action }) => match self.load(Some(after_action)).await {
-                        Ok(jobs) => for j in jobs { st.reopen(j) },
+                        Ok(jobs) => for j in jobs {
+                            engine.handle(Event::Reopened(j), now_ms(), &mut actions);
+                        },
                         Err(e) => tracing::error!(error = %e, "cannot load re-opened jobs"),
                     },
+                    Some(m) => engine.handle(to_event(m), now_ms(), &mut actions),
                     None => break,
                 },
-                Some(msg) = done_rx.recv() => self.task_msg(&mut st, msg),
-                _ = tokio::time::sleep(sleep_for) => {}
+                Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
+                _ = tokio::time::sleep(sleep_for) => engine.poll(now_ms(), &mut actions),
             }
-            self.held.store(st.jobs.len(), Ordering::Relaxed);
         }
-        // Shutdown: no new calls; let in-flight ones finish and be recorded.
-        let grace = self.settings.config.midas.request_timeout.0 + Duration::from_secs(5);
-        if st.inflight > 0 {
-            tracing::info!(in_flight = st.inflight, "waiting for in-flight Midas calls");
-        }
+        // Shutdown: no new steps; let those under way finish and be recorded.
+        let grace = self.settings.config.midas.request_timeout.0 + Duration::from_secs(2);
         let deadline = tokio::time::Instant::now() + grace;
-        while st.inflight > 0 {
-            match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-                Ok(Some(msg)) => self.task_msg(&mut st, msg),
+        if engine.busy() > 0 {
+            tracing::info!(under_way = engine.busy(), "waiting for steps under way");
+        }
+        engine.drain();
+        while engine.busy() > 0 {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(ev)) => {
+                    engine.handle(ev, now_ms(), &mut actions);
+                    self.perform(&mut actions, &tx);
+                }
                 _ => {
-                    tracing::warn!(in_flight = st.inflight, "in-flight calls did not finish in time; they resume at the next start with the same bill_no");
+                    tracing::warn!(under_way = engine.busy(), "steps did not finish in time; they resume at the next start with the same bill_no");
                     break;
                 }
             }
         }
     }
 
-    async fn load(
-        &self,
-        reopened_after: Option<i64>,
-    ) -> Result<Vec<Job>, crate::outbox::OutboxError> {
+    async fn load(&self, reopened_after: Option<i64>) -> Result<Vec<Job>, OutboxError> {
         let path = self.db_path.clone();
         tokio::task::spawn_blocking(move || {
             let c = crate::outbox::open_ro(&path)?;
@@ -315,234 +204,146 @@ impl Dispatcher {
             }
         })
         .await
-        .map_err(|e| crate::outbox::OutboxError::Corrupt(e.to_string()))?
+        .map_err(|e| OutboxError::Corrupt(e.to_string()))?
     }
 
-    fn task_msg(&self, st: &mut State, msg: TaskMsg) {
-        match msg {
-            TaskMsg::Returned => st.calls -= 1,
-            TaskMsg::Done(done) => self.complete(st, done),
-        }
-    }
-
-    fn complete(&self, st: &mut State, done: Done) {
-        st.inflight -= 1;
-        let openid = done.job.params.openid.clone();
-        st.busy.remove(&openid);
-        let id = done.job.id;
-        match done.next {
-            Some(at) => {
-                st.jobs.insert(id, done.job);
-                st.timers.push(Reverse((at, id)));
-            }
-            None => {
-                st.jobs.remove(&id);
-                st.mark_finished(id);
-                if let Some(q) = st.queues.get_mut(&openid) {
-                    q.retain(|&i| i != id);
-                    match q.front().copied() {
-                        Some(next) => {
-                            let at = st.jobs.get(&next).map_or(0, |j| j.next_attempt_at);
-                            st.timers.push(Reverse((at, next)));
+    /// Perform the engine's actions; their results come back on `tx`.
+    fn perform(&self, actions: &mut Vec<Action>, tx: &mpsc::UnboundedSender<Event>) {
+        let mut marks = Vec::new();
+        for a in actions.drain(..) {
+            match a {
+                Action::Mark { id, at } => marks.push((id, at)),
+                Action::Call {
+                    id,
+                    api,
+                    params,
+                    session_key,
+                    balance_after_duplicate,
+                } => {
+                    let guard = CallGuard {
+                        tx: Some(tx.clone()),
+                        id,
+                        api,
+                        balance: balance_after_duplicate,
+                    };
+                    let midas = self.midas.clone();
+                    let span = tracing::info_span!(
+                        "call",
+                        bill_no = params.bill_no.as_deref().unwrap_or(""),
+                        op = params.op.as_str(),
+                        openid = %params.openid,
+                        api = api.name(),
+                    );
+                    tokio::spawn(
+                        async move {
+                            let answer = midas.call(api, &params, session_key.as_ref()).await;
+                            METRICS.observe(&answer);
+                            log_answer(&answer);
+                            guard.report(answer);
                         }
-                        None => {
-                            st.queues.remove(&openid);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn spawn_call(
-        &self,
-        job: Job,
-        done: mpsc::UnboundedSender<TaskMsg>,
-        shutdown: watch::Receiver<bool>,
-    ) {
-        let midas = self.midas.clone();
-        let writer = self.writer.clone();
-        let publisher = self.publisher.clone();
-        let settings = self.settings.clone();
-        let span = tracing::info_span!(
-            "job",
-            bill_no = job.params.bill_no.as_deref().unwrap_or(""),
-            op = job.params.op.as_str(),
-            openid = %job.params.openid,
-            attempt = job.attempts + 1,
-        );
-        tokio::spawn(
-            async move {
-                let mut slot = Slot(Some(done.clone()));
-                let (job, next) = attempt(
-                    job, &midas, &writer, &publisher, &settings, &mut slot, shutdown,
-                )
-                .await;
-                slot.release();
-                let _ = done.send(TaskMsg::Done(Done { job, next }));
-            }
-            .instrument(span),
-        );
-    }
-}
-
-/// One attempt: call (unless past the window), decide, record durably, publish.
-/// Returns the updated job and its next attempt time (`None` when final).
-async fn attempt(
-    mut job: Job,
-    midas: &MidasClient,
-    writer: &Writer,
-    publisher: &Publisher,
-    settings: &Settings,
-    slot: &mut Slot,
-    shutdown: watch::Receiver<bool>,
-) -> (Job, Option<i64>) {
-    let retry = &settings.config.retry;
-    let started = now_ms();
-    let mut rows = Vec::new();
-    let decision = if job::deadline(&job, retry).is_some_and(|d| started >= d) {
-        // The bill_no window is closing: never send it again.
-        tracing::warn!("retry deadline passed before this attempt; ending unknown without a call");
-        Decision::Final {
-            state: JobState::Unknown,
-            reply: job::exhausted(&job, None, started),
-        }
-    } else {
-        let answer = midas
-            .call(
-                Api::for_op(job.params.op),
-                &job.params,
-                job.session_key.as_ref(),
-            )
-            .await;
-        METRICS.observe(&answer);
-        job.attempts += 1;
-        job.first_attempt_at.get_or_insert(started);
-        if answer.class == OutcomeClass::TokenInvalid {
-            job.token_retries += 1;
-        } else {
-            job.token_retries = 0;
-        }
-        job.last_errcode = answer.errcode;
-        job.last_error = answer.errmsg.clone();
-        let now = now_ms();
-        rows.push(AttemptRow {
-            n: job.attempts,
-            started_at: started,
-            answer: answer.clone(),
-        });
-        match job::decide(&job, &answer, now, retry) {
-            Decision::Duplicate => {
-                if job.attempts == 1 {
-                    tracing::warn!("90012 on the first send of this bill_no: the platform already processed it; reporting succeeded/duplicate");
-                } else {
-                    tracing::info!(
-                        "90012 after an earlier unanswered send: the earlier call succeeded"
+                        .instrument(span),
                     );
                 }
-                let b_started = now_ms();
-                let bal = midas
-                    .call(Api::GetBalance, &job.params, job.session_key.as_ref())
-                    .await;
-                METRICS.observe(&bal);
-                rows.push(AttemptRow {
-                    n: job.attempts,
-                    started_at: b_started,
-                    answer: bal.clone(),
-                });
-                Decision::Final {
-                    state: JobState::Succeeded,
-                    reply: job::finish_duplicate(&job, &answer, Some(&bal), now_ms()),
+                Action::Record(r) => self.spawn_record(r, tx.clone()),
+                Action::Reply {
+                    reply_to,
+                    correlation_id,
+                    payload,
+                } => {
+                    METRICS.command("balance", "answered");
+                    self.publisher.send(OutgoingReply {
+                        target_id: None,
+                        reply_to,
+                        correlation_id,
+                        payload: Arc::from(payload),
+                    });
                 }
             }
-            d => d,
         }
-    };
-    // Midas is done with this job: free the call slot before the outbox write, so
-    // `max_in_flight` bounds calls, not calls plus commits.
-    slot.release();
-    let now = now_ms();
-    let (update, next) = match &decision {
-        Decision::Retry { at } => {
-            METRICS.retry(job.params.op.as_str());
-            tracing::info!(
-                errcode = rows.first().and_then(|r| r.answer.errcode),
-                retry_in_ms = at - now,
-                "no definitive answer; retrying with the same bill_no"
-            );
-            (
-                Update::Retry {
-                    next_attempt_at: *at,
-                },
-                Some(*at),
-            )
+        if !marks.is_empty() {
+            self.spawn_marks(marks, tx.clone());
         }
-        Decision::Final { state, reply } => {
-            tracing::info!(state = state.as_str(), attempts = job.attempts, "job final");
-            (
-                Update::Final {
-                    state: *state,
-                    reply: reply.to_bytes(),
-                },
-                None,
-            )
-        }
-        Decision::Duplicate => (
-            Update::Retry {
-                next_attempt_at: now,
-            },
-            Some(now),
-        ),
-    };
-    if next.is_some() {
-        job.next_attempt_at = next.unwrap_or(now);
     }
-    let record = Record {
-        job_id: job.id,
-        attempts_total: job.attempts,
-        first_attempt_at: job.first_attempt_at,
-        rows,
-        update,
-        now,
-    };
-    let mut pause = Duration::from_millis(200);
-    loop {
-        match writer.record(clone_record(&record)).await {
-            Ok(replies) => {
+
+    fn spawn_marks(&self, marks: Vec<(i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
+            if write_until_done(|| writer.mark_calls(marks.clone()))
+                .await
+                .is_some()
+            {
+                for id in ids {
+                    let _ = tx.send(Event::Marked(id));
+                }
+            }
+        });
+    }
+
+    fn spawn_record(&self, record: Record, tx: mpsc::UnboundedSender<Event>) {
+        let writer = self.writer.clone();
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            let id = record.job_id;
+            if let Some(replies) = write_until_done(|| writer.record(record.clone())).await {
                 for r in replies {
                     publisher.send(r);
                 }
-                break;
+                let _ = tx.send(Event::Recorded(id));
             }
-            Err(crate::outbox::OutboxError::WriterGone) => {
+        });
+    }
+}
+
+fn to_event(m: DispatchMsg) -> Event {
+    match m {
+        DispatchMsg::Job(j) => Event::Accepted(j),
+        DispatchMsg::Reopened(j) => Event::Reopened(j),
+        DispatchMsg::Rejoin(j) => Event::Joined(j),
+        DispatchMsg::Balance(b) => Event::Balance(b),
+        // handled by the loop (it needs the outbox)
+        DispatchMsg::Reload { .. } => Event::Loaded(Vec::new()),
+    }
+}
+
+fn log_answer(a: &Answer) {
+    match a.class {
+        OutcomeClass::Success => tracing::debug!(errcode = a.errcode, "Midas answered"),
+        OutcomeClass::Duplicate => {
+            tracing::info!("90012: the platform already processed this bill_no")
+        }
+        _ => tracing::info!(
+            errcode = a.errcode,
+            class = a.class.as_str(),
+            "Midas answered without success"
+        ),
+    }
+}
+
+/// Retry an outbox write until it lands. `None` when the writer is gone (the
+/// process is stopping): the job resumes from the outbox at the next start.
+async fn write_until_done<T, F, Fut>(mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, OutboxError>>,
+{
+    let mut pause = Duration::from_millis(200);
+    let mut tries = 0u32;
+    loop {
+        match f().await {
+            Ok(v) => return Some(v),
+            Err(OutboxError::WriterGone) => {
                 tracing::error!("outbox writer gone; the job resumes at the next start");
-                break;
-            }
-            Err(e) if *shutdown.borrow() => {
-                tracing::error!(error = %e, "cannot record the outcome and shutting down; the job resumes at the next start with the same bill_no");
-                break;
+                return None;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot record the outcome; retrying the write");
-                let mut stop = shutdown.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.changed() => {}
+                tries += 1;
+                if tries == 1 || tries % 10 == 0 {
+                    tracing::error!(error = %e, "cannot write to the outbox; retrying the write");
                 }
+                tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
-    }
-    (job, next)
-}
-
-fn clone_record(r: &Record) -> Record {
-    Record {
-        job_id: r.job_id,
-        attempts_total: r.attempts_total,
-        first_attempt_at: r.first_attempt_at,
-        rows: r.rows.clone(),
-        update: r.update.clone(),
-        now: r.now,
     }
 }

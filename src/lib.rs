@@ -12,9 +12,9 @@ pub mod command;
 pub mod config;
 pub mod demo;
 pub mod dispatch;
+pub mod engine;
 pub mod enqueue;
 pub mod http;
-pub mod job;
 pub mod metrics;
 pub mod midas;
 pub mod outbox;
@@ -22,3 +22,6 @@ pub mod secret;
 pub mod sim;
 pub mod telemetry;
 pub mod worker;
+
+/// The job state machine (lives in the engine; re-exported under its old path).
+pub use engine::job;

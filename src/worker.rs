@@ -25,6 +25,11 @@ use crate::sim::{SimApp, SimHandle, Simulator};
 /// How often unconfirmed replies and operator actions are looked for.
 pub const RELAY_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long the broker side may take to publish the last replies at shutdown.
+/// With the dispatcher's grace (`midas.request_timeout` + 2 s) a SIGTERM ends the
+/// process within `midas.request_timeout` + 10 s whatever the broker does.
+const BROKER_STOP: Duration = Duration::from_secs(6);
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
@@ -105,6 +110,12 @@ pub async fn start(
     let (pub_handle, pub_queue) = publisher::channel();
     let (dtx, drx) = mpsc::unbounded_channel();
 
+    // Operator re-opens are noticed by the relay from this action on; reading it
+    // before the dispatcher's start-up load means none falls between the two.
+    let first_action = {
+        let c = crate::outbox::open_ro(&settings.config.outbox.path)?;
+        query::last_operator_action(&c)?
+    };
     let dispatcher = Dispatcher::new(
         settings.clone(),
         writer.clone(),
@@ -142,6 +153,7 @@ pub async fn start(
         pub_handle,
         dtx,
         shutdown.clone(),
+        first_action,
     ));
 
     let http_addr = settings.config.http.listen;
@@ -168,13 +180,14 @@ pub async fn start(
         // 1. intake stops on `shutdown`; 2. the dispatcher finishes in-flight calls
         let _ = dispatcher.await;
         let _ = relay.await;
-        // 3. publish what those calls produced, then stop the broker side
+        // 3. publish what those calls produced, then stop the broker side; a broker
+        // that does not answer is not waited for (unconfirmed replies are relayed
+        // from the outbox at the next start)
         let _ = stop_pub_tx.send(true);
-        if tokio::time::timeout(Duration::from_secs(15), broker)
-            .await
-            .is_err()
-        {
-            tracing::warn!("broker session did not stop in time");
+        let abort = broker.abort_handle();
+        if tokio::time::timeout(BROKER_STOP, broker).await.is_err() {
+            abort.abort();
+            tracing::warn!("broker session did not stop in time; closed it");
         }
         let _ = http.await;
         // 4. flush the writer: every earlier request is committed when this returns
@@ -206,8 +219,9 @@ async fn relay_loop(
     publisher: publisher::Publisher,
     dispatcher: mpsc::UnboundedSender<DispatchMsg>,
     mut shutdown: watch::Receiver<bool>,
+    first_action: i64,
 ) {
-    let mut last_action: Option<i64> = None;
+    let mut last_action: Option<i64> = Some(first_action);
     loop {
         let path = db.clone();
         let found = tokio::task::spawn_blocking(move || {
@@ -220,7 +234,12 @@ async fn relay_loop(
         .await;
         match found {
             Ok(Ok((replies, action))) => {
-                let n = publisher.relay_once(replies);
+                // while the broker is away, replies wait in the outbox, not in memory
+                let n = if crate::metrics::METRICS.broker_connected() {
+                    publisher.relay_once(replies)
+                } else {
+                    0
+                };
                 if n > 0 {
                     tracing::info!(
                         replies = n,

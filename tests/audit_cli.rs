@@ -178,6 +178,7 @@ impl Jobber<'_> {
                 job_id,
                 attempts_total: n,
                 first_attempt_at: Some(first),
+                uncertain: false,
                 rows: vec![AttemptRow {
                     n,
                     started_at: at,

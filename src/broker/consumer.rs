@@ -22,11 +22,12 @@ use tokio::sync::{mpsc, watch};
 
 use super::publisher::Publisher;
 use super::BrokerError;
-use crate::command::{self, now_ms, rfc3339_ms, Command, Op, Rejection, Reply, Status};
+use crate::command::{self, now_ms, rfc3339_ms, Command, Op, Rejection, Reply};
 use crate::config::Settings;
 use crate::dispatch::DispatchMsg;
+use crate::engine::BalanceCmd;
 use crate::metrics::METRICS;
-use crate::midas::{Api, MidasClient, OutcomeClass};
+use crate::midas::MidasClient;
 use crate::outbox::{Intake, IntakeOutcome, OutgoingReply, Writer};
 
 /// How often a paused intake looks whether the dispatcher caught up.
@@ -205,7 +206,7 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
     };
     let op = cmd.params.op;
     if op == Op::Balance {
-        return balance(ctx, cmd, &props, now).await;
+        return balance(ctx, cmd, &props, now);
     }
     let (reply_to, correlation_id) = target(&props, ctx, cmd.params.bill_no.as_deref());
     let bill_no = cmd.params.bill_no.clone();
@@ -236,7 +237,7 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
         Ok(IntakeOutcome::Reopened(job)) => {
             METRICS.command(op.as_str(), "reopened");
             tracing::info!(bill_no = bill_no.as_deref().unwrap_or(""), op = %op, "job re-opened with a new session_key");
-            Disposition::Ack(Some(DispatchMsg::Job(job)))
+            Disposition::Ack(Some(DispatchMsg::Reopened(job)))
         }
         Ok(IntakeOutcome::Joined { reply, pending, .. }) => {
             METRICS.command(op.as_str(), "joined");
@@ -324,64 +325,16 @@ async fn reply_then(
     }
 }
 
-/// `balance` moves nothing: answered directly with a short bounded retry.
-async fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
-    // up to 3 calls: at once, after 100 ms, after 400 ms (a token refresh: at once)
-    let delays = [
-        Duration::ZERO,
-        Duration::from_millis(100),
-        Duration::from_millis(400),
-    ];
-    let mut attempts = 0u32;
-    let mut answer = None;
-    for d in delays {
-        if let Some(a) = &answer {
-            let a: &crate::midas::Answer = a;
-            if matches!(a.class, OutcomeClass::Success | OutcomeClass::Definitive) {
-                break;
-            }
-            if a.class != OutcomeClass::TokenInvalid {
-                tokio::time::sleep(d).await;
-            }
-        }
-        let a = ctx
-            .midas
-            .call(Api::GetBalance, &cmd.params, cmd.session_key.as_ref())
-            .await;
-        METRICS.observe(&a);
-        attempts += 1;
-        answer = Some(a);
-    }
-    let Some(answer) = answer else {
-        return Disposition::Requeue;
-    };
-    let p = &cmd.params;
-    let status = match answer.class {
-        OutcomeClass::Success => Status::Succeeded,
-        OutcomeClass::Definitive | OutcomeClass::Duplicate => Status::Failed,
-        _ => Status::Unknown,
-    };
-    let b = &answer.body;
-    let reply = Reply {
-        op: Some("balance".into()),
-        openid: Some(p.openid.clone()),
-        appid: Some(p.appid.clone()),
-        status: Some(status),
-        errcode: answer.errcode,
-        errmsg: answer.errmsg.clone(),
-        error: (status == Status::Unknown).then(|| "retries_exhausted".to_string()),
-        balance: b.balance,
-        gen_balance: b.gen_balance,
-        first_save: b.first_save,
-        save_amt: b.save_amt,
-        save_sum: b.save_sum,
-        cost_sum: b.cost_sum,
-        present_sum: b.present_sum,
-        attempts,
-        received_at: Some(rfc3339_ms(now)),
-        finished_at: Some(rfc3339_ms(now_ms())),
-        ..Reply::default()
-    };
-    METRICS.command("balance", "answered");
-    reply_then(ctx, props, None, &reply, Disposition::Ack(None)).await
+/// `balance` moves nothing: it has no outbox row and is handed to the dispatcher,
+/// which answers it in the player's order, under the same limits as any call.
+fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
+    let (reply_to, correlation_id) = target(props, ctx, None);
+    METRICS.command("balance", "accepted");
+    Disposition::Ack(Some(DispatchMsg::Balance(Box::new(BalanceCmd {
+        params: cmd.params,
+        session_key: cmd.session_key,
+        reply_to,
+        correlation_id,
+        received_at: now,
+    }))))
 }

@@ -12,6 +12,10 @@ use lapin::{Channel, Connection, ConnectionProperties};
 
 use crate::config::BrokerConfig;
 
+/// How long a connection attempt may take (a black-holed broker must not hang
+/// start-up or shutdown).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Heartbeat asked of the broker when the URL does not set one, seconds.
 pub const HEARTBEAT_SECS: u16 = 30;
 
@@ -23,6 +27,8 @@ pub enum BrokerError {
     Url(String),
     #[error("broker connection closed")]
     Closed,
+    #[error("broker did not answer within {CONNECT_TIMEOUT:?}")]
+    Timeout,
 }
 
 /// Connect with a connection name (shown in the management UI) and heartbeats.
@@ -32,7 +38,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
         uri.query.heartbeat = Some(HEARTBEAT_SECS);
     }
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Ok(Connection::connect_uri(uri, props).await?)
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await {
+        Ok(c) => Ok(c?),
+        Err(_) => Err(BrokerError::Timeout),
+    }
 }
 
 /// `host:port` of the broker URL without credentials, for messages to people.

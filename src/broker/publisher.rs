@@ -26,9 +26,23 @@ use crate::command::now_ms;
 use crate::metrics::METRICS;
 use crate::outbox::{OutgoingReply, Writer};
 
-/// A reply queued or awaiting its confirm longer than this is sent again by the
-/// relay (a duplicate is harmless: replies are identical; a lost one is not).
+/// A reply published and awaiting its confirm (or its mark) longer than this is
+/// sent again by the relay (a duplicate is harmless: replies are identical; a lost
+/// one is not). A reply still queued is never sent again: however long the broker
+/// is away, each unconfirmed reply has at most one copy waiting.
 const INFLIGHT_STALE: Duration = Duration::from_secs(10);
+
+/// Where an outbox reply target is on its way out.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    /// In the publisher queue, not yet handed to a channel.
+    Queued,
+    /// Published at this instant; awaiting the confirm, or confirmed and awaiting
+    /// its mark in the outbox.
+    Sent(Instant),
+}
+
+type Inflight = Arc<Mutex<HashMap<i64, Stage>>>;
 
 struct Req {
     reply: OutgoingReply,
@@ -40,13 +54,13 @@ struct Req {
 pub struct Publisher {
     tx: mpsc::UnboundedSender<Req>,
     /// Outbox reply targets queued or awaiting a confirm (so the relay skips them).
-    inflight: Arc<Mutex<HashMap<i64, Instant>>>,
+    inflight: Inflight,
 }
 
 /// The receiving end, owned by the broker session.
 pub struct PublisherQueue {
     rx: mpsc::UnboundedReceiver<Req>,
-    inflight: Arc<Mutex<HashMap<i64, Instant>>>,
+    inflight: Inflight,
 }
 
 pub fn channel() -> (Publisher, PublisherQueue) {
@@ -61,7 +75,7 @@ pub fn channel() -> (Publisher, PublisherQueue) {
     )
 }
 
-fn lock(s: &Mutex<HashMap<i64, Instant>>) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+fn lock(s: &Mutex<HashMap<i64, Stage>>) -> std::sync::MutexGuard<'_, HashMap<i64, Stage>> {
     match s.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
@@ -74,7 +88,7 @@ impl Publisher {
         // The owner of a fresh reply (a job just final, a command that joined a final
         // job) always sends: only the relay defers to what is already on its way.
         if let Some(id) = reply.target_id {
-            lock(&self.inflight).insert(id, Instant::now());
+            lock(&self.inflight).insert(id, Stage::Queued);
         }
         let _ = self.tx.send(Req { reply, done: None });
     }
@@ -96,21 +110,34 @@ impl Publisher {
     }
 
     /// Re-send every unconfirmed reply of a final job found in the outbox.
-    /// Skips targets queued, awaiting a confirm, or confirmed moments ago (their mark
-    /// may not be committed yet) unless that was longer than `INFLIGHT_STALE` ago.
+    /// Skips targets still queued, and targets published or confirmed moments ago
+    /// (their mark may not be committed yet) unless that was longer than
+    /// `INFLIGHT_STALE` ago.
     pub fn relay_once(&self, replies: Vec<OutgoingReply>) -> usize {
-        lock(&self.inflight).retain(|_, since| since.elapsed() < INFLIGHT_STALE);
+        let mut inflight = lock(&self.inflight);
+        inflight.retain(|_, stage| match stage {
+            Stage::Queued => true,
+            Stage::Sent(at) => at.elapsed() < INFLIGHT_STALE,
+        });
         let mut n = 0;
         for r in replies {
-            let skip = r
-                .target_id
-                .is_some_and(|id| lock(&self.inflight).contains_key(&id));
-            if !skip {
-                self.send(r);
-                n += 1;
+            let Some(id) = r.target_id else { continue };
+            if inflight.contains_key(&id) {
+                continue;
             }
+            inflight.insert(id, Stage::Queued);
+            let _ = self.tx.send(Req {
+                reply: r,
+                done: None,
+            });
+            n += 1;
         }
         n
+    }
+
+    /// Reply targets queued or awaiting a confirm (memory check in tests and metrics).
+    pub fn inflight(&self) -> usize {
+        lock(&self.inflight).len()
     }
 }
 
@@ -139,6 +166,9 @@ async fn publish(
             props,
         )
         .await;
+    if let Some(id) = req.reply.target_id {
+        lock(&q.inflight).insert(id, Stage::Sent(Instant::now()));
+    }
     match published {
         Ok(confirm) => {
             confirms.push(Box::pin(confirm.map(move |c| (req, c))));
@@ -163,12 +193,13 @@ impl PublisherQueue {
         // A session ends by being dropped when the consumer side fails first, so
         // nothing after an await is sure to run: forget the old session's publishes
         // here, at the start of the new one (the relay re-sends them from the outbox).
-        lock(&self.inflight).clear();
+        // Replies still queued stay: this session publishes them.
+        self.forget_sent();
         let mut confirms = FuturesUnordered::new();
         let result = self.run_inner(ch, writer, stop, &mut confirms).await;
         // Whatever is still unconfirmed on this channel will be relayed from the outbox.
         drop(confirms);
-        lock(&self.inflight).clear();
+        self.forget_sent();
         result
     }
 
@@ -242,7 +273,7 @@ impl PublisherQueue {
                 if let Some(id) = req.reply.target_id {
                     // keep it a while: the relay must not re-send it before the
                     // mark below is committed (stale entries are dropped by the relay)
-                    lock(&self.inflight).insert(id, Instant::now());
+                    lock(&self.inflight).insert(id, Stage::Sent(Instant::now()));
                     marks.push((id, returned));
                 }
                 if let Some(d) = req.done {
@@ -259,6 +290,10 @@ impl PublisherQueue {
                 *failed = Some(e.into());
             }
         }
+    }
+
+    fn forget_sent(&self) {
+        lock(&self.inflight).retain(|_, stage| matches!(stage, Stage::Queued));
     }
 
     fn forget(&self, req: Req) {

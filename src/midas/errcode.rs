@@ -56,6 +56,15 @@ pub const TOKEN_INVALID_2: i64 = 40014;
 pub const TOKEN_EXPIRED: i64 = 42001;
 pub const TOKEN_MISSING: i64 = 41001;
 
+/// Codes that only report a signature, session or permission problem: they say
+/// nothing about whether an earlier call of the same bill_no went through.
+pub fn says_nothing_about_bill(errcode: i64) -> bool {
+    matches!(
+        errcode,
+        MP_SIG_WRONG | SESSION_EXPIRED | SIG_WRONG | NO_PERMISSION
+    )
+}
+
 /// Class of a Midas JSON answer carrying `errcode`.
 pub fn classify(errcode: i64) -> OutcomeClass {
     match errcode {

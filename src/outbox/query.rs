@@ -17,7 +17,7 @@ pub fn pending_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError>
 fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxError> {
     let mut stmt = c.prepare_cached(&format!(
         "SELECT id, request, session_key, attempts, first_attempt_at, next_attempt_at, received_at, \
-         last_errcode, last_error, reopened_at FROM jobs WHERE {filter} ORDER BY id"
+         last_errcode, last_error, reopened_at, calls, uncertain FROM jobs WHERE {filter} ORDER BY id"
     ))?;
     let rows = stmt.query_map(params![arg], |r| {
         Ok((
@@ -31,6 +31,8 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             r.get::<_, Option<i64>>(7)?,
             r.get::<_, Option<String>>(8)?,
             r.get::<_, Option<i64>>(9)?,
+            r.get::<_, i64>(10)?,
+            r.get::<_, i64>(11)?,
         ))
     })?;
     let mut out = Vec::new();
@@ -46,12 +48,16 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             last_errcode,
             last_error,
             reopened_at,
+            calls,
+            uncertain,
         ) = row?;
         out.push(Job {
             id,
             params: decode_params(&request)?,
             session_key: sk.map(Secret::new),
             attempts: attempts.max(0) as u32,
+            calls: calls.max(0) as u32,
+            uncertain: uncertain != 0,
             token_retries: 0,
             first_attempt_at: first,
             next_attempt_at: next,

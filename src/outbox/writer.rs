@@ -13,9 +13,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::OutboxError;
 use crate::command::{Command, Params};
-use crate::job::{Job, JobState};
+use crate::engine::job::{Job, JobState};
 use crate::metrics::METRICS;
-use crate::midas::errcode::SESSION_EXPIRED;
+use crate::midas::errcode::{says_nothing_about_bill, SESSION_EXPIRED};
 use crate::midas::Answer;
 use crate::secret::Secret;
 
@@ -55,7 +55,8 @@ pub enum IntakeOutcome {
         reply: Option<OutgoingReply>,
         pending: Option<Job>,
     },
-    /// A job that had failed with 90010 re-opened with the command's new session_key.
+    /// A job that ended on a session problem (failed with 90010, or unknown /
+    /// outcome_uncertain) re-opened with the command's new session_key.
     Reopened(Job),
     /// Same key, different parameters: the original job is untouched.
     Conflict { job_id: i64 },
@@ -76,10 +77,13 @@ pub enum Update {
     Final { state: JobState, reply: Vec<u8> },
 }
 
+#[derive(Debug, Clone)]
 pub struct Record {
     pub job_id: i64,
     pub attempts_total: u32,
     pub first_attempt_at: Option<i64>,
+    /// A call of this job went unanswered (kept for the re-open rule and audits).
+    pub uncertain: bool,
     pub rows: Vec<AttemptRow>,
     pub update: Update,
     pub now: i64,
@@ -94,6 +98,8 @@ enum Request {
         oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
     ),
     Published(Vec<(i64, bool)>, i64),
+    /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
+    Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -134,6 +140,17 @@ impl Writer {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Record(r, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    /// Make durable that a call of each job may go out now: `calls + 1` and the
+    /// start of the bill_no window (`first_attempt_at`, kept if already set). Only
+    /// after this returns may the calls be made, so a crash mid-call leaves a trace.
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<(), OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Mark(marks, tx))
             .map_err(|_| OutboxError::WriterGone)?;
         rx.await.map_err(|_| OutboxError::WriterGone)?
     }
@@ -189,6 +206,10 @@ enum Pending {
         oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
         Result<Vec<OutgoingReply>, OutboxError>,
     ),
+    Mark(
+        oneshot::Sender<Result<(), OutboxError>>,
+        Result<(), OutboxError>,
+    ),
     Flush(oneshot::Sender<()>),
 }
 
@@ -216,6 +237,13 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                     answers.push(Pending::Record(resp, out));
                 }
                 Request::Flush(resp) => answers.push(Pending::Flush(resp)),
+                Request::Mark(marks, resp) => {
+                    let out = in_savepoint(&mut tx, |sp| mark(sp, &marks));
+                    if let (Err(e), None) = (&out, &first_err) {
+                        first_err = Some(e.to_string());
+                    }
+                    answers.push(Pending::Mark(resp, out));
+                }
                 Request::Published(targets, now) => {
                     let mut stmt = tx.prepare_cached(
                         "UPDATE reply_targets SET published_at = ?1, returned = ?2 WHERE id = ?3 AND published_at IS NULL",
@@ -238,6 +266,9 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                     Pending::Record(s, r) => {
                         let _ = s.send(r);
                     }
+                    Pending::Mark(s, r) => {
+                        let _ = s.send(r);
+                    }
                     Pending::Flush(s) => {
                         let _ = s.send(());
                     }
@@ -257,6 +288,9 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                         let _ = s.send(Err(err()));
                     }
                     Pending::Record(s, _) => {
+                        let _ = s.send(Err(err()));
+                    }
+                    Pending::Mark(s, _) => {
                         let _ = s.send(Err(err()));
                     }
                     Pending::Flush(_) => {}
@@ -292,7 +326,7 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     let existing = c
         .prepare_cached(
             "SELECT id, request, state, last_errcode, result, attempts, first_attempt_at, received_at, \
-             session_key, next_attempt_at, last_error, reopened_at FROM jobs WHERE op = ?1 AND bill_no = ?2",
+             session_key, next_attempt_at, last_error, reopened_at, calls, uncertain FROM jobs WHERE op = ?1 AND bill_no = ?2",
         )?
         .query_row(params![p.op.as_str(), bill_no], |r| {
             Ok((
@@ -308,6 +342,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
                 r.get::<_, i64>(9)?,
                 r.get::<_, Option<String>>(10)?,
                 r.get::<_, Option<i64>>(11)?,
+                r.get::<_, i64>(12)?,
+                r.get::<_, i64>(13)?,
             ))
         })
         .optional()?;
@@ -325,6 +361,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
         next_attempt_at,
         last_error,
         reopened_at,
+        calls,
+        uncertain,
     )) = existing
     else {
         c.prepare_cached(
@@ -334,26 +372,28 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
         .execute(params![p.op.as_str(), bill_no, p.appid, p.openid, canonical, session_key, i.now])?;
         let id = c.last_insert_rowid();
         add_target(c, id, i, false)?;
-        return Ok(IntakeOutcome::New(Job {
+        return Ok(IntakeOutcome::New(Job::new(
             id,
-            params: p.clone(),
-            session_key: i.command.session_key.clone(),
-            attempts: 0,
-            token_retries: 0,
-            first_attempt_at: None,
-            next_attempt_at: i.now,
-            received_at: i.now,
-            last_errcode: None,
-            last_error: None,
-            reopened_at: None,
-        }));
+            p.clone(),
+            i.command.session_key.clone(),
+            i.now,
+        )));
     };
     if request != canonical {
         return Ok(IntakeOutcome::Conflict { job_id: id });
     }
     let state = JobState::parse(&state)
         .ok_or_else(|| OutboxError::Corrupt(format!("job {id} has state {state:?}")))?;
-    if state == JobState::Failed && last_errcode == Some(SESSION_EXPIRED) && session_key.is_some() {
+    let (calls, uncertain) = (calls.max(0) as u32, uncertain != 0);
+    // A job that ended on a session problem is re-opened by a re-send with a new
+    // session_key: failed with 90010, or unknown because such an answer came after
+    // an unanswered call (outcome_uncertain).
+    let session_problem = match state {
+        JobState::Failed => last_errcode == Some(SESSION_EXPIRED),
+        JobState::Unknown => uncertain && last_errcode.is_some_and(says_nothing_about_bill),
+        _ => false,
+    };
+    if session_problem && session_key.is_some() {
         c.prepare_cached(
             "UPDATE jobs SET state = 'pending', session_key = ?2, next_attempt_at = ?3, result = NULL, \
              finished_at = NULL, reopened_at = ?3, updated_at = ?3 WHERE id = ?1",
@@ -365,6 +405,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
             params: p.clone(),
             session_key: i.command.session_key.clone(),
             attempts: attempts.max(0) as u32,
+            calls,
+            uncertain,
             token_retries: 0,
             first_attempt_at,
             next_attempt_at: i.now,
@@ -384,11 +426,22 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
         }),
         _ => None,
     };
+    // A re-sent command with a newer session_key: a pending job uses it from now on.
+    let mut stored_key = stored_key;
+    if !state.is_final() {
+        if let Some(k) = session_key.filter(|k| stored_key.as_deref() != Some(*k)) {
+            c.prepare_cached("UPDATE jobs SET session_key = ?2 WHERE id = ?1")?
+                .execute(params![id, k])?;
+            stored_key = Some(k.to_string());
+        }
+    }
     let pending = (!state.is_final()).then(|| Job {
         id,
         params: p.clone(),
         session_key: stored_key.map(Secret::new),
         attempts: attempts.max(0) as u32,
+        calls,
+        uncertain,
         token_retries: 0,
         first_attempt_at,
         next_attempt_at,
@@ -456,7 +509,8 @@ fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError>
         Update::Retry { next_attempt_at } => {
             c.prepare_cached(
                 "UPDATE jobs SET attempts = ?2, first_attempt_at = COALESCE(first_attempt_at, ?3), \
-                 next_attempt_at = ?4, last_errcode = ?5, last_error = ?6, updated_at = ?7 WHERE id = ?1",
+                 next_attempt_at = ?4, last_errcode = ?5, last_error = ?6, updated_at = ?7, \
+                 uncertain = MAX(uncertain, ?8) WHERE id = ?1",
             )?
             .execute(params![
                 r.job_id,
@@ -465,7 +519,8 @@ fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError>
                 next_attempt_at,
                 errcode,
                 error,
-                r.now
+                r.now,
+                r.uncertain as i64
             ])?;
             Ok(Vec::new())
         }
@@ -474,7 +529,8 @@ fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError>
             c.prepare_cached(
                 "UPDATE jobs SET state = ?2, attempts = ?3, first_attempt_at = COALESCE(first_attempt_at, ?4), \
                  last_errcode = COALESCE(?5, last_errcode), last_error = COALESCE(?6, last_error), result = ?7, \
-                 session_key = NULL, finished_at = ?8, updated_at = ?8 WHERE id = ?1",
+                 session_key = NULL, finished_at = ?8, updated_at = ?8, uncertain = MAX(uncertain, ?9) \
+                 WHERE id = ?1",
             )?
             .execute(params![
                 r.job_id,
@@ -484,7 +540,8 @@ fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError>
                 errcode,
                 error,
                 payload,
-                r.now
+                r.now,
+                r.uncertain as i64
             ])?;
             let payload: Arc<[u8]> = Arc::from(reply.clone());
             let mut q = c.prepare_cached(
@@ -501,6 +558,17 @@ fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError>
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         }
     }
+}
+
+fn mark(c: &Connection, marks: &[(i64, i64)]) -> Result<(), OutboxError> {
+    let mut stmt = c.prepare_cached(
+        "UPDATE jobs SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, ?2), \
+         updated_at = ?2 WHERE id = ?1",
+    )?;
+    for (id, at) in marks {
+        stmt.execute(params![id, at])?;
+    }
+    Ok(())
 }
 
 /// Parameters stored for a job, decoded (used when loading pending jobs).

@@ -1,0 +1,590 @@
+//! The job state machine: what one answer from Midas means for one job.
+//!
+//! ```text
+//!            intake                        answer
+//!   command ───────▶ pending ──┬── success / 90012 after a send ───────▶ succeeded
+//!                      ▲  │    ├── definitive error ────────────────────▶ failed
+//!                      │  │    ├── session/signature problem after an
+//!                      │  │    │   unanswered call ─────────────────────▶ unknown (outcome_uncertain)
+//!                      │  │    └── transient, deadline passed ──────────▶ unknown (retries_exhausted)
+//!                      └──┘ transient (backoff) / token invalid (at once)
+//!   failed(90010) or unknown(outcome_uncertain) + command with a new session_key ──▶ pending
+//!   operator `outbox retry` (unknown/failed, inside the window) ─────────────────▶ pending
+//! ```
+//!
+//! Everything here is pure: [`decide`] takes the job, the answer and the time and
+//! returns what to do. The engine ([`crate::engine`]) feeds it; nothing here does I/O.
+
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use crate::command::{rfc3339_ms, Op, Params, Reply, Status};
+use crate::config::RetryConfig;
+use crate::midas::errcode;
+use crate::midas::{Answer, OutcomeClass};
+use crate::secret::Secret;
+
+/// The states of a job, named as the contract names reply statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobState {
+    Pending,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        match s {
+            "pending" => Some(JobState::Pending),
+            "succeeded" => Some(JobState::Succeeded),
+            "failed" => Some(JobState::Failed),
+            "unknown" => Some(JobState::Unknown),
+            _ => None,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != JobState::Pending
+    }
+
+    pub const ALL: [JobState; 4] = [
+        JobState::Pending,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Unknown,
+    ];
+}
+
+/// A non-final job as the engine holds it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Outbox row id (arrival order). `balance` jobs have no row: negative ids.
+    pub id: i64,
+    pub params: Params,
+    pub session_key: Option<Secret>,
+    /// Answers recorded (the reply's `attempts`: calls made, cut-off ones included).
+    pub attempts: u32,
+    /// Calls that may have reached Midas: counted durably before each call.
+    pub calls: u32,
+    /// Once a call went unanswered (timeout, -1, 5xx, crash mid-call) the bill_no may
+    /// have been applied: a later answer that only reports a session or signature
+    /// problem must not end the job `failed`.
+    pub uncertain: bool,
+    /// Consecutive token-invalid answers (the first is retried at once).
+    pub token_retries: u32,
+    /// The first call Midas may have seen (durable before that call went out).
+    pub first_attempt_at: Option<i64>,
+    pub next_attempt_at: i64,
+    pub received_at: i64,
+    /// Midas's last errcode and message for this job (for the `unknown` reply).
+    pub last_errcode: Option<i64>,
+    pub last_error: Option<String>,
+    /// When the job was last re-opened (its retry period starts again from there).
+    pub reopened_at: Option<i64>,
+}
+
+impl Job {
+    /// A job that was just accepted: nothing sent yet.
+    pub fn new(id: i64, params: Params, session_key: Option<Secret>, now: i64) -> Job {
+        Job {
+            id,
+            params,
+            session_key,
+            attempts: 0,
+            calls: 0,
+            uncertain: false,
+            token_retries: 0,
+            first_attempt_at: None,
+            next_attempt_at: now,
+            received_at: now,
+            last_errcode: None,
+            last_error: None,
+            reopened_at: None,
+        }
+    }
+}
+
+/// What to do after an answer.
+// One per answer, moved once: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Call again with the same bill_no at `at` (unix ms).
+    Retry { at: i64 },
+    /// The platform already processed the bill_no (90012; 90015 on a cancel): fetch
+    /// the balance (best effort), then finish with [`finish_duplicate`].
+    Duplicate,
+    /// Final: store and publish this reply.
+    Final { state: JobState, reply: Reply },
+}
+
+/// What the engine knows beside the job and the answer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Context {
+    /// A newer session_key arrived (a re-sent command) after this call went out.
+    pub newer_session_key: bool,
+    /// Replies carry `simulated: true`.
+    pub simulated: bool,
+}
+
+/// The retry schedule (capped exponential backoff with full jitter, from `backon`).
+/// `jitter` in `0.0..1.0` picks the point inside the jittered range, so the
+/// schedule is replayable from a seed.
+pub fn backoff_delay(retry: &RetryConfig, attempt: u32, jitter: f64) -> Duration {
+    let mut it = ExponentialBuilder::default()
+        .with_min_delay(retry.initial.0)
+        .with_max_delay(retry.max.0)
+        .with_factor(2.0)
+        .without_max_times()
+        .build();
+    let base = it
+        .nth(attempt.saturating_sub(1).min(64) as usize)
+        .unwrap_or(retry.max.0)
+        .min(retry.max.0);
+    // full jitter between base and 2×base, capped at `max`
+    let j = jitter.clamp(0.0, 1.0);
+    base.mul_f64(1.0 + j).min(retry.max.0)
+}
+
+/// The moment after which this job must not be sent again: `retry.give_up_after`
+/// after the first call (or after a re-open), and never past 47 h from the first
+/// call Midas may have seen, since the bill_no deduplicates for 48 h only.
+pub fn deadline(job: &Job, retry: &RetryConfig) -> Option<i64> {
+    let first = job.first_attempt_at?;
+    let start = job.reopened_at.map_or(first, |r| r.max(first));
+    let window = first + crate::config::MAX_GIVE_UP_AFTER.as_millis() as i64;
+    Some((start + retry.give_up_after.0.as_millis() as i64).min(window))
+}
+
+/// Decide from `answer` (the job's `attempts` and `uncertain` already count this call).
+pub fn decide(
+    job: &Job,
+    answer: &Answer,
+    now: i64,
+    retry: &RetryConfig,
+    ctx: Context,
+    jitter: f64,
+) -> Decision {
+    let code = answer.errcode;
+    match answer.class {
+        OutcomeClass::Success => Decision::Final {
+            state: JobState::Succeeded,
+            reply: reply(job, Status::Succeeded, answer, now, ctx),
+        },
+        OutcomeClass::Duplicate => Decision::Duplicate,
+        // "Already rolled back": whoever sent it, the pay this cancel undoes is undone.
+        OutcomeClass::Definitive
+            if job.params.op == Op::CancelPay && code == Some(errcode::ORDER_ROLLED_BACK) =>
+        {
+            Decision::Duplicate
+        }
+        OutcomeClass::Definitive if code.is_some_and(errcode::says_nothing_about_bill) => {
+            if ctx.newer_session_key {
+                // the command was re-sent with a new session_key meanwhile: use it
+                Decision::Retry { at: now }
+            } else if job.uncertain {
+                Decision::Final {
+                    state: JobState::Unknown,
+                    reply: uncertain(job, answer, now, ctx),
+                }
+            } else {
+                Decision::Final {
+                    state: JobState::Failed,
+                    reply: reply(job, Status::Failed, answer, now, ctx),
+                }
+            }
+        }
+        OutcomeClass::Definitive => Decision::Final {
+            state: JobState::Failed,
+            reply: reply(job, Status::Failed, answer, now, ctx),
+        },
+        OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
+            let limit = deadline(job, retry).unwrap_or(i64::MAX);
+            let at = if answer.class == OutcomeClass::TokenInvalid && job.token_retries <= 1 {
+                now
+            } else {
+                now.saturating_add(backoff_delay(retry, job.attempts, jitter).as_millis() as i64)
+            };
+            if now >= limit || at >= limit {
+                // the next attempt would fall past the deadline: stop now
+                return Decision::Final {
+                    state: JobState::Unknown,
+                    reply: exhausted(job, Some(answer), now, ctx),
+                };
+            }
+            Decision::Retry { at }
+        }
+    }
+}
+
+/// The reply after a 90012 (or 90015 on a cancel), with the balance when getbalance answered.
+pub fn finish_duplicate(
+    job: &Job,
+    answer: &Answer,
+    balance: Option<&Answer>,
+    now: i64,
+    ctx: Context,
+) -> Reply {
+    let mut r = reply(job, Status::Succeeded, answer, now, ctx);
+    r.duplicate = Some(true);
+    r.balance = balance
+        .filter(|b| b.class == OutcomeClass::Success)
+        .and_then(|b| b.body.balance);
+    r
+}
+
+/// `unknown` / `retries_exhausted`: a person must reconcile.
+pub fn exhausted(job: &Job, last: Option<&Answer>, now: i64, ctx: Context) -> Reply {
+    let mut r = base(job, Status::Unknown, now, ctx);
+    r.errcode = match last {
+        Some(a) => a.errcode,
+        None => job.last_errcode,
+    };
+    r.error = Some("retries_exhausted".into());
+    let last_msg = last
+        .and_then(|a| a.errmsg.clone())
+        .or_else(|| job.last_error.clone())
+        .unwrap_or_else(|| "no answer".into());
+    r.errmsg = Some(format!(
+        "no definitive answer before retry.give_up_after (last: {last_msg}); reconcile this bill_no by hand"
+    ));
+    r
+}
+
+/// `unknown` / `outcome_uncertain`: an earlier call went unanswered and the last
+/// answer only reports a session or signature problem.
+fn uncertain(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Reply {
+    let mut r = base(job, Status::Unknown, now, ctx);
+    r.errcode = answer.errcode;
+    r.error = Some("outcome_uncertain".into());
+    r.errmsg = Some(format!(
+        "an earlier call went unanswered and Midas now answers {} ({}), which says nothing about the bill_no; \
+         re-send the command with a new session_key to finish it, or reconcile by hand",
+        answer.errcode.unwrap_or_default(),
+        answer.errmsg.as_deref().unwrap_or("no message"),
+    ));
+    r
+}
+
+/// `unknown` for a job whose app is no longer configured.
+pub fn unknown_app(job: &Job, now: i64, ctx: Context) -> (JobState, Reply) {
+    let state = if job.calls == 0 && !job.uncertain {
+        JobState::Failed
+    } else {
+        JobState::Unknown
+    };
+    let status = if state == JobState::Failed {
+        Status::Failed
+    } else {
+        Status::Unknown
+    };
+    let mut r = base(job, status, now, ctx);
+    r.error = Some("unknown_app".into());
+    r.errmsg = Some(format!(
+        "app {} is no longer configured; {}",
+        job.params.appid,
+        if state == JobState::Failed {
+            "Midas was never called for this bill_no"
+        } else {
+            "Midas may have applied this bill_no: reconcile it by hand"
+        }
+    ));
+    (state, r)
+}
+
+fn base(job: &Job, status: Status, now: i64, ctx: Context) -> Reply {
+    Reply {
+        op: Some(job.params.op.as_str().to_string()),
+        bill_no: job.params.bill_no.clone(),
+        openid: Some(job.params.openid.clone()),
+        appid: Some(job.params.appid.clone()),
+        status: Some(status),
+        attempts: job.attempts,
+        simulated: ctx.simulated.then_some(true),
+        received_at: Some(rfc3339_ms(job.received_at)),
+        finished_at: Some(rfc3339_ms(now)),
+        ..Reply::default()
+    }
+}
+
+fn reply(job: &Job, status: Status, answer: &Answer, now: i64, ctx: Context) -> Reply {
+    let mut r = base(job, status, now, ctx);
+    r.errcode = answer.errcode;
+    r.errmsg = answer.errmsg.clone();
+    r.balance = answer.body.balance;
+    r.used_gen_amt = answer.body.used_gen_amt;
+    if status == Status::Succeeded {
+        r.duplicate = Some(false);
+    }
+    r
+}
+
+/// The reply to a `balance` command (no outbox row): the getbalance fields, or
+/// `unknown` when no definitive answer came before `retry.balance_give_up_after`.
+pub fn balance_reply(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Reply {
+    let status = match answer.class {
+        OutcomeClass::Success => Status::Succeeded,
+        OutcomeClass::Definitive | OutcomeClass::Duplicate => Status::Failed,
+        OutcomeClass::Transient | OutcomeClass::TokenInvalid => Status::Unknown,
+    };
+    let b = &answer.body;
+    let mut r = base(job, status, now, ctx);
+    r.bill_no = None;
+    r.errcode = answer.errcode;
+    r.errmsg = answer.errmsg.clone();
+    if status == Status::Unknown {
+        r.error = Some("retries_exhausted".into());
+    }
+    r.balance = b.balance;
+    r.gen_balance = b.gen_balance;
+    r.first_save = b.first_save;
+    r.save_amt = b.save_amt;
+    r.save_sum = b.save_sum;
+    r.cost_sum = b.cost_sum;
+    r.present_sum = b.present_sum;
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::Op;
+    use crate::config::Dur;
+    use crate::midas::{Api, Body};
+
+    fn retry() -> RetryConfig {
+        RetryConfig {
+            initial: Dur(Duration::from_millis(500)),
+            max: Dur(Duration::from_secs(300)),
+            give_up_after: Dur(Duration::from_secs(24 * 3600)),
+            balance_give_up_after: Dur(Duration::from_secs(30)),
+        }
+    }
+
+    fn job() -> Job {
+        let mut j = Job::new(
+            1,
+            Params {
+                op: Op::Pay,
+                bill_no: Some("B1".into()),
+                openid: "o".into(),
+                appid: "wx".into(),
+                zone_id: "1".into(),
+                pf: "android".into(),
+                user_ip: None,
+                amt: Some(5),
+                present_counts: None,
+                pay_item: None,
+                app_remark: None,
+            },
+            None,
+            0,
+        );
+        j.attempts = 1;
+        j.calls = 1;
+        j.first_attempt_at = Some(0);
+        j
+    }
+
+    fn answer(class: OutcomeClass, code: Option<i64>) -> Answer {
+        Answer {
+            api: Api::Pay,
+            class,
+            http_status: Some(200),
+            errcode: code,
+            errmsg: None,
+            body: Body::default(),
+            latency: Duration::ZERO,
+        }
+    }
+
+    fn d(j: &Job, class: OutcomeClass, code: Option<i64>, now: i64) -> Decision {
+        decide(
+            j,
+            &answer(class, code),
+            now,
+            &retry(),
+            Context::default(),
+            0.5,
+        )
+    }
+
+    #[test]
+    fn transient_retries_with_capped_backoff_until_the_deadline() {
+        let j = job();
+        match d(&j, OutcomeClass::Transient, Some(-1), 1000) {
+            Decision::Retry { at } => assert!((1500..=2000).contains(&at), "{at}"),
+            other => panic!("{other:?}"),
+        }
+        for n in 1..100 {
+            assert!(backoff_delay(&retry(), n, 0.99) <= Duration::from_secs(300));
+        }
+        let late = 24 * 3600 * 1000;
+        match d(&j, OutcomeClass::Transient, Some(-1), late) {
+            Decision::Final { state, reply } => {
+                assert_eq!(state, JobState::Unknown);
+                assert_eq!(reply.error.as_deref(), Some("retries_exhausted"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // never scheduled past the deadline: it ends now instead
+        match d(&j, OutcomeClass::Transient, Some(-1), late - 10) {
+            Decision::Final { state, reply } => {
+                assert_eq!(state, JobState::Unknown);
+                assert_eq!(reply.errcode, Some(-1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reopened_job_gets_a_new_retry_period_inside_the_bill_no_window() {
+        let hour = 3_600_000;
+        let mut j = job();
+        assert_eq!(deadline(&j, &retry()), Some(24 * hour));
+        j.reopened_at = Some(30 * hour);
+        assert_eq!(
+            deadline(&j, &retry()),
+            Some(47 * hour),
+            "capped by the 48 h window"
+        );
+        j.reopened_at = Some(2 * hour);
+        assert_eq!(deadline(&j, &retry()), Some(26 * hour));
+    }
+
+    #[test]
+    fn token_invalid_retries_at_once_then_backs_off() {
+        let mut j = job();
+        j.token_retries = 1;
+        assert_eq!(
+            d(&j, OutcomeClass::TokenInvalid, Some(40001), 7),
+            Decision::Retry { at: 7 }
+        );
+        j.token_retries = 2;
+        assert_ne!(
+            d(&j, OutcomeClass::TokenInvalid, Some(40001), 7),
+            Decision::Retry { at: 7 }
+        );
+    }
+
+    #[test]
+    fn definitive_fails_and_success_succeeds() {
+        let j = job();
+        assert!(matches!(
+            d(&j, OutcomeClass::Definitive, Some(90013), 1),
+            Decision::Final {
+                state: JobState::Failed,
+                ..
+            }
+        ));
+        assert!(matches!(
+            d(&j, OutcomeClass::Success, Some(0), 1),
+            Decision::Final {
+                state: JobState::Succeeded,
+                ..
+            }
+        ));
+        assert_eq!(
+            d(&j, OutcomeClass::Duplicate, Some(90012), 1),
+            Decision::Duplicate
+        );
+    }
+
+    #[test]
+    fn a_session_problem_after_an_unanswered_call_is_never_failed() {
+        for code in [90009, 90010, 90011, 90017] {
+            let mut j = job();
+            assert!(
+                matches!(
+                    d(&j, OutcomeClass::Definitive, Some(code), 1),
+                    Decision::Final {
+                        state: JobState::Failed,
+                        ..
+                    }
+                ),
+                "{code} on a first, answered call is failed"
+            );
+            j.uncertain = true;
+            match d(&j, OutcomeClass::Definitive, Some(code), 1) {
+                Decision::Final { state, reply } => {
+                    assert_eq!(state, JobState::Unknown, "{code}");
+                    assert_eq!(reply.error.as_deref(), Some("outcome_uncertain"));
+                    assert_eq!(reply.status, Some(Status::Unknown));
+                }
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        // a definitive answer about the bill itself stays failed
+        let mut j = job();
+        j.uncertain = true;
+        assert!(matches!(
+            d(&j, OutcomeClass::Definitive, Some(90013), 1),
+            Decision::Final {
+                state: JobState::Failed,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_newer_session_key_retries_at_once() {
+        let j = job();
+        let ctx = Context {
+            newer_session_key: true,
+            simulated: false,
+        };
+        assert_eq!(
+            decide(
+                &j,
+                &answer(OutcomeClass::Definitive, Some(90010)),
+                9,
+                &retry(),
+                ctx,
+                0.0
+            ),
+            Decision::Retry { at: 9 }
+        );
+    }
+
+    #[test]
+    fn rolled_back_means_the_cancel_is_done_even_on_its_first_call() {
+        let mut j = job();
+        j.params.op = Op::CancelPay;
+        j.params.amt = None;
+        assert_eq!(
+            d(&j, OutcomeClass::Definitive, Some(90015), 1),
+            Decision::Duplicate
+        );
+    }
+
+    #[test]
+    fn simulated_replies_say_so() {
+        let j = job();
+        let ctx = Context {
+            newer_session_key: false,
+            simulated: true,
+        };
+        match decide(
+            &j,
+            &answer(OutcomeClass::Success, Some(0)),
+            1,
+            &retry(),
+            ctx,
+            0.0,
+        ) {
+            Decision::Final { reply, .. } => assert_eq!(reply.simulated, Some(true)),
+            other => panic!("{other:?}"),
+        }
+    }
+}

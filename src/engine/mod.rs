@@ -1,0 +1,641 @@
+//! The engine: every decision about what happens next to a job, with no I/O.
+//!
+//! The async shell ([`crate::dispatch`]) feeds it [`Event`]s (a job accepted,
+//! joined or re-opened, jobs loaded after a restart, a pre-call mark made durable,
+//! an answer from Midas, an outcome recorded) and performs the [`Action`]s it
+//! returns (make a pre-call mark durable, call Midas, record an outcome, publish a
+//! balance reply). Time is passed in. Nothing here knows tokio, SQLite or HTTP, so
+//! `tests/simulation.rs` drives it through thousands of seeded interleavings, crash
+//! points and Midas behaviours per second and checks the money-path invariants
+//! after every step.
+//!
+//! One job's life: wait until due and head of its player's queue → `Mark` (the
+//! call count and the bill_no window start are durable before anything can reach
+//! Midas) → `Call` → decide ([`job::decide`]) → `Record` (retry time or final reply,
+//! durable) → the player is free for its next job.
+
+pub mod job;
+pub mod scheduler;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use crate::command::{Op, Params};
+use crate::config::RetryConfig;
+use crate::midas::{Answer, Api, OutcomeClass};
+use crate::outbox::writer::{AttemptRow, Record, Update};
+use crate::secret::Secret;
+use job::{Context, Decision, Job, JobState};
+use scheduler::{Order, Scheduler, View};
+
+/// What the engine is told.
+#[derive(Debug)]
+pub enum Event {
+    /// Pending jobs read from the outbox at start (in arrival order).
+    Loaded(Vec<Job>),
+    /// A new job is durable in the outbox.
+    Accepted(Job),
+    /// A command joined a pending job (a redelivery, or a re-send that may carry a
+    /// newer session_key): scheduled unless already held.
+    Joined(Job),
+    /// A final job was re-opened (a re-send with a new session_key, `outbox retry`).
+    Reopened(Job),
+    /// A `balance` command: no outbox row; answered from memory.
+    Balance(Box<BalanceCmd>),
+    /// The pre-call mark of job `id` is durable.
+    Marked(i64),
+    /// Midas answered a call of job `id` (or the call failed: a transient answer).
+    Answered(i64, Box<Answer>),
+    /// The getbalance after a duplicate answer.
+    BalanceFetched(i64, Box<Answer>),
+    /// The outcome of job `id` is durable (and its replies handed to the publisher).
+    Recorded(i64),
+}
+
+/// A `balance` command as intake hands it over.
+#[derive(Debug)]
+pub struct BalanceCmd {
+    pub params: Params,
+    pub session_key: Option<Secret>,
+    pub reply_to: String,
+    pub correlation_id: String,
+    pub received_at: i64,
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Make durable that a call of job `id` may go out now (calls + 1, window start).
+    Mark { id: i64, at: i64 },
+    /// Call Midas; answer with [`Event::Answered`] (or [`Event::BalanceFetched`] when
+    /// `then_finish` is set).
+    Call {
+        id: i64,
+        api: Api,
+        params: Params,
+        session_key: Option<Secret>,
+        balance_after_duplicate: bool,
+    },
+    /// Write this outcome; answer with [`Event::Recorded`] once durable.
+    Record(Record),
+    /// Publish a reply that has no outbox row (balance).
+    Reply {
+        reply_to: String,
+        correlation_id: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// The settings the engine decides with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub retry: RetryConfig,
+    pub max_in_flight: usize,
+    pub max_rps: u32,
+    /// Apps configured now (a job of an app removed from the config is not called).
+    pub apps: Vec<String>,
+    pub simulated: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for `job.next_attempt_at`.
+    Waiting,
+    /// The pre-call mark is being written.
+    Marking,
+    /// A call is out.
+    Calling,
+    /// Fetching the balance after a duplicate answer.
+    Fetching,
+    /// The outcome is being written; `Some(at)`: retry then; `None`: final.
+    Recording(Option<i64>),
+}
+
+struct Entry {
+    job: Job,
+    order: Order,
+    phase: Phase,
+    /// Bumped when a re-sent command brings a newer session_key.
+    key_gen: u32,
+    /// `key_gen` when the call in flight went out.
+    call_gen: u32,
+    /// A re-open that arrived while a step was under way: applied when it ends.
+    reopen: Option<Job>,
+    /// The answer that led to a balance fetch.
+    duplicate_of: Option<Answer>,
+    /// Balance commands: where the reply goes.
+    target: Option<(String, String)>,
+}
+
+/// The engine. See the module doc.
+pub struct Engine {
+    cfg: EngineConfig,
+    entries: HashMap<i64, Entry>,
+    sched: Scheduler,
+    /// Highest outbox id seen (orders balance commands among rows).
+    last_row: i64,
+    seq: u32,
+    next_balance_id: i64,
+    rng: u64,
+    /// Shutting down: steps under way finish, no new one starts.
+    draining: bool,
+    /// Recently finished job ids: a stale `Accepted`/`Joined` for one is ignored.
+    finished: HashSet<i64>,
+    finished_order: VecDeque<i64>,
+}
+
+/// How many recently finished job ids are remembered.
+const FINISHED_MEMORY: usize = 65_536;
+
+struct Entries<'a>(&'a HashMap<i64, Entry>);
+
+impl View for Entries<'_> {
+    fn openid(&self, id: i64) -> Option<&str> {
+        self.0.get(&id).map(|e| e.job.params.openid.as_str())
+    }
+    fn appid(&self, id: i64) -> Option<&str> {
+        self.0.get(&id).map(|e| e.job.params.appid.as_str())
+    }
+    fn waiting_until(&self, id: i64) -> Option<i64> {
+        self.0
+            .get(&id)
+            .filter(|e| e.phase == Phase::Waiting)
+            .map(|e| e.job.next_attempt_at)
+    }
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, seed: u64) -> Engine {
+        Engine {
+            cfg,
+            entries: HashMap::new(),
+            sched: Scheduler::default(),
+            last_row: 0,
+            seq: 0,
+            next_balance_id: -1,
+            rng: seed | 1,
+            finished: HashSet::new(),
+            finished_order: VecDeque::new(),
+            draining: false,
+        }
+    }
+
+    /// Jobs held (waiting or under way), balance commands included.
+    pub fn held(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Steps under way (the shell waits for them at shutdown).
+    pub fn busy(&self) -> usize {
+        self.entries
+            .values()
+            .filter(|e| e.phase != Phase::Waiting)
+            .count()
+    }
+
+    /// Calls out now.
+    pub fn calls(&self) -> usize {
+        self.sched.calls()
+    }
+
+    /// Whether the engine holds job `id`.
+    pub fn holds(&self, id: i64) -> bool {
+        self.entries.contains_key(&id)
+    }
+
+    /// When the shell should call [`Engine::poll`] next at the latest.
+    pub fn next_wake(&self) -> Option<i64> {
+        self.sched.next_wake()
+    }
+
+    /// Every idle player whose next job waits has a wake-up (simulation check).
+    pub fn check_wakeups(&self) -> Result<(), String> {
+        self.sched.check_wakeups(&Entries(&self.entries))
+    }
+
+    fn jitter(&mut self) -> f64 {
+        // xorshift64*: replayable from the seed, no global RNG
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Feed one event; actions to perform are appended to `out`.
+    pub fn handle(&mut self, ev: Event, now: i64, out: &mut Vec<Action>) {
+        match ev {
+            Event::Loaded(jobs) => {
+                for mut j in jobs {
+                    // a call counted durably but never answered was cut off by a crash
+                    if j.calls > j.attempts {
+                        j.uncertain = true;
+                    }
+                    self.add(j);
+                }
+            }
+            Event::Accepted(j) => {
+                if !self.finished.contains(&j.id) {
+                    self.add(j)
+                }
+            }
+            Event::Joined(j) => {
+                if !self.finished.contains(&j.id) {
+                    self.join(j)
+                }
+            }
+            Event::Reopened(j) => {
+                self.finished.remove(&j.id);
+                self.reopen(j)
+            }
+            Event::Balance(b) => self.add_balance(*b, now),
+            Event::Marked(id) => self.marked(id, out),
+            Event::Answered(id, a) => self.answered(id, *a, now, out),
+            Event::BalanceFetched(id, a) => self.balance_fetched(id, *a, now, out),
+            Event::Recorded(id) => self.recorded(id),
+        }
+        self.poll(now, out);
+    }
+
+    /// Stop starting steps (shutdown); those under way still finish.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Start every step that may start now.
+    pub fn poll(&mut self, now: i64, out: &mut Vec<Action>) {
+        while !self.draining {
+            let view = Entries(&self.entries);
+            let Some(id) = self
+                .sched
+                .next(now, self.cfg.max_in_flight, self.cfg.max_rps, &view)
+            else {
+                break;
+            };
+            self.start(id, now, out);
+        }
+    }
+
+    fn add(&mut self, job: Job) {
+        if job.id > 0 {
+            self.last_row = self.last_row.max(job.id);
+        }
+        if self.entries.contains_key(&job.id) {
+            return;
+        }
+        let (id, order, at) = (job.id, Order::row(job.id), job.next_attempt_at);
+        let openid = job.params.openid.clone();
+        self.entries.insert(
+            id,
+            Entry {
+                job,
+                order,
+                phase: Phase::Waiting,
+                key_gen: 0,
+                call_gen: 0,
+                reopen: None,
+                duplicate_of: None,
+                target: None,
+            },
+        );
+        self.sched.insert(id, order, &openid, at);
+    }
+
+    fn join(&mut self, job: Job) {
+        match self.entries.get_mut(&job.id) {
+            None => self.add(job),
+            Some(e) => {
+                let newer = job.session_key.is_some()
+                    && job.session_key.as_ref().map(Secret::expose)
+                        != e.job.session_key.as_ref().map(Secret::expose);
+                if newer {
+                    e.job.session_key = job.session_key;
+                    e.key_gen += 1;
+                }
+            }
+        }
+    }
+
+    fn reopen(&mut self, job: Job) {
+        match self.entries.get_mut(&job.id) {
+            None => self.add(job),
+            Some(e) if e.phase == Phase::Waiting => {
+                // already pending here: take the newer key and the new retry period
+                e.job.session_key = job.session_key;
+                e.job.reopened_at = job.reopened_at;
+                e.key_gen += 1;
+            }
+            Some(e) => e.reopen = Some(job),
+        }
+    }
+
+    fn add_balance(&mut self, b: BalanceCmd, now: i64) {
+        let id = self.next_balance_id;
+        self.next_balance_id -= 1;
+        self.seq = self.seq.wrapping_add(1);
+        let order = Order {
+            row: self.last_row,
+            seq: self.seq.max(1),
+        };
+        let mut job = Job::new(id, b.params, b.session_key, b.received_at);
+        job.next_attempt_at = now;
+        let openid = job.params.openid.clone();
+        self.entries.insert(
+            id,
+            Entry {
+                job,
+                order,
+                phase: Phase::Waiting,
+                key_gen: 0,
+                call_gen: 0,
+                reopen: None,
+                duplicate_of: None,
+                target: Some((b.reply_to, b.correlation_id)),
+            },
+        );
+        self.sched.insert(id, order, &openid, now);
+    }
+
+    /// The job was picked: the player is busy and a call slot is taken.
+    fn start(&mut self, id: i64, now: i64, out: &mut Vec<Action>) {
+        let ctx = Context {
+            newer_session_key: false,
+            simulated: self.cfg.simulated,
+        };
+        let Some(e) = self.entries.get(&id) else {
+            self.sched.no_call();
+            return;
+        };
+        let known = self.cfg.apps.iter().any(|a| *a == e.job.params.appid);
+        let past = job::deadline(&e.job, &self.cfg.retry).is_some_and(|d| now >= d);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if e.target.is_some() {
+            // balance: no outbox row, no mark
+            e.phase = Phase::Calling;
+            e.call_gen = e.key_gen;
+            out.push(call(e, Api::GetBalance, false));
+            return;
+        }
+        let end = if !known {
+            Some(job::unknown_app(&e.job, now, ctx))
+        } else if past {
+            // the bill_no window is closing: never send it again
+            Some((JobState::Unknown, job::exhausted(&e.job, None, now, ctx)))
+        } else {
+            None
+        };
+        if let Some((state, reply)) = end {
+            self.sched.no_call();
+            e.phase = Phase::Recording(None);
+            out.push(Action::Record(record(
+                &e.job,
+                Vec::new(),
+                final_update(state, &reply),
+                now,
+            )));
+            return;
+        }
+        e.phase = Phase::Marking;
+        e.job.calls += 1;
+        e.job.first_attempt_at.get_or_insert(now);
+        out.push(Action::Mark { id, at: now });
+    }
+
+    fn marked(&mut self, id: i64, out: &mut Vec<Action>) {
+        if let Some(e) = self.entries.get_mut(&id) {
+            if e.phase == Phase::Marking {
+                e.phase = Phase::Calling;
+                e.call_gen = e.key_gen;
+                out.push(call(e, Api::for_op(e.job.params.op), false));
+            }
+        }
+    }
+
+    fn answered(&mut self, id: i64, answer: Answer, now: i64, out: &mut Vec<Action>) {
+        let jitter = self.jitter();
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if e.phase != Phase::Calling {
+            return;
+        }
+        self.sched.call_returned();
+        let j = &mut e.job;
+        j.attempts = j.calls.max(j.attempts + 1);
+        if answer.class == OutcomeClass::TokenInvalid {
+            j.token_retries += 1;
+        } else {
+            j.token_retries = 0;
+        }
+        if answer.class == OutcomeClass::Transient {
+            j.uncertain = true;
+        }
+        j.last_errcode = answer.errcode;
+        j.last_error = answer.errmsg.clone();
+        let ctx = Context {
+            newer_session_key: e.key_gen > e.call_gen,
+            simulated: self.cfg.simulated,
+        };
+        if e.target.is_some() {
+            self.balance_answered(id, answer, now, jitter, out);
+            return;
+        }
+        let row = AttemptRow {
+            n: e.job.attempts,
+            started_at: now - answer.latency.as_millis() as i64,
+            answer: answer.clone(),
+        };
+        match job::decide(&e.job, &answer, now, &self.cfg.retry, ctx, jitter) {
+            Decision::Retry { at } => {
+                e.job.next_attempt_at = at;
+                e.phase = Phase::Recording(Some(at));
+                out.push(Action::Record(record(
+                    &e.job,
+                    vec![row],
+                    Update::Retry {
+                        next_attempt_at: at,
+                    },
+                    now,
+                )));
+            }
+            Decision::Final { state, reply } => {
+                e.phase = Phase::Recording(None);
+                out.push(Action::Record(record(
+                    &e.job,
+                    vec![row],
+                    final_update(state, &reply),
+                    now,
+                )));
+            }
+            Decision::Duplicate => {
+                e.phase = Phase::Fetching;
+                e.duplicate_of = Some(answer);
+                // a read: no mark, no call slot of its own (the player stays busy)
+                out.push(call(e, Api::GetBalance, true));
+            }
+        }
+    }
+
+    fn balance_fetched(&mut self, id: i64, bal: Answer, now: i64, out: &mut Vec<Action>) {
+        let simulated = self.cfg.simulated;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if e.phase != Phase::Fetching {
+            return;
+        }
+        let Some(dup) = e.duplicate_of.take() else {
+            return;
+        };
+        let ctx = Context {
+            newer_session_key: false,
+            simulated,
+        };
+        let reply = job::finish_duplicate(&e.job, &dup, Some(&bal), now, ctx);
+        let rows = vec![
+            AttemptRow {
+                n: e.job.attempts,
+                started_at: now - dup.latency.as_millis() as i64 - bal.latency.as_millis() as i64,
+                answer: dup,
+            },
+            AttemptRow {
+                n: e.job.attempts,
+                started_at: now - bal.latency.as_millis() as i64,
+                answer: bal,
+            },
+        ];
+        e.phase = Phase::Recording(None);
+        out.push(Action::Record(record(
+            &e.job,
+            rows,
+            final_update(JobState::Succeeded, &reply),
+            now,
+        )));
+    }
+
+    fn balance_answered(
+        &mut self,
+        id: i64,
+        answer: Answer,
+        now: i64,
+        jitter: f64,
+        out: &mut Vec<Action>,
+    ) {
+        let ctx = Context {
+            newer_session_key: false,
+            simulated: self.cfg.simulated,
+        };
+        let retry = &self.cfg.retry;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let limit = e.job.received_at + retry.balance_give_up_after.0.as_millis() as i64;
+        let retry_at = match answer.class {
+            OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
+                let at = if answer.class == OutcomeClass::TokenInvalid && e.job.token_retries <= 1 {
+                    now
+                } else {
+                    now + job::backoff_delay(retry, e.job.attempts, jitter).as_millis() as i64
+                };
+                (at < limit).then_some(at)
+            }
+            _ => None,
+        };
+        let openid = e.job.params.openid.clone();
+        match retry_at {
+            Some(at) => {
+                e.job.next_attempt_at = at;
+                e.phase = Phase::Waiting;
+            }
+            None => {
+                let reply = job::balance_reply(&e.job, &answer, now, ctx);
+                if let Some((reply_to, correlation_id)) = e.target.take() {
+                    out.push(Action::Reply {
+                        reply_to,
+                        correlation_id,
+                        payload: reply.to_bytes(),
+                    });
+                }
+                let order = e.order;
+                self.entries.remove(&id);
+                self.sched.remove(order, &openid);
+            }
+        }
+        self.sched.release(&openid, &Entries(&self.entries));
+    }
+
+    fn recorded(&mut self, id: i64) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let Phase::Recording(next) = e.phase else {
+            return;
+        };
+        let openid = e.job.params.openid.clone();
+        match (next, e.reopen.take()) {
+            (_, Some(mut reopened)) => {
+                // re-opened while this step was under way: it runs again as re-opened
+                reopened.calls = reopened.calls.max(e.job.calls);
+                reopened.attempts = reopened.attempts.max(e.job.attempts);
+                reopened.uncertain |= e.job.uncertain;
+                e.job = reopened;
+                e.key_gen += 1;
+                e.phase = Phase::Waiting;
+            }
+            (Some(at), None) => {
+                e.job.next_attempt_at = at;
+                e.phase = Phase::Waiting;
+            }
+            (None, None) => {
+                let order = e.order;
+                self.entries.remove(&id);
+                self.sched.remove(order, &openid);
+                if self.finished.insert(id) {
+                    self.finished_order.push_back(id);
+                    if self.finished_order.len() > FINISHED_MEMORY {
+                        if let Some(old) = self.finished_order.pop_front() {
+                            self.finished.remove(&old);
+                        }
+                    }
+                }
+            }
+        }
+        self.sched.release(&openid, &Entries(&self.entries));
+    }
+}
+
+fn call(e: &Entry, api: Api, balance_after_duplicate: bool) -> Action {
+    Action::Call {
+        id: e.job.id,
+        api,
+        params: e.job.params.clone(),
+        session_key: e.job.session_key.clone(),
+        balance_after_duplicate,
+    }
+}
+
+fn final_update(state: JobState, reply: &crate::command::Reply) -> Update {
+    Update::Final {
+        state,
+        reply: reply.to_bytes(),
+    }
+}
+
+fn record(job: &Job, rows: Vec<AttemptRow>, update: Update, now: i64) -> Record {
+    Record {
+        job_id: job.id,
+        attempts_total: job.attempts,
+        first_attempt_at: job.first_attempt_at,
+        uncertain: job.uncertain,
+        rows,
+        update,
+        now,
+    }
+}
+
+/// Whether `op` is answered without an outbox row.
+pub fn is_direct(op: Op) -> bool {
+    op == Op::Balance
+}
