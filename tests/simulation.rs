@@ -176,11 +176,13 @@ impl Sim {
         }
     }
 
-    fn log(&mut self, s: String) {
+    /// Trace lines are only built when replaying a seed (formatting is most of a
+    /// scenario's cost); a failure re-runs its seed with tracing on.
+    fn log(&mut self, s: impl FnOnce() -> String) {
         if self.verbose {
-            println!("{:>12} {s}", self.now);
+            let line = s();
+            self.trace.push(format!("{:>12} {line}", self.now));
         }
-        self.trace.push(s);
     }
 
     fn feed(&mut self, ev: Event) -> Check {
@@ -227,7 +229,7 @@ impl Sim {
                 } => {
                     let reply: Reply =
                         serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
-                    self.log(format!("balance reply {correlation_id} {:?}", reply.status));
+                    self.log(|| format!("balance reply {correlation_id} {:?}", reply.status));
                     if !self.balances.remove(&correlation_id) {
                         return Err(format!(
                             "a balance reply nobody asked for: {correlation_id}"
@@ -268,7 +270,7 @@ impl Sim {
             self.balance_seq += 1;
             let cid = format!("bal-{}", self.balance_seq);
             self.balances.insert(cid.clone());
-            self.log(format!("balance {cid} {openid}"));
+            self.log(|| format!("balance {cid} {openid}"));
             let key = format!("k-{openid}-{}", self.rng.random::<u16>());
             return self.feed(Event::Balance(Box::new(BalanceCmd {
                 params: params(Op::Balance, "", &openid, 0),
@@ -326,7 +328,7 @@ impl Sim {
                 result: None,
             },
         );
-        self.log(format!("accept {id} {op} {bill} {openid}"));
+        self.log(|| format!("accept {id} {op} {bill} {openid}"));
         let job = Job::new(id, p, Some(Secret::new(key)), self.now);
         self.feed(Event::Accepted(job))
     }
@@ -350,7 +352,7 @@ impl Sim {
                     r.key = Some(new_key);
                 }
                 let job = to_job(id, r);
-                self.log(format!("resend joins {id}"));
+                self.log(|| format!("resend joins {id}"));
                 self.feed(Event::Joined(job))
             }
             JobState::Failed | JobState::Unknown => {
@@ -369,7 +371,7 @@ impl Sim {
                 r.reopened_at = Some(now);
                 r.next_attempt_at = now;
                 let job = to_job(id, r);
-                self.log(format!("resend re-opens {id}"));
+                self.log(|| format!("resend re-opens {id}"));
                 self.feed(Event::Reopened(job))
             }
             JobState::Succeeded => Ok(()),
@@ -393,7 +395,7 @@ impl Sim {
         r.reopened_at = Some(now);
         r.next_attempt_at = now;
         let job = to_job(id, r);
-        self.log(format!("operator retry {id}"));
+        self.log(|| format!("operator retry {id}"));
         self.feed(Event::Reopened(job))
     }
 
@@ -521,10 +523,7 @@ impl Sim {
                 if a.class == OutcomeClass::Transient && !balance {
                     self.unanswered.insert(id);
                 }
-                self.log(format!(
-                    "call {id} {api:?} -> {:?} {:?}",
-                    a.class, a.errcode
-                ));
+                self.log(|| format!("call {id} {api:?} -> {:?} {:?}", a.class, a.errcode));
                 let ev = if balance {
                     Event::BalanceFetched(id, Box::new(a))
                 } else {
@@ -562,10 +561,7 @@ impl Sim {
                 row.result = Some(reply.clone());
                 let _ = now;
                 let id = r.job_id;
-                self.log(format!(
-                    "final {id} {state:?} {:?} {:?}",
-                    reply.error, reply.errcode
-                ));
+                self.log(|| format!("final {id} {state:?} {:?} {:?}", reply.error, reply.errcode));
                 self.check_reply(id, &reply)?;
             }
         }
@@ -621,7 +617,7 @@ impl Sim {
 
     /// SIGKILL: in-flight work may or may not have happened; memory is gone.
     fn crash(&mut self) -> Check {
-        self.log("crash".into());
+        self.log(|| "crash".into());
         let tasks = std::mem::take(&mut self.tasks);
         for t in tasks {
             match t {
@@ -770,7 +766,10 @@ fn simulation() {
         let seed: u64 = seed.parse().expect("SIM_SEED is a number");
         match run(seed, true) {
             Ok(()) => println!("simulation: seed {seed} passed"),
-            Err((e, _)) => panic!("seed {seed}: {e}"),
+            Err((e, trace)) => {
+                println!("{}", trace.join("\n"));
+                panic!("seed {seed}: {e}")
+            }
         }
         return;
     }
