@@ -587,6 +587,8 @@ impl Engine {
             (Some(at), None) => {
                 e.job.next_attempt_at = at;
                 e.phase = Phase::Waiting;
+                self.sched.release_only(&openid, id, at);
+                return;
             }
             (None, None) => {
                 let order = e.order;
@@ -639,3 +641,6 @@ fn record(job: &Job, rows: Vec<AttemptRow>, update: Update, now: i64) -> Record 
 pub fn is_direct(op: Op) -> bool {
     op == Op::Balance
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,160 @@
+//! Unit tests of the engine's event handling (the simulation covers interleavings).
+
+use std::time::Duration;
+
+use super::*;
+use crate::config::Dur;
+use crate::midas::Body;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        retry: RetryConfig {
+            initial: Dur(Duration::from_millis(100)),
+            max: Dur(Duration::from_secs(1)),
+            give_up_after: Dur(Duration::from_secs(3600)),
+            balance_give_up_after: Dur(Duration::from_secs(30)),
+        },
+        max_in_flight: 4,
+        max_rps: 100,
+        apps: vec!["wx".into()],
+        simulated: false,
+    }
+}
+
+fn job(id: i64, appid: &str) -> Job {
+    Job::new(
+        id,
+        Params {
+            op: Op::Pay,
+            bill_no: Some(format!("B{id}")),
+            openid: "o".into(),
+            appid: appid.into(),
+            zone_id: "1".into(),
+            pf: "android".into(),
+            user_ip: None,
+            amt: Some(1),
+            present_counts: None,
+            pay_item: None,
+            app_remark: None,
+        },
+        Some(Secret::new("k1")),
+        0,
+    )
+}
+
+fn ans(class: OutcomeClass, code: i64) -> Box<Answer> {
+    Box::new(Answer {
+        api: Api::Pay,
+        class,
+        http_status: Some(200),
+        errcode: Some(code),
+        errmsg: None,
+        body: Body::default(),
+        latency: Duration::ZERO,
+    })
+}
+
+fn final_state(a: &Action) -> Option<JobState> {
+    match a {
+        Action::Record(Record {
+            update: Update::Final { state, .. },
+            ..
+        }) => Some(*state),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_reopen_during_the_final_write_runs_the_job_again_with_the_new_key() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
+    assert!(matches!(out.as_slice(), [Action::Mark { id: 1, .. }]));
+    out.clear();
+    e.handle(Event::Marked(1), 0, &mut out);
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
+        1,
+        &mut out,
+    );
+    assert_eq!(out.first().and_then(final_state), Some(JobState::Failed));
+    out.clear();
+    // the re-send with a new key re-opens it before the final write is acknowledged
+    let mut again = job(1, "wx");
+    again.session_key = Some(Secret::new("k2"));
+    again.reopened_at = Some(2);
+    e.handle(Event::Reopened(again), 2, &mut out);
+    assert!(
+        out.is_empty(),
+        "nothing starts while the write is under way"
+    );
+    e.handle(Event::Recorded(1), 3, &mut out);
+    assert!(e.holds(1), "the job is pending again");
+    match out.as_slice() {
+        [Action::Mark { id: 1, .. }] => {}
+        other => panic!("{other:?}"),
+    }
+    out.clear();
+    e.handle(Event::Marked(1), 3, &mut out);
+    match out.as_slice() {
+        [Action::Call { session_key, .. }] => {
+            assert_eq!(session_key.as_ref().map(Secret::expose), Some("k2"))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_job_of_a_removed_app_is_never_called() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    e.handle(Event::Loaded(vec![job(1, "wxgone")]), 0, &mut out);
+    assert_eq!(out.first().and_then(final_state), Some(JobState::Failed));
+    // one that may have been applied already is left to a person
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    let mut j = job(2, "wxgone");
+    j.calls = 1;
+    e.handle(Event::Loaded(vec![j]), 0, &mut out);
+    assert_eq!(out.first().and_then(final_state), Some(JobState::Unknown));
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::Call { .. } | Action::Mark { .. })));
+}
+
+#[test]
+fn a_stale_accept_of_a_finished_job_is_ignored() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    e.handle(Event::Loaded(vec![job(1, "wx")]), 0, &mut out);
+    e.handle(Event::Marked(1), 0, &mut out);
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Success, 0)),
+        0,
+        &mut out,
+    );
+    e.handle(Event::Recorded(1), 0, &mut out);
+    assert!(!e.holds(1));
+    out.clear();
+    e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
+    assert!(!e.holds(1) && out.is_empty(), "never called twice");
+}
+
+#[test]
+fn a_call_cut_off_by_a_crash_makes_the_job_uncertain() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    let mut j = job(1, "wx");
+    j.calls = 1; // counted durably, never answered
+    j.first_attempt_at = Some(0);
+    e.handle(Event::Loaded(vec![j]), 0, &mut out);
+    e.handle(Event::Marked(1), 0, &mut out);
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
+        0,
+        &mut out,
+    );
+    assert_eq!(out.first().and_then(final_state), Some(JobState::Unknown));
+}
