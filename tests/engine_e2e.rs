@@ -226,10 +226,12 @@ fn vm_kib(pid: u32, field: &str) -> u64 {
 async fn a_long_broker_outage_keeps_memory_and_reply_copies_bounded() {
     let mut env = TestEnv::new("outage");
     env.set("MIDAS__MAX_IN_FLIGHT", "64");
+    env.set("MIDAS__REQUEST_TIMEOUT", "10s");
     env.set("HTTP__LISTEN", &format!("127.0.0.1:{}", free_port()));
+    // ~1000 / 64 × 1.5 s ≈ 25 s of calls: they finish while the broker is away
     let sim = env
         .simulator(Faults {
-            latency_ms: 3_000,
+            latency_ms: 1_500,
             ..Faults::default()
         })
         .await;
@@ -306,7 +308,7 @@ async fn sigterm_ends_the_worker_in_bounded_time_whatever_the_broker_does() {
             ..Faults::default()
         })
         .await;
-    let mut c = env.client().await;
+    let c = env.client().await;
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let mut env_w = TestEnv {
         tag: env.tag.clone(),
