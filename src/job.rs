@@ -22,7 +22,7 @@ use crate::config::RetryConfig;
 use crate::midas::{Answer, OutcomeClass};
 use crate::secret::Secret;
 
-/// The states of a job, named as CONTRACT.md names reply statuses.
+/// The states of a job, named as docs/contract.md names reply statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
     Pending,
