@@ -29,17 +29,12 @@ cd "$(dirname "$0")/.."
 } | perl -0 -e '
 use strict;
 use warnings;
-use File::Spec;
 
-my @FORBIDDEN = (
-    qr{shared/CONTRACT\.md},
-    qr{shared/MIDAS},
-    qr{midas-api/},
-    qr{\.\./shared\b},
-);
-# The outside documents by bare name (checked in prose and comments, not in recorded
-# program output inside fenced code blocks).
-my @FORBIDDEN_PROSE = (qr{(?<![\w/-])(?:CONTRACT|MIDAS|MIDAS-V2)\.md\b});
+# The outside reference material: its paths (anywhere, code blocks included) ...
+my $FORBIDDEN = qr{(?:[\w./-]*/)?shared/(?:CONTRACT\.md|MIDAS[\w.-]*)|(?:\.\./)+shared\b[\w./-]*|(?:[\w./-]*/)?midas-api/[\w.-]*};
+# ... and its bare file names (in prose and comments, not in recorded program output
+# inside fenced code blocks).
+my $FORBIDDEN_PROSE = qr{$FORBIDDEN|(?<![\w/-])(?:CONTRACT|MIDAS|MIDAS-V2)\.md\b};
 my $EXT = qr{(?:md|rs|sql|json|toml|yaml|yml|sh|service|lock|txt)};
 my $SYSTEM = qr{^/(?:etc|var|usr|opt|run|proc|sys|dev|tmp|data)(?:/|$)};
 my $problems = 0;
@@ -79,7 +74,7 @@ sub check_target {
     my ($file, $line, $target, $kind, @bases) = @_;
     $target =~ s/[#?].*$//;
     return if $target eq "";
-    for my $re (@FORBIDDEN) { return if $target =~ $re; }   # already reported
+    return if $target =~ $FORBIDDEN;   # already reported
     if ($target =~ m{^/}) {
         return if $kind eq "path" && $target =~ $SYSTEM;
         problem($file, $line, "absolute path ($kind): $target");
@@ -102,11 +97,9 @@ sub check_target {
 
 sub check_forbidden {
     my ($file, $line, $text, $prose) = @_;
-    for my $re (@FORBIDDEN, ($prose ? @FORBIDDEN_PROSE : ())) {
-        if ($text =~ $re) {
-            problem($file, $line, "points outside the repository (reference material a clone does not have): $&");
-            return;   # one line per problem
-        }
+    my $re = $prose ? $FORBIDDEN_PROSE : $FORBIDDEN;
+    while ($text =~ m{$re}g) {
+        problem($file, $line, "points outside the repository (reference material a clone does not have): $&");
     }
 }
 
