@@ -2,7 +2,7 @@
 -- (idempotent). Times are unix milliseconds (UTC).
 --
 -- A job is one (op, bill_no): a pay and the cancel of that pay are two jobs.
--- Its state is one of the names of shared/CONTRACT.md:
+-- Its state is one of the names of docs/contract.md:
 --   pending   accepted, waiting for its (next) call to Midas
 --   succeeded Midas answered 0 (or 90012: already processed)
 --   failed    Midas gave a definitive error

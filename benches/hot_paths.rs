@@ -15,7 +15,7 @@ use midas_worker::midas::errcode::classify;
 use midas_worker::midas::sign::{mp_sig, sig, Param};
 use midas_worker::secret::Secret;
 
-/// The MIDAS.md test vector.
+/// The Midas 1.0 signature check values (docs/midas-v1.md).
 const KEY: &str = "zNLgAGgqsEWJOg1nFVaO5r7fAlIQxr1u";
 const SESSION: &str = "V7Q38/i2KXaqrQyl2Yx9Hg==";
 const URI: &str = "/cgi-bin/midas/getbalance";

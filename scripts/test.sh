@@ -37,6 +37,7 @@ ensure_rabbitmq() {
 
 ensure_rabbitmq
 echo "test.sh: RabbitMQ answers at 127.0.0.1:5672"
+bash scripts/check-links.sh
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings

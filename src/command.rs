@@ -1,4 +1,4 @@
-//! The wire contract with game servers (`shared/CONTRACT.md`, "Messages"):
+//! The wire contract with game servers (`docs/contract.md`, "Messages"):
 //! decoding and validating commands, and the reply they get.
 //!
 //! Decoding never panics and never trusts the input: any byte string yields either
@@ -272,7 +272,7 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
     let present_counts = amount("present_counts", w.present_counts, op == Op::Present)?;
     let pay_item = text_field("pay_item", w.pay_item, false)?;
     let app_remark = text_field("app_remark", w.app_remark, false)?;
-    // pay_item is also a cancelpay field in MIDAS.md; app_remark is pay-only.
+    // pay_item is also a cancelpay field in Midas 1.0 (docs/midas-v1.md); app_remark is pay-only.
     if pay_item.is_some() && !matches!(op, Op::Pay | Op::CancelPay) {
         return Err((
             "invalid_command",
@@ -303,7 +303,7 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
     })
 }
 
-/// Reply statuses (CONTRACT.md). `succeeded`, `failed` and `unknown` are also the
+/// Reply statuses (docs/contract.md). `succeeded`, `failed` and `unknown` are also the
 /// final states of a job; `rejected` never has a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

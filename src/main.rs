@@ -1,4 +1,4 @@
-//! The `midas-worker` command line (CONTRACT.md, "Command line"). Errors become one
+//! The `midas-worker` command line (docs/contract.md, "Command line"). Errors become one
 //! line on stderr and an exit status: 0 success, 1 failure, 2 bad usage or config.
 
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! The Midas simulator over real HTTP: requests are signed by an independent
-//! implementation of the MIDAS.md algorithm written here (hmac + sha2, not
+//! implementation of the docs/midas-v1.md algorithm written here (hmac + sha2, not
 //! `midas_worker::midas::sign`), so a mistake shared by the crate's signer and the
 //! simulator's verifier cannot hide.
 

@@ -1,4 +1,4 @@
-//! RabbitMQ: connection (named, with heartbeats), the topology of CONTRACT.md,
+//! RabbitMQ: connection (named, with heartbeats), the topology of docs/contract.md,
 //! the command consumer ([`consumer`]) and the confirmed reply publisher
 //! ([`publisher`]). [`session`] keeps them alive across broker restarts.
 
@@ -52,7 +52,7 @@ pub fn display_url(url: &str) -> String {
     }
 }
 
-/// Declare the queues of CONTRACT.md (idempotent): the quorum command queue
+/// Declare the queues of `docs/contract.md` (idempotent): the quorum command queue
 /// dead-lettering to the DLQ, the quorum reply queue, the durable DLQ.
 pub async fn declare_topology(ch: &Channel, cfg: &BrokerConfig) -> Result<(), BrokerError> {
     let durable = QueueDeclareOptions {

@@ -1,6 +1,6 @@
-//! Every Midas answer mapped to one outcome class (the table in `shared/MIDAS.md`).
-//! The dispatcher decides what to do from the class alone; this is the only place
-//! that knows what an errcode means.
+//! Every Midas answer mapped to one outcome class, for Midas 1.0 (`docs/midas-v1.md`)
+//! and virtual payment 2.0 (`docs/midas-v2.md`). The dispatcher decides what to do
+//! from the class alone; this is the only place that knows what an errcode means.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,4 +1,4 @@
-//! The Midas signature algorithm (see `shared/MIDAS.md`), as pure functions.
+//! The Midas signature algorithm (see `docs/midas-v1.md`), as pure functions.
 //!
 //! ```text
 //! A      = "&".join(k + "=" + v for k in sorted(params))
@@ -32,7 +32,7 @@ impl Param<'_> {
     }
 }
 
-/// `sign(params, uri, key_name, key)` from MIDAS.md. `params` may come in any order.
+/// `sign(params, uri, key_name, key)` from docs/midas-v1.md. `params` may come in any order.
 pub fn sign(params: &[(&str, Param<'_>)], uri: &str, key_name: &str, key: &str) -> String {
     let mut sorted: Vec<&(&str, Param<'_>)> = params.iter().collect();
     sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
