@@ -1,6 +1,7 @@
 //! Fault injection for the simulator: the failure modes a Midas client must survive
-//! (busy, 502, lost answers after a charge, stalls, "processing", revoked tokens),
-//! drawn from a seeded RNG so that a run can be repeated exactly.
+//! (busy, 502, lost answers after a charge, stalls, "processing", revoked tokens, a
+//! session that expires after a lost answer), drawn from seeded RNGs so that a run
+//! can be repeated exactly. The same faults apply to the 1.0 and 2.0 endpoints.
 
 use rand::rngs::SmallRng;
 use rand::Rng;
@@ -26,6 +27,11 @@ pub struct Faults {
     pub processing_rate: f64,
     /// Revoke the app's current token and answer 40001.
     pub token_revoke_rate: f64,
+    /// Apply, stall `stall_ms` before answering (like `apply_then_stall`), and expire
+    /// the session_key the call was verified with: later calls signed with it answer
+    /// 90010 until the client uses another key. Only when the call's session_key is
+    /// known (registered and verified); otherwise the same as `apply_then_stall`.
+    pub session_expire_after_lost_rate: f64,
     pub stall_ms: u64,
 }
 
@@ -43,6 +49,7 @@ impl From<&SimulatorConfig> for Faults {
             http_502_rate: c.http_502_rate,
             processing_rate: c.processing_rate,
             token_revoke_rate: c.token_revoke_rate,
+            session_expire_after_lost_rate: c.session_expire_after_lost_rate,
             stall_ms: millis(c.stall.0),
         }
     }
@@ -65,6 +72,7 @@ pub enum Fault {
     StallThenDrop,
     ApplyThenStall,
     Processing,
+    SessionExpireAfterLost,
 }
 
 impl Fault {
@@ -77,6 +85,7 @@ impl Fault {
             Fault::StallThenDrop => "stall_then_drop",
             Fault::ApplyThenStall => "apply_then_stall",
             Fault::Processing => "processing",
+            Fault::SessionExpireAfterLost => "session_expire_after_lost",
         }
     }
 }
@@ -85,7 +94,15 @@ impl Fault {
 /// kind, in a fixed order) whatever the rates and the operation, so the sequence of
 /// draws depends only on the seed and the number of calls; the first kind whose draw
 /// falls under its rate wins. `processing` only applies when `is_cancelpay`.
-pub fn decide(rng: &mut SmallRng, f: &Faults, is_cancelpay: bool) -> Fault {
+///
+/// `session_expire_after_lost` is drawn last, from its own `session_rng` (one draw
+/// per call), so adding it did not change the sequence of the older kinds for a seed.
+pub fn decide(
+    rng: &mut SmallRng,
+    session_rng: &mut SmallRng,
+    f: &Faults,
+    is_cancelpay: bool,
+) -> Fault {
     let order = [
         (Fault::TokenRevoke, f.token_revoke_rate),
         (Fault::Busy, f.busy_rate),
@@ -104,6 +121,10 @@ pub fn decide(rng: &mut SmallRng, f: &Faults, is_cancelpay: bool) -> Fault {
             chosen = fault;
         }
     }
+    let draw: f64 = session_rng.random();
+    if chosen == Fault::None && draw < f.session_expire_after_lost_rate {
+        chosen = Fault::SessionExpireAfterLost;
+    }
     chosen
 }
 
@@ -121,24 +142,63 @@ mod tests {
         };
         let run = |seed| {
             let mut rng = SmallRng::seed_from_u64(seed);
+            let mut srng = SmallRng::seed_from_u64(seed);
             (0..200)
-                .map(|_| decide(&mut rng, &f, false))
+                .map(|_| decide(&mut rng, &mut srng, &f, false))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
         let mut rng = SmallRng::seed_from_u64(1);
+        let mut s = SmallRng::seed_from_u64(2);
         let all = Faults {
             busy_rate: 1.0,
             ..Faults::default()
         };
-        assert!((0..100).all(|_| decide(&mut rng, &all, false) == Fault::Busy));
-        assert!((0..100).all(|_| decide(&mut rng, &Faults::default(), true) == Fault::None));
+        assert!((0..100).all(|_| decide(&mut rng, &mut s, &all, false) == Fault::Busy));
+        assert!((0..100).all(|_| decide(&mut rng, &mut s, &Faults::default(), true) == Fault::None));
         let proc_only = Faults {
             processing_rate: 1.0,
             ..Faults::default()
         };
-        assert_eq!(decide(&mut rng, &proc_only, false), Fault::None);
-        assert_eq!(decide(&mut rng, &proc_only, true), Fault::Processing);
+        assert_eq!(decide(&mut rng, &mut s, &proc_only, false), Fault::None);
+        assert_eq!(
+            decide(&mut rng, &mut s, &proc_only, true),
+            Fault::Processing
+        );
+        let expire = Faults {
+            session_expire_after_lost_rate: 1.0,
+            ..Faults::default()
+        };
+        assert_eq!(
+            decide(&mut rng, &mut s, &expire, false),
+            Fault::SessionExpireAfterLost
+        );
+        // Another kind that fires takes precedence.
+        let both = Faults {
+            busy_rate: 1.0,
+            ..expire
+        };
+        assert_eq!(decide(&mut rng, &mut s, &both, false), Fault::Busy);
+    }
+
+    #[test]
+    fn the_session_fault_does_not_shift_the_older_sequence() {
+        let f = Faults {
+            busy_rate: 0.5,
+            ..Faults::default()
+        };
+        let g = Faults {
+            session_expire_after_lost_rate: 0.5,
+            ..f.clone()
+        };
+        let run = |faults: &Faults| {
+            let mut rng = SmallRng::seed_from_u64(9);
+            let mut srng = SmallRng::seed_from_u64(10);
+            (0..100)
+                .map(|_| decide(&mut rng, &mut srng, faults, false) == Fault::Busy)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(&f), run(&g));
     }
 }
