@@ -7,7 +7,15 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::ledger::Ledger;
+use super::verify::Op;
+use super::{err_json, Inner, Outcome, Route};
 use crate::config::SimulatorConfig;
+use crate::midas::errcode;
 
 /// Fault rates (0.0..=1.0 each) and timings; replaceable at runtime.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -126,6 +134,81 @@ pub fn decide(
         chosen = Fault::SessionExpireAfterLost;
     }
     chosen
+}
+
+// ---------------------------------------------------------------- applying faults
+
+/// A call that passed the token and signature checks, as the fault layer sees it.
+pub(super) struct Call<'a> {
+    pub(super) route: Route,
+    pub(super) op: Op,
+    pub(super) token: &'a str,
+    pub(super) appid: &'a str,
+    pub(super) openid: &'a str,
+    pub(super) bill_no: Option<&'a str>,
+    /// The session_key the call was verified with, when the simulator knows it.
+    pub(super) session_key: Option<String>,
+}
+
+/// Decide the fault for an authenticated call, apply it to the ledger (via `apply`)
+/// when the fault lets the operation through, and say how to answer.
+pub(super) fn run(
+    st: &mut Inner,
+    call: Call<'_>,
+    apply: impl FnOnce(&mut Ledger) -> Value,
+) -> Outcome {
+    let faults = st.faults.clone();
+    let fault = decide(
+        &mut st.fault_rng,
+        &mut st.session_rng,
+        &faults,
+        call.op == Op::CancelPay,
+    );
+    let stall = Duration::from_millis(faults.stall_ms);
+    let answer = match fault {
+        Fault::TokenRevoke => {
+            st.tokens.revoke_for(call.token, call.appid);
+            Some(err_json(
+                errcode::TOKEN_INVALID,
+                "invalid credential, access_token is invalid or not latest",
+            ))
+        }
+        Fault::Busy => Some(err_json(errcode::SYSTEM_BUSY, "system error")),
+        Fault::Processing => Some(err_json(errcode::ORDER_PROCESSING, "order processing")),
+        Fault::Http502 | Fault::StallThenDrop => None,
+        Fault::None | Fault::ApplyThenStall => Some(apply(&mut st.ledger)),
+        Fault::SessionExpireAfterLost => {
+            let a = apply(&mut st.ledger);
+            if let Some(key) = &call.session_key {
+                st.sessions.expire(call.openid, key);
+            }
+            Some(a)
+        }
+    };
+    let code = answer
+        .as_ref()
+        .and_then(|a| a.get("errcode"))
+        .and_then(Value::as_i64);
+    tracing::debug!(
+        kind = call.op.kind(),
+        route = ?call.route,
+        appid = %call.appid,
+        openid = %call.openid,
+        bill_no = call.bill_no.unwrap_or(""),
+        fault = fault.as_str(),
+        session_expired = fault == Fault::SessionExpireAfterLost && call.session_key.is_some(),
+        errcode = code,
+        "sim call"
+    );
+    match (fault, answer) {
+        (Fault::Http502, _) => Outcome::Http502,
+        (Fault::StallThenDrop, _) => Outcome::StallThenDrop(stall),
+        (Fault::ApplyThenStall | Fault::SessionExpireAfterLost, Some(a)) => {
+            Outcome::StallThenAnswer(a, stall)
+        }
+        (_, Some(a)) => Outcome::Answer(a),
+        (_, None) => Outcome::Answer(err_json(errcode::SYSTEM_BUSY, "system error")),
+    }
 }
 
 #[cfg(test)]

@@ -61,6 +61,7 @@ use crate::config::SimulatorConfig;
 use crate::midas::errcode;
 use crate::secret::Secret;
 
+use faults::{run, Call};
 pub use faults::{Fault, Faults};
 use ledger::Ledger;
 pub use ledger::{Account, LedgerDump, Order};
@@ -405,75 +406,6 @@ fn check_token(st: &Inner, route: Route, op: Op, token: Option<&str>) -> Result<
             log_refused(route, op, &r, "");
             Outcome::Answer(err_json(r.errcode, &r.errmsg))
         })
-}
-
-/// A call that passed the token and signature checks, as the fault layer sees it.
-struct Call<'a> {
-    route: Route,
-    op: Op,
-    token: &'a str,
-    appid: &'a str,
-    openid: &'a str,
-    bill_no: Option<&'a str>,
-    /// The session_key the call was verified with, when the simulator knows it.
-    session_key: Option<String>,
-}
-
-/// Decide the fault for an authenticated call, apply it to the ledger (via `apply`)
-/// when the fault lets the operation through, and say how to answer.
-fn run(st: &mut Inner, call: Call<'_>, apply: impl FnOnce(&mut Ledger) -> Value) -> Outcome {
-    let faults = st.faults.clone();
-    let fault = faults::decide(
-        &mut st.fault_rng,
-        &mut st.session_rng,
-        &faults,
-        call.op == Op::CancelPay,
-    );
-    let stall = Duration::from_millis(faults.stall_ms);
-    let answer = match fault {
-        Fault::TokenRevoke => {
-            st.tokens.revoke_for(call.token, call.appid);
-            Some(err_json(
-                errcode::TOKEN_INVALID,
-                "invalid credential, access_token is invalid or not latest",
-            ))
-        }
-        Fault::Busy => Some(err_json(errcode::SYSTEM_BUSY, "system error")),
-        Fault::Processing => Some(err_json(errcode::ORDER_PROCESSING, "order processing")),
-        Fault::Http502 | Fault::StallThenDrop => None,
-        Fault::None | Fault::ApplyThenStall => Some(apply(&mut st.ledger)),
-        Fault::SessionExpireAfterLost => {
-            let a = apply(&mut st.ledger);
-            if let Some(key) = &call.session_key {
-                st.sessions.expire(call.openid, key);
-            }
-            Some(a)
-        }
-    };
-    let code = answer
-        .as_ref()
-        .and_then(|a| a.get("errcode"))
-        .and_then(Value::as_i64);
-    tracing::debug!(
-        kind = call.op.kind(),
-        route = ?call.route,
-        appid = %call.appid,
-        openid = %call.openid,
-        bill_no = call.bill_no.unwrap_or(""),
-        fault = fault.as_str(),
-        session_expired = fault == Fault::SessionExpireAfterLost && call.session_key.is_some(),
-        errcode = code,
-        "sim call"
-    );
-    match (fault, answer) {
-        (Fault::Http502, _) => Outcome::Http502,
-        (Fault::StallThenDrop, _) => Outcome::StallThenDrop(stall),
-        (Fault::ApplyThenStall | Fault::SessionExpireAfterLost, Some(a)) => {
-            Outcome::StallThenAnswer(a, stall)
-        }
-        (_, Some(a)) => Outcome::Answer(a),
-        (_, None) => Outcome::Answer(err_json(errcode::SYSTEM_BUSY, "system error")),
-    }
 }
 
 /// A 1.0 call: everything between the request and the answer that needs the lock.
