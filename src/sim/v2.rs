@@ -11,7 +11,7 @@
 //! serialization and sends another is refused.
 //!
 //! An over-refund (refunds of a pay summing above it) answers 90018 with an errmsg
-//! saying so: MIDAS-V2 documents no code for it, and 90018 is definitive in 2.0.
+//! saying so: the 2.0 pages document no code for it, and 90018 is definitive in 2.0.
 
 use std::collections::HashMap;
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::sign;
+use crate::command::{Op, Params};
 use crate::midas::client::{describe, Answer, Api, Body};
 use crate::midas::errcode::{self, MidasApi, OutcomeClass};
 use crate::secret::Secret;
@@ -67,6 +68,44 @@ pub struct V2Params {
     pub payitem: Option<String>,
     pub remark: Option<String>,
     pub pay_bill_no: Option<String>,
+}
+
+impl V2Params {
+    /// A command's parameters in 2.0 terms: `amt` (pay, and the refund amount of a
+    /// cancel_pay) or `present_counts` → `amount`, `pay_item` → `payitem`,
+    /// `app_remark` → `remark`, the command's `user_ip` or else `default_user_ip`.
+    /// `pay_bill_no` is left empty: set it for a cancel_pay.
+    pub fn from_command(
+        p: &Params,
+        offer_id: &str,
+        default_user_ip: Option<&str>,
+        env: V2Env,
+        ts: i64,
+    ) -> V2Params {
+        let amount = match p.op {
+            Op::Pay | Op::CancelPay => p.amt,
+            Op::Present => p.present_counts,
+            Op::Balance => None,
+        };
+        V2Params {
+            openid: p.openid.clone(),
+            offer_id: offer_id.to_string(),
+            zone_id: p.zone_id.clone(),
+            user_ip: p
+                .user_ip
+                .as_deref()
+                .or(default_user_ip)
+                .unwrap_or_default()
+                .to_string(),
+            env,
+            ts,
+            amount,
+            bill_no: p.bill_no.clone(),
+            payitem: p.pay_item.clone(),
+            remark: p.app_remark.clone(),
+            pay_bill_no: None,
+        }
+    }
 }
 
 /// Why a request was not built (nothing was sent).
@@ -144,11 +183,16 @@ pub fn build_request(
     app_key: &Secret,
     session_key: &Secret,
 ) -> Result<V2Request, BuildError> {
-    if p.user_ip.is_empty() {
-        return Err(BuildError::Missing {
-            api: api.name(),
-            field: "user_ip",
-        });
+    for (field, empty) in [
+        ("user_ip", p.user_ip.is_empty()),
+        ("session_key", session_key.is_empty()),
+    ] {
+        if empty {
+            return Err(BuildError::Missing {
+                api: api.name(),
+                field,
+            });
+        }
     }
     let mut wire = WireBody {
         openid: &p.openid,
@@ -464,6 +508,53 @@ mod tests {
         let mut p = check_params();
         p.user_ip.clear();
         assert!(build_request(Api::GetBalance, &p, &k, &s).is_err());
+        let empty = Secret::new("");
+        assert_eq!(
+            build_request(Api::GetBalance, &check_params(), &k, &empty).unwrap_err(),
+            BuildError::Missing {
+                api: "getbalance",
+                field: "session_key"
+            }
+        );
+    }
+
+    #[test]
+    fn a_command_maps_onto_2_0_names() {
+        // From JSON, so that optional fields added to `Params` later keep this compiling.
+        let cmd: Params = serde_json::from_value(serde_json::json!({
+            "op": "pay", "bill_no": "B", "openid": "o", "appid": "wx", "zone_id": "2",
+            "pf": "android", "amt": 7, "pay_item": "item", "app_remark": "rem"
+        }))
+        .unwrap();
+        let v = V2Params::from_command(&cmd, "offer", Some("198.51.100.1"), V2Env::Sandbox, 5);
+        assert_eq!(
+            (v.amount, v.payitem.as_deref(), v.remark.as_deref()),
+            (Some(7), Some("item"), Some("rem"))
+        );
+        assert_eq!(
+            (v.user_ip.as_str(), v.zone_id.as_str(), v.offer_id.as_str()),
+            ("198.51.100.1", "2", "offer")
+        );
+        let body = build_request(Api::Pay, &v, &Secret::new("k"), &Secret::new("s"))
+            .unwrap()
+            .body;
+        let text = String::from_utf8(body).unwrap();
+        for absent in ["appid", "\"pf\"", "amt", "pay_item", "app_remark"] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+        let present: Params = serde_json::from_value(serde_json::json!({
+            "op": "present", "bill_no": "G", "openid": "o", "appid": "wx", "zone_id": "2",
+            "pf": "android", "present_counts": 3, "user_ip": "203.0.113.9"
+        }))
+        .unwrap();
+        let v = V2Params::from_command(
+            &present,
+            "offer",
+            Some("198.51.100.1"),
+            V2Env::Production,
+            5,
+        );
+        assert_eq!((v.amount, v.user_ip.as_str()), (Some(3), "203.0.113.9"));
     }
 
     #[test]
