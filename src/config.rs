@@ -242,6 +242,9 @@ pub struct SimulatorConfig {
     pub processing_rate: f64,
     /// Revoke the current access token with this probability per call (the call gets 40001).
     pub token_revoke_rate: f64,
+    /// Apply, lose the answer (like `apply_then_stall`) and expire the session_key the
+    /// call was signed with: later calls signed with it answer 90010.
+    pub session_expire_after_lost_rate: f64,
     pub stall: Dur,
 }
 
@@ -259,6 +262,7 @@ impl Default for SimulatorConfig {
             http_502_rate: 0.0,
             processing_rate: 0.0,
             token_revoke_rate: 0.0,
+            session_expire_after_lost_rate: 0.0,
             stall: Dur(Duration::from_secs(10)),
         }
     }
@@ -515,6 +519,10 @@ fn validate(c: &Config) -> Result<(), ConfigError> {
         ("simulator.http_502_rate", s.http_502_rate),
         ("simulator.processing_rate", s.processing_rate),
         ("simulator.token_revoke_rate", s.token_revoke_rate),
+        (
+            "simulator.session_expire_after_lost_rate",
+            s.session_expire_after_lost_rate,
+        ),
     ] {
         if !(0.0..=1.0).contains(&rate) {
             return Err(invalid(key, "must be between 0.0 and 1.0"));

@@ -57,7 +57,11 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
         retry: c.retry.clone(),
         max_in_flight: c.midas.max_in_flight.max(1),
         max_rps: c.midas.max_rps,
-        apps: settings.apps.iter().map(|a| a.appid.clone()).collect(),
+        apps: settings
+            .apps
+            .iter()
+            .map(|a| (a.appid.clone(), crate::midas::errcode::MidasApi::V1))
+            .collect(),
         simulated: c.midas.environment == Environment::Simulator,
     }
 }

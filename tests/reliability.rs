@@ -64,6 +64,7 @@ async fn all_simulator_faults_together_ledger_agrees() {
             // token refresh only every 30 s, so revoking more often than that stalls
             // every call for up to 30 s (by design, not a fault of the worker)
             token_revoke_rate: 0.0,
+            session_expire_after_lost_rate: 0.0,
             stall_ms: 600,
         })
         .await;
@@ -623,6 +624,7 @@ async fn soak_steady_stream_with_faults_memory_stays_flat() {
             processing_rate: 0.1,
             // revoked by hand every 45 s below (forced refreshes are 30 s apart)
             token_revoke_rate: 0.0,
+            session_expire_after_lost_rate: 0.0,
             stall_ms: 500,
         })
         .await;

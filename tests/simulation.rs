@@ -152,7 +152,7 @@ impl Sim {
             },
             max_in_flight: rng.random_range(1..4),
             max_rps: [1, 5, 500][rng.random_range(0..3)],
-            apps: vec!["wx1".into()],
+            apps: vec![("wx1".into(), errcode::MidasApi::V1)],
             simulated: false,
         };
         let fault_rate = [0.0, 0.1, 0.3, 0.6][rng.random_range(0..4)];
@@ -359,7 +359,10 @@ impl Sim {
                 let session_problem = match r.state {
                     JobState::Failed => r.last_errcode == Some(errcode::SESSION_EXPIRED),
                     _ => {
-                        r.uncertain && r.last_errcode.is_some_and(errcode::says_nothing_about_bill)
+                        r.uncertain
+                            && r.last_errcode.is_some_and(|c| {
+                                errcode::says_nothing_about_bill(errcode::MidasApi::V1, c)
+                            })
                     }
                 };
                 if !session_problem {

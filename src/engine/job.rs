@@ -21,7 +21,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 
 use crate::command::{rfc3339_ms, Op, Params, Reply, Status};
 use crate::config::RetryConfig;
-use crate::midas::errcode;
+use crate::midas::errcode::{self, MidasApi};
 use crate::midas::{Answer, OutcomeClass};
 use crate::secret::Secret;
 
@@ -130,12 +130,24 @@ pub enum Decision {
 }
 
 /// What the engine knows beside the job and the answer.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Context {
     /// A newer session_key arrived (a re-sent command) after this call went out.
     pub newer_session_key: bool,
     /// Replies carry `simulated: true`.
     pub simulated: bool,
+    /// The API the job's app speaks (what an errcode means depends on it).
+    pub api: MidasApi,
+}
+
+impl Default for Context {
+    fn default() -> Context {
+        Context {
+            newer_session_key: false,
+            simulated: false,
+            api: MidasApi::V1,
+        }
+    }
 }
 
 /// The retry schedule (capped exponential backoff with full jitter, from `backon`).
@@ -189,7 +201,9 @@ pub fn decide(
         {
             Decision::Duplicate
         }
-        OutcomeClass::Definitive if code.is_some_and(errcode::says_nothing_about_bill) => {
+        OutcomeClass::Definitive
+            if code.is_some_and(|c| errcode::says_nothing_about_bill(ctx.api, c)) =>
+        {
             if ctx.newer_session_key {
                 // the command was re-sent with a new session_key meanwhile: use it
                 Decision::Retry { at: now }
@@ -542,7 +556,7 @@ mod tests {
         let j = job();
         let ctx = Context {
             newer_session_key: true,
-            simulated: false,
+            ..Context::default()
         };
         assert_eq!(
             decide(
@@ -572,8 +586,8 @@ mod tests {
     fn simulated_replies_say_so() {
         let j = job();
         let ctx = Context {
-            newer_session_key: false,
             simulated: true,
+            ..Context::default()
         };
         match decide(
             &j,

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::command::{Op, Params};
 use crate::config::RetryConfig;
+use crate::midas::errcode::MidasApi;
 use crate::midas::{Answer, Api, OutcomeClass};
 use crate::outbox::writer::{AttemptRow, Record, Update};
 use crate::secret::Secret;
@@ -91,8 +92,9 @@ pub struct EngineConfig {
     pub retry: RetryConfig,
     pub max_in_flight: usize,
     pub max_rps: u32,
-    /// Apps configured now (a job of an app removed from the config is not called).
-    pub apps: Vec<String>,
+    /// Apps configured now and the API each speaks (a job of an app removed from
+    /// the config is not called).
+    pub apps: Vec<(String, MidasApi)>,
     pub simulated: bool,
 }
 
@@ -210,6 +212,22 @@ impl Engine {
     /// Every idle player whose next job waits has a wake-up (simulation check).
     pub fn check_wakeups(&self) -> Result<(), String> {
         self.sched.check_wakeups(&Entries(&self.entries))
+    }
+
+    fn api_of(&self, appid: &str) -> Option<MidasApi> {
+        self.cfg
+            .apps
+            .iter()
+            .find(|(a, _)| a == appid)
+            .map(|(_, api)| *api)
+    }
+
+    fn context(&self, appid: &str, newer_session_key: bool) -> Context {
+        Context {
+            newer_session_key,
+            simulated: self.cfg.simulated,
+            api: self.api_of(appid).unwrap_or(MidasApi::V1),
+        }
     }
 
     fn jitter(&mut self) -> f64 {
@@ -358,15 +376,12 @@ impl Engine {
 
     /// The job was picked: the player is busy and a call slot is taken.
     fn start(&mut self, id: i64, now: i64, out: &mut Vec<Action>) {
-        let ctx = Context {
-            newer_session_key: false,
-            simulated: self.cfg.simulated,
-        };
         let Some(e) = self.entries.get(&id) else {
             self.sched.no_call();
             return;
         };
-        let known = self.cfg.apps.iter().any(|a| *a == e.job.params.appid);
+        let known = self.api_of(&e.job.params.appid).is_some();
+        let ctx = self.context(&e.job.params.appid, false);
         let past = job::deadline(&e.job, &self.cfg.retry).is_some_and(|d| now >= d);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
@@ -434,9 +449,16 @@ impl Engine {
         }
         j.last_errcode = answer.errcode;
         j.last_error = answer.errmsg.clone();
+        let newer = e.key_gen > e.call_gen;
         let ctx = Context {
-            newer_session_key: e.key_gen > e.call_gen,
+            newer_session_key: newer,
             simulated: self.cfg.simulated,
+            api: self
+                .cfg
+                .apps
+                .iter()
+                .find(|(a, _)| *a == e.job.params.appid)
+                .map_or(MidasApi::V1, |(_, api)| *api),
         };
         if e.target.is_some() {
             self.balance_answered(id, answer, now, jitter, out);
@@ -479,7 +501,10 @@ impl Engine {
     }
 
     fn balance_fetched(&mut self, id: i64, bal: Answer, now: i64, out: &mut Vec<Action>) {
-        let simulated = self.cfg.simulated;
+        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
+            return;
+        };
+        let ctx = self.context(&appid, false);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
@@ -488,10 +513,6 @@ impl Engine {
         }
         let Some(dup) = e.duplicate_of.take() else {
             return;
-        };
-        let ctx = Context {
-            newer_session_key: false,
-            simulated,
         };
         let reply = job::finish_duplicate(&e.job, &dup, Some(&bal), now, ctx);
         let rows = vec![
@@ -523,10 +544,10 @@ impl Engine {
         jitter: f64,
         out: &mut Vec<Action>,
     ) {
-        let ctx = Context {
-            newer_session_key: false,
-            simulated: self.cfg.simulated,
+        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
+            return;
         };
+        let ctx = self.context(&appid, false);
         let retry = &self.cfg.retry;
         let Some(e) = self.entries.get_mut(&id) else {
             return;

@@ -16,7 +16,7 @@ fn cfg() -> EngineConfig {
         },
         max_in_flight: 4,
         max_rps: 100,
-        apps: vec!["wx".into()],
+        apps: vec![("wx".into(), crate::midas::errcode::MidasApi::V1)],
         simulated: false,
     }
 }

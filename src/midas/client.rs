@@ -72,6 +72,15 @@ pub struct Body {
     pub save_sum: Option<i64>,
     pub cost_sum: Option<i64>,
     pub present_sum: Option<i64>,
+    // Virtual payment 2.0 names (`midas::v2`); 1.0 answers leave them empty and
+    // 2.0 answers leave the 1.0-only names empty (`first_save` is shared: 0/1).
+    pub present_balance: Option<i64>,
+    pub sum_save: Option<i64>,
+    pub sum_present: Option<i64>,
+    pub sum_balance: Option<i64>,
+    pub sum_cost: Option<i64>,
+    pub used_present_amount: Option<i64>,
+    pub bill_no: Option<String>,
 }
 
 /// What one call produced.
@@ -278,6 +287,7 @@ impl MidasClient {
                 save_sum: wire.save_sum,
                 cost_sum: wire.cost_sum,
                 present_sum: wire.present_sum,
+                ..Body::default()
             },
             latency: started.elapsed(),
         }

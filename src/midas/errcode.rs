@@ -56,16 +56,104 @@ pub const TOKEN_INVALID_2: i64 = 40014;
 pub const TOKEN_EXPIRED: i64 = 42001;
 pub const TOKEN_MISSING: i64 = 41001;
 
-/// Codes that only report a signature, session or permission problem: they say
-/// nothing about whether an earlier call of the same bill_no went through.
-pub fn says_nothing_about_bill(errcode: i64) -> bool {
-    matches!(
-        errcode,
-        MP_SIG_WRONG | SESSION_EXPIRED | SIG_WRONG | NO_PERMISSION
-    )
+/// Which Midas API an app speaks: 1.0 (`/cgi-bin/midas/*`, `sig`/`mp_sig`) or
+/// virtual payment 2.0 (`/wxa/game/*`, `pay_sig`/`signature`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MidasApi {
+    V1,
+    V2,
 }
 
-/// Class of a Midas JSON answer carrying `errcode`.
+impl MidasApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MidasApi::V1 => "v1",
+            MidasApi::V2 => "v2",
+        }
+    }
+}
+
+/// Class of a Midas JSON answer carrying `errcode`, for the API that answered.
+pub fn classify_for(api: MidasApi, errcode: i64) -> OutcomeClass {
+    match api {
+        MidasApi::V1 => classify(errcode),
+        MidasApi::V2 => classify_v2(errcode),
+    }
+}
+
+/// Is `errcode` in the table of `api`? The caller logs answers whose code is not
+/// (they keep their class, but a person should learn about the new code).
+pub fn is_listed(api: MidasApi, errcode: i64) -> bool {
+    match api {
+        MidasApi::V1 => matches!(
+            errcode,
+            0 | SYSTEM_BUSY
+                | ORDER_NOT_FOUND
+                | MP_SIG_WRONG
+                | SESSION_EXPIRED
+                | SIG_WRONG
+                | ORDER_EXISTS
+                | INSUFFICIENT_BALANCE
+                | ORDER_CONFIRMED
+                | ORDER_ROLLED_BACK
+                | ORDER_PROCESSING
+                | NO_PERMISSION
+                | PARAM_ERROR
+                | TOKEN_INVALID
+                | TOKEN_INVALID_2
+                | TOKEN_EXPIRED
+                | TOKEN_MISSING
+        ),
+        MidasApi::V2 => matches!(
+            errcode,
+            0 | SYSTEM_BUSY
+                | ORDER_NOT_FOUND
+                | SESSION_EXPIRED
+                | SIG_WRONG
+                | ORDER_EXISTS
+                | INSUFFICIENT_BALANCE
+                | PARAM_ERROR
+                | TOKEN_INVALID
+                | TOKEN_INVALID_2
+                | TOKEN_EXPIRED
+                | TOKEN_MISSING
+        ),
+    }
+}
+
+/// True for the codes that only report a signature, session or permission problem:
+/// they say nothing about whether an earlier, unanswered call with the same bill_no
+/// was applied (1.0: 90009, 90010, 90011, 90017; 2.0: 90010 `signature` wrong,
+/// 90011 `pay_sig` wrong). After an unanswered call such an answer must end a job
+/// `unknown` / `outcome_uncertain`, never `failed`.
+pub fn says_nothing_about_bill(api: MidasApi, errcode: i64) -> bool {
+    match api {
+        MidasApi::V1 => matches!(
+            errcode,
+            MP_SIG_WRONG | SESSION_EXPIRED | SIG_WRONG | NO_PERMISSION
+        ),
+        MidasApi::V2 => matches!(errcode, SESSION_EXPIRED | SIG_WRONG),
+    }
+}
+
+/// The 2.0 table. Unlike 1.0, a code not in the table is definitive for the bill
+/// (the 2.0 pay page: only a timeout or -1 leaves the outcome unknown); the caller
+/// logs it (see [`is_listed`]) and keeps it in the attempt history.
+fn classify_v2(errcode: i64) -> OutcomeClass {
+    match errcode {
+        0 => OutcomeClass::Success,
+        ORDER_EXISTS => OutcomeClass::Duplicate,
+        SYSTEM_BUSY => OutcomeClass::Transient,
+        TOKEN_INVALID | TOKEN_INVALID_2 | TOKEN_EXPIRED | TOKEN_MISSING => {
+            OutcomeClass::TokenInvalid
+        }
+        _ => OutcomeClass::Definitive,
+    }
+}
+
+/// Class of a Midas 1.0 JSON answer carrying `errcode` (same as
+/// `classify_for(MidasApi::V1, errcode)`).
 pub fn classify(errcode: i64) -> OutcomeClass {
     match errcode {
         0 => OutcomeClass::Success,
@@ -121,6 +209,53 @@ mod tests {
         ];
         for (code, class) in table {
             assert_eq!(classify(*code), *class, "errcode {code}");
+            assert_eq!(classify_for(MidasApi::V1, *code), *class, "errcode {code}");
+            assert_eq!(is_listed(MidasApi::V1, *code), *code != 12345, "{code}");
         }
+    }
+
+    #[test]
+    fn table_from_midas_v2_md() {
+        use OutcomeClass::*;
+        let table: &[(i64, OutcomeClass)] = &[
+            (0, Success),
+            (-1, Transient),
+            (90000, Definitive),
+            (90010, Definitive),
+            (90011, Definitive),
+            (90012, Duplicate),
+            (90013, Definitive),
+            (90018, Definitive),
+            (40001, TokenInvalid),
+            (40014, TokenInvalid),
+            (42001, TokenInvalid),
+            (41001, TokenInvalid),
+        ];
+        for (code, class) in table {
+            assert_eq!(classify_for(MidasApi::V2, *code), *class, "errcode {code}");
+            assert!(is_listed(MidasApi::V2, *code), "{code}");
+        }
+        // Not in the 2.0 table: definitive (1.0 would retry these), and not listed.
+        for code in [90016, 90017, 90099, 12345] {
+            assert_eq!(classify_for(MidasApi::V2, code), Definitive, "{code}");
+            assert!(!is_listed(MidasApi::V2, code), "{code}");
+        }
+    }
+
+    #[test]
+    fn only_signature_session_permission_codes_say_nothing_about_the_bill() {
+        for code in [90009, 90010, 90011, 90017] {
+            assert!(says_nothing_about_bill(MidasApi::V1, code), "v1 {code}");
+        }
+        for code in [90010, 90011] {
+            assert!(says_nothing_about_bill(MidasApi::V2, code), "v2 {code}");
+        }
+        for code in [0, -1, 90000, 90012, 90013, 90018, 40001] {
+            assert!(!says_nothing_about_bill(MidasApi::V1, code), "v1 {code}");
+            assert!(!says_nothing_about_bill(MidasApi::V2, code), "v2 {code}");
+        }
+        // 90009 and 90017 are not 2.0 signature codes.
+        assert!(!says_nothing_about_bill(MidasApi::V2, 90009));
+        assert!(!says_nothing_about_bill(MidasApi::V2, 90017));
     }
 }

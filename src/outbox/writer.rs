@@ -15,7 +15,7 @@ use super::OutboxError;
 use crate::command::{Command, Params};
 use crate::engine::job::{Job, JobState};
 use crate::metrics::METRICS;
-use crate::midas::errcode::{says_nothing_about_bill, SESSION_EXPIRED};
+use crate::midas::errcode::{says_nothing_about_bill, MidasApi, SESSION_EXPIRED};
 use crate::midas::Answer;
 use crate::secret::Secret;
 
@@ -390,7 +390,10 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     // an unanswered call (outcome_uncertain).
     let session_problem = match state {
         JobState::Failed => last_errcode == Some(SESSION_EXPIRED),
-        JobState::Unknown => uncertain && last_errcode.is_some_and(says_nothing_about_bill),
+        // (the 1.0 set holds the 2.0 one: a job only ends uncertain on its own API's codes)
+        JobState::Unknown => {
+            uncertain && last_errcode.is_some_and(|c| says_nothing_about_bill(MidasApi::V1, c))
+        }
         _ => false,
     };
     if session_problem && session_key.is_some() {

@@ -43,6 +43,9 @@ pub struct SimulateArgs {
     /// Rate of token revocation (the call gets 40001).
     #[arg(long)]
     pub token_revoke_rate: Option<f64>,
+    /// Rate of "apply, lose the answer, expire the call's session_key" (then 90010).
+    #[arg(long)]
+    pub session_expire_after_lost_rate: Option<f64>,
     /// How long stalls last, e.g. 10s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub stall: Option<Duration>,
@@ -68,6 +71,10 @@ pub fn sim_config(args: &SimulateArgs, settings: &Settings) -> crate::config::Si
         (args.http_502_rate, &mut c.http_502_rate),
         (args.processing_rate, &mut c.processing_rate),
         (args.token_revoke_rate, &mut c.token_revoke_rate),
+        (
+            args.session_expire_after_lost_rate,
+            &mut c.session_expire_after_lost_rate,
+        ),
     ];
     for (v, slot) in rates {
         if let Some(v) = v {

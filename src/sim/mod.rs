@@ -9,6 +9,10 @@
 //!   42001), JSON object body and fields (90018), appid known (90018) and owning the
 //!   token (90017), `sig` (90011, sandbox key on sandbox paths, AppKey otherwise),
 //!   `mp_sig` (90009/90010), then faults, then the ledger.
+//! - `POST /wxa/game/{getbalance,pay,present,cancelpay}`: virtual payment 2.0
+//!   (see [`v2`]): access token, `sig_method` and body (90018), `pay_sig` over the raw
+//!   body with the AppKey of `env` (90011), `signature` (90010), then the same faults,
+//!   then the ledger with 2.0 rules (idempotency per openid + zone, partial refunds).
 //! - `GET /sim/ledger`, `POST /sim/faults`, `POST /sim/revoke`, `POST /sim/sessions`,
 //!   `GET /healthz`: inspection and control for tests and operators.
 //!
@@ -17,15 +21,21 @@
 //! off; register to enforce: for an openid with no registered key, `mp_sig` is not
 //! checked at all; once a key is registered, `mp_sig` must verify with it (90009 if
 //! it does not, 90010 if it verifies only with a rotated-out key). A call without
-//! `mp_sig` is accepted either way (current documentation lists only `sig`).
+//! `mp_sig` is accepted either way (current documentation lists only `sig`). 2.0
+//! `signature` is checked the same way (90010 for a wrong or old key). The
+//! `session_expire_after_lost` fault expires the registered key a call verified with:
+//! calls signed with it then answer 90010; calls with any other key go unchecked
+//! until a new key is registered.
 //!
-//! Sandbox and official paths share one ledger, keyed by (appid, openid).
+//! Sandbox and official paths (and 2.0 `env` 0/1) share one ledger, keyed by
+//! (appid, openid).
 //! Tokens, keys and session keys are never logged.
 
 pub mod cli;
 pub mod faults;
 pub mod ledger;
 pub mod tokens;
+pub mod v2;
 pub mod verify;
 
 use std::collections::{BTreeMap, HashMap};
@@ -49,9 +59,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::SimulatorConfig;
 use crate::midas::errcode;
-use crate::midas::sign;
 use crate::secret::Secret;
 
+use faults::{run, Call};
 pub use faults::{Fault, Faults};
 use ledger::Ledger;
 pub use ledger::{Account, LedgerDump, Order};
@@ -94,6 +104,8 @@ struct Inner {
     sessions: Sessions,
     faults: Faults,
     fault_rng: SmallRng,
+    /// Draws for `session_expire_after_lost` (kept apart so older seeds repeat).
+    session_rng: SmallRng,
     calls: BTreeMap<String, u64>,
 }
 
@@ -127,6 +139,8 @@ pub struct Simulator {
 /// Token RNG seed derived from the configured seed, so that fetching tokens does not
 /// shift the sequence of fault decisions.
 const TOKEN_SEED_SALT: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Seed salt for the session-expiry fault draws.
+const SESSION_SEED_SALT: u64 = 0x5e55_1011_e4b1_7e01;
 
 impl Simulator {
     pub fn new(cfg: SimulatorConfig, apps: Vec<SimApp>) -> Simulator {
@@ -140,6 +154,7 @@ impl Simulator {
             sessions: Sessions::default(),
             faults,
             fault_rng: SmallRng::seed_from_u64(cfg.seed),
+            session_rng: SmallRng::seed_from_u64(cfg.seed ^ SESSION_SEED_SALT),
             calls: BTreeMap::new(),
         };
         Simulator {
@@ -180,10 +195,11 @@ impl Simulator {
     pub fn router(&self) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
-            .route("/cgi-bin/stable_token", post(stable_token))
-            .route("/cgi-bin/token", get(legacy_token))
+            .route("/cgi-bin/stable_token", post(tokens::stable_token))
+            .route("/cgi-bin/token", get(tokens::legacy_token))
             .route("/cgi-bin/midas/{op}", post(midas_official))
             .route("/cgi-bin/midas/sandbox/{op}", post(midas_sandbox))
+            .route("/wxa/game/{op}", post(midas_v2))
             .route("/sim/ledger", get(sim_ledger))
             .route("/sim/faults", post(sim_faults))
             .route("/sim/revoke", post(sim_revoke))
@@ -269,78 +285,6 @@ fn err_json(errcode: i64, errmsg: &str) -> Value {
     json!({"errcode": errcode, "errmsg": errmsg})
 }
 
-// ---------------------------------------------------------------- tokens
-
-#[derive(Deserialize)]
-struct TokenBody {
-    grant_type: Option<String>,
-    appid: Option<String>,
-    secret: Option<String>,
-    force_refresh: Option<bool>,
-}
-
-/// Check grant_type, appid and secret; `Ok(appid)` or the platform's error answer.
-fn check_credentials(shared: &Shared, body: &TokenBody) -> Result<String, Value> {
-    if body.grant_type.as_deref() != Some("client_credential") {
-        return Err(err_json(40002, "invalid grant_type"));
-    }
-    let Some(appid) = body.appid.as_deref().filter(|a| !a.is_empty()) else {
-        return Err(err_json(41002, "appid missing"));
-    };
-    let Some(app) = shared.apps.get(appid) else {
-        return Err(err_json(40013, "invalid appid"));
-    };
-    let Some(secret) = body.secret.as_deref().filter(|s| !s.is_empty()) else {
-        return Err(err_json(41004, "appsecret missing"));
-    };
-    if !sign::sig_eq(secret, app.app_secret.expose()) {
-        return Err(err_json(40125, "invalid appsecret"));
-    }
-    Ok(appid.to_string())
-}
-
-async fn stable_token(State(shared): State<Arc<Shared>>, body: Bytes) -> Json<Value> {
-    shared.count("stable_token");
-    let Ok(body) = serde_json::from_slice::<TokenBody>(&body) else {
-        return Json(err_json(errcode::PARAM_ERROR, "invalid request body"));
-    };
-    let appid = match check_credentials(&shared, &body) {
-        Ok(a) => a,
-        Err(answer) => {
-            tracing::debug!(kind = "stable_token", answer = %answer, "sim call refused");
-            return Json(answer);
-        }
-    };
-    let force = body.force_refresh.unwrap_or(false);
-    let (token, expires_in) = shared.lock().tokens.stable(&appid, force, Instant::now());
-    tracing::debug!(kind = "stable_token", %appid, force_refresh = force, "sim token");
-    Json(json!({"access_token": token, "expires_in": expires_in}))
-}
-
-async fn legacy_token(
-    State(shared): State<Arc<Shared>>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Json<Value> {
-    shared.count("token");
-    let q = query.map(|Query(q)| q).unwrap_or_default();
-    let body = TokenBody {
-        grant_type: q.get("grant_type").cloned(),
-        appid: q.get("appid").cloned(),
-        secret: q.get("secret").cloned(),
-        force_refresh: None,
-    };
-    let appid = match check_credentials(&shared, &body) {
-        Ok(a) => a,
-        Err(answer) => {
-            tracing::debug!(kind = "token", answer = %answer, "sim call refused");
-            return Json(answer);
-        }
-    };
-    let (token, expires_in) = shared.lock().tokens.legacy(&appid, Instant::now());
-    tracing::debug!(kind = "token", %appid, "sim token");
-    Json(json!({"access_token": token, "expires_in": expires_in}))
-}
-
 // ---------------------------------------------------------------- midas endpoints
 
 /// What the handler does after the synchronous part.
@@ -353,47 +297,77 @@ enum Outcome {
     StallThenDrop(Duration),
 }
 
+/// Which family of paths a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// `/cgi-bin/midas/*` (or `/cgi-bin/midas/sandbox/*`).
+    V1 { sandbox: bool },
+    /// `/wxa/game/*`.
+    V2,
+}
+
+type QueryMap = Result<Query<HashMap<String, String>>, QueryRejection>;
+
 async fn midas_official(
     State(shared): State<Arc<Shared>>,
     Path(op): Path<String>,
     uri: Uri,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryMap,
     body: Bytes,
 ) -> Response {
-    midas(shared, &op, false, uri, query, body).await
+    midas(shared, &op, Route::V1 { sandbox: false }, uri, query, body).await
 }
 
 async fn midas_sandbox(
     State(shared): State<Arc<Shared>>,
     Path(op): Path<String>,
     uri: Uri,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryMap,
     body: Bytes,
 ) -> Response {
-    midas(shared, &op, true, uri, query, body).await
+    midas(shared, &op, Route::V1 { sandbox: true }, uri, query, body).await
+}
+
+async fn midas_v2(
+    State(shared): State<Arc<Shared>>,
+    Path(op): Path<String>,
+    uri: Uri,
+    query: QueryMap,
+    body: Bytes,
+) -> Response {
+    midas(shared, &op, Route::V2, uri, query, body).await
 }
 
 async fn midas(
     shared: Arc<Shared>,
     op: &str,
-    sandbox: bool,
+    route: Route,
     uri: Uri,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: QueryMap,
     body: Bytes,
 ) -> Response {
     let Some(op) = Op::from_path(op) else {
         return (StatusCode::NOT_FOUND, Json(err_json(404, "no such api"))).into_response();
     };
-    let token = query.ok().and_then(|Query(mut q)| q.remove("access_token"));
+    let mut query = query.map(|Query(q)| q).unwrap_or_default();
+    let token = query.remove("access_token");
+    let kind = match route {
+        Route::V1 { .. } => op.kind().to_string(),
+        Route::V2 => format!("v2_{}", op.kind()),
+    };
     let latency = {
         let mut st = shared.lock();
-        *st.calls.entry(op.kind().to_string()).or_insert(0) += 1;
+        *st.calls.entry(kind).or_insert(0) += 1;
         st.faults.latency_ms
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    match process(&shared, op, sandbox, uri.path(), token.as_deref(), &body) {
+    let outcome = match route {
+        Route::V1 { sandbox } => process(&shared, op, sandbox, uri.path(), token.as_deref(), &body),
+        Route::V2 => v2::process(&shared, op, uri.path(), token.as_deref(), &query, &body),
+    };
+    match outcome {
         Outcome::Answer(v) => Json(v).into_response(),
         Outcome::Http502 => (
             StatusCode::BAD_GATEWAY,
@@ -411,7 +385,30 @@ async fn midas(
     }
 }
 
-/// Everything between the request and the answer that needs the lock; no awaits.
+fn log_refused(route: Route, op: Op, r: &Reject, appid: &str) {
+    tracing::debug!(
+        kind = op.kind(),
+        route = ?route,
+        appid,
+        errcode = r.errcode,
+        errmsg = %r.errmsg,
+        "sim call refused"
+    );
+}
+
+/// The access token's appid, or the refusal to answer.
+fn check_token(st: &Inner, route: Route, op: Op, token: Option<&str>) -> Result<String, Outcome> {
+    st.tokens
+        .check(token, Instant::now())
+        .map(str::to_string)
+        .map_err(|(code, msg)| {
+            let r = Reject::new(code, msg);
+            log_refused(route, op, &r, "");
+            Outcome::Answer(err_json(r.errcode, &r.errmsg))
+        })
+}
+
+/// A 1.0 call: everything between the request and the answer that needs the lock.
 fn process(
     shared: &Shared,
     op: Op,
@@ -420,33 +417,14 @@ fn process(
     token: Option<&str>,
     body: &[u8],
 ) -> Outcome {
+    let route = Route::V1 { sandbox };
     let mut st = shared.lock();
-    let now = Instant::now();
-    let log_refused = |r: &Reject, appid: &str, openid: &str| {
-        tracing::debug!(
-            kind = op.kind(),
-            sandbox,
-            appid,
-            openid,
-            errcode = r.errcode,
-            errmsg = %r.errmsg,
-            "sim call refused"
-        );
-    };
-
-    // 1. access token
-    let token_appid = match st.tokens.check(token, now) {
-        Ok(a) => a.to_string(),
-        Err((code, msg)) => {
-            let r = Reject::new(code, msg);
-            log_refused(&r, "", "");
-            return Outcome::Answer(err_json(r.errcode, &r.errmsg));
-        }
+    let token_appid = match check_token(&st, route, op, token) {
+        Ok(a) => a,
+        Err(o) => return o,
     };
     let token = token.unwrap_or_default();
-
-    // 2. body, app, signatures
-    let req = match authenticate(
+    let (req, session_key) = match authenticate(
         shared,
         &st.sessions,
         op,
@@ -458,52 +436,24 @@ fn process(
     ) {
         Ok(r) => r,
         Err(r) => {
-            log_refused(&r, &token_appid, "");
+            log_refused(route, op, &r, &token_appid);
             return Outcome::Answer(err_json(r.errcode, &r.errmsg));
         }
     };
-
-    // 3. faults
-    let faults = st.faults.clone();
-    let fault = faults::decide(&mut st.fault_rng, &faults, op == Op::CancelPay);
-    let stall = Duration::from_millis(faults.stall_ms);
-    let answer = match fault {
-        Fault::TokenRevoke => {
-            st.tokens.revoke_for(token, &req.appid);
-            Some(err_json(
-                errcode::TOKEN_INVALID,
-                "invalid credential, access_token is invalid or not latest",
-            ))
-        }
-        Fault::Busy => Some(err_json(errcode::SYSTEM_BUSY, "system error")),
-        Fault::Processing => Some(err_json(errcode::ORDER_PROCESSING, "order processing")),
-        Fault::Http502 | Fault::StallThenDrop => None,
-        Fault::None | Fault::ApplyThenStall => Some(apply(&mut st.ledger, &req)),
+    let call = Call {
+        route,
+        op,
+        token,
+        appid: &req.appid,
+        openid: &req.openid,
+        bill_no: req.bill_no.as_deref(),
+        session_key,
     };
-    let code = answer
-        .as_ref()
-        .and_then(|a| a.get("errcode"))
-        .and_then(Value::as_i64);
-    tracing::debug!(
-        kind = op.kind(),
-        sandbox,
-        appid = %req.appid,
-        openid = %req.openid,
-        bill_no = req.bill_no.as_deref().unwrap_or(""),
-        fault = fault.as_str(),
-        errcode = code,
-        "sim call"
-    );
-    match (fault, answer) {
-        (Fault::Http502, _) => Outcome::Http502,
-        (Fault::StallThenDrop, _) => Outcome::StallThenDrop(stall),
-        (Fault::ApplyThenStall, Some(a)) => Outcome::StallThenAnswer(a, stall),
-        (_, Some(a)) => Outcome::Answer(a),
-        (_, None) => Outcome::Answer(err_json(errcode::SYSTEM_BUSY, "system error")),
-    }
+    run(&mut st, call, |ledger| apply(ledger, &req))
 }
 
 /// Body checks, app lookup, `sig`, then `mp_sig` against registered session keys.
+/// Also the session_key `mp_sig` verified with, when it is the registered one.
 #[allow(clippy::too_many_arguments)]
 fn authenticate(
     shared: &Shared,
@@ -514,7 +464,7 @@ fn authenticate(
     token: &str,
     token_appid: &str,
     body: &[u8],
-) -> Result<Request, Reject> {
+) -> Result<(Request, Option<String>), Reject> {
     let req = verify::parse(op, body)?;
     let Some(app) = shared.apps.get(&req.appid) else {
         return Err(Reject::new(
@@ -536,16 +486,20 @@ fn authenticate(
     if !verify::sig_ok(&req, uri, key.expose()) {
         return Err(Reject::new(errcode::SIG_WRONG, "sig wrong"));
     }
+    let mut session_key = None;
     if req.mp_sig.is_some() {
         match sessions.check(&req.openid, |k| verify::mp_sig_ok(&req, uri, token, k)) {
-            SessionCheck::Unknown | SessionCheck::Current => {}
+            SessionCheck::Unknown => {}
+            SessionCheck::Current => {
+                session_key = sessions.current(&req.openid).map(str::to_string)
+            }
             SessionCheck::Expired => {
                 return Err(Reject::new(errcode::SESSION_EXPIRED, "session expired"))
             }
             SessionCheck::Wrong => return Err(Reject::new(errcode::MP_SIG_WRONG, "mp_sig wrong")),
         }
     }
-    Ok(req)
+    Ok((req, session_key))
 }
 
 /// Apply a checked request to the ledger; the JSON answer.

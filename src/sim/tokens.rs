@@ -1,16 +1,25 @@
 //! Access tokens and session keys as the simulator tracks them, reproducing the
 //! platform behaviours a client must handle: `stable_token` keeps returning the same
 //! token (even a revoked one) until `force_refresh`; `/cgi-bin/token` replaces the
-//! previous token with five minutes of overlap; session keys rotate.
+//! previous token with five minutes of overlap; session keys rotate and expire. Also
+//! the token endpoints themselves (`/cgi-bin/stable_token`, `/cgi-bin/token`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::Json;
 use rand::distr::Alphanumeric;
 use rand::rngs::SmallRng;
 use rand::Rng;
+use serde::Deserialize;
+use serde_json::{json, Value};
 
-use crate::midas::errcode;
+use super::{err_json, Shared};
+use crate::midas::{errcode, sign};
 
 /// How long a replaced token stays valid.
 pub const OVERLAP: Duration = Duration::from_secs(300);
@@ -148,7 +157,7 @@ impl Tokens {
     }
 }
 
-/// Session keys per openid: the current one and those rotated out.
+/// Session keys per openid: the current one (if any) and those rotated out or expired.
 #[derive(Debug, Default)]
 pub struct Sessions {
     keys: HashMap<String, SessionKeys>,
@@ -156,64 +165,161 @@ pub struct Sessions {
 
 #[derive(Debug)]
 struct SessionKeys {
-    current: String,
+    /// `None` after the current key expired and before another one is registered.
+    current: Option<String>,
     previous: Vec<String>,
 }
 
-/// How an `mp_sig` relates to the registered session keys.
+/// How a signature made with a session_key relates to the registered keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionCheck {
-    /// No key registered for the openid: mp_sig is not checked.
+    /// No current key for the openid and no old key matches: not checked.
     Unknown,
     /// Verifies with the current key.
     Current,
-    /// Verifies only with a rotated-out key (90010).
+    /// Verifies only with a rotated-out or expired key (90010).
     Expired,
-    /// Verifies with none (90009).
+    /// Verifies with none while a current key is registered (1.0: 90009, 2.0: 90010).
     Wrong,
 }
 
 /// At most this many rotated-out keys are remembered per openid.
 const MAX_PREVIOUS: usize = 16;
 
+impl SessionKeys {
+    fn retire(&mut self, key: String) {
+        self.previous.retain(|p| *p != key);
+        self.previous.push(key);
+        if self.previous.len() > MAX_PREVIOUS {
+            self.previous.remove(0);
+        }
+    }
+}
+
 impl Sessions {
     /// Register or rotate the session key of an openid.
     pub fn register(&mut self, openid: &str, session_key: &str) {
-        match self.keys.get_mut(openid) {
-            Some(k) if k.current == session_key => {}
-            Some(k) => {
-                let old = std::mem::replace(&mut k.current, session_key.to_string());
-                k.previous.retain(|p| p != session_key);
-                k.previous.push(old);
-                if k.previous.len() > MAX_PREVIOUS {
-                    k.previous.remove(0);
+        let k = self
+            .keys
+            .entry(openid.to_string())
+            .or_insert_with(|| SessionKeys {
+                current: None,
+                previous: Vec::new(),
+            });
+        if k.current.as_deref() == Some(session_key) {
+            return;
+        }
+        k.previous.retain(|p| p != session_key);
+        if let Some(old) = k.current.replace(session_key.to_string()) {
+            k.retire(old);
+        }
+    }
+
+    /// The current key of an openid.
+    pub fn current(&self, openid: &str) -> Option<&str> {
+        self.keys.get(openid).and_then(|k| k.current.as_deref())
+    }
+
+    /// Expire `session_key` if it is the openid's current key: calls signed with it
+    /// are refused from now on; calls signed with any other key are not checked until
+    /// a new key is registered.
+    pub fn expire(&mut self, openid: &str, session_key: &str) {
+        if let Some(k) = self.keys.get_mut(openid) {
+            if k.current.as_deref() == Some(session_key) {
+                if let Some(old) = k.current.take() {
+                    k.retire(old);
                 }
-            }
-            None => {
-                self.keys.insert(
-                    openid.to_string(),
-                    SessionKeys {
-                        current: session_key.to_string(),
-                        previous: Vec::new(),
-                    },
-                );
             }
         }
     }
 
-    /// Classify with `verifies(key)` telling whether the mp_sig verifies with `key`.
+    /// Classify with `verifies(key)` telling whether the signature verifies with `key`.
     pub fn check(&self, openid: &str, verifies: impl Fn(&str) -> bool) -> SessionCheck {
         let Some(k) = self.keys.get(openid) else {
             return SessionCheck::Unknown;
         };
-        if verifies(&k.current) {
+        if k.current.as_deref().is_some_and(&verifies) {
             SessionCheck::Current
         } else if k.previous.iter().any(|p| verifies(p)) {
             SessionCheck::Expired
+        } else if k.current.is_none() {
+            SessionCheck::Unknown
         } else {
             SessionCheck::Wrong
         }
     }
+}
+
+// ---------------------------------------------------------------- token endpoints
+
+#[derive(Deserialize)]
+struct TokenBody {
+    grant_type: Option<String>,
+    appid: Option<String>,
+    secret: Option<String>,
+    force_refresh: Option<bool>,
+}
+
+/// Check grant_type, appid and secret; `Ok(appid)` or the platform's error answer.
+fn check_credentials(shared: &Shared, body: &TokenBody) -> Result<String, Value> {
+    if body.grant_type.as_deref() != Some("client_credential") {
+        return Err(err_json(40002, "invalid grant_type"));
+    }
+    let Some(appid) = body.appid.as_deref().filter(|a| !a.is_empty()) else {
+        return Err(err_json(41002, "appid missing"));
+    };
+    let Some(app) = shared.apps.get(appid) else {
+        return Err(err_json(40013, "invalid appid"));
+    };
+    let Some(secret) = body.secret.as_deref().filter(|s| !s.is_empty()) else {
+        return Err(err_json(41004, "appsecret missing"));
+    };
+    if !sign::sig_eq(secret, app.app_secret.expose()) {
+        return Err(err_json(40125, "invalid appsecret"));
+    }
+    Ok(appid.to_string())
+}
+
+pub(super) async fn stable_token(State(shared): State<Arc<Shared>>, body: Bytes) -> Json<Value> {
+    shared.count("stable_token");
+    let Ok(body) = serde_json::from_slice::<TokenBody>(&body) else {
+        return Json(err_json(errcode::PARAM_ERROR, "invalid request body"));
+    };
+    let appid = match check_credentials(&shared, &body) {
+        Ok(a) => a,
+        Err(answer) => {
+            tracing::debug!(kind = "stable_token", answer = %answer, "sim call refused");
+            return Json(answer);
+        }
+    };
+    let force = body.force_refresh.unwrap_or(false);
+    let (token, expires_in) = shared.lock().tokens.stable(&appid, force, Instant::now());
+    tracing::debug!(kind = "stable_token", %appid, force_refresh = force, "sim token");
+    Json(json!({"access_token": token, "expires_in": expires_in}))
+}
+
+pub(super) async fn legacy_token(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Json<Value> {
+    shared.count("token");
+    let q = query.map(|Query(q)| q).unwrap_or_default();
+    let body = TokenBody {
+        grant_type: q.get("grant_type").cloned(),
+        appid: q.get("appid").cloned(),
+        secret: q.get("secret").cloned(),
+        force_refresh: None,
+    };
+    let appid = match check_credentials(&shared, &body) {
+        Ok(a) => a,
+        Err(answer) => {
+            tracing::debug!(kind = "token", answer = %answer, "sim call refused");
+            return Json(answer);
+        }
+    };
+    let (token, expires_in) = shared.lock().tokens.legacy(&appid, Instant::now());
+    tracing::debug!(kind = "token", %appid, "sim token");
+    Json(json!({"access_token": token, "expires_in": expires_in}))
 }
 
 #[cfg(test)]
@@ -265,6 +371,17 @@ mod tests {
         s.register("o", "k2");
         assert_eq!(s.check("o", |k| k == "k2"), SessionCheck::Current);
         assert_eq!(s.check("o", |k| k == "k1"), SessionCheck::Expired);
+        assert_eq!(s.check("o", |_| false), SessionCheck::Wrong);
+        // Expiry: the key is refused, other keys go unchecked until one is registered.
+        s.expire("o", "k1");
+        assert_eq!(s.current("o"), Some("k2"), "only the current key expires");
+        s.expire("o", "k2");
+        assert_eq!(s.current("o"), None);
+        assert_eq!(s.check("o", |k| k == "k2"), SessionCheck::Expired);
+        assert_eq!(s.check("o", |k| k == "k3"), SessionCheck::Unknown);
+        s.register("o", "k3");
+        assert_eq!(s.check("o", |k| k == "k3"), SessionCheck::Current);
+        assert_eq!(s.check("o", |k| k == "k2"), SessionCheck::Expired);
         assert_eq!(s.check("o", |_| false), SessionCheck::Wrong);
     }
 }

@@ -55,7 +55,7 @@ impl Reject {
     }
 }
 
-fn param_error(what: impl std::fmt::Display) -> Reject {
+pub(super) fn param_error(what: impl std::fmt::Display) -> Reject {
     Reject::new(errcode::PARAM_ERROR, format!("param error: {what}"))
 }
 
@@ -75,7 +75,7 @@ pub struct Request {
     pub params: Vec<(String, String)>,
 }
 
-fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, Reject> {
+pub(super) fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, Reject> {
     match m.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
         Some(Value::String(_)) => Err(param_error(format!("{key} is empty"))),
@@ -84,7 +84,7 @@ fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rej
     }
 }
 
-fn required_int(m: &Map<String, Value>, key: &str) -> Result<i64, Reject> {
+pub(super) fn required_int(m: &Map<String, Value>, key: &str) -> Result<i64, Reject> {
     match m.get(key) {
         Some(Value::Number(n)) => n
             .as_i64()
@@ -99,6 +99,11 @@ pub fn valid_bill_no(s: &str) -> bool {
     (1..=63).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// 2.0 adds: must not start with `_`.
+pub fn valid_bill_no_v2(s: &str) -> bool {
+    valid_bill_no(s) && !s.starts_with('_')
 }
 
 /// Parse and check a request body for `op`.
@@ -263,5 +268,7 @@ mod tests {
         }
         assert!(!valid_bill_no(&"a".repeat(64)));
         assert!(valid_bill_no(&"a-_Z9".repeat(12)));
+        assert!(valid_bill_no("_x") && !valid_bill_no_v2("_x"));
+        assert!(valid_bill_no_v2("x_") && !valid_bill_no_v2(""));
     }
 }
