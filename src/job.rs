@@ -232,6 +232,7 @@ mod tests {
             initial: Dur(Duration::from_millis(500)),
             max: Dur(Duration::from_secs(300)),
             give_up_after: Dur(Duration::from_secs(24 * 3600)),
+            balance_give_up_after: Dur(Duration::from_secs(30)),
         }
     }
 
