@@ -211,7 +211,10 @@ mod tests {
             serde_json::to_string(&u).unwrap(),
         ] {
             assert!(!shown.contains("s3cr3t-pw"), "{shown}");
-            assert!(shown.contains("amqp://worker:***@rabbit.internal:5672/%2f"), "{shown}");
+            assert!(
+                shown.contains("amqp://worker:***@rabbit.internal:5672/%2f"),
+                "{shown}"
+            );
         }
         assert_eq!(&*u, "amqp://worker:s3cr3t-pw@rabbit.internal:5672/%2f");
         assert_eq!(

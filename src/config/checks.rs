@@ -80,7 +80,10 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(invalid("retry.balance_give_up_after", "must be above 0"));
     }
     if c.retry.balance_give_up_after.0 > MAX_GIVE_UP_AFTER {
-        return Err(invalid("retry.balance_give_up_after", "must be at most 47h"));
+        return Err(invalid(
+            "retry.balance_give_up_after",
+            "must be at most 47h",
+        ));
     }
     if c.apps.is_empty() {
         return Err(invalid("apps", "at least one [[apps]] entry is required"));
@@ -199,4 +202,3 @@ pub fn broker_is_loopback(url: &str) -> bool {
     };
     (ours.is_empty() || loopback(ours)) && loopback(&lapins)
 }
-

@@ -1,7 +1,8 @@
 //! Durations as people write them in the config: `"250ms"`, `"5s"`, `"24h"`, `"90d"`.
 //!
 //! Parsing accepts whatever `humantime` accepts; printing gives the shortest exact
-//! single-unit form (`90d`, not humantime's `2months 29days 7h 21m 36s`), so
+//! single-unit form (`90d`, not humantime's `2months 29days 7h 21m 36s`; hours up to
+//! `48h`, days above), so
 //! `check-config`, logs and messages show a value the way it was written and it
 //! reads back to the same duration.
 
@@ -32,6 +33,10 @@ impl fmt::Display for Dur {
             return f.write_str("0s");
         }
         for (unit, size) in UNITS {
+            // up to two days read better in hours ("24h", "47h", the 48h window)
+            if unit == "d" && nanos <= 2 * size {
+                continue;
+            }
             if nanos % size == 0 {
                 return write!(f, "{}{unit}", nanos / size);
             }
@@ -84,8 +89,7 @@ mod tests {
     #[test]
     fn prints_as_written_and_reads_back() {
         for s in [
-            "5s", "500ms", "24h", "90d", "30s", "5m", "47h", "36h", "1500ms", "250us", "7ns",
-            "0s",
+            "5s", "500ms", "24h", "90d", "30s", "5m", "47h", "36h", "1500ms", "250us", "7ns", "0s",
         ] {
             let d = parse(s);
             assert_eq!(d.to_string(), s);
@@ -94,7 +98,9 @@ mod tests {
             assert_eq!(parse(&d.to_string()), d);
         }
         assert_eq!(parse("1h 30m").to_string(), "90m");
-        assert_eq!(parse("2days").to_string(), "2d");
+        assert_eq!(parse("2days").to_string(), "48h");
+        assert_eq!(parse("3days").to_string(), "3d");
+        assert_eq!(parse("1d").to_string(), "24h");
         assert_eq!(fmt_duration(Duration::from_secs(5)), "5s");
         assert_eq!(fmt_duration(Duration::from_millis(100)), "100ms");
     }

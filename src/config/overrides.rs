@@ -83,7 +83,9 @@ fn leaves(table: &toml::Table, prefix: &str, out: &mut BTreeSet<String>) {
         let key = format!("{prefix}{k}");
         match v {
             toml::Value::Table(t) => leaves(t, &format!("{key}."), out),
-            toml::Value::Array(items) if items.iter().all(|i| i.is_table()) && !items.is_empty() => {
+            toml::Value::Array(items)
+                if items.iter().all(|i| i.is_table()) && !items.is_empty() =>
+            {
                 for (i, item) in items.iter().enumerate() {
                     if let toml::Value::Table(t) = item {
                         leaves(t, &format!("{key}[{i}]."), out);

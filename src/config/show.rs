@@ -34,7 +34,9 @@ impl Node {
     fn into_value(self) -> Value {
         match self {
             Node::Leaf(v) => v,
-            Node::Map(kv) => Value::Object(kv.into_iter().map(|(k, v)| (k, v.into_value())).collect()),
+            Node::Map(kv) => {
+                Value::Object(kv.into_iter().map(|(k, v)| (k, v.into_value())).collect())
+            }
             Node::Seq(items) => Value::Array(items.into_iter().map(Node::into_value).collect()),
         }
     }
@@ -95,11 +97,17 @@ fn flatten(node: Node, key: &str, out: &mut Vec<(String, Value)>) {
     match node {
         Node::Map(kv) => {
             for (k, v) in kv {
-                let sub = if key.is_empty() { k } else { format!("{key}.{k}") };
+                let sub = if key.is_empty() {
+                    k
+                } else {
+                    format!("{key}.{k}")
+                };
                 flatten(v, &sub, out);
             }
         }
-        Node::Seq(items) if !items.is_empty() && items.iter().all(|i| matches!(i, Node::Map(_))) => {
+        Node::Seq(items)
+            if !items.is_empty() && items.iter().all(|i| matches!(i, Node::Map(_))) =>
+        {
             for (i, item) in items.into_iter().enumerate() {
                 flatten(item, &format!("{key}[{i}]"), out);
             }
@@ -190,7 +198,12 @@ pub fn render_table(s: &Settings, problems: &[String]) -> String {
     let mut out = format!("config file: {}\n", s.source);
     out.push_str(&format!("{:kw$}  {:vw$}  SOURCE\n", "KEY", "VALUE"));
     for e in &rows {
-        out.push_str(&format!("{:kw$}  {:vw$}  {}\n", e.key, shown(&e.value), e.source));
+        out.push_str(&format!(
+            "{:kw$}  {:vw$}  {}\n",
+            e.key,
+            shown(&e.value),
+            e.source
+        ));
     }
     for n in notes(s) {
         out.push_str(&format!("note: {n}\n"));
@@ -223,5 +236,6 @@ pub fn render_json(s: &Settings, problems: &[String]) -> String {
         "notes": notes(s),
         "problems": problems,
     });
-    serde_json::to_string_pretty(&doc).unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+    serde_json::to_string_pretty(&doc)
+        .unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
 }
