@@ -118,11 +118,13 @@ fn main() -> ExitCode {
                 .map(|e| e.to_string())
                 .into_iter()
                 .collect();
-            if args.json {
-                println!("{}", config::show::render_json(&settings, &problems));
+            let out = if args.json {
+                config::show::render_json(&settings, &problems) + "\n"
             } else {
-                print!("{}", config::show::render_table(&settings, &problems));
-            }
+                config::show::render_table(&settings, &problems)
+            };
+            // a closed pipe (`| head`) is not an error worth a panic
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
             if problems.is_empty() {
                 ExitCode::SUCCESS
             } else {
