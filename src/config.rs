@@ -483,8 +483,15 @@ pub fn load_from(
     })
 }
 
+/// An error message on one line, with the password of any URL it quotes masked (a
+/// URL put under the wrong key is echoed by serde's "invalid value" messages).
 fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    let line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.contains("://") {
+        crate::secret::mask_url(&line)
+    } else {
+        line
+    }
 }
 
 fn resolve_apps(

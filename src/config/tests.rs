@@ -363,6 +363,18 @@ fn secrets_and_url_passwords_are_masked_everywhere() {
 }
 
 #[test]
+fn a_url_under_the_wrong_key_is_masked_in_the_error() {
+    let e = load_from(
+        MINIMAL,
+        &env(&[("MIDAS_WORKER__MIDAS__ENVIRONMENT", "amqp://u:wrongkey-s3cret@h/%2f")]),
+        "t",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("midas.environment") && !e.contains("wrongkey-s3cret"), "{e}");
+}
+
+#[test]
 fn the_postgres_outbox_stops_start_up_with_one_line() {
     let s = load_from(SHIPPED, &secret_env(), "t").unwrap();
     let e = unavailable(&s).unwrap_err().to_string();
