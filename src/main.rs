@@ -176,6 +176,16 @@ async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.config.midas.environment == config::Environment::Simulator
+        && !config::broker_is_loopback(&settings.config.broker.url)
+    {
+        // allowed by the flag or MIDAS_WORKER_ALLOW_SIMULATOR (run_preflight)
+        tracing::warn!(
+            broker = %settings.config.broker.url,
+            "SIMULATOR MODE ON A SHARED BROKER (allowed explicitly): every command on this \
+             broker's queues gets a simulated answer; no real currency moves"
+        );
+    }
     let running = worker::start(Arc::new(settings), None).await?;
     running.run_until(shutdown_signal()).await;
     Ok(())

@@ -105,7 +105,11 @@ fn the_shipped_config_lists_every_key() {
             e.key
         );
     }
-    for key in ["outbox.url", "outbox.max_size_mb", "apps[0].default_user_ip"] {
+    for key in [
+        "outbox.url",
+        "outbox.max_size_mb",
+        "apps[0].default_user_ip",
+    ] {
         assert!(commented(key), "{key}");
     }
 }
@@ -373,12 +377,18 @@ fn secrets_and_url_passwords_are_masked_everywhere() {
 fn a_url_under_the_wrong_key_is_masked_in_the_error() {
     let e = load_from(
         MINIMAL,
-        &env(&[("MIDAS_WORKER__MIDAS__ENVIRONMENT", "amqp://u:wrongkey-s3cret@h/%2f")]),
+        &env(&[(
+            "MIDAS_WORKER__MIDAS__ENVIRONMENT",
+            "amqp://u:wrongkey-s3cret@h/%2f",
+        )]),
         "t",
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("midas.environment") && !e.contains("wrongkey-s3cret"), "{e}");
+    assert!(
+        e.contains("midas.environment") && !e.contains("wrongkey-s3cret"),
+        "{e}"
+    );
 }
 
 #[test]
