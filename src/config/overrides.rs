@@ -108,6 +108,7 @@ pub(super) fn apply(
     env: &BTreeMap<String, String>,
     provenance: &mut Provenance,
 ) -> Result<(), ConfigError> {
+    let hints = default_types();
     for (name, raw) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -116,10 +117,36 @@ pub(super) fn apply(
         if parts.iter().any(|p| p.is_empty()) {
             return Err(invalid(name.clone(), "malformed override name"));
         }
-        let key = set_path(root, &parts, raw, "").map_err(|m| invalid(name.clone(), m))?;
+        let hint = type_hint(&hints, &parts);
+        let key = set_path(root, &parts, raw, "", hint).map_err(|m| invalid(name.clone(), m))?;
         provenance.env.insert(key, name.clone());
     }
     Ok(())
+}
+
+/// The default config as a table: for a key the file does not have, the type of its
+/// default decides how an override's text is read (`COMMAND_QUEUE=12345` is a name).
+fn default_types() -> toml::Table {
+    let mut empty = toml::Table::new();
+    for section in super::SECTIONS {
+        empty.insert(section.into(), toml::Value::Table(toml::Table::new()));
+    }
+    toml::Value::Table(empty)
+        .try_into::<super::Config>()
+        .ok()
+        .and_then(|c| toml::Table::try_from(&c).ok())
+        .unwrap_or_default()
+}
+
+/// The default value at `parts` (sections only; list entries have no default).
+fn type_hint<'a>(defaults: &'a toml::Table, parts: &[String]) -> Option<&'a toml::Value> {
+    let (head, tail) = parts.split_first()?;
+    let v = defaults.get(head)?;
+    match (v, tail.is_empty()) {
+        (_, true) => Some(v),
+        (toml::Value::Table(t), false) => type_hint(t, tail),
+        _ => None,
+    }
 }
 
 /// Set `parts` under `table`; returns the key path it set (`apps[1].appid`).
@@ -128,13 +155,14 @@ fn set_path(
     parts: &[String],
     raw: &str,
     prefix: &str,
+    hint: Option<&toml::Value>,
 ) -> Result<String, String> {
     let Some((head, tail)) = parts.split_first() else {
         return Err("empty key".into());
     };
     let here = format!("{prefix}{head}");
     if tail.is_empty() {
-        let new = coerce(table.get(head), raw);
+        let new = coerce(table.get(head).or(hint), raw);
         table.insert(head.clone(), new);
         return Ok(here);
     }
@@ -147,7 +175,7 @@ fn set_path(
         }
     });
     match entry {
-        toml::Value::Table(t) => set_path(t, tail, raw, &format!("{here}.")),
+        toml::Value::Table(t) => set_path(t, tail, raw, &format!("{here}."), hint),
         toml::Value::Array(items) => {
             let Some((index, rest)) = tail.split_first() else {
                 return Err(format!("`{here}` is a list: expected an index"));
@@ -168,7 +196,7 @@ fn set_path(
             }
             match items.get_mut(idx) {
                 Some(toml::Value::Table(t)) if !rest.is_empty() => {
-                    set_path(t, rest, raw, &format!("{here}[{idx}]."))
+                    set_path(t, rest, raw, &format!("{here}[{idx}]."), hint)
                 }
                 _ => Err(format!("cannot set `{here}[{idx}]` as a whole")),
             }

@@ -187,6 +187,19 @@ fn env_overrides_work_for_defaulted_keys() {
     )
     .unwrap();
     assert_eq!(s.config.broker.max_command_bytes, 1024);
+    // a key the file does not have is read with its default's type
+    let s2 = load_from(
+        MINIMAL,
+        &env(&[
+            ("MIDAS_WORKER__BROKER__COMMAND_QUEUE", "12345"),
+            ("MIDAS_WORKER__SIMULATOR__BUSY_RATE", "1"),
+            ("MIDAS_WORKER__LOG__LEVEL", "debug"),
+        ]),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(s2.config.broker.command_queue, "12345");
+    assert_eq!(s2.config.simulator.busy_rate, 1.0);
     assert_eq!(s.config.retry.balance_give_up_after.to_string(), "1m");
     assert_eq!(s.config.http.listen.port(), 9000);
     assert_eq!(s.config.midas.environment, Environment::Sandbox);
