@@ -295,6 +295,7 @@ for needle in (
     "/etc/midas-worker/config.toml",
     "MIDAS_WORKER__OUTBOX__PATH=/var/lib/midas-worker/outbox.sqlite",
     "MIDAS_WORKER__HTTP__LISTEN=0.0.0.0:9464",
+    "MIDAS_WORKER_REQUIRE_ENVIRONMENT=1",
     'VOLUME ["/var/lib/midas-worker"]',
     "EXPOSE 9464",
     'ENTRYPOINT ["midas-worker"]',
@@ -310,6 +311,41 @@ for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+?)\s+\S+$", df, re.M):
         if not os.path.exists(s):
             p.append(f"COPY source {s} does not exist in the repo")
 check("dockerfile: stages, user, paths, ports", p)
+
+# --- no silent simulator in a container ------------------------------------------------
+# The image requires midas.environment to be chosen (MIDAS_WORKER_REQUIRE_ENVIRONMENT=1,
+# its config has no midas.environment); compose and the StatefulSet choose it.
+p = []
+if not re.search(r"^\s*MIDAS_WORKER_REQUIRE_ENVIRONMENT=1\b", df, re.M) and \
+        "ENV MIDAS_WORKER_REQUIRE_ENVIRONMENT=1" not in df:
+    p.append("Dockerfile does not set MIDAS_WORKER_REQUIRE_ENVIRONMENT=1")
+code_lines = [l for l in df.splitlines() if not l.lstrip().startswith("#")]
+if any("MIDAS_WORKER__MIDAS__ENVIRONMENT" in l for l in code_lines):
+    p.append("Dockerfile sets MIDAS_WORKER__MIDAS__ENVIRONMENT (the image must not choose it)")
+m = re.search(r"^COPY\s+(?:--\S+\s+)*(\S+)\s+/etc/midas-worker/config.toml\s*$", df, re.M)
+if not m:
+    p.append("no COPY of the image config to /etc/midas-worker/config.toml")
+else:
+    try:
+        import tomllib
+
+        image_cfg = tomllib.load(open(m.group(1), "rb"))
+        if "environment" in (image_cfg.get("midas") or {}):
+            p.append(f"the image config {m.group(1)} sets midas.environment")
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        p.append(f"the image config {m.group(1)}: {e}")
+if str(wenv.get("MIDAS_WORKER__MIDAS__ENVIRONMENT", "")) not in ("simulator", "sandbox", "production"):
+    p.append("compose worker does not set MIDAS_WORKER__MIDAS__ENVIRONMENT")
+for name, svc in svcs.items():
+    for port in (svc or {}).get("ports") or []:
+        text = port if isinstance(port, str) else str((port or {}).get("host_ip", "")) + ":"
+        if not str(text).startswith("127.0.0.1:"):
+            p.append(f"compose {name} publishes {port!r} beyond 127.0.0.1")
+if get(env.get("MIDAS_WORKER_REQUIRE_ENVIRONMENT") or {}, "value") != "1":
+    p.append("statefulset does not set MIDAS_WORKER_REQUIRE_ENVIRONMENT=1")
+check("no silent simulator: explicit environment, compose ports on 127.0.0.1", p)
 
 # --- metric names: dashboard and alerts use only the exported ones ----------------------
 METRICS = {

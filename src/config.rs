@@ -1,26 +1,57 @@
-//! Layered configuration: `config.toml` (or `--config PATH` / `MIDAS_WORKER_CONFIG`),
-//! then `MIDAS_WORKER__SECTION__KEY` environment overrides, then validation.
+//! Layered configuration: built-in defaults, then `config.toml` (or `--config PATH` /
+//! `MIDAS_WORKER_CONFIG`), then `MIDAS_WORKER__SECTION__KEY` environment overrides,
+//! then validation.
 //!
-//! Unknown keys are errors (a misspelt key must not silently become a default).
-//! Secrets are never in the file: each app names the environment variables that
-//! hold its AppKey and app secret, and they are read into [`Secret`]s here.
-//! Every error is one line naming the key; the binary exits 2 on it.
+//! Every key but `[[apps]]` has a default, so a file holding only `[[apps]]` entries
+//! is a complete config. Unknown keys are errors (a misspelt key must not silently
+//! become a default). Secrets are never in the file: each app names the environment
+//! variables that hold its AppKey and app secret, and they are read into [`Secret`]s
+//! here; URLs that may carry a password are [`SecretUrl`]s. Every error is one line
+//! naming the key; the binary exits 2 on it. `check-config` shows each effective
+//! value and where it came from ([`show`]).
+
+mod checks;
+mod dur;
+mod overrides;
+pub mod show;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretUrl};
+
+pub use checks::{broker_is_loopback, run_preflight, unavailable};
+pub use dur::{fmt_duration, Dur};
+pub use overrides::{Provenance, Source, MAX_ENV_INDEX};
 
 /// Environment variable prefix for overrides.
 pub const ENV_PREFIX: &str = "MIDAS_WORKER__";
 /// Environment variable naming the config file.
 pub const ENV_CONFIG_PATH: &str = "MIDAS_WORKER_CONFIG";
+/// `1`: `run` may use the simulator with a broker that is not on this machine (the
+/// same as `run --allow-simulator-on-shared-broker`).
+pub const ENV_ALLOW_SIMULATOR: &str = "MIDAS_WORKER_ALLOW_SIMULATOR";
+/// `1` (set in the container image): `run` refuses to start unless
+/// `midas.environment` was chosen explicitly (file or environment), not defaulted.
+pub const ENV_REQUIRE_ENVIRONMENT: &str = "MIDAS_WORKER_REQUIRE_ENVIRONMENT";
 /// The bill_no window is 48 h; retries must stop well before it.
 pub const MAX_GIVE_UP_AFTER: Duration = Duration::from_secs(47 * 3600);
+/// Upper bound for `broker.max_command_bytes`.
+pub const MAX_COMMAND_BYTES_LIMIT: usize = 64 * 1024 * 1024;
+/// The sections every config has (filled from defaults when the file omits them).
+const SECTIONS: [&str; 7] = [
+    "broker",
+    "outbox",
+    "midas",
+    "retry",
+    "http",
+    "log",
+    "simulator",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -39,31 +70,6 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
-    }
-}
-
-/// A duration written as `"250ms"`, `"5s"`, `"24h"`, `"90d"`.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dur(pub Duration);
-
-impl std::fmt::Debug for Dur {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim())
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("bad duration {s:?}: {e}")))
-    }
-}
-
-impl Serialize for Dur {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
     }
 }
 
@@ -86,6 +92,7 @@ pub enum LogFormat {
     Json,
 }
 
+/// The whole config. Every section has defaults; `apps` must have an entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -96,6 +103,7 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
     pub apps: Vec<AppConfig>,
     #[serde(default)]
     pub simulator: SimulatorConfig,
@@ -104,55 +112,136 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    pub url: String,
+    /// Masked (password `***`) whenever printed; derefs to the full URL to connect.
+    #[serde(default = "d_broker_url")]
+    pub url: SecretUrl,
+    #[serde(default = "d_command_queue")]
     pub command_queue: String,
+    #[serde(default = "d_reply_queue")]
     pub reply_queue: String,
+    #[serde(default = "d_dead_letter_queue")]
     pub dead_letter_queue: String,
+    #[serde(default = "d_prefetch")]
     pub prefetch: u16,
+    /// Larger command bodies are rejected (`invalid_command`) without being parsed.
+    #[serde(default = "d_max_command_bytes")]
+    pub max_command_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxConfig {
+    #[serde(default = "d_outbox_path")]
     pub path: PathBuf,
+    /// `postgres://…` (instead of `path`): a shared outbox for several workers. Not
+    /// available in this release: the key is known (and masked) so that setting it
+    /// stops start-up with a clear line instead of an "unknown key".
+    #[serde(default)]
+    pub url: Option<SecretUrl>,
+    #[serde(default = "d_retention")]
     pub retention: Dur,
     /// Disk budget for the outbox database file, in MiB (`PRAGMA max_page_count`).
     /// When it is reached, new commands are not acknowledged (they stay in the
     /// broker queue) until space is made or the budget is raised. None: unlimited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_size_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MidasConfig {
+    #[serde(default = "d_environment")]
     pub environment: Environment,
+    #[serde(default = "d_base_url")]
     pub base_url: String,
+    #[serde(default = "d_request_timeout")]
     pub request_timeout: Dur,
+    #[serde(default = "d_max_in_flight")]
     pub max_in_flight: usize,
+    #[serde(default = "d_max_rps")]
     pub max_rps: u32,
+    #[serde(default = "d_true")]
     pub mp_sig: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
+    #[serde(default = "d_retry_initial")]
     pub initial: Dur,
+    #[serde(default = "d_retry_max")]
     pub max: Dur,
+    #[serde(default = "d_give_up_after")]
     pub give_up_after: Dur,
-    /// How long a `balance` command is retried from receipt before `unknown`.
-    #[serde(default = "default_balance_give_up_after")]
+    /// How long a `balance` command is retried (from receipt) before `unknown`.
+    #[serde(default = "d_balance_give_up_after")]
     pub balance_give_up_after: Dur,
-}
-
-fn default_balance_give_up_after() -> Dur {
-    Dur(Duration::from_secs(30))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
+    #[serde(default = "d_http_listen")]
     pub listen: SocketAddr,
+}
+
+// The defaults of CONTRACT-level keys, one function each (serde wants a path).
+fn d_broker_url() -> SecretUrl {
+    SecretUrl::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+}
+fn d_command_queue() -> String {
+    "midas.commands".into()
+}
+fn d_reply_queue() -> String {
+    "midas.results".into()
+}
+fn d_dead_letter_queue() -> String {
+    "midas.commands.dead".into()
+}
+fn d_prefetch() -> u16 {
+    256
+}
+fn d_max_command_bytes() -> usize {
+    65536
+}
+fn d_outbox_path() -> PathBuf {
+    PathBuf::from("data/outbox.sqlite")
+}
+fn d_retention() -> Dur {
+    Dur(Duration::from_secs(90 * 86_400))
+}
+fn d_environment() -> Environment {
+    Environment::Simulator
+}
+fn d_base_url() -> String {
+    "https://api.weixin.qq.com".into()
+}
+fn d_request_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn d_max_in_flight() -> usize {
+    128
+}
+fn d_max_rps() -> u32 {
+    500
+}
+fn d_true() -> bool {
+    true
+}
+fn d_retry_initial() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn d_retry_max() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+fn d_give_up_after() -> Dur {
+    Dur(Duration::from_secs(24 * 3600))
+}
+fn d_balance_give_up_after() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn d_http_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,6 +284,31 @@ pub struct AppConfig {
     pub zone_id: String,
     #[serde(default = "default_pf", deserialize_with = "text")]
     pub pf: String,
+    /// Which Midas API the app speaks.
+    #[serde(default)]
+    pub api: ApiVersion,
+    /// v2: the `user_ip` sent when a command has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_user_ip: Option<String>,
+}
+
+/// The Midas API an app speaks: `"v1"` (Midas 1.0, `/cgi-bin/midas/*`) or `"v2"`
+/// (virtual payment 2.0, `/wxa/game/*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiVersion {
+    #[default]
+    V1,
+    V2,
+}
+
+impl std::fmt::Display for ApiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApiVersion::V1 => "v1",
+            ApiVersion::V2 => "v2",
+        })
+    }
 }
 
 /// A string field that also takes a bare number: `MIDAS_WORKER__APPS__1__OFFER_ID=87654321`
@@ -275,6 +389,10 @@ pub struct App {
     pub offer_id: String,
     pub zone_id: String,
     pub pf: String,
+    /// `api = "v1" | "v2"`.
+    pub api: ApiVersion,
+    /// v2: the `user_ip` sent when a command has none.
+    pub default_user_ip: Option<String>,
     /// AppKey (the sandbox key in sandbox).
     pub app_key: Secret,
     /// App secret, for `stable_token`.
@@ -296,7 +414,10 @@ impl App {
 pub struct Settings {
     pub config: Config,
     pub apps: Vec<App>,
+    /// The config file this came from.
     pub source: String,
+    /// Where each value came from (default, file, environment variable).
+    pub provenance: Provenance,
 }
 
 impl Settings {
@@ -338,7 +459,14 @@ pub fn load_from(
         path: source.to_string(),
         message: one_line(e.message()),
     })?;
-    apply_env_overrides(&mut value, env)?;
+    let mut provenance = Provenance::from_file(&value);
+    overrides::apply(&mut value, env, &mut provenance)?;
+    // a section the file and the environment leave out is all defaults
+    for section in SECTIONS {
+        value
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
     let config: Config =
         serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
             let path = e.path().to_string();
@@ -347,348 +475,69 @@ pub fn load_from(
                 message: one_line(&e.into_inner().to_string()),
             }
         })?;
-    validate(&config)?;
-    let apps = resolve_apps(&config, env)?;
+    checks::validate(&config)?;
+    let apps = resolve_apps(&config, env, &mut provenance)?;
     // the writer opens the outbox by path only: hand it the budget for that path
     crate::outbox::set_size_budget(&config.outbox.path, config.outbox.max_size_mb);
     Ok(Settings {
         config,
         apps,
         source: source.to_string(),
+        provenance,
     })
 }
 
+/// An error message on one line, with the password of any URL it quotes masked (a
+/// URL put under the wrong key is echoed by serde's "invalid value" messages).
 fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    let line = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.contains("://") {
+        crate::secret::mask_url(&line)
+    } else {
+        line
+    }
 }
 
-/// `MIDAS_WORKER__BROKER__URL=...` sets `broker.url`; `MIDAS_WORKER__APPS__0__OFFER_ID`
-/// sets `apps[0].offer_id`. A value keeps the type of the key it replaces; a new key
-/// is read as an integer, float or boolean when it looks like one, else a string.
-fn apply_env_overrides(
-    root: &mut toml::Table,
+fn resolve_apps(
+    c: &Config,
     env: &BTreeMap<String, String>,
-) -> Result<(), ConfigError> {
-    for (name, raw) in env {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
-        if parts.iter().any(|p| p.is_empty()) {
-            return Err(invalid(name.clone(), "malformed override name"));
-        }
-        set_path(root, &parts, raw).map_err(|m| invalid(name.clone(), m))?;
-    }
-    Ok(())
-}
-
-fn set_path(table: &mut toml::Table, parts: &[String], raw: &str) -> Result<(), String> {
-    let (head, tail) = match parts.split_first() {
-        Some(x) => x,
-        None => return Err("empty key".into()),
-    };
-    if tail.is_empty() {
-        let new = coerce(table.get(head), raw);
-        table.insert(head.clone(), new);
-        return Ok(());
-    }
-    let entry = table
-        .entry(head.clone())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    match entry {
-        toml::Value::Table(t) => set_path(t, tail, raw),
-        toml::Value::Array(items) => {
-            let idx: usize = tail[0]
-                .parse()
-                .map_err(|_| format!("`{head}` is a list: expected an index, got `{}`", tail[0]))?;
-            while items.len() <= idx {
-                items.push(toml::Value::Table(toml::Table::new()));
-            }
-            match &mut items[idx] {
-                toml::Value::Table(t) if tail.len() > 1 => set_path(t, &tail[1..], raw),
-                _ => Err(format!("cannot set `{head}[{idx}]` as a whole")),
-            }
-        }
-        _ => Err(format!("`{head}` is not a section")),
-    }
-}
-
-fn coerce(existing: Option<&toml::Value>, raw: &str) -> toml::Value {
-    match existing {
-        Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
-        Some(toml::Value::Integer(_)) => raw
-            .parse::<i64>()
-            .map(toml::Value::Integer)
-            .unwrap_or_else(|_| toml::Value::String(raw.to_string())),
-        Some(toml::Value::Float(_)) => raw
-            .parse::<f64>()
-            .map(toml::Value::Float)
-            .unwrap_or_else(|_| toml::Value::String(raw.to_string())),
-        Some(toml::Value::Boolean(_)) => match raw {
-            "true" => toml::Value::Boolean(true),
-            "false" => toml::Value::Boolean(false),
-            _ => toml::Value::String(raw.to_string()),
-        },
-        _ => {
-            if let Ok(i) = raw.parse::<i64>() {
-                toml::Value::Integer(i)
-            } else if let Ok(f) = raw.parse::<f64>() {
-                toml::Value::Float(f)
-            } else if raw == "true" || raw == "false" {
-                toml::Value::Boolean(raw == "true")
-            } else {
-                toml::Value::String(raw.to_string())
-            }
-        }
-    }
-}
-
-fn validate(c: &Config) -> Result<(), ConfigError> {
-    if !(c.broker.url.starts_with("amqp://") || c.broker.url.starts_with("amqps://")) {
-        return Err(invalid("broker.url", "must start with amqp:// or amqps://"));
-    }
-    for (key, q) in [
-        ("broker.command_queue", &c.broker.command_queue),
-        ("broker.reply_queue", &c.broker.reply_queue),
-        ("broker.dead_letter_queue", &c.broker.dead_letter_queue),
-    ] {
-        if q.is_empty() || q.len() > 255 {
-            return Err(invalid(key, "must be 1..=255 characters"));
-        }
-    }
-    if c.outbox.max_size_mb == Some(0) {
-        return Err(invalid(
-            "outbox.max_size_mb",
-            "must be at least 1 (or absent: unlimited)",
-        ));
-    }
-    if c.broker.prefetch == 0 {
-        return Err(invalid("broker.prefetch", "must be at least 1"));
-    }
-    if c.midas.max_in_flight == 0 {
-        return Err(invalid("midas.max_in_flight", "must be at least 1"));
-    }
-    if c.midas.max_rps == 0 {
-        return Err(invalid("midas.max_rps", "must be at least 1"));
-    }
-    if c.midas.request_timeout.0.is_zero() {
-        return Err(invalid("midas.request_timeout", "must be above 0"));
-    }
-    if c.midas.environment != Environment::Simulator
-        && !(c.midas.base_url.starts_with("http://") || c.midas.base_url.starts_with("https://"))
-    {
-        return Err(invalid("midas.base_url", "must be an http(s) URL"));
-    }
-    if c.retry.initial.0.is_zero() {
-        return Err(invalid("retry.initial", "must be above 0"));
-    }
-    if c.retry.max < c.retry.initial {
-        return Err(invalid("retry.max", "must be at least retry.initial"));
-    }
-    if c.retry.give_up_after.0 > MAX_GIVE_UP_AFTER {
-        return Err(invalid(
-            "retry.give_up_after",
-            "must be at most 47h (a bill_no deduplicates for 48h only)",
-        ));
-    }
-    if c.retry.give_up_after.0.is_zero() {
-        return Err(invalid("retry.give_up_after", "must be above 0"));
-    }
-    if c.apps.is_empty() {
-        return Err(invalid("apps", "at least one [[apps]] entry is required"));
-    }
-    for (i, a) in c.apps.iter().enumerate() {
-        if a.appid.is_empty() {
-            return Err(invalid(format!("apps[{i}].appid"), "must not be empty"));
-        }
-        if a.offer_id.is_empty() {
-            return Err(invalid(format!("apps[{i}].offer_id"), "must not be empty"));
-        }
-        if c.apps[..i].iter().any(|b| b.appid == a.appid) {
-            return Err(invalid(
-                format!("apps[{i}].appid"),
-                format!("duplicate appid {}", a.appid),
-            ));
-        }
-    }
-    let s = &c.simulator;
-    for (key, rate) in [
-        ("simulator.busy_rate", s.busy_rate),
-        ("simulator.apply_then_stall_rate", s.apply_then_stall_rate),
-        ("simulator.stall_then_drop_rate", s.stall_then_drop_rate),
-        ("simulator.http_502_rate", s.http_502_rate),
-        ("simulator.processing_rate", s.processing_rate),
-        ("simulator.token_revoke_rate", s.token_revoke_rate),
-        (
-            "simulator.session_expire_after_lost_rate",
-            s.session_expire_after_lost_rate,
-        ),
-    ] {
-        if !(0.0..=1.0).contains(&rate) {
-            return Err(invalid(key, "must be between 0.0 and 1.0"));
-        }
-    }
-    if c.log.level.trim().is_empty() {
-        return Err(invalid("log.level", "must not be empty"));
-    }
-    Ok(())
-}
-
-fn resolve_apps(c: &Config, env: &BTreeMap<String, String>) -> Result<Vec<App>, ConfigError> {
+    provenance: &mut Provenance,
+) -> Result<Vec<App>, ConfigError> {
     let simulator = c.midas.environment == Environment::Simulator;
     let mut out = Vec::with_capacity(c.apps.len());
     for (i, a) in c.apps.iter().enumerate() {
-        let read = |var: &str, field: &str, fallback: fn(&str) -> Secret| match env
+        let mut read = |var: &str, field: &str, fallback: fn(&str) -> Secret| match env
             .get(var)
             .filter(|v| !v.is_empty())
         {
-            Some(v) => Ok(Secret::new(v.clone())),
-            None if simulator => Ok(fallback(&a.appid)),
+            Some(v) => {
+                provenance.set_secret(format!("apps[{i}].{field}"), Source::Env(var.into()));
+                Ok(Secret::new(v.clone()))
+            }
+            None if simulator => {
+                provenance.set_secret(format!("apps[{i}].{field}"), Source::Default);
+                Ok(fallback(&a.appid))
+            }
             None => Err(invalid(
-                format!("apps[{i}].{field}"),
+                format!("apps[{i}].{field}_env"),
                 format!("environment variable {var} is not set"),
             )),
         };
+        let app_key = read(&a.app_key_env, "app_key", App::simulator_key)?;
+        let app_secret = read(&a.app_secret_env, "app_secret", App::simulator_secret)?;
         out.push(App {
             appid: a.appid.clone(),
             offer_id: a.offer_id.clone(),
             zone_id: a.zone_id.clone(),
             pf: a.pf.clone(),
-            app_key: read(&a.app_key_env, "app_key_env", App::simulator_key)?,
-            app_secret: read(&a.app_secret_env, "app_secret_env", App::simulator_secret)?,
+            api: a.api,
+            default_user_ip: a.default_user_ip.as_ref().map(|ip| ip.trim().to_string()),
+            app_key,
+            app_secret,
         });
     }
     Ok(out)
 }
 
-/// The effective configuration as TOML, secrets masked (for `check-config`).
-pub fn render_effective(s: &Settings) -> String {
-    let mut out = String::new();
-    out.push_str(&format!("# source: {}\n", s.source));
-    match toml::to_string_pretty(&s.config) {
-        Ok(t) => out.push_str(&t),
-        Err(e) => out.push_str(&format!("# cannot render: {e}\n")),
-    }
-    out.push_str("\n# resolved secrets\n");
-    for a in &s.apps {
-        out.push_str(&format!(
-            "# {}: app_key = {} ({} chars), app_secret = {} ({} chars)\n",
-            a.appid,
-            a.app_key,
-            a.app_key.expose().len(),
-            a.app_secret,
-            a.app_secret.expose().len()
-        ));
-    }
-    out
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SHIPPED: &str = include_str!("../config.toml");
-
-    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn shipped_config_loads_without_secrets() {
-        let s = load_from(SHIPPED, &env(&[]), "config.toml").unwrap();
-        assert_eq!(s.config.midas.environment, Environment::Simulator);
-        assert_eq!(s.config.retry.initial.0, Duration::from_millis(500));
-        assert_eq!(s.apps.len(), 1);
-    }
-
-    #[test]
-    fn env_overrides_keep_types() {
-        let s = load_from(
-            SHIPPED,
-            &env(&[
-                ("MIDAS_WORKER__BROKER__URL", "amqp://u:p@h:1/%2f"),
-                ("MIDAS_WORKER__BROKER__PREFETCH", "10"),
-                ("MIDAS_WORKER__APPS__0__OFFER_ID", "999"),
-                ("MIDAS_WORKER__RETRY__MAX", "10s"),
-                ("MIDAS_WORKER__MIDAS__MP_SIG", "false"),
-            ]),
-            "t",
-        )
-        .unwrap();
-        assert_eq!(s.config.broker.url, "amqp://u:p@h:1/%2f");
-        assert_eq!(s.config.broker.prefetch, 10);
-        assert_eq!(s.config.apps[0].offer_id, "999");
-        assert_eq!(s.config.retry.max.0, Duration::from_secs(10));
-        assert!(!s.config.midas.mp_sig);
-        // a second app entirely from the environment, numeric-looking ids stay text
-        let s = load_from(
-            SHIPPED,
-            &env(&[
-                ("MIDAS_WORKER__APPS__1__APPID", "wx7654321"),
-                ("MIDAS_WORKER__APPS__1__OFFER_ID", "87654321"),
-                ("MIDAS_WORKER__APPS__1__APP_KEY_ENV", "KEY2"),
-                ("MIDAS_WORKER__APPS__1__APP_SECRET_ENV", "SECRET2"),
-                ("MIDAS_WORKER__APPS__1__ZONE_ID", "2"),
-            ]),
-            "t",
-        )
-        .unwrap();
-        assert_eq!(s.apps[1].offer_id, "87654321");
-        assert_eq!(s.apps[1].zone_id, "2");
-    }
-
-    #[test]
-    fn errors_name_the_key() {
-        let e = load_from(SHIPPED, &env(&[("MIDAS_WORKER__BROKER__URLL", "x")]), "t")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("broker") && e.contains("urll"), "{e}");
-        let e = load_from(SHIPPED, &env(&[("MIDAS_WORKER__RETRY__MAX", "soon")]), "t")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("retry.max"), "{e}");
-        let e = load_from(
-            SHIPPED,
-            &env(&[("MIDAS_WORKER__RETRY__GIVE_UP_AFTER", "48h")]),
-            "t",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("retry.give_up_after"), "{e}");
-        let e = load_from(
-            SHIPPED,
-            &env(&[("MIDAS_WORKER__MIDAS__ENVIRONMENT", "production")]),
-            "t",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("apps[0].app_key_env") && e.contains("MIDAS_APP_KEY"),
-            "{e}"
-        );
-        assert!(!e.contains('\n'));
-    }
-
-    #[test]
-    fn secrets_are_masked_in_debug_and_render() {
-        let s = load_from(
-            SHIPPED,
-            &env(&[
-                ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "sandbox"),
-                ("MIDAS_APP_KEY", "very-secret-app-key"),
-                ("WECHAT_APP_SECRET", "very-secret-app-secret"),
-            ]),
-            "t",
-        )
-        .unwrap();
-        let dbg = format!("{s:?}");
-        let rendered = render_effective(&s);
-        for out in [dbg, rendered] {
-            assert!(!out.contains("very-secret"), "{out}");
-        }
-        assert_eq!(s.apps[0].app_key.expose(), "very-secret-app-key");
-    }
-}
+mod tests;

@@ -1,6 +1,7 @@
 //! The `midas-worker` command line (docs/contract.md, "Command line"). Errors become one
 //! line on stderr and an exit status: 0 success, 1 failure, 2 bad usage or config.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -31,7 +32,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Verb {
     /// Run the worker.
-    Run,
+    Run(RunArgs),
     /// Run a standalone Midas simulator (token, getbalance, pay, present, cancelpay).
     Simulate(sim::cli::SimulateArgs),
     /// Start the simulator and the worker, enqueue sample commands, print replies and the outbox.
@@ -43,8 +44,25 @@ enum Verb {
     Outbox(audit::OutboxCmd),
     /// End-to-end benchmark with the broker's own ceiling measured in the same run.
     Bench(bench::BenchArgs),
-    /// Validate the config and environment; print the effective config (secrets masked).
-    CheckConfig,
+    /// Validate the config and environment; print each effective value and where it
+    /// came from (default, file or environment variable), secrets masked.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Allow `midas.environment = "simulator"` with a broker that is not on this
+    /// machine (refused by default: game servers sharing that broker would get
+    /// simulated answers). Same as MIDAS_WORKER_ALLOW_SIMULATOR=1.
+    #[arg(long)]
+    allow_simulator_on_shared_broker: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckConfigArgs {
+    /// Machine-readable output: {"config_file", "ok", "keys": [{key, value, source}], "notes", "problems"}.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +75,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Refusals before anything connects (check-config reports them instead).
+    let preflight = match &cli.verb {
+        Verb::CheckConfig(_) => Ok(()),
+        Verb::Run(args) => {
+            let env: BTreeMap<String, String> = std::env::vars().collect();
+            config::run_preflight(&settings, args.allow_simulator_on_shared_broker, &env)
+        }
+        _ => config::unavailable(&settings),
+    };
+    if let Err(e) = preflight {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
     let format = match cli.log_format.as_deref() {
         None => settings.config.log.format,
         Some("auto") => LogFormat::Auto,
@@ -69,7 +100,7 @@ fn main() -> ExitCode {
     };
     let quiet = matches!(
         cli.verb,
-        Verb::Outbox(_) | Verb::CheckConfig | Verb::Enqueue(_) | Verb::Demo(_) | Verb::Bench(_)
+        Verb::Outbox(_) | Verb::CheckConfig(_) | Verb::Enqueue(_) | Verb::Demo(_) | Verb::Bench(_)
     );
     // People-facing verbs log warnings only, unless RUST_LOG says otherwise.
     let level = match (&cli.verb, quiet) {
@@ -81,10 +112,24 @@ fn main() -> ExitCode {
     telemetry::init(format, level);
 
     match cli.verb {
-        Verb::CheckConfig => {
-            print!("{}", config::render_effective(&settings));
-            println!("# config OK");
-            ExitCode::SUCCESS
+        Verb::CheckConfig(args) => {
+            let problems: Vec<String> = config::unavailable(&settings)
+                .err()
+                .map(|e| e.to_string())
+                .into_iter()
+                .collect();
+            let out = if args.json {
+                config::show::render_json(&settings, &problems) + "\n"
+            } else {
+                config::show::render_table(&settings, &problems)
+            };
+            // a closed pipe (`| head`) is not an error worth a panic
+            let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes());
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
         }
         Verb::Outbox(cmd) => {
             let mut out = std::io::stdout().lock();
@@ -114,12 +159,12 @@ fn main() -> ExitCode {
 
 async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
     let result: anyhow::Result<()> = match verb {
-        Verb::Run => run(settings).await,
+        Verb::Run(_) => run(settings).await,
         Verb::Simulate(args) => sim::cli::simulate(args, &settings, shutdown_signal()).await,
         Verb::Demo(args) => demo::run(args, settings).await,
         Verb::Enqueue(args) => enqueue::run(args, &settings).await,
         Verb::Bench(args) => bench::run(args, settings).await,
-        Verb::CheckConfig | Verb::Outbox(_) => Ok(()),
+        Verb::CheckConfig(_) | Verb::Outbox(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +176,16 @@ async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    if settings.config.midas.environment == config::Environment::Simulator
+        && !config::broker_is_loopback(&settings.config.broker.url)
+    {
+        // allowed by the flag or MIDAS_WORKER_ALLOW_SIMULATOR (run_preflight)
+        tracing::warn!(
+            broker = %settings.config.broker.url,
+            "SIMULATOR MODE ON A SHARED BROKER (allowed explicitly): every command on this \
+             broker's queues gets a simulated answer; no real currency moves"
+        );
+    }
     let running = worker::start(Arc::new(settings), None).await?;
     running.run_until(shutdown_signal()).await;
     Ok(())

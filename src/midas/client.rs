@@ -374,6 +374,8 @@ mod tests {
             offer_id: "12345678".into(),
             zone_id: "1".into(),
             pf: "android".into(),
+            api: crate::config::ApiVersion::V1,
+            default_user_ip: None,
             app_key: Secret::new("zNLgAGgqsEWJOg1nFVaO5r7fAlIQxr1u"),
             app_secret: Secret::new("s"),
         }
