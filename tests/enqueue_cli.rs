@@ -229,3 +229,28 @@ async fn bad_usage_is_status_2() {
     let out = enqueue(&env, &["pay", "--timeout", "soon"], &[]).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn an_amqps_url_fails_cleanly_with_the_one_crypto_provider() {
+    // a TCP listener that hangs up at once: the TLS client is built (crypto provider
+    // selected) and the handshake fails — an error, not a panic
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            drop(sock);
+        }
+    });
+    let env = TestEnv::new("enq-tls");
+    let url = format!("amqps://guest:guest@127.0.0.1:{port}/%2f");
+    let out = enqueue(
+        &env,
+        &["balance", "--openid", "player-A"],
+        &[("MIDAS_WORKER__BROKER__URL", &url)],
+    )
+    .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot reach the broker"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
