@@ -85,6 +85,9 @@ async fn a_wrong_queue_is_an_immediate_error_and_creates_nothing() {
 #[tokio::test]
 async fn exit_status_tells_succeeded_and_rejected() {
     let env = TestEnv::new("enq-status");
+    // the queues exist before enqueue runs (the worker declares them in the background;
+    // a deployment has them long before a game server publishes)
+    let c = env.client().await;
     let sim = env.simulator(Faults::default()).await;
     let worker = env.worker(&sim.base_url()).await;
     let bill = common::unique("ENQ");
@@ -133,7 +136,6 @@ async fn exit_status_tells_succeeded_and_rejected() {
     assert_eq!(fire.status.code(), Some(0), "{}", stderr(&fire));
 
     worker.stop().await;
-    let c = env.client().await;
     env.cleanup(&c).await;
     c.close().await;
 }
