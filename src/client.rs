@@ -1,6 +1,12 @@
 //! A small game-server-side client: publish commands with confirms and read replies.
 //! Used by `enqueue`, `demo`, `bench` and the integration tests — the same moves a
 //! game server makes (see docs/clients.md for Node, Python and Go).
+//!
+//! Every command is published `mandatory` with publisher confirms, so a command the
+//! broker cannot route (no queue of that name) comes back at once as
+//! [`ClientError::NoQueue`] instead of vanishing. [`GameClient::attach`] declares
+//! nothing (what `enqueue` and a game server do); [`GameClient::connect`] also declares
+//! the worker's topology (demo, bench and tests, which may start before the worker).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,8 +31,28 @@ pub enum ClientError {
     Amqp(#[from] lapin::Error),
     #[error("the broker did not confirm the command")]
     NotConfirmed,
-    #[error("no reply within {0:?}")]
+    #[error("no queue named {0} on this broker (the command was returned, not queued)")]
+    NoQueue(String),
+    #[error("the broker returned the command: {code} {text}")]
+    Returned { code: u16, text: String },
+    #[error("no reply within {}", humantime::format_duration(*.0))]
     Timeout(Duration),
+}
+
+impl ClientError {
+    /// What the broker itself said (an AMQP error such as `ACCESS_REFUSED - ...`,
+    /// `PRECONDITION_FAILED - ...` or `NOT_FOUND - ...`), when the error is one.
+    /// `None` for transport errors (nothing answered, connection reset, ...).
+    pub fn broker_said(&self) -> Option<String> {
+        let e = match self {
+            ClientError::Amqp(e) | ClientError::Broker(BrokerError::Amqp(e)) => e,
+            _ => return None,
+        };
+        match e.kind() {
+            lapin::ErrorKind::ProtocolError(p) => Some(p.get_message().to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// A reply as received: its correlation_id and the decoded body (raw bytes kept).
@@ -54,9 +80,29 @@ impl GameClient {
         cfg: &BrokerConfig,
         own_reply_queue: bool,
     ) -> Result<GameClient, ClientError> {
+        Self::open(cfg, own_reply_queue, true).await
+    }
+
+    /// Connect like a game server: declare nothing but our own exclusive reply queue
+    /// (with `own_reply_queue`). Commands to a queue that does not exist fail with
+    /// [`ClientError::NoQueue`] instead of creating it.
+    pub async fn attach(
+        cfg: &BrokerConfig,
+        own_reply_queue: bool,
+    ) -> Result<GameClient, ClientError> {
+        Self::open(cfg, own_reply_queue, false).await
+    }
+
+    async fn open(
+        cfg: &BrokerConfig,
+        own_reply_queue: bool,
+        declare: bool,
+    ) -> Result<GameClient, ClientError> {
         let conn = connect(&cfg.url, "midas-worker client").await?;
         let ch = conn.create_channel().await?;
-        declare_topology(&ch, cfg).await?;
+        if declare {
+            declare_topology(&ch, cfg).await?;
+        }
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let reply_queue = if own_reply_queue {
             ch.queue_declare(
@@ -92,6 +138,7 @@ impl GameClient {
     }
 
     /// Publish with an explicit `reply_to` (None: the worker's default reply queue).
+    /// Mandatory and confirmed: an unroutable command is an error, never dropped.
     pub async fn publish_to(
         &self,
         body: &[u8],
@@ -110,16 +157,25 @@ impl GameClient {
             .basic_publish(
                 "".into(),
                 self.command_queue.as_str().into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 body,
                 props,
             )
             .await?
             .await?;
-        if confirm.is_ack() {
-            Ok(())
-        } else {
-            Err(ClientError::NotConfirmed)
+        let acked = confirm.is_ack();
+        match confirm.take_message() {
+            // 312 NO_ROUTE: nothing bound under that name on the default exchange
+            Some(r) if r.reply_code == 312 => Err(ClientError::NoQueue(self.command_queue.clone())),
+            Some(r) => Err(ClientError::Returned {
+                code: r.reply_code,
+                text: r.reply_text.to_string(),
+            }),
+            None if acked => Ok(()),
+            None => Err(ClientError::NotConfirmed),
         }
     }
 
@@ -156,7 +212,11 @@ impl GameClient {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let r = self.receive(left).await?;
+            // report the timeout as asked for ("5s"), not what was left of it
+            let r = match self.receive(left).await {
+                Err(ClientError::Timeout(_)) => return Err(ClientError::Timeout(timeout)),
+                other => other?,
+            };
             if r.correlation_id == correlation_id {
                 return Ok(r);
             }

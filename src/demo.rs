@@ -49,6 +49,32 @@ pub async fn ensure_broker(url: &str) -> Result<(), String> {
     ))
 }
 
+/// `s` in at most `max` characters for the table: whole when it fits, otherwise cut
+/// at the last word boundary before the limit and marked with `…` (a single overlong
+/// word is cut where it must be).
+pub fn shorten(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let keep: String = s.chars().take(max.saturating_sub(1)).collect();
+    // the character after the kept part: if it is a space, `keep` ends on a word
+    let next_is_space = s
+        .chars()
+        .nth(keep.chars().count())
+        .is_some_and(char::is_whitespace);
+    let cut = if next_is_space {
+        keep.as_str()
+    } else {
+        match keep.rfind(char::is_whitespace) {
+            Some(i) => &keep[..i],
+            None => keep.as_str(),
+        }
+    };
+    let cut = cut.trim_end_matches(|c: char| c.is_whitespace() || c == ',' || c == ';' || c == ':');
+    format!("{cut}…")
+}
+
 struct Sample {
     label: &'static str,
     corr: String,
@@ -199,7 +225,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             details.push(format!("attempts={}", rep.attempts));
             if rep.status == Some(crate::command::Status::Rejected) {
                 if let Some(m) = &rep.errmsg {
-                    details.push(m.chars().take(60).collect());
+                    details.push(shorten(m, 60));
                 }
             }
             println!(
@@ -236,4 +262,21 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
     println!("\nThe invalid and the conflicting command were dead-lettered unchanged; the re-sent pay got the stored reply again without a second charge.");
     println!("Try `midas-worker outbox show BILL_NO --config ...` on a real outbox, or `midas-worker run` to start the worker.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shorten;
+
+    #[test]
+    fn messages_are_cut_between_words() {
+        assert_eq!(shorten("short message", 60), "short message");
+        let m = "bill_no already used with different parameters (amt 100, now 999)";
+        let s = shorten(m, 40);
+        assert_eq!(s, "bill_no already used with different…");
+        assert!(s.chars().count() <= 40);
+        assert_eq!(shorten("aaaa bbbb", 5), "aaaa…");
+        assert_eq!(shorten("abcdefghij", 5), "abcd…");
+        assert_eq!(shorten("émoji ünïcode wörds", 10), "émoji…");
+    }
 }

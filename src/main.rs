@@ -162,7 +162,8 @@ async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
         Verb::Run(_) => run(settings).await,
         Verb::Simulate(args) => sim::cli::simulate(args, &settings, shutdown_signal()).await,
         Verb::Demo(args) => demo::run(args, settings).await,
-        Verb::Enqueue(args) => enqueue::run(args, &settings).await,
+        // enqueue prints its own errors; its exit status tells the outcome (enqueue --help)
+        Verb::Enqueue(args) => return ExitCode::from(enqueue::main(args, &settings).await),
         Verb::Bench(args) => bench::run(args, settings).await,
         Verb::CheckConfig(_) | Verb::Outbox(_) => Ok(()),
     };

@@ -43,6 +43,8 @@ pub enum WorkerError {
     },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error(transparent)]
+    Midas(#[from] crate::midas::client::NewClientError),
 }
 
 /// A running worker.

@@ -4,6 +4,12 @@
 //! command carries a session_key and `midas.mp_sig` is on), puts the access token in
 //! the query string only, and classifies whatever comes back (or does not) with
 //! [`errcode::classify`]. Retrying is the dispatcher's decision.
+//!
+//! Hardening: redirects are never followed (a 307/308 would re-post a signed body, or
+//! the token request's app secret, to wherever it points), answers are read with a
+//! [`MAX_ANSWER_BYTES`] cap (a bigger one is an unparseable, transient answer, never an
+//! allocation of its size), and a plain `http://` `midas.base_url` is refused outside
+//! simulator mode unless it names a loopback address.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -132,6 +138,100 @@ struct Wire {
     present_sum: Option<i64>,
 }
 
+/// The largest Midas or token answer read; anything bigger is not a Midas answer.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Why [`MidasClient::new`] could not build a client.
+#[derive(Debug, thiserror::Error)]
+pub enum NewClientError {
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("midas.base_url {0:?} is refused: {1}")]
+    BaseUrl(String, &'static str),
+}
+
+/// Reading an answer body failed or it was too big.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    Transport(String),
+    TooLarge,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Transport(s) => f.write_str(s),
+            ReadError::TooLarge => write!(f, "answer larger than {} KiB", MAX_ANSWER_BYTES / 1024),
+        }
+    }
+}
+
+/// Read `resp`'s body, at most `limit` bytes: a larger answer (announced or actual)
+/// is refused after reading no more than `limit` bytes of it.
+pub(crate) async fn read_capped(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ReadError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ReadError::TooLarge);
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| ReadError::Transport(describe(&e)))?
+    {
+        if out.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The HTTP client every Midas and token request uses: no redirects, bounded times.
+pub(crate) fn http_client(settings: &Settings) -> Result<reqwest::Client, reqwest::Error> {
+    let cfg = &settings.config.midas;
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(cfg.request_timeout.0)
+        .connect_timeout(cfg.request_timeout.0.min(Duration::from_secs(3)))
+        .pool_max_idle_per_host(cfg.max_in_flight.max(16))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()
+}
+
+/// Refuse a base URL that would send AppKey-signed bodies, tokens and the app secret
+/// in clear text: outside simulator mode only `https://`, or `http://` to a loopback
+/// address (a local stand-in or proxy), is accepted.
+pub fn check_base_url(environment: Environment, base_url: &str) -> Result<(), NewClientError> {
+    if environment == Environment::Simulator {
+        return Ok(());
+    }
+    let refuse = |why| Err(NewClientError::BaseUrl(base_url.to_string(), why));
+    let Ok(url) = reqwest::Url::parse(base_url) else {
+        return refuse("not a URL");
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = url.host_str().unwrap_or_default();
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || bare
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                refuse("plain http:// is allowed in sandbox and production only to a loopback address; use https://")
+            }
+        }
+        _ => refuse("must be an https:// URL"),
+    }
+}
+
 /// The Midas client for every configured app.
 pub struct MidasClient {
     http: reqwest::Client,
@@ -171,15 +271,11 @@ pub fn describe(e: &reqwest::Error) -> String {
 
 impl MidasClient {
     /// A client for `base_url` (the simulator's address in simulator mode).
-    pub fn new(settings: &Settings, base_url: &str) -> Result<MidasClient, reqwest::Error> {
+    /// Refuses a clear-text non-loopback `base_url` outside simulator mode.
+    pub fn new(settings: &Settings, base_url: &str) -> Result<MidasClient, NewClientError> {
         let cfg = &settings.config.midas;
-        let http = reqwest::Client::builder()
-            .timeout(cfg.request_timeout.0)
-            .connect_timeout(cfg.request_timeout.0.min(Duration::from_secs(3)))
-            .pool_max_idle_per_host(cfg.max_in_flight.max(16))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .build()?;
+        check_base_url(cfg.environment, base_url)?;
+        let http = http_client(settings)?;
         let tokens = TokenCache::new(http.clone(), base_url, &settings.apps);
         Ok(MidasClient {
             http,
@@ -243,9 +339,12 @@ impl MidasClient {
             Err(e) => return Answer::transient(api, None, describe(&e), started),
         };
         let status = resp.status().as_u16();
-        let bytes = match resp.bytes().await {
+        let bytes = match read_capped(resp, MAX_ANSWER_BYTES).await {
             Ok(b) => b,
-            Err(e) => return Answer::transient(api, Some(status), describe(&e), started),
+            Err(e) => {
+                let why = format!("HTTP {status}: not a Midas answer: {e}");
+                return Answer::transient(api, Some(status), why, started);
+            }
         };
         let wire: Wire = match serde_json::from_slice(&bytes) {
             Ok(w) => w,

@@ -8,6 +8,10 @@
 //! about one per 30 s). One fetch is in flight per app however many calls wait:
 //! callers queue on the app's lock and find the fresh token when they get it.
 //! The token is a [`Secret`]: it never reaches logs or errors.
+//!
+//! The token request carries the app secret, so it goes through the Midas client's
+//! HTTP client (redirects never followed, answers capped at 64 KiB), and whatever
+//! `expires_in` says is clamped to [`MAX_TOKEN_TTL`] before any clock arithmetic.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +24,8 @@ use crate::secret::Secret;
 
 /// Refresh this long before `expires_in` runs out.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+/// The longest lifetime believed from `expires_in` (the platform issues 7200 s tokens).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7200);
 /// The platform allows a forced refresh about every 30 s.
 pub const FORCE_REFRESH_SPACING: Duration = Duration::from_secs(30);
 
@@ -55,15 +61,47 @@ pub struct TokenCache {
 struct TokenAnswer {
     #[serde(default)]
     access_token: Option<String>,
+    /// Any JSON number (or nothing): clamped by [`token_ttl`], never trusted as is.
     #[serde(default)]
-    expires_in: Option<u64>,
+    expires_in: Option<serde_json::Number>,
     #[serde(default)]
     errcode: Option<i64>,
     #[serde(default)]
     errmsg: Option<String>,
 }
 
+/// How long to believe a token: `expires_in` seconds, at most [`MAX_TOKEN_TTL`];
+/// absent means the platform's 7200 s; negative, fractional or absurd values are
+/// clamped (negative: zero, so the token is fetched again soon).
+pub fn token_ttl(expires_in: Option<&serde_json::Number>) -> Duration {
+    let Some(n) = expires_in else {
+        return MAX_TOKEN_TTL;
+    };
+    let secs = if let Some(u) = n.as_u64() {
+        u
+    } else if n.as_i64().is_some() {
+        0 // negative
+    } else {
+        match n.as_f64() {
+            Some(f) if f > 0.0 => f.min(MAX_TOKEN_TTL.as_secs_f64()) as u64,
+            _ => 0,
+        }
+    };
+    Duration::from_secs(secs).min(MAX_TOKEN_TTL)
+}
+
+/// When to refresh a token fetched at `now` living `ttl`: [`REFRESH_MARGIN`] early but
+/// at least 1 s on; never panics, whatever `ttl` is.
+pub fn refresh_deadline(now: Instant, ttl: Duration) -> Instant {
+    let after = ttl
+        .min(MAX_TOKEN_TTL)
+        .saturating_sub(REFRESH_MARGIN)
+        .max(Duration::from_secs(1));
+    now.checked_add(after).unwrap_or(now)
+}
+
 impl TokenCache {
+    /// `http` must come from the Midas client (no redirects: the body holds the secret).
     pub fn new(http: reqwest::Client, base_url: &str, apps: &[App]) -> Self {
         let apps = apps
             .iter()
@@ -109,10 +147,7 @@ impl TokenCache {
             (tok, ttl) = self.fetch(appid, secret, true).await?;
             slot.fetches += 1;
         }
-        let refresh_at = Instant::now()
-            + ttl
-                .saturating_sub(REFRESH_MARGIN)
-                .max(Duration::from_secs(1));
+        let refresh_at = refresh_deadline(Instant::now(), ttl);
         slot.token = Some((tok.clone(), refresh_at));
         Ok(tok)
     }
@@ -158,10 +193,9 @@ impl TokenCache {
             .await
             .map_err(|e| TokenError::Transport(super::client::describe(&e)))?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
+        let bytes = super::client::read_capped(resp, super::client::MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| TokenError::Transport(super::client::describe(&e)))?;
+            .map_err(|e| TokenError::Transport(format!("HTTP {status}: {e}")))?;
         let ans: TokenAnswer = serde_json::from_slice(&bytes)
             .map_err(|_| TokenError::Transport(format!("HTTP {status}: unparseable body")))?;
         match ans {
@@ -171,15 +205,48 @@ impl TokenCache {
                 ..
             } if !t.is_empty() => {
                 tracing::debug!(appid, force_refresh, "fetched access token");
-                Ok((
-                    Secret::new(t),
-                    Duration::from_secs(expires_in.unwrap_or(7200)),
-                ))
+                Ok((Secret::new(t), token_ttl(expires_in.as_ref())))
             }
             other => Err(TokenError::Platform {
                 errcode: other.errcode.unwrap_or(-1),
                 errmsg: other.errmsg.unwrap_or_default(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ttl_of(json: &str) -> Duration {
+        let a: TokenAnswer = serde_json::from_str(json).unwrap();
+        token_ttl(a.expires_in.as_ref())
+    }
+
+    #[test]
+    fn expires_in_is_clamped_whatever_it_says() {
+        assert_eq!(ttl_of(r#"{"expires_in":7200}"#), Duration::from_secs(7200));
+        assert_eq!(ttl_of(r#"{"expires_in":600}"#), Duration::from_secs(600));
+        assert_eq!(ttl_of(r#"{}"#), MAX_TOKEN_TTL);
+        let max_i64 = format!(r#"{{"expires_in":{}}}"#, i64::MAX);
+        let max_u64 = format!(r#"{{"expires_in":{}}}"#, u64::MAX);
+        assert_eq!(ttl_of(&max_i64), MAX_TOKEN_TTL);
+        assert_eq!(ttl_of(&max_u64), MAX_TOKEN_TTL);
+        assert_eq!(ttl_of(r#"{"expires_in":1e300}"#), MAX_TOKEN_TTL);
+        assert_eq!(ttl_of(r#"{"expires_in":-5}"#), Duration::ZERO);
+        let min_i64 = format!(r#"{{"expires_in":{}}}"#, i64::MIN);
+        assert_eq!(ttl_of(&min_i64), Duration::ZERO);
+    }
+
+    #[test]
+    fn refresh_deadline_never_overflows() {
+        let now = Instant::now();
+        let far = refresh_deadline(now, Duration::MAX);
+        assert_eq!(far, now + MAX_TOKEN_TTL - REFRESH_MARGIN);
+        assert_eq!(
+            refresh_deadline(now, Duration::ZERO),
+            now + Duration::from_secs(1)
+        );
     }
 }
