@@ -56,7 +56,7 @@ impl GameClient {
     ) -> Result<GameClient, ClientError> {
         let conn = connect(&cfg.url, "midas-worker client").await?;
         let ch = conn.create_channel().await?;
-        declare_topology(&ch, cfg).await?;
+        declare_topology(&conn, cfg).await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let reply_queue = if own_reply_queue {
             ch.queue_declare(

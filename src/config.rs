@@ -109,6 +109,22 @@ pub struct BrokerConfig {
     pub reply_queue: String,
     pub dead_letter_queue: String,
     pub prefetch: u16,
+    /// Largest command body read, in bytes; a larger one is rejected unread.
+    #[serde(default = "default_max_command_bytes")]
+    pub max_command_bytes: usize,
+    /// Queues a command may name in `reply_to`: exact names, or prefixes written
+    /// `prefix*` (a list, or one comma-separated string for an env override).
+    /// Absent: the reply queue and `amq.gen-*`. See `broker::reply_to_allowed`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::broker::allow_list"
+    )]
+    pub reply_to_allow: Option<Vec<String>>,
+}
+
+fn default_max_command_bytes() -> usize {
+    65_536
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
