@@ -246,7 +246,9 @@ fn truncate(s: &str) -> String {
 
 /// Whether the first byte after JSON whitespace opens an object.
 fn is_object(body: &[u8]) -> bool {
-    body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')) == Some(&b'{')
+    body.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        == Some(&b'{')
 }
 
 /// What [`salvage`] reads of a body that did not decode: four strings, each cut to
