@@ -105,7 +105,9 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
         String::from_utf8_lossy(&resp)
     );
     // it was served only after the server dropped a held connection (their read
-    // deadline), not alongside them
+    // deadline, HEADER_TIMEOUT after accept), not alongside them. The readers of the
+    // held connections may run a moment after the extra's read: 1 s of slack
+    // (uncapped, the extra would be served HEADER_TIMEOUT before the first drop).
     let mut first_drop = None::<Instant>;
     for h in held {
         let t = tokio::time::timeout(HEADER_TIMEOUT * 6, h)
@@ -116,7 +118,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     }
     let first_drop = first_drop.expect("some held");
     assert!(
-        served_at >= first_drop,
+        served_at + Duration::from_secs(1) >= first_drop,
         "served {:?} before any slot was freed",
         first_drop - served_at
     );
