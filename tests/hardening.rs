@@ -80,6 +80,7 @@ async fn oversize_bodies_are_rejected_unread_and_the_worker_stays_small_and_keep
     }
     let peak = peak_rss_mib(child.id());
     assert!(peak > 0, "VmHWM read");
+    eprintln!("oversize: worker peak RSS (VmHWM) {peak} MiB");
     assert!(peak < 100, "worker peak RSS {peak} MiB");
     assert!(child.try_wait().expect("status").is_none(), "still running");
 

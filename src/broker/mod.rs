@@ -60,7 +60,8 @@ const PRECONDITION_FAILED: u16 = 406;
 /// A command queue created before the limit existed cannot be re-declared with it
 /// (RabbitMQ answers PRECONDITION_FAILED and closes the channel): then the queue is
 /// declared again without the limit on a fresh channel (so any other difference is
-/// still an error) and one warning asks the operator to set the limit with a policy.
+/// still an error) and one warning per process asks the operator to set the limit
+/// with a policy (`SECURITY.md`, "Known limits").
 /// Each declaration uses a channel of its own, closed afterwards.
 pub async fn declare_topology(conn: &Connection, cfg: &BrokerConfig) -> Result<(), BrokerError> {
     let ch = conn.create_channel().await?;
@@ -92,11 +93,14 @@ pub async fn declare_topology(conn: &Connection, cfg: &BrokerConfig) -> Result<(
             )
             .await?;
             let _ = ch.close(200, "declared".into()).await;
-            tracing::warn!(
+            // once per process: a policy cannot be seen from here, so the warning
+            // would otherwise repeat at every reconnect after the operator set one
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(
                 queue = %cfg.command_queue,
-                "command queue has no delivery limit (created by an older version): a message that crashes the worker would be redelivered forever; set one with a policy: rabbitmqctl set_policy midas-delivery-limit '^{}$' '{{\"delivery-limit\":{COMMAND_DELIVERY_LIMIT}}}' --apply-to queues",
+                "command queue was declared without x-delivery-limit (by an older version): unless a policy sets delivery-limit, a message that crashes the worker is redelivered forever; set one with: rabbitmqctl set_policy midas-delivery-limit '^{}$' '{{\"delivery-limit\":{COMMAND_DELIVERY_LIMIT}}}' --apply-to queues",
                 regex_escape(&cfg.command_queue)
-            );
+            ));
         }
         Err(e) => return Err(e.into()),
     }
