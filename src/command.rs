@@ -585,6 +585,7 @@ mod tests {
         );
     }
 
+    #[test]
     fn bill_no_bounds() {
         assert!(valid_bill_no(&"a".repeat(63)));
         assert!(!valid_bill_no(&"a".repeat(64)));
