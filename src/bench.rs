@@ -571,7 +571,7 @@ async fn ceiling(
     };
     let client = connect(&b.url, "midas-worker bench client").await?;
     let ch = client.create_channel().await?;
-    declare_topology(&ch, &cfg).await?;
+    declare_topology(&client, &cfg).await?;
     let result = async {
         let (sink, sink_task) = Sink::start(&ch, &reply_q, false).await?;
         sink.expect('c', n);
@@ -723,7 +723,7 @@ async fn worker_case(
     let url = settings.config.broker.url.clone();
     let client = connect(&url, "midas-worker bench client").await?;
     let ch = client.create_channel().await?;
-    declare_topology(&ch, &settings.config.broker).await?;
+    declare_topology(&client, &settings.config.broker).await?;
     let sim = Sim::start(a.sim, &settings, latency).await?;
     let result = run_case(a, &settings, &client, &ch, &sim, lat_ms, tag, &case)
         .await

@@ -101,7 +101,7 @@ impl GameClient {
         let conn = connect(&cfg.url, "midas-worker client").await?;
         let ch = conn.create_channel().await?;
         if declare {
-            declare_topology(&ch, cfg).await?;
+            declare_topology(&conn, cfg).await?;
         }
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         let reply_queue = if own_reply_queue {

@@ -3,8 +3,15 @@
 //!
 //! Decoding never panics and never trusts the input: any byte string yields either
 //! a [`Command`] or a [`Rejection`] that carries whatever could still be read
-//! (op, bill_no, openid) so the game server gets a `rejected` reply.
+//! (op, bill_no, openid) so the game server gets a `rejected` reply. Memory stays
+//! bounded by the body: a body over `broker.max_command_bytes` is refused unread
+//! ([`check_size`]), a body that does not decode is salvaged by a typed reader that
+//! skips everything but three capped strings (never a `serde_json::Value`), and
+//! every message text is cut to [`MAX_MESSAGE_CHARS`].
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
@@ -15,6 +22,28 @@ pub const MAX_AMOUNT: i64 = 2_147_483_647;
 /// Upper bound for free-text fields (openid, pay_item, ...): larger is certainly not a
 /// real value and would only bloat the outbox.
 pub const MAX_TEXT: usize = 512;
+/// Longest message text (`errmsg` of a `rejected` reply, log reasons), in characters:
+/// a hostile value quoted by the JSON parser is cut here, never echoed whole.
+pub const MAX_MESSAGE_CHARS: usize = 200;
+/// Salvaged op/openid/appid are cut to this many characters.
+const SALVAGE_CHARS: usize = 64;
+
+/// `s` cut to at most `max` characters on a char boundary, with `…` when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((end, _)) => {
+            let keep = s
+                .char_indices()
+                .nth(max.saturating_sub(1))
+                .map_or(end, |(i, _)| i);
+            let mut out = String::with_capacity(keep + 3);
+            out.push_str(&s[..keep]);
+            out.push('…');
+            out
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -134,16 +163,44 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: &'static str, message: impl AsRef<str>) -> Self {
         Rejection {
             code,
-            message: message.into(),
+            message: clip(message.as_ref(), MAX_MESSAGE_CHARS),
             op: None,
             bill_no: None,
             openid: None,
             appid: None,
         }
     }
+
+    /// A refusal of a command that decoded (e.g. `reply_to_not_allowed`): the reply
+    /// still names its op, bill_no, openid and appid.
+    pub fn of_command(code: &'static str, message: impl AsRef<str>, cmd: &Command) -> Self {
+        let p = &cmd.params;
+        Rejection {
+            op: Some(p.op.as_str().to_string()),
+            bill_no: p.bill_no.clone(),
+            openid: Some(p.openid.clone()),
+            appid: Some(p.appid.clone()),
+            ..Rejection::new(code, message)
+        }
+    }
+}
+
+/// Refuse a body longer than `max` bytes before anything parses it: it is
+/// `invalid_command` and nothing of it is read (not even the bill_no).
+pub fn check_size(body: &[u8], max: usize) -> Result<(), Box<Rejection>> {
+    if body.len() > max {
+        return Err(Box::new(Rejection::new(
+            "invalid_command",
+            format!(
+                "command is {} bytes; the limit is {max} (broker.max_command_bytes)",
+                body.len()
+            ),
+        )));
+    }
+    Ok(())
 }
 
 /// A bill_no is 1–63 chars of `[A-Za-z0-9_-]`.
@@ -156,6 +213,13 @@ pub fn valid_bill_no(s: &str) -> bool {
 
 /// Decode and validate one message body.
 pub fn decode(body: &[u8], settings: &Settings) -> Result<Command, Box<Rejection>> {
+    // A derived struct would also read a JSON array positionally: a command is an object.
+    if !is_object(body) {
+        return Err(Box::new(Rejection::new(
+            "invalid_command",
+            "bad command: expected a JSON object",
+        )));
+    }
     let wire: Wire = match serde_json::from_slice(body) {
         Ok(w) => w,
         Err(e) => {
@@ -171,26 +235,86 @@ pub fn decode(body: &[u8], settings: &Settings) -> Result<Command, Box<Rejection
     r.appid = wire.appid.as_deref().map(truncate);
     validate(wire, settings).map_err(|(code, message)| {
         r.code = code;
-        r.message = message;
+        r.message = clip(&message, MAX_MESSAGE_CHARS);
         Box::new(r)
     })
 }
 
 fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
+    s.chars().take(SALVAGE_CHARS).collect()
+}
+
+/// Whether the first byte after JSON whitespace opens an object.
+fn is_object(body: &[u8]) -> bool {
+    body.iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        == Some(&b'{')
+}
+
+/// What [`salvage`] reads of a body that did not decode: four strings, each cut to
+/// [`SALVAGE_CHARS`]; any other field, and a field of another type, is skipped
+/// without being kept (`IgnoredAny`).
+#[derive(Deserialize)]
+struct Salvaged {
+    #[serde(default, deserialize_with = "capped")]
+    op: Option<String>,
+    #[serde(default, deserialize_with = "capped")]
+    bill_no: Option<String>,
+    #[serde(default, deserialize_with = "capped")]
+    openid: Option<String>,
+    #[serde(default, deserialize_with = "capped")]
+    appid: Option<String>,
+}
+
+/// A string (cut to [`SALVAGE_CHARS`]) or, for any other JSON value, `None`.
+fn capped<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Capped;
+    impl<'de> Visitor<'de> for Capped {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(truncate(v)))
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+            while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Capped)
 }
 
 /// Read what can be read from a body that did not decode, for the rejected reply.
+/// Memory: the four capped strings and serde_json's scratch buffer for the string
+/// being read (never more than the body).
 fn salvage(body: &[u8], r: &mut Rejection) {
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
-    else {
+    let Ok(s) = serde_json::from_slice::<Salvaged>(body) else {
         return;
     };
-    let text = |k: &str| map.get(k).and_then(|v| v.as_str()).map(truncate);
-    r.op = text("op");
-    r.bill_no = text("bill_no").filter(|b| valid_bill_no(b));
-    r.openid = text("openid");
-    r.appid = text("appid");
+    r.op = s.op;
+    r.bill_no = s.bill_no.filter(|b| valid_bill_no(b));
+    r.openid = s.openid;
+    r.appid = s.appid;
 }
 
 fn text_field(
@@ -382,7 +506,7 @@ impl Reply {
             appid: r.appid.clone(),
             status: Some(Status::Rejected),
             error: Some(r.code.to_string()),
-            errmsg: Some(r.message.clone()),
+            errmsg: Some(clip(&r.message, MAX_MESSAGE_CHARS)),
             attempts: 0,
             finished_at: Some(received_at.clone()),
             received_at: Some(received_at),

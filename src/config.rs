@@ -126,6 +126,15 @@ pub struct BrokerConfig {
     /// Larger command bodies are rejected (`invalid_command`) without being parsed.
     #[serde(default = "d_max_command_bytes")]
     pub max_command_bytes: usize,
+    /// Queues a command may name in `reply_to`: exact names, or prefixes written
+    /// `prefix*` (a list, or one comma-separated string for an env override).
+    /// Absent: the reply queue and `amq.gen-*`. See `broker::reply_to_allowed`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::broker::allow_list"
+    )]
+    pub reply_to_allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,12 +1,19 @@
 //! Prometheus metrics, in one place: counters and histograms updated on the hot
-//! path (a short mutex per update), gauges refreshed from the outbox at scrape time.
+//! path (a short mutex per update), gauges read from the outbox by a scrape at most
+//! once per [`GAUGE_TTL`] ([`GaugeCache`]: a scrape storm is one query per period).
 //! Label values are fixed vocabularies (ops, states, errcodes, classes): never a
 //! bill_no, openid or secret.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::command::now_ms;
 
 /// Upper bounds of the Midas latency histogram, seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -75,16 +82,79 @@ pub struct Metrics {
     replies_published: AtomicU64,
     broker_connected: AtomicI64,
     midas_calls: AtomicU64,
+    /// Reads of the outbox for gauges (at most one per `GAUGE_TTL` per server).
+    gauge_reads: AtomicU64,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
 
 /// Gauges read from the outbox at scrape time.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Snapshot {
     pub jobs_by_state: Vec<(String, i64)>,
     pub oldest_pending_age_seconds: f64,
     pub replies_pending: i64,
+}
+
+/// How long outbox gauges read by one scrape serve the next ones.
+pub const GAUGE_TTL: Duration = Duration::from_secs(5);
+
+/// The outbox gauges of the last read, shared by scrapes. Scrapes queue on one
+/// async lock, so concurrent scrapes of a stale cache cause one read, not one each.
+#[derive(Default)]
+pub struct GaugeCache {
+    last: tokio::sync::Mutex<Option<(Instant, Read)>>,
+}
+
+/// One read of the outbox: the oldest pending job as a time (its age is computed
+/// at each scrape, so it keeps growing between reads).
+#[derive(Clone, Default)]
+struct Read {
+    jobs_by_state: Vec<(String, i64)>,
+    oldest_pending_ms: Option<i64>,
+    replies_pending: i64,
+}
+
+impl GaugeCache {
+    /// The gauges, read from the outbox at `db` when the last read is older than
+    /// [`GAUGE_TTL`]. An unreadable outbox gives zeros (and is read again next time).
+    pub async fn snapshot(&self, db: &Path) -> Snapshot {
+        let mut last = self.last.lock().await;
+        let fresh = last
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < GAUGE_TTL)
+            .map(|(_, r)| r.clone());
+        let read = match fresh {
+            Some(r) => r,
+            None => {
+                let db = db.to_path_buf();
+                let r = tokio::task::spawn_blocking(move || read_gauges(&db))
+                    .await
+                    .ok()
+                    .flatten();
+                METRICS.gauge_reads.fetch_add(1, Ordering::Relaxed);
+                *last = r.clone().map(|r| (Instant::now(), r));
+                r.unwrap_or_default()
+            }
+        };
+        Snapshot {
+            jobs_by_state: read.jobs_by_state,
+            oldest_pending_age_seconds: read
+                .oldest_pending_ms
+                .map_or(0.0, |t| ((now_ms() - t).max(0) as f64) / 1000.0),
+            replies_pending: read.replies_pending,
+        }
+    }
+}
+
+fn read_gauges(db: &Path) -> Option<Read> {
+    let c = crate::outbox::open_ro(db).ok()?;
+    let g = crate::outbox::query::gauges(&c).ok()?;
+    Some(Read {
+        jobs_by_state: g.by_state,
+        oldest_pending_ms: g.oldest_pending_ms,
+        replies_pending: g.replies_pending,
+    })
 }
 
 impl Metrics {
@@ -214,6 +284,17 @@ impl Metrics {
             out,
             "{p}_broker_connected {}",
             self.broker_connected.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {p}_gauge_reads_total Outbox reads for the gauges below (at most one per {}s).",
+            GAUGE_TTL.as_secs()
+        );
+        let _ = writeln!(out, "# TYPE {p}_gauge_reads_total counter");
+        let _ = writeln!(
+            out,
+            "{p}_gauge_reads_total {}",
+            self.gauge_reads.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# HELP {p}_jobs Jobs in the outbox by state.");
         let _ = writeln!(out, "# TYPE {p}_jobs gauge");

@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use midas_worker::command::{decode, valid_bill_no, Command, Op, Rejection, Status, MAX_AMOUNT};
+use midas_worker::command::{
+    decode, valid_bill_no, Command, Op, Rejection, Status, MAX_AMOUNT, MAX_MESSAGE_CHARS,
+};
 use midas_worker::config::{self, Settings};
 use midas_worker::sim::Faults;
 use proptest::prelude::*;
@@ -114,6 +116,11 @@ fn check(body: &[u8], settings: &Settings) -> Result<Command, Box<Rejection>> {
             for s in [&rej.op, &rej.openid, &rej.appid].into_iter().flatten() {
                 assert!(s.chars().count() <= 64, "salvaged text is truncated");
             }
+            assert!(
+                rej.message.chars().count() <= MAX_MESSAGE_CHARS,
+                "message of {} chars",
+                rej.message.chars().count()
+            );
             Err(rej)
         }
     }

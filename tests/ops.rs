@@ -59,8 +59,19 @@ async fn metrics_are_scraped_and_move_and_readiness_follows_the_broker() {
     }
     c.publish(br#"{"op":"nope"}"#, "bad").await.unwrap();
     let _ = replies(&mut c, 6, Duration::from_secs(30)).await;
-    let (status, after) = get(&format!("{base}/metrics")).await;
-    assert_eq!(status, 200);
+    // the outbox gauges are read at most once per GAUGE_TTL: scrape until they show
+    // this outbox's jobs (counters are live)
+    let mut after = String::new();
+    let deadline = tokio::time::Instant::now() + midas_worker::metrics::GAUGE_TTL * 4;
+    while tokio::time::Instant::now() < deadline {
+        let (status, body) = get(&format!("{base}/metrics")).await;
+        assert_eq!(status, 200);
+        after = body;
+        if value(&after, r#"midas_worker_jobs{state="succeeded"}"#) >= 5.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     for name in [
         "midas_worker_commands_received_total",
         "midas_worker_jobs",
@@ -73,6 +84,7 @@ async fn metrics_are_scraped_and_move_and_readiness_follows_the_broker() {
         "midas_worker_broker_connected",
         "midas_worker_outbox_commit_batch_size_bucket",
         "midas_worker_outbox_commits_total",
+        "midas_worker_gauge_reads_total",
     ] {
         assert!(
             after.contains(name),

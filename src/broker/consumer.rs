@@ -172,6 +172,8 @@ fn target(props: &BasicProperties, ctx: &IntakeCtx, bill_no: Option<&str>) -> (S
         .as_ref()
         .map(|s| s.as_str().to_string())
         .filter(|s| !s.is_empty())
+        // never publish into a queue outside broker.reply_to_allow
+        .filter(|s| super::reply_to_allowed(&ctx.settings.config.broker, s))
         .unwrap_or_else(|| ctx.settings.config.broker.reply_queue.clone());
     let correlation_id = props
         .correlation_id()
@@ -184,7 +186,10 @@ fn target(props: &BasicProperties, ctx: &IntakeCtx, bill_no: Option<&str>) -> (S
 
 async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Disposition {
     let now = now_ms();
-    let cmd = match command::decode(&body, &ctx.settings) {
+    let max = ctx.settings.config.broker.max_command_bytes;
+    let decoded =
+        command::check_size(&body, max).and_then(|()| command::decode(&body, &ctx.settings));
+    let cmd = match decoded {
         Ok(c) => c,
         Err(rej) => {
             let op = rej
@@ -205,6 +210,15 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
         }
     };
     let op = cmd.params.op;
+    if let Some(rej) = super::reply_to_refusal(&ctx.settings.config.broker, &props, &cmd) {
+        METRICS.command(op.as_str(), "rejected");
+        tracing::warn!(
+            code = rej.code,
+            bill_no = rej.bill_no.as_deref().unwrap_or(""),
+            "reply_to outside broker.reply_to_allow; dead-lettering the command"
+        );
+        return reject(ctx, &rej, &props, now).await;
+    }
     if op == Op::Balance {
         return balance(ctx, cmd, &props, now);
     }

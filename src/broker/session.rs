@@ -88,7 +88,7 @@ async fn session(
     mut stop_publishing: watch::Receiver<bool>,
 ) -> Result<(), BrokerError> {
     let pub_ch = conn.create_channel().await?;
-    declare_topology(&pub_ch, &ctx.settings.config.broker).await?;
+    declare_topology(conn, &ctx.settings.config.broker).await?;
     let cons_ch = conn.create_channel().await?;
     let writer = ctx.writer.clone();
     let intake = async {

@@ -1,0 +1,189 @@
+//! Abuse of the metrics/health server of a real worker: a slow-loris client that
+//! never finishes its headers is disconnected; connections beyond the cap wait
+//! until a slot frees instead of all being served at once; a scrape storm reads
+//! the outbox gauges once per cache period, and `/metrics` still has every series.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use midas_worker::http::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+use midas_worker::metrics::GAUGE_TTL;
+use midas_worker::sim::Faults;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Read until the server closes the connection (EOF or reset); the instant it did.
+async fn closed(mut s: TcpStream) -> Instant {
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return Instant::now(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_loris_client_is_disconnected_and_others_are_served() {
+    let env = TestEnv::new("loris");
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let addr = worker.http_addr;
+
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = s.into_split();
+    let started = Instant::now();
+    // headers that never end: one byte every 200 ms
+    let drip = tokio::spawn(async move {
+        let _ = wr
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if wr.write_all(b"a").await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = [0u8; 256];
+    let mut answered = Vec::new();
+    let eof = tokio::time::timeout(HEADER_TIMEOUT * 4, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answered.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "still connected after {:?}", started.elapsed());
+    assert!(
+        !String::from_utf8_lossy(&answered).contains("200 OK"),
+        "never served"
+    );
+    drip.abort();
+    // the server is fine
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    worker.stop().await;
+    env.cleanup(&env.client().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let env = TestEnv::new("cap");
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let addr = worker.http_addr;
+
+    // fill every slot with a client that sends half a request and waits
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        held.push(tokio::spawn(closed(s)));
+    }
+    // one more, with a whole request
+    let mut extra = TcpStream::connect(addr).await.expect("connect");
+    extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut resp = Vec::new();
+    tokio::time::timeout(HEADER_TIMEOUT * 6, extra.read_to_end(&mut resp))
+        .await
+        .expect("served once a slot is free")
+        .expect("read");
+    let served_at = Instant::now();
+    assert!(
+        String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    // it was served only after the server dropped a held connection (their read
+    // deadline, HEADER_TIMEOUT after accept), not alongside them. The readers of the
+    // held connections may run a moment after the extra's read: 1 s of slack
+    // (uncapped, the extra would be served HEADER_TIMEOUT before the first drop).
+    let mut first_drop = None::<Instant>;
+    for h in held {
+        let t = tokio::time::timeout(HEADER_TIMEOUT * 6, h)
+            .await
+            .expect("held connections are dropped")
+            .expect("task");
+        first_drop = Some(first_drop.map_or(t, |f| f.min(t)));
+    }
+    let first_drop = first_drop.expect("some held");
+    assert!(
+        served_at + Duration::from_secs(1) >= first_drop,
+        "served {:?} before any slot was freed",
+        first_drop - served_at
+    );
+    worker.stop().await;
+    env.cleanup(&env.client().await).await;
+}
+
+fn value(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_storm_reads_the_outbox_once_per_period() {
+    let env = TestEnv::new("storm");
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let addr = worker.http_addr;
+    let mut c = env.client().await;
+    let b = unique("S");
+    c.publish(pay(&b, "u", 1).as_bytes(), "s")
+        .await
+        .expect("publish");
+    let _ = replies(&mut c, 1, Duration::from_secs(30)).await;
+
+    let (_, first) = http_get(addr, "/metrics").await;
+    let reads = "midas_worker_gauge_reads_total";
+    let before = value(&first, reads);
+    assert!(before >= 1.0, "{first}");
+    let started = Instant::now();
+    let n = MAX_CONNECTIONS - 2;
+    let mut storm = Vec::new();
+    for _ in 0..5 {
+        for _ in 0..n {
+            storm.push(tokio::spawn(http_get(addr, "/metrics")));
+        }
+    }
+    let mut last = String::new();
+    for t in storm {
+        let (status, body) = t.await.expect("task");
+        assert_eq!(status, 200);
+        last = body;
+    }
+    let (_, after) = http_get(addr, "/metrics").await;
+    let periods = (started.elapsed().as_secs_f64() / GAUGE_TTL.as_secs_f64()).ceil();
+    let reads_done = value(&after, reads) - before;
+    assert!(
+        reads_done <= periods + 1.0,
+        "{} scrapes read the outbox {reads_done} times in {:?}",
+        5 * n,
+        started.elapsed()
+    );
+    for name in [
+        "midas_worker_commands_received_total",
+        "midas_worker_jobs{state=\"pending\"}",
+        "midas_worker_oldest_pending_job_age_seconds",
+        "midas_worker_replies_pending",
+        "midas_worker_broker_connected",
+    ] {
+        assert!(last.contains(name), "{name} missing");
+    }
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
