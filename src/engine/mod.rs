@@ -608,8 +608,6 @@ impl Engine {
             (Some(at), None) => {
                 e.job.next_attempt_at = at;
                 e.phase = Phase::Waiting;
-                self.sched.release_only(&openid, id, at);
-                return;
             }
             (None, None) => {
                 let order = e.order;

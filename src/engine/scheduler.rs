@@ -80,11 +80,6 @@ impl Scheduler {
         self.arm_head(openid, view);
     }
 
-    pub fn release_only(&mut self, openid: &str, id: i64, at: i64) {
-        self.busy.remove(openid);
-        self.timers.push(Reverse((at, id)));
-    }
-
     /// A call returned: its slot is free.
     pub fn call_returned(&mut self) {
         self.calls = self.calls.saturating_sub(1);
