@@ -46,9 +46,12 @@ async fn a_job_reopened_behind_a_retrying_one_does_not_stall_the_player() {
     let r = c.reply_for("a1", T).await.unwrap().reply;
     assert_eq!(r.status, Some(Status::Failed));
     assert_eq!(r.errcode, Some(90010));
-    // a later pay of the same player keeps getting "busy"
+    // a later pay of the same player keeps getting "busy", slowly: it is in the
+    // middle of a call most of the time, so the re-open below lands while the
+    // player is busy (the case that used to leave the player stuck)
     sim.set_faults(Faults {
         busy_rate: 1.0,
+        latency_ms: 800,
         ..Faults::default()
     });
     c.publish(pay_with_key(&b, "pat", 7, "k2").as_bytes(), "b1")
