@@ -10,6 +10,12 @@
 //! Writes are short `IMMEDIATE` transactions that re-check the state they change, so
 //! they cannot race the worker's writer. Nothing here selects `session_key`, and
 //! free text is scrubbed of anything that looks like a token before it is printed.
+//!
+//! Orders are keyed by (appid, op, bill_no): a verb given a bill_no that several apps
+//! use stops and asks for `--appid`. `retry` and `republish` also act on a set chosen
+//! by filters ([`bulk`]), only after showing what they would do.
+
+mod bulk;
 
 use std::borrow::Cow;
 use std::io::{self, BufWriter, Write};
@@ -45,6 +51,9 @@ pub enum OutboxCmd {
     Show {
         /// The bill_no to look up.
         bill_no: String,
+        /// Only this app's jobs (required when several apps use the bill_no).
+        #[arg(long)]
+        appid: Option<String>,
         /// Print one JSON object instead of the report.
         #[arg(long)]
         json: bool,
@@ -69,28 +78,33 @@ pub enum OutboxCmd {
     /// Re-send stored final replies: marks the reply targets of final jobs unpublished;
     /// the running worker publishes them again within seconds.
     ///
-    /// Give a BILL_NO or `--status S` (all final jobs in state S).
+    /// Give a BILL_NO (with `--op`/`--appid` to choose among its jobs), or filters as
+    /// for `list` (`--status failed --since 2h`, ...): a set is first shown (how many
+    /// jobs, what happens to each) and acted on only with `--yes`.
     Republish {
         /// The bill_no whose final replies to re-send.
         bill_no: Option<String>,
-        /// Re-send the replies of every job in this final state (succeeded, failed, unknown).
-        #[arg(long, conflicts_with = "bill_no")]
-        status: Option<String>,
-        /// Only the job with this op (pay, present, cancel_pay).
-        #[arg(long)]
-        op: Option<String>,
+        #[command(flatten)]
+        filters: Filters,
+        #[command(flatten)]
+        confirm: Confirm,
         #[command(flatten)]
         who: Operator,
     },
     /// Re-open a job that ended `unknown` (inside the 48 h bill_no window) or `failed`
     /// with a configuration error (90009, 90011, 90017): the worker calls Midas again
     /// with the same bill_no, and the new final reply goes to the job's reply targets.
+    ///
+    /// Give a BILL_NO (with `--op`/`--appid` to choose among its jobs), or filters as
+    /// for `list` (`--status unknown --since 2h`, ...): a set is first shown (how many
+    /// jobs, which are re-opened, which skipped and why) and acted on only with `--yes`.
     Retry {
         /// The bill_no to retry.
-        bill_no: String,
-        /// Which job when the bill_no has several (pay and cancel_pay).
-        #[arg(long)]
-        op: Option<String>,
+        bill_no: Option<String>,
+        #[command(flatten)]
+        filters: Filters,
+        #[command(flatten)]
+        confirm: Confirm,
         #[command(flatten)]
         who: Operator,
     },
@@ -129,6 +143,26 @@ pub struct Filters {
     /// Received before: a duration ago (`30m`) or an RFC 3339 time.
     #[arg(long, value_name = "WHEN")]
     pub until: Option<String>,
+    /// Only bill_nos starting with this prefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub bill_no_prefix: Option<String>,
+    /// Only jobs whose last Midas errcode is this (e.g. -1, 90013).
+    #[arg(long, allow_negative_numbers = true)]
+    pub errcode: Option<i64>,
+}
+
+/// How a set operation (`retry`/`republish` with filters) is confirmed.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Confirm {
+    /// Print how many jobs match and what would happen to each; change nothing.
+    #[arg(long, conflicts_with = "yes")]
+    pub dry_run: bool,
+    /// Act on the jobs the filters select (without it, a set is only shown, exit 2).
+    #[arg(long)]
+    pub yes: bool,
+    /// Print the plan or the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `outbox list`.
@@ -167,8 +201,12 @@ pub enum ExportFormat {
 pub enum AuditError {
     #[error("outbox database {path} does not exist (is outbox.path right?)")]
     MissingDatabase { path: String },
-    #[error("no job with bill_no {bill_no}{}", op_suffix(.op))]
-    UnknownBillNo { bill_no: String, op: Option<String> },
+    #[error("no job with bill_no {bill_no}{}{}", op_suffix(.op), appid_suffix(.appid))]
+    UnknownBillNo {
+        bill_no: String,
+        op: Option<String>,
+        appid: Option<String>,
+    },
     #[error("bad {flag} {value:?}: expected {expected}")]
     BadFilter {
         flag: &'static str,
@@ -187,6 +225,13 @@ pub enum AuditError {
     Outbox(OutboxError),
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
+}
+
+fn appid_suffix(appid: &Option<String>) -> String {
+    appid
+        .as_ref()
+        .map(|a| format!(" for appid {a}"))
+        .unwrap_or_default()
 }
 
 fn op_suffix(op: &Option<String>) -> String {
@@ -225,23 +270,47 @@ impl From<OutboxError> for AuditError {
 pub fn run(cmd: &OutboxCmd, settings: &Settings, out: &mut dyn Write) -> Result<(), AuditError> {
     let r = match cmd {
         OutboxCmd::List(a) => list(a, settings, out),
-        OutboxCmd::Show { bill_no, json } => show(bill_no, *json, settings, out),
+        OutboxCmd::Show {
+            bill_no,
+            appid,
+            json,
+        } => show(bill_no, appid.as_deref(), *json, settings, out),
         OutboxCmd::Stats { json } => stats(*json, settings, out),
         OutboxCmd::Export { filters, format } => export(filters, *format, settings, out),
         OutboxCmd::Republish {
             bill_no,
-            status,
-            op,
+            filters,
+            confirm,
             who,
-        } => republish(
-            bill_no.as_deref(),
-            status.as_deref(),
-            op.as_deref(),
+        } => match single(bill_no.as_deref(), filters, confirm)? {
+            Some(b) => republish(b, filters, who, settings, out),
+            None => bulk::run(
+                bulk::BulkAction::Republish,
+                bill_no.as_deref(),
+                filters,
+                confirm,
+                who,
+                settings,
+                out,
+            ),
+        },
+        OutboxCmd::Retry {
+            bill_no,
+            filters,
+            confirm,
             who,
-            settings,
-            out,
-        ),
-        OutboxCmd::Retry { bill_no, op, who } => retry(bill_no, op.as_deref(), who, settings, out),
+        } => match single(bill_no.as_deref(), filters, confirm)? {
+            Some(b) => retry(b, filters, who, settings, out),
+            None => bulk::run(
+                bulk::BulkAction::Retry,
+                bill_no.as_deref(),
+                filters,
+                confirm,
+                who,
+                settings,
+                out,
+            ),
+        },
         OutboxCmd::Prune {
             older_than,
             dry_run,
@@ -253,6 +322,41 @@ pub fn run(cmd: &OutboxCmd, settings: &Settings, out: &mut dyn Write) -> Result<
         Err(AuditError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
         r => r,
     }
+}
+
+/// The bill_no of the single-job form of `retry`/`republish` (a BILL_NO, at most
+/// `--op` and `--appid`, acting at once); `None` for the set form.
+fn single<'a>(
+    bill_no: Option<&'a str>,
+    f: &Filters,
+    confirm: &Confirm,
+) -> Result<Option<&'a str>, AuditError> {
+    let Some(b) = bill_no else { return Ok(None) };
+    let Filters {
+        status,
+        op: _,
+        openid,
+        appid: _,
+        since,
+        until,
+        bill_no_prefix,
+        errcode,
+    } = f;
+    if status.is_some()
+        || openid.is_some()
+        || since.is_some()
+        || until.is_some()
+        || bill_no_prefix.is_some()
+        || errcode.is_some()
+    {
+        return Err(AuditError::Usage(
+            "with a BILL_NO only --op and --appid apply; filters (--status, --since, ...) select a set without a BILL_NO".into(),
+        ));
+    }
+    if confirm.dry_run || confirm.json {
+        return Ok(None);
+    }
+    Ok(Some(b))
 }
 
 // ---------------------------------------------------------------------------------
@@ -335,10 +439,29 @@ fn split_offset(s: &str) -> Option<(&str, i64)> {
     Some((s, 0))
 }
 
-/// The `WHERE` clause (on `jobs j`) and its arguments.
-fn filter_sql(f: &Filters, now: i64) -> Result<(String, Vec<Value>), AuditError> {
+/// The `WHERE` clause (on `jobs j`) and its arguments; `bill_no`: exactly this one.
+fn filter_sql(
+    f: &Filters,
+    now: i64,
+    bill_no: Option<&str>,
+) -> Result<(String, Vec<Value>), AuditError> {
     let mut clauses: Vec<&str> = Vec::new();
     let mut args: Vec<Value> = Vec::new();
+    if let Some(b) = bill_no {
+        clauses.push("j.bill_no = ?");
+        args.push(Value::Text(b.to_string()));
+    }
+    if let Some(p) = &f.bill_no_prefix {
+        clauses.push("substr(j.bill_no, 1, ?) = ?");
+        args.push(Value::Integer(
+            i64::try_from(p.chars().count()).unwrap_or(i64::MAX),
+        ));
+        args.push(Value::Text(p.clone()));
+    }
+    if let Some(code) = f.errcode {
+        clauses.push("j.last_errcode = ?");
+        args.push(Value::Integer(code));
+    }
     if let Some(s) = &f.status {
         check_state("--status", s)?;
         clauses.push("j.state = ?");
@@ -518,6 +641,17 @@ fn table(
     Ok(())
 }
 
+/// A CSV cell of text from outside (bill_no, openid, Midas's errmsg, ...): one that
+/// starts like a formula (`=`, `+`, `-`, `@`, tab, CR) gets a leading `'`, so a
+/// spreadsheet shows it instead of running it; then quoted as [`csv_field`] says.
+fn csv_text(s: &str) -> Cow<'_, str> {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        Cow::Owned(csv_field(&format!("'{s}")).into_owned())
+    } else {
+        csv_field(s)
+    }
+}
+
 /// Quote a CSV field when it needs it (RFC 4180).
 fn csv_field(s: &str) -> Cow<'_, str> {
     if s.contains([',', '"', '\n', '\r']) || s.starts_with(' ') || s.ends_with(' ') {
@@ -585,32 +719,74 @@ impl JobRow {
     }
 }
 
-fn jobs_by_bill_no(c: &Connection, bill_no: &str) -> Result<Vec<JobRow>, AuditError> {
+/// The jobs of `bill_no` (of one app when `appid` is given), in arrival order.
+fn jobs_by_bill_no(
+    c: &Connection,
+    bill_no: &str,
+    appid: Option<&str>,
+) -> Result<Vec<JobRow>, AuditError> {
     let mut stmt = c.prepare(&format!(
-        "SELECT {JOB_COLS} FROM jobs j WHERE j.bill_no = ?1 ORDER BY j.id"
+        "SELECT {JOB_COLS} FROM jobs j WHERE j.bill_no = ?1 AND (?2 IS NULL OR j.appid = ?2) ORDER BY j.id"
     ))?;
-    let rows = stmt.query_map(params![bill_no], JobRow::from_row)?;
+    let rows = stmt.query_map(params![bill_no, appid], JobRow::from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn unknown_bill_no(bill_no: &str, op: Option<&str>) -> AuditError {
+fn unknown_bill_no(bill_no: &str, op: Option<&str>, appid: Option<&str>) -> AuditError {
     AuditError::UnknownBillNo {
         bill_no: one_line(bill_no).into_owned(),
         op: op.map(str::to_string),
+        appid: appid.map(|a| one_line(a).into_owned()),
     }
 }
 
-/// The one job of `bill_no` an action applies to (`--op` when there are several).
-fn pick<'a>(jobs: &'a [JobRow], bill_no: &str, op: Option<&str>) -> Result<&'a JobRow, AuditError> {
+/// Two apps may use the same bill_no for different orders: without `--appid`, a
+/// bill_no (and op) whose jobs belong to several apps is ambiguous.
+fn one_app(jobs: &[&JobRow], bill_no: &str) -> Result<(), AuditError> {
+    let mut apps: Vec<&str> = jobs.iter().map(|j| j.appid.as_str()).collect();
+    apps.sort_unstable();
+    apps.dedup();
+    if apps.len() > 1 {
+        return Err(AuditError::Usage(format!(
+            "bill_no {} is used by {} apps ({}): choose one with --appid",
+            one_line(bill_no),
+            apps.len(),
+            clean(&apps.join(", "))
+        )));
+    }
+    Ok(())
+}
+
+/// The jobs of `bill_no` an action applies to: those of `op` when given; an error
+/// when there are none or they belong to several apps.
+fn select<'a>(
+    jobs: &'a [JobRow],
+    bill_no: &str,
+    op: Option<&str>,
+    appid: Option<&str>,
+) -> Result<Vec<&'a JobRow>, AuditError> {
     if let Some(op) = op {
         check_op(op)?;
-        return jobs
-            .iter()
-            .find(|j| j.op == op)
-            .ok_or_else(|| unknown_bill_no(bill_no, Some(op)));
     }
-    match jobs {
-        [] => Err(unknown_bill_no(bill_no, None)),
+    let matching: Vec<&JobRow> = jobs
+        .iter()
+        .filter(|j| op.is_none_or(|o| j.op == o))
+        .collect();
+    if matching.is_empty() {
+        return Err(unknown_bill_no(bill_no, op, appid));
+    }
+    one_app(&matching, bill_no)?;
+    Ok(matching)
+}
+
+/// The one job of `bill_no` an action applies to (`--op` when there are several).
+fn pick<'a>(
+    jobs: &'a [JobRow],
+    bill_no: &str,
+    op: Option<&str>,
+    appid: Option<&str>,
+) -> Result<&'a JobRow, AuditError> {
+    match select(jobs, bill_no, op, appid)?.as_slice() {
         [one] => Ok(one),
         many => Err(AuditError::Usage(format!(
             "bill_no {} has {} jobs ({}): choose one with --op",
@@ -688,11 +864,19 @@ struct ActionRow {
     detail: String,
 }
 
-fn actions_on(c: &Connection, target: &str) -> Result<Vec<ActionRow>, AuditError> {
+/// Operator actions on `target` (a bill_no); with `appid`, those on that app's jobs
+/// (actions recorded before jobs were keyed per app name no appid: kept).
+fn actions_on(
+    c: &Connection,
+    target: &str,
+    appid: Option<&str>,
+) -> Result<Vec<ActionRow>, AuditError> {
     let mut stmt = c.prepare(
-        "SELECT at, actor, action, target, detail FROM operator_actions WHERE target = ?1 ORDER BY id",
+        "SELECT at, actor, action, target, detail FROM operator_actions WHERE target = ?1 \
+         AND (?2 IS NULL OR json_extract(detail, '$.appid') IS NULL OR json_extract(detail, '$.appid') = ?2) \
+         ORDER BY id",
     )?;
-    let rows = stmt.query_map(params![target], |r| {
+    let rows = stmt.query_map(params![target, appid], |r| {
         Ok(ActionRow {
             at: r.get(0)?,
             actor: r.get(1)?,
@@ -734,7 +918,7 @@ fn record_action(
 
 fn list(a: &ListArgs, settings: &Settings, out: &mut dyn Write) -> Result<(), AuditError> {
     let now = now_ms();
-    let (filter, mut args) = filter_sql(&a.filters, now)?;
+    let (filter, mut args) = filter_sql(&a.filters, now, None)?;
     let conn = open_ro(&settings.config.outbox.path)?;
     let limit = if a.limit == 0 { -1 } else { i64::from(a.limit) };
     args.push(Value::Integer(limit));
@@ -939,22 +1123,21 @@ fn hint(j: &JobRow, targets: &[TargetRow], settings: &Settings, now: i64) -> Str
 
 fn show(
     bill_no: &str,
+    appid: Option<&str>,
     as_json: bool,
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let conn = open_ro(&settings.config.outbox.path)?;
     let tx = conn.unchecked_transaction()?; // one consistent snapshot
-    let jobs = jobs_by_bill_no(&tx, bill_no)?;
-    if jobs.is_empty() {
-        return Err(unknown_bill_no(bill_no, None));
-    }
+    let jobs = jobs_by_bill_no(&tx, bill_no, appid)?;
+    select(&jobs, bill_no, None, appid)?;
     let now = now_ms();
     let mut details = Vec::with_capacity(jobs.len());
     for j in &jobs {
         details.push((targets_of(&tx, j.id)?, attempts_of(&tx, j.id)?));
     }
-    let actions = actions_on(&tx, bill_no)?;
+    let actions = actions_on(&tx, bill_no, appid)?;
     drop(tx);
 
     if as_json {
@@ -1324,13 +1507,17 @@ const EXPORT_COLS: [&str; 13] = [
     "result",
 ];
 
+/// Export columns written by the worker itself (id, attempts, last_errcode,
+/// received_at, finished_at): never escaped, so `-1` stays a number.
+const CSV_NUMERIC: [usize; 5] = [0, 6, 7, 9, 10];
+
 fn export(
     f: &Filters,
     format: ExportFormat,
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
-    let (filter, args) = filter_sql(f, now_ms())?;
+    let (filter, args) = filter_sql(f, now_ms(), None)?;
     let conn = open_ro(&settings.config.outbox.path)?;
     let mut stmt = conn.prepare(&format!(
         "SELECT j.id, j.op, j.bill_no, j.appid, j.openid, j.state, j.attempts, j.last_errcode, \
@@ -1404,7 +1591,13 @@ fn export(
                     if i > 0 {
                         w.write_all(b",")?;
                     }
-                    w.write_all(csv_field(field).as_bytes())?;
+                    // numbers and times are the worker's own; the rest may come from outside
+                    let cell = if CSV_NUMERIC.contains(&i) {
+                        csv_field(field)
+                    } else {
+                        csv_text(field)
+                    };
+                    w.write_all(cell.as_bytes())?;
                 }
                 w.write_all(b"\r\n")?;
             }
@@ -1418,104 +1611,55 @@ fn export(
 // republish
 
 fn republish(
-    bill_no: Option<&str>,
-    status: Option<&str>,
-    op: Option<&str>,
+    bill_no: &str,
+    f: &Filters,
     who: &Operator,
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
+    let (op, appid) = (f.op.as_deref(), f.appid.as_deref());
     if let Some(op) = op {
         check_op(op)?;
     }
-    let target = match (bill_no, status) {
-        (Some(b), None) => b.to_string(),
-        (None, Some(s)) => {
-            check_state("--status", s)?;
-            if s == "pending" {
-                return Err(refused(
-                    "pending jobs are not final; their replies will be published when they are",
-                ));
-            }
-            format!("status:{s}")
-        }
-        _ => {
-            return Err(AuditError::Usage(
-                "republish needs a BILL_NO or --status S (one of them)".into(),
-            ))
-        }
-    };
     let mut conn = open_existing_rw(&settings.config.outbox.path)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = now_ms();
-    let (jobs, skipped_pending) = match (bill_no, status) {
-        (Some(b), _) => {
-            let all = jobs_by_bill_no(&tx, b)?;
-            let matching: Vec<&JobRow> = all
-                .iter()
-                .filter(|j| op.is_none_or(|o| j.op == o))
-                .collect();
-            if matching.is_empty() {
-                return Err(unknown_bill_no(b, op));
-            }
-            let finals: Vec<i64> = matching
-                .iter()
-                .filter(|j| j.is_final())
-                .map(|j| j.id)
-                .collect();
-            if finals.is_empty() {
-                return Err(refused(
-                    "job is not final; its reply will be published when it is",
-                ));
-            }
-            let pending = matching.len() - finals.len();
-            (finals, pending)
-        }
-        (None, Some(s)) => {
-            let mut sql = "SELECT id FROM jobs WHERE state = ?1".to_string();
-            let mut args = vec![Value::Text(s.to_string())];
-            if let Some(o) = op {
-                sql.push_str(" AND op = ?2");
-                args.push(Value::Text(o.to_string()));
-            }
-            let mut stmt = tx.prepare(&sql)?;
-            let ids = stmt
-                .query_map(params_from_iter(args.iter()), |r| r.get::<_, i64>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            (ids, 0)
-        }
-        (None, None) => {
-            return Err(AuditError::Usage(
-                "republish needs a BILL_NO or --status S".into(),
-            ))
-        }
-    };
+    let all = jobs_by_bill_no(&tx, bill_no, appid)?;
+    let matching = select(&all, bill_no, op, appid)?;
+    let finals: Vec<&JobRow> = matching.iter().copied().filter(|j| j.is_final()).collect();
+    if finals.is_empty() {
+        return Err(refused(
+            "job is not final; its reply will be published when it is",
+        ));
+    }
+    let skipped_pending = matching.len() - finals.len();
+    let actor = actor_name(who);
     let mut queued = 0usize;
     {
         let mut upd = tx.prepare(
             "UPDATE reply_targets SET published_at = NULL, returned = 0 WHERE job_id = ?1 \
              AND EXISTS (SELECT 1 FROM jobs WHERE id = ?1 AND state != 'pending')",
         )?;
-        for id in &jobs {
-            queued += upd.execute(params![id])?;
+        for j in &finals {
+            let n = upd.execute(params![j.id])?;
+            queued += n;
+            let detail = json!({
+                "job_id": j.id,
+                "op": j.op,
+                "appid": j.appid,
+                "targets": n,
+                "reason": who.reason,
+            });
+            record_action(&tx, now, &actor, "republish", bill_no, &detail)?;
         }
     }
-    let detail = json!({
-        "bill_no": bill_no,
-        "status": status,
-        "op": op,
-        "jobs": jobs.len(),
-        "targets": queued,
-        "reason": who.reason,
-    });
-    record_action(&tx, now, &actor_name(who), "republish", &target, &detail)?;
     tx.commit()?;
     writeln!(
         out,
         "queued {queued} reply target{} of {} final job{} for re-publishing; the running worker publishes them within a few seconds",
         if queued == 1 { "" } else { "s" },
-        jobs.len(),
-        if jobs.len() == 1 { "" } else { "s" },
+        finals.len(),
+        if finals.len() == 1 { "" } else { "s" },
     )?;
     if skipped_pending > 0 {
         writeln!(
@@ -1574,18 +1718,19 @@ fn retry_refusal(j: &JobRow, now: i64) -> Option<String> {
 
 fn retry(
     bill_no: &str,
-    op: Option<&str>,
+    f: &Filters,
     who: &Operator,
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
+    let (op, appid) = (f.op.as_deref(), f.appid.as_deref());
     if let Some(op) = op {
         check_op(op)?;
     }
     let mut conn = open_existing_rw(&settings.config.outbox.path)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let jobs = jobs_by_bill_no(&tx, bill_no)?;
-    let j = pick(&jobs, bill_no, op)?;
+    let jobs = jobs_by_bill_no(&tx, bill_no, appid)?;
+    let j = pick(&jobs, bill_no, op, appid)?;
     let now = now_ms();
     if let Some(why) = retry_refusal(j, now) {
         return Err(AuditError::Refused(why));
@@ -1607,6 +1752,7 @@ fn retry(
     let detail = json!({
         "op": j.op,
         "job_id": j.id,
+        "appid": j.appid,
         "previous_state": j.state,
         "last_errcode": j.last_errcode,
         "reason": who.reason,
