@@ -1928,4 +1928,16 @@ mod tests {
         assert_eq!(csv_field("a,b"), "\"a,b\"");
         assert_eq!(csv_field("say \"hi\"\n"), "\"say \"\"hi\"\"\n\"");
     }
+
+    #[test]
+    fn csv_text_defuses_formulas() {
+        assert_eq!(csv_text("=1+1"), "'=1+1");
+        assert_eq!(csv_text("+1"), "'+1");
+        assert_eq!(csv_text("-1"), "'-1");
+        assert_eq!(csv_text("@x"), "'@x");
+        assert_eq!(csv_text("\tx"), "'\tx");
+        assert_eq!(csv_text("\rx"), "\"'\rx\"");
+        assert_eq!(csv_text("=a,b"), "\"'=a,b\"");
+        assert_eq!(csv_text("ok=1"), "ok=1");
+    }
 }

@@ -47,7 +47,15 @@ fn intake(appid: &str, op: Op, bill_no: &str, key: Option<&str>, corr: &str) -> 
 
 /// One job row of a version-1 file, the way the previous release wrote it.
 #[allow(clippy::too_many_arguments)]
-fn v1_job(c: &Connection, id: i64, op: &str, bill_no: &str, state: &str, attempts: i64, key: Option<&str>) {
+fn v1_job(
+    c: &Connection,
+    id: i64,
+    op: &str,
+    bill_no: &str,
+    state: &str,
+    attempts: i64,
+    key: Option<&str>,
+) {
     let p = params(
         "wx1234567",
         match op {
@@ -116,7 +124,16 @@ fn write_v1(path: &Path) {
     .expect("action");
 }
 
-type JobDump = (i64, String, String, String, Option<String>, String, i64, Option<String>);
+type JobDump = (
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    i64,
+    Option<String>,
+);
 
 fn dump_jobs(c: &Connection) -> Vec<JobDump> {
     c.prepare(
@@ -187,7 +204,11 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
     w.flush().await.expect("flush");
 
     let c = Connection::open(&path).expect("open");
-    assert_eq!(dump_jobs(&c), jobs, "every job, every id, every column kept");
+    assert_eq!(
+        dump_jobs(&c),
+        jobs,
+        "every job, every id, every column kept"
+    );
     assert_eq!(dump(&c, TARGETS), targets);
     assert_eq!(dump(&c, ATTEMPTS), attempts);
     assert_eq!(dump(&c, ACTIONS), actions);
@@ -195,7 +216,11 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
         dump(&c, "SELECT value FROM meta WHERE key = 'schema_version'"),
         ["2"]
     );
-    assert!(dump(&c, "SELECT CAST(\"table\" AS TEXT) FROM pragma_foreign_key_check").is_empty());
+    assert!(dump(
+        &c,
+        "SELECT CAST(\"table\" AS TEXT) FROM pragma_foreign_key_check"
+    )
+    .is_empty());
     // calls = attempts; uncertain once any attempt was transient
     assert_eq!(
         dump(
@@ -214,7 +239,13 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
     // The same bill_no under a second app is a separate job now; under the first
     // app it is still the same job.
     let other = w
-        .intake(intake("wx7654321", Op::Pay, "B-OK", Some("SK-X"), "c-other"))
+        .intake(intake(
+            "wx7654321",
+            Op::Pay,
+            "B-OK",
+            Some("SK-X"),
+            "c-other",
+        ))
         .await
         .expect("intake");
     assert!(
@@ -226,7 +257,14 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
         .await
         .expect("intake");
     assert!(
-        matches!(same, IntakeOutcome::Joined { job_id: 5, reply: Some(_), .. }),
+        matches!(
+            same,
+            IntakeOutcome::Joined {
+                job_id: 5,
+                reply: Some(_),
+                ..
+            }
+        ),
         "{same:?}"
     );
     drop(w);
@@ -360,7 +398,10 @@ async fn an_erased_session_key_survives_in_no_file_and_the_files_are_private() {
     // While the worker still holds the file open: one checkpoint, and the key is gone
     // from the database, the WAL and the shared memory.
     let c = outbox::open_existing_rw(&path).expect("open");
-    assert!(outbox::checkpoint(&c).expect("checkpoint"), "complete checkpoint");
+    assert!(
+        outbox::checkpoint(&c).expect("checkpoint"),
+        "complete checkpoint"
+    );
     assert_eq!(
         c.query_row(
             "SELECT COUNT(*) FROM jobs WHERE session_key IS NOT NULL",

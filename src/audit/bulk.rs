@@ -124,7 +124,10 @@ fn plan(action: BulkAction, jobs: Vec<JobRow>, now: i64) -> Vec<(JobRow, Option<
         .collect()
 }
 
-fn count_targets(c: &Connection, planned: &[(JobRow, Option<String>)]) -> Result<usize, AuditError> {
+fn count_targets(
+    c: &Connection,
+    planned: &[(JobRow, Option<String>)],
+) -> Result<usize, AuditError> {
     let mut stmt = c.prepare_cached("SELECT COUNT(*) FROM reply_targets WHERE job_id = ?1")?;
     let mut n = 0usize;
     for (j, why) in planned {
@@ -192,10 +195,7 @@ pub fn render_text(v: &BulkView, out: &mut dyn Write) -> io::Result<()> {
         return Ok(());
     }
     let (done, would) = match v.action {
-        BulkAction::Retry => (
-            "re-opened",
-            "would re-open",
-        ),
+        BulkAction::Retry => ("re-opened", "would re-open"),
         BulkAction::Republish => ("re-published", "would re-publish"),
     };
     let what = match v.action {
@@ -241,7 +241,9 @@ pub fn render_text(v: &BulkView, out: &mut dyn Write) -> io::Result<()> {
     table(
         out,
         "  ",
-        &["job", "op", "bill_no", "appid", "status", "errcode", "action"],
+        &[
+            "job", "op", "bill_no", "appid", "status", "errcode", "action",
+        ],
         &rows,
     )?;
     if v.jobs.len() > TEXT_ROWS {
