@@ -196,7 +196,7 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
     assert_eq!(jobs.len(), 5);
 
     // Read-only opens never migrate: they say what to do.
-    let e = outbox::open_ro(&path).err().expect("v1 refused read-only");
+    let e = outbox::open_ro(&path).expect_err("v1 refused read-only");
     assert!(e.to_string().contains("schema version 1"), "{e}");
 
     // The worker's writer opens it: migrated.
