@@ -4,9 +4,9 @@
 //!
 //! Data flows one way: delivery → outbox → dispatcher → Midas → outbox → reply.
 
-pub mod audit;
 pub mod bench;
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;
@@ -22,3 +22,6 @@ pub mod secret;
 pub mod sim;
 pub mod telemetry;
 pub mod worker;
+
+/// The `outbox` verbs under their former name (`midas_worker::audit::run`, ...).
+pub use cli::outbox as audit;

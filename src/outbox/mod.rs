@@ -13,6 +13,7 @@
 //! [`CHECKPOINT_EVERY`] commits), and the files are private (directory 0700, database,
 //! WAL and shared-memory files 0600 on Unix).
 
+pub mod operator;
 pub mod query;
 pub mod schema;
 pub mod writer;

@@ -10,16 +10,16 @@
 
 use std::io::{self, Write};
 
-use rusqlite::{params, params_from_iter, Connection, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{
-    actor_name, clean, filter_sql, record_action, retry_refusal, table, AuditError, Confirm,
-    Filters, JobRow, Operator, JOB_COLS,
-};
+use super::fmt::{clean, table};
+use super::retry::retry_refusal;
+use super::{actor_name, job_filter, record_action, AuditError, Confirm, Filters, Operator};
 use crate::command::now_ms;
 use crate::config::Settings;
+use crate::outbox::operator::{self, JobRow};
 use crate::outbox::{open_existing_rw, open_ro};
 
 /// Jobs listed one by one in the text rendering; `--json` lists them all.
@@ -103,12 +103,7 @@ fn matching(
     bill_no: Option<&str>,
     now: i64,
 ) -> Result<Vec<JobRow>, AuditError> {
-    let (filter, args) = filter_sql(f, now, bill_no)?;
-    let mut stmt = c.prepare(&format!(
-        "SELECT {JOB_COLS} FROM jobs j{filter} ORDER BY j.id"
-    ))?;
-    let rows = stmt.query_map(params_from_iter(args.iter()), JobRow::from_row)?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    Ok(operator::jobs(c, &job_filter(f, now, bill_no)?)?)
 }
 
 fn plan(action: BulkAction, jobs: Vec<JobRow>, now: i64) -> Vec<(JobRow, Option<String>)> {
@@ -128,12 +123,10 @@ fn count_targets(
     c: &Connection,
     planned: &[(JobRow, Option<String>)],
 ) -> Result<usize, AuditError> {
-    let mut stmt = c.prepare_cached("SELECT COUNT(*) FROM reply_targets WHERE job_id = ?1")?;
     let mut n = 0usize;
     for (j, why) in planned {
         if why.is_none() {
-            let k: i64 = stmt.query_row(params![j.id], |r| r.get(0))?;
-            n += usize::try_from(k).unwrap_or(0);
+            n += usize::try_from(operator::count_targets(c, j.id)?).unwrap_or(0);
         }
     }
     Ok(n)
@@ -299,7 +292,7 @@ pub fn run(
     let now = now_ms();
     if confirm.dry_run || !(confirm.yes || bill_no.is_some()) {
         // validate the filters before touching the database
-        filter_sql(f, now, bill_no)?;
+        job_filter(f, now, bill_no)?;
         let conn = open_ro(&settings.config.outbox.path)?;
         let tx = conn.unchecked_transaction()?; // one snapshot for the jobs and their targets
         let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
@@ -323,31 +316,24 @@ pub fn run(
         )));
     }
 
-    filter_sql(f, now, bill_no)?;
+    job_filter(f, now, bill_no)?;
     let mut conn = open_existing_rw(&settings.config.outbox.path)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
     let actor = actor_name(who);
     let mut targets = 0usize;
     {
-        let mut reopen = tx.prepare(
-            "UPDATE jobs SET state = 'pending', next_attempt_at = ?2, result = NULL, finished_at = NULL, \
-             reopened_at = ?2, updated_at = ?2 WHERE id = ?1 AND state IN ('unknown', 'failed')",
-        )?;
-        let mut requeue = tx.prepare(
-            "UPDATE reply_targets SET published_at = NULL, returned = 0 WHERE job_id = ?1",
-        )?;
         for (j, why) in &planned {
             if why.is_some() {
                 continue;
             }
-            if action == BulkAction::Retry && reopen.execute(params![j.id, now])? != 1 {
+            if action == BulkAction::Retry && !operator::reopen(&tx, j.id, now)? {
                 return Err(AuditError::Refused(format!(
                     "job {} changed while re-opening it; nothing was changed, look again with `outbox list`",
                     j.id
                 )));
             }
-            let n = requeue.execute(params![j.id])?;
+            let n = operator::requeue_replies(&tx, j.id, false)?;
             targets += n;
             let detail = json!({
                 "job_id": j.id,
