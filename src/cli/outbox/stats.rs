@@ -1,9 +1,10 @@
 //! `outbox stats`: counts by status and op, the oldest pending job, attempts per job
 //! and replies not yet confirmed: the outbox's health in one screen.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 
-use serde_json::{json, Map, Value as Json};
+use serde::Serialize;
 
 use super::fmt::{age, clean, rfc3339_s, table};
 use super::{AuditError, OPS, STATES};
@@ -27,105 +28,146 @@ fn percentile(hist: &[(i64, i64)], total: i64, p: f64) -> Option<i64> {
     hist.last().map(|(v, _)| *v)
 }
 
+/// The oldest pending job.
+#[derive(Debug, Serialize)]
+pub struct OldestPending {
+    pub bill_no: String,
+    pub op: String,
+    pub received_at: String,
+    pub age_seconds: i64,
+    #[serde(skip)]
+    received_at_ms: i64,
+}
+
+/// Attempts per final job.
+#[derive(Debug, Serialize)]
+pub struct AttemptsPerJob {
+    pub p50: Option<i64>,
+    pub p99: Option<i64>,
+    /// Final jobs counted.
+    pub jobs: i64,
+}
+
+/// `outbox stats`: the `--json` object, and what the report is rendered from.
+#[derive(Debug, Serialize)]
+pub struct StatsView {
+    pub jobs: i64,
+    pub by_status: BTreeMap<&'static str, i64>,
+    pub by_op: BTreeMap<&'static str, i64>,
+    pub oldest_pending: Option<OldestPending>,
+    pub attempts_per_final_job: AttemptsPerJob,
+    pub unknown: i64,
+    pub replies_unconfirmed: i64,
+    pub replies_awaiting_result: i64,
+    pub replies_returned: i64,
+}
+
+impl StatsView {
+    fn new(st: operator::Stats, now: i64) -> StatsView {
+        let get =
+            |v: &[(String, i64)], k: &str| v.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
+        let hist = &st.attempts_hist;
+        let finals: i64 = hist.iter().map(|(_, c)| c).sum();
+        StatsView {
+            jobs: st.by_state.iter().map(|(_, c)| c).sum(),
+            by_status: STATES.iter().map(|s| (*s, get(&st.by_state, s))).collect(),
+            by_op: OPS.iter().map(|s| (*s, get(&st.by_op, s))).collect(),
+            oldest_pending: st.oldest_pending.map(|(bill_no, op, at)| OldestPending {
+                bill_no,
+                op,
+                received_at: rfc3339_ms(at),
+                age_seconds: (now - at).max(0) / 1000,
+                received_at_ms: at,
+            }),
+            attempts_per_final_job: AttemptsPerJob {
+                p50: percentile(hist, finals, 0.50),
+                p99: percentile(hist, finals, 0.99),
+                jobs: finals,
+            },
+            unknown: get(&st.by_state, "unknown"),
+            replies_unconfirmed: st.replies_unconfirmed,
+            replies_awaiting_result: st.replies_awaiting,
+            replies_returned: st.replies_returned,
+        }
+    }
+
+    fn render_text(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(out, "jobs: {}", self.jobs)?;
+        // in lifecycle order, not alphabetical
+        let rows = |names: &[&str], counts: &BTreeMap<&str, i64>| -> Vec<Vec<String>> {
+            names
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.to_string(),
+                        counts.get(s).copied().unwrap_or(0).to_string(),
+                    ]
+                })
+                .collect()
+        };
+        table(
+            out,
+            "  ",
+            &["status", "jobs"],
+            &rows(&STATES, &self.by_status),
+        )?;
+        table(out, "  ", &["op", "jobs"], &rows(&OPS, &self.by_op))?;
+        match &self.oldest_pending {
+            Some(o) => writeln!(
+                out,
+                "oldest pending job:     {} ({}), received {} ({} ago)",
+                clean(&o.bill_no),
+                o.op,
+                rfc3339_s(o.received_at_ms),
+                age(o.age_seconds.saturating_mul(1000))
+            )?,
+            None => writeln!(out, "oldest pending job:     none")?,
+        }
+        let a = &self.attempts_per_final_job;
+        match (a.p50, a.p99) {
+            (Some(p50), Some(p99)) => writeln!(
+                out,
+                "attempts per job:       p50 {p50}, p99 {p99} (over {} final jobs)",
+                a.jobs
+            )?,
+            _ => writeln!(out, "attempts per job:       - (no final jobs)")?,
+        }
+        writeln!(
+            out,
+            "unknown (to reconcile): {}{}",
+            self.unknown,
+            if self.unknown > 0 {
+                "  (`outbox list --status unknown`)"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            out,
+            "replies not confirmed:  {} of final jobs (the worker re-publishes them), {} waiting for their job",
+            self.replies_unconfirmed, self.replies_awaiting_result
+        )?;
+        writeln!(
+            out,
+            "replies returned:       {} (published, but no such queue)",
+            self.replies_returned
+        )
+    }
+}
+
 pub(super) fn stats(
     as_json: bool,
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let conn = open_ro(&settings.config.outbox.path)?;
-    let st = operator::stats(&conn)?;
-    let now = now_ms();
-    let (by_state, by_op, oldest, hist) = (
-        &st.by_state,
-        &st.by_op,
-        &st.oldest_pending,
-        &st.attempts_hist,
-    );
-    let get = |v: &[(String, i64)], k: &str| v.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
-    let total: i64 = by_state.iter().map(|(_, c)| c).sum();
-    let finals: i64 = hist.iter().map(|(_, c)| c).sum();
-    let (p50, p99) = (
-        percentile(hist, finals, 0.50),
-        percentile(hist, finals, 0.99),
-    );
-    let (unconfirmed, awaiting, returned) = (
-        st.replies_unconfirmed,
-        st.replies_awaiting,
-        st.replies_returned,
-    );
-    let unknown = get(by_state, "unknown");
-
+    let view = StatsView::new(operator::stats(&conn)?, now_ms());
     if as_json {
-        let states: Map<String, Json> = STATES
-            .iter()
-            .map(|s| (s.to_string(), json!(get(by_state, s))))
-            .collect();
-        let ops: Map<String, Json> = OPS
-            .iter()
-            .map(|s| (s.to_string(), json!(get(by_op, s))))
-            .collect();
-        let doc = json!({
-            "jobs": total,
-            "by_status": states,
-            "by_op": ops,
-            "oldest_pending": oldest.as_ref().map(|(b, o, at)| json!({
-                "bill_no": b,
-                "op": o,
-                "received_at": rfc3339_ms(*at),
-                "age_seconds": (now - at).max(0) / 1000,
-            })),
-            "attempts_per_final_job": { "p50": p50, "p99": p99, "jobs": finals },
-            "unknown": unknown,
-            "replies_unconfirmed": unconfirmed,
-            "replies_awaiting_result": awaiting,
-            "replies_returned": returned,
-        });
-        serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::from)?;
+        serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
         writeln!(out)?;
-        return Ok(());
+    } else {
+        view.render_text(out)?;
     }
-    writeln!(out, "jobs: {total}")?;
-    let rows: Vec<Vec<String>> = STATES
-        .iter()
-        .map(|s| vec![s.to_string(), get(by_state, s).to_string()])
-        .collect();
-    table(out, "  ", &["status", "jobs"], &rows)?;
-    let rows: Vec<Vec<String>> = OPS
-        .iter()
-        .map(|s| vec![s.to_string(), get(by_op, s).to_string()])
-        .collect();
-    table(out, "  ", &["op", "jobs"], &rows)?;
-    match &oldest {
-        Some((b, o, at)) => writeln!(
-            out,
-            "oldest pending job:     {} ({o}), received {} ({} ago)",
-            clean(b),
-            rfc3339_s(*at),
-            age(now - at)
-        )?,
-        None => writeln!(out, "oldest pending job:     none")?,
-    }
-    match (p50, p99) {
-        (Some(a), Some(b)) => writeln!(
-            out,
-            "attempts per job:       p50 {a}, p99 {b} (over {finals} final jobs)"
-        )?,
-        _ => writeln!(out, "attempts per job:       - (no final jobs)")?,
-    }
-    writeln!(
-        out,
-        "unknown (to reconcile): {unknown}{}",
-        if unknown > 0 {
-            "  (`outbox list --status unknown`)"
-        } else {
-            ""
-        }
-    )?;
-    writeln!(out, "replies not confirmed:  {unconfirmed} of final jobs (the worker re-publishes them), {awaiting} waiting for their job")?;
-    writeln!(
-        out,
-        "replies returned:       {returned} (published, but no such queue)"
-    )?;
     Ok(())
 }
 
