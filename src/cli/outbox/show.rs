@@ -4,15 +4,16 @@
 
 use std::io::{self, Write};
 
-use serde_json::{json, Value as Json};
+use serde::Serialize;
+use serde_json::Value as Json;
 
-use super::fmt::{age, clean, dash, opt_time, redact, stored_json, stored_json_text, table};
+use super::fmt::{age, clean, dash, redact, stored_json, stored_json_text, table};
 use super::{select, AuditError, RETRY_WINDOW};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
 use crate::midas::errcode::{MP_SIG_WRONG, NO_PERMISSION, SESSION_EXPIRED, SIG_WRONG};
 use crate::outbox::open_ro;
-use crate::outbox::operator::{self, ActionRow, JobRow, TargetRow};
+use crate::outbox::operator::{self, ActionRow, CallRow, JobRow, TargetRow};
 
 fn target_status(t: &TargetRow, job_final: bool) -> String {
     match (t.published_at, t.returned) {
@@ -88,6 +89,155 @@ fn hint(j: &JobRow, targets: &[TargetRow], settings: &Settings, now: i64) -> Str
     format!("{base}{reply_note}")
 }
 
+/// One reply target of a job.
+#[derive(Debug, Serialize)]
+pub struct TargetView {
+    pub reply_to: String,
+    pub correlation_id: String,
+    pub added_at: String,
+    pub published_at: Option<String>,
+    pub confirmed: bool,
+    pub returned: bool,
+    /// The "confirmed at" cell of the report.
+    #[serde(skip)]
+    status: String,
+}
+
+/// One call to Midas.
+#[derive(Debug, Serialize)]
+pub struct CallView {
+    pub n: i64,
+    pub at: String,
+    pub latency_ms: i64,
+    pub api: String,
+    pub http_status: Option<i64>,
+    pub errcode: Option<i64>,
+    /// Scrubbed of anything that looks like a token.
+    pub errmsg: Option<String>,
+    pub outcome: String,
+}
+
+/// One job of the bill_no, with its reply targets and calls.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: i64,
+    pub op: String,
+    pub bill_no: String,
+    pub state: String,
+    pub appid: String,
+    pub openid: String,
+    /// The stored parameters (scrubbed).
+    pub request: Json,
+    pub attempts: i64,
+    pub first_attempt_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub last_errcode: Option<i64>,
+    pub last_error: Option<String>,
+    /// The final reply (scrubbed), `null` while pending.
+    pub result: Json,
+    pub received_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    /// What the state means and what to do.
+    pub hint: String,
+    pub reply_targets: Vec<TargetView>,
+    pub history: Vec<CallView>,
+    /// The stored JSON as text, for the report (verbatim unless scrubbed).
+    #[serde(skip)]
+    request_text: String,
+    #[serde(skip)]
+    result_text: Option<String>,
+    /// "in 3s" / "due 2s ago" for the next attempt.
+    #[serde(skip)]
+    next_in: Option<String>,
+}
+
+/// One operator action on the bill_no.
+#[derive(Debug, Serialize)]
+pub struct ActionView {
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: Json,
+    #[serde(skip)]
+    detail_text: String,
+}
+
+/// `outbox show`: the `--json` document, and what the report is rendered from.
+#[derive(Debug, Serialize)]
+pub struct ShowView {
+    pub bill_no: String,
+    pub jobs: Vec<JobView>,
+    pub operator_actions: Vec<ActionView>,
+}
+
+fn job_view(
+    j: JobRow,
+    targets: Vec<TargetRow>,
+    calls: Vec<CallRow>,
+    settings: &Settings,
+    now: i64,
+) -> JobView {
+    let hint = hint(&j, &targets, settings, now);
+    let is_final = j.is_final();
+    let next_in = (!is_final).then(|| {
+        let when = j.next_attempt_at - now;
+        if when >= 0 {
+            format!("in {}", age(when))
+        } else {
+            format!("due {} ago", age(-when))
+        }
+    });
+    JobView {
+        id: j.id,
+        request: stored_json(&j.request),
+        request_text: stored_json_text(&j.request),
+        result: j.result.as_deref().map_or(Json::Null, stored_json),
+        result_text: j.result.as_deref().map(stored_json_text),
+        op: j.op,
+        bill_no: j.bill_no,
+        state: j.state,
+        appid: j.appid,
+        openid: j.openid,
+        attempts: j.attempts,
+        first_attempt_at: j.first_attempt_at.map(rfc3339_ms),
+        next_attempt_at: (!is_final).then(|| rfc3339_ms(j.next_attempt_at)),
+        next_in,
+        last_errcode: j.last_errcode,
+        last_error: j.last_error.as_deref().map(|e| redact(e).into_owned()),
+        received_at: rfc3339_ms(j.received_at),
+        updated_at: rfc3339_ms(j.updated_at),
+        finished_at: j.finished_at.map(rfc3339_ms),
+        hint,
+        reply_targets: targets
+            .into_iter()
+            .map(|t| TargetView {
+                status: target_status(&t, is_final),
+                added_at: rfc3339_ms(t.added_at),
+                published_at: t.published_at.map(rfc3339_ms),
+                confirmed: t.published_at.is_some(),
+                returned: t.returned,
+                reply_to: t.reply_to,
+                correlation_id: t.correlation_id,
+            })
+            .collect(),
+        history: calls
+            .into_iter()
+            .map(|a| CallView {
+                n: a.n,
+                at: rfc3339_ms(a.started_at),
+                latency_ms: a.latency_ms,
+                errmsg: a.errmsg.as_deref().map(|e| redact(e).into_owned()),
+                api: a.api,
+                http_status: a.http_status,
+                errcode: a.errcode,
+                outcome: a.outcome,
+            })
+            .collect(),
+    }
+}
+
 pub(super) fn show(
     bill_no: &str,
     appid: Option<&str>,
@@ -100,101 +250,50 @@ pub(super) fn show(
     let jobs = operator::jobs_by_bill_no(&tx, bill_no, appid)?;
     select(&jobs, bill_no, None, appid)?;
     let now = now_ms();
-    let mut details = Vec::with_capacity(jobs.len());
-    for j in &jobs {
-        details.push((
+    let mut views = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let (targets, calls) = (
             operator::targets_of(&tx, j.id)?,
             operator::calls_of(&tx, j.id)?,
-        ));
+        );
+        views.push(job_view(j, targets, calls, settings, now));
     }
     let actions = operator::actions_on(&tx, bill_no, appid)?;
     drop(tx);
-
+    let view = ShowView {
+        bill_no: bill_no.to_string(),
+        jobs: views,
+        operator_actions: actions.into_iter().map(action_view).collect(),
+    };
     if as_json {
-        let jobs_json: Vec<Json> = jobs
-            .iter()
-            .zip(&details)
-            .map(|(j, (targets, history))| {
-                json!({
-                    "id": j.id,
-                    "op": j.op,
-                    "bill_no": j.bill_no,
-                    "state": j.state,
-                    "appid": j.appid,
-                    "openid": j.openid,
-                    "request": stored_json(&j.request),
-                    "attempts": j.attempts,
-                    "first_attempt_at": opt_time(j.first_attempt_at),
-                    "next_attempt_at": if j.is_final() { Json::Null } else { Json::String(rfc3339_ms(j.next_attempt_at)) },
-                    "last_errcode": j.last_errcode,
-                    "last_error": j.last_error.as_deref().map(|e| redact(e).into_owned()),
-                    "result": j.result.as_deref().map_or(Json::Null, stored_json),
-                    "received_at": rfc3339_ms(j.received_at),
-                    "updated_at": rfc3339_ms(j.updated_at),
-                    "finished_at": opt_time(j.finished_at),
-                    "hint": hint(j, targets, settings, now),
-                    "reply_targets": targets.iter().map(|t| json!({
-                        "reply_to": t.reply_to,
-                        "correlation_id": t.correlation_id,
-                        "added_at": rfc3339_ms(t.added_at),
-                        "published_at": opt_time(t.published_at),
-                        "confirmed": t.published_at.is_some(),
-                        "returned": t.returned,
-                    })).collect::<Vec<_>>(),
-                    "history": history.iter().map(|a| json!({
-                        "n": a.n,
-                        "at": rfc3339_ms(a.started_at),
-                        "latency_ms": a.latency_ms,
-                        "api": a.api,
-                        "http_status": a.http_status,
-                        "errcode": a.errcode,
-                        "errmsg": a.errmsg.as_deref().map(|e| redact(e).into_owned()),
-                        "outcome": a.outcome,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let doc = json!({
-            "bill_no": bill_no,
-            "jobs": jobs_json,
-            "operator_actions": actions.iter().map(action_json).collect::<Vec<_>>(),
-        });
-        serde_json::to_writer_pretty(&mut *out, &doc).map_err(io::Error::from)?;
+        serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
+    render_text(&view, out)?;
+    Ok(())
+}
 
+fn render_text(v: &ShowView, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
         "bill_no {}: {} job{}",
-        clean(bill_no),
-        jobs.len(),
-        if jobs.len() == 1 { "" } else { "s" }
+        clean(&v.bill_no),
+        v.jobs.len(),
+        if v.jobs.len() == 1 { "" } else { "s" }
     )?;
-    for (j, (targets, history)) in jobs.iter().zip(&details) {
+    for j in &v.jobs {
         writeln!(out)?;
         writeln!(out, "{} (job {}): {}", j.op, j.id, j.state.to_uppercase())?;
         let mut kv: Vec<(&str, String)> = vec![
             ("appid", clean(&j.appid)),
             ("openid", clean(&j.openid)),
-            ("request", clean(&stored_json_text(&j.request))),
+            ("request", clean(&j.request_text)),
             ("attempts", j.attempts.to_string()),
-            (
-                "first attempt",
-                j.first_attempt_at.map_or("-".into(), rfc3339_ms),
-            ),
+            ("first attempt", dash(j.first_attempt_at.as_ref())),
         ];
-        if !j.is_final() {
-            let when = j.next_attempt_at - now;
-            let rel = if when >= 0 {
-                format!("in {}", age(when))
-            } else {
-                format!("due {} ago", age(-when))
-            };
-            kv.push((
-                "next attempt",
-                format!("{} ({rel})", rfc3339_ms(j.next_attempt_at)),
-            ));
+        if let (Some(at), Some(rel)) = (&j.next_attempt_at, &j.next_in) {
+            kv.push(("next attempt", format!("{at} ({rel})")));
         }
         kv.push(("last errcode", dash(j.last_errcode)));
         kv.push((
@@ -203,34 +302,30 @@ pub(super) fn show(
         ));
         kv.push((
             "result",
-            j.result
+            j.result_text
                 .as_deref()
-                .map_or("- (not final)".into(), |r| clean(&stored_json_text(r))),
+                .map_or("- (not final)".into(), clean),
         ));
-        kv.push(("received", rfc3339_ms(j.received_at)));
-        kv.push(("finished", j.finished_at.map_or("-".into(), rfc3339_ms)));
-        for (k, v) in &kv {
-            writeln!(out, "  {k:<14} {v}")?;
+        kv.push(("received", j.received_at.clone()));
+        kv.push(("finished", dash(j.finished_at.as_ref())));
+        for (k, val) in &kv {
+            writeln!(out, "  {k:<14} {val}")?;
         }
-        writeln!(
-            out,
-            "  {:<14} {}",
-            "what it means",
-            hint(j, targets, settings, now)
-        )?;
+        writeln!(out, "  {:<14} {}", "what it means", j.hint)?;
 
         writeln!(out, "  reply targets:")?;
-        if targets.is_empty() {
+        if j.reply_targets.is_empty() {
             writeln!(out, "    (none)")?;
         } else {
-            let rows: Vec<Vec<String>> = targets
+            let rows: Vec<Vec<String>> = j
+                .reply_targets
                 .iter()
                 .map(|t| {
                     vec![
                         clean(&t.reply_to),
                         clean(&t.correlation_id),
-                        rfc3339_ms(t.added_at),
-                        target_status(t, j.is_final()),
+                        t.added_at.clone(),
+                        t.status.clone(),
                     ]
                 })
                 .collect();
@@ -243,15 +338,16 @@ pub(super) fn show(
         }
 
         writeln!(out, "  calls to Midas:")?;
-        if history.is_empty() {
+        if j.history.is_empty() {
             writeln!(out, "    (none yet)")?;
         } else {
-            let rows: Vec<Vec<String>> = history
+            let rows: Vec<Vec<String>> = j
+                .history
                 .iter()
                 .map(|a| {
                     vec![
                         a.n.to_string(),
-                        rfc3339_ms(a.started_at),
+                        a.at.clone(),
                         a.latency_ms.to_string(),
                         clean(&a.api),
                         dash(a.http_status),
@@ -280,17 +376,18 @@ pub(super) fn show(
     }
     writeln!(out)?;
     writeln!(out, "operator actions:")?;
-    if actions.is_empty() {
+    if v.operator_actions.is_empty() {
         writeln!(out, "  (none)")?;
     } else {
-        let rows: Vec<Vec<String>> = actions
+        let rows: Vec<Vec<String>> = v
+            .operator_actions
             .iter()
             .map(|a| {
                 vec![
-                    rfc3339_ms(a.at),
+                    a.at.clone(),
                     clean(&a.actor),
                     clean(&a.action),
-                    clean(&a.detail),
+                    clean(&a.detail_text),
                 ]
             })
             .collect();
@@ -299,12 +396,13 @@ pub(super) fn show(
     Ok(())
 }
 
-fn action_json(a: &ActionRow) -> Json {
-    json!({
-        "at": rfc3339_ms(a.at),
-        "actor": a.actor,
-        "action": a.action,
-        "target": a.target,
-        "detail": stored_json(&a.detail),
-    })
+fn action_view(a: ActionRow) -> ActionView {
+    ActionView {
+        at: rfc3339_ms(a.at),
+        detail: stored_json(&a.detail),
+        detail_text: a.detail,
+        actor: a.actor,
+        action: a.action,
+        target: a.target,
+    }
 }
