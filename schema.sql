@@ -1,7 +1,8 @@
 -- The outbox schema: the single truth. Applied by the worker at every start
 -- (idempotent). Times are unix milliseconds (UTC).
 --
--- A job is one (op, bill_no): a pay and the cancel of that pay are two jobs.
+-- A job is one (appid, op, bill_no): a pay and the cancel of that pay are two jobs,
+-- and two apps may use the same bill_no for different orders.
 -- Its state is one of the names of docs/contract.md:
 --   pending   accepted, waiting for its (next) call to Midas
 --   succeeded Midas answered 0 (or 90012: already processed)
@@ -20,7 +21,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state            TEXT    NOT NULL DEFAULT 'pending'
                      CHECK (state IN ('pending', 'succeeded', 'failed', 'unknown')),
     attempts         INTEGER NOT NULL DEFAULT 0, -- calls to Midas for this bill_no
-    calls            INTEGER NOT NULL DEFAULT 0, -- calls that may have gone out: counted before each call
+    calls            INTEGER NOT NULL DEFAULT 0, -- calls that may have gone out: counted
+                                                 -- durably BEFORE each call
     uncertain        INTEGER NOT NULL DEFAULT 0, -- 1 once a call of this job went unanswered
     next_attempt_at  INTEGER NOT NULL,
     first_attempt_at INTEGER,                    -- start of the 48 h bill_no window
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     received_at      INTEGER NOT NULL,
     updated_at       INTEGER NOT NULL,
     finished_at      INTEGER,
-    UNIQUE (op, bill_no)
+    UNIQUE (appid, op, bill_no)
 );
 CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs (state, id);
 CREATE INDEX IF NOT EXISTS jobs_openid_id ON jobs (openid, id);
@@ -81,4 +83,6 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '1');
+-- Version 2: jobs keyed by (appid, op, bill_no), columns calls and uncertain.
+-- A version-1 file is rebuilt to this schema at start-up (src/outbox/schema.rs).
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '2');

@@ -4,9 +4,9 @@
 //!
 //! Data flows one way: delivery → outbox → dispatcher → Midas → outbox → reply.
 
-pub mod audit;
 pub mod bench;
 pub mod broker;
+pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;
@@ -23,5 +23,7 @@ pub mod sim;
 pub mod telemetry;
 pub mod worker;
 
+/// The `outbox` verbs under their former name (`midas_worker::audit::run`, ...).
+pub use cli::outbox as audit;
 /// The job state machine (lives in the engine; re-exported under its old path).
 pub use engine::job;

@@ -134,11 +134,26 @@ struct Jobber<'a> {
 
 impl Jobber<'_> {
     async fn intake(&self, op: Op, bill_no: &str, openid: &str, corr: &str, now: i64) -> i64 {
+        self.intake_as("wx1234567", op, bill_no, openid, corr, now)
+            .await
+    }
+
+    async fn intake_as(
+        &self,
+        appid: &str,
+        op: Op,
+        bill_no: &str,
+        openid: &str,
+        corr: &str,
+        now: i64,
+    ) -> i64 {
+        let mut p = params(op, bill_no, openid);
+        p.appid = appid.into();
         let out = self
             .w
             .intake(Intake {
                 command: Command {
-                    params: params(op, bill_no, openid),
+                    params: p,
                     session_key: Some(Secret::new(SECRET)),
                 },
                 reply_to: "midas.results".into(),
@@ -810,9 +825,23 @@ async fn republish_requeues_final_replies_and_refuses_pending() {
     let e = err(s, &["republish", "--status", "pending"]);
     assert_eq!(e.exit_code(), 1);
 
-    let text = ok(s, &["republish", "--status", "failed", "--actor", "bob"]);
+    // a set: shown first, done only with --yes
+    let (r, text) = outbox(s, &["republish", "--status", "failed", "--actor", "bob"]);
+    let e = r.expect_err("a set needs --yes");
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains("add --yes"), "{e}");
     assert!(
-        text.contains("queued 3 reply targets of 3 final jobs"),
+        text.contains("republish: 3 jobs match --status failed")
+            && text
+                .contains("would re-publish the stored final replies of 3 jobs to 3 reply targets"),
+        "{text}"
+    );
+    let text = ok(
+        s,
+        &["republish", "--status", "failed", "--actor", "bob", "--yes"],
+    );
+    assert!(
+        text.contains("re-published the stored final replies of 3 jobs to 3 reply targets"),
         "{text}"
     );
     let text = ok(s, &["republish", "B-CXL", "--op", "pay", "--actor", "bob"]);
@@ -828,9 +857,10 @@ async fn republish_requeues_final_replies_and_refuses_pending() {
             && text.contains("player says nothing arrived"),
         "{text}"
     );
+    // once per job
     assert_eq!(
         f.count("SELECT COUNT(*) FROM operator_actions WHERE action = 'republish'"),
-        4
+        6
     );
 }
 
@@ -916,6 +946,294 @@ async fn retry_reopens_unknown_and_refuses_what_it_cannot_change() {
         f.count("SELECT COUNT(*) FROM jobs WHERE state = 'pending'"),
         4
     );
+}
+
+fn state_of(f: &Fixture, bill_no: &str, op: &str) -> String {
+    f.conn()
+        .query_row(
+            "SELECT state FROM jobs WHERE bill_no = ?1 AND op = ?2 AND appid = 'wx1234567'",
+            [bill_no, op],
+            |r| r.get(0),
+        )
+        .expect("job state")
+}
+
+#[tokio::test]
+async fn retry_on_a_set_shows_the_plan_and_acts_only_with_yes() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let states = || {
+        let c = f.conn();
+        let mut stmt = c
+            .prepare("SELECT id || ' ' || state FROM jobs ORDER BY id")
+            .expect("prepare");
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows")
+    };
+    let before = states();
+    let args = ["retry", "--status", "unknown", "--since", "2h"];
+
+    // --dry-run: the count and the plan, nothing changed
+    let text = ok(s, &[&args[..], &["--dry-run"]].concat());
+    assert!(
+        text.contains("retry: 2 jobs match --status unknown --since 2h"),
+        "{text}"
+    );
+    assert!(text.contains("would re-open 2 jobs"), "{text}");
+    assert!(text.contains("B-UNK") && text.contains("B-CXL"), "{text}");
+    assert!(!text.contains("B-UNK-OLD"), "received 50 h ago: {text}");
+    assert!(text.contains("dry run: nothing changed"), "{text}");
+    assert_eq!(states(), before);
+    assert_eq!(f.count("SELECT COUNT(*) FROM operator_actions"), 0);
+
+    // the same plan as JSON
+    let v: Value = serde_json::from_str(&ok(s, &[&args[..], &["--dry-run", "--json"]].concat()))
+        .expect("json");
+    assert_eq!(
+        (v["matched"].as_u64(), v["acting"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(v["applied"], false);
+    assert_eq!(v["jobs"][0]["action"], "reopen");
+
+    // without --yes: the plan, exit 2, nothing changed
+    let (r, text) = outbox(s, &args);
+    let e = r.expect_err("needs --yes");
+    assert_eq!(e.exit_code(), 2);
+    assert_eq!(
+        e.to_string(),
+        "nothing changed: add --yes to re-open these 2 jobs"
+    );
+    assert!(text.contains("would re-open 2 jobs"), "{text}");
+    assert_eq!(states(), before);
+
+    // with --yes: exactly those two jobs re-opened, one action each
+    let text = ok(
+        s,
+        &[
+            &args[..],
+            &["--yes", "--actor", "carol", "--reason", "Midas was down"],
+        ]
+        .concat(),
+    );
+    assert!(text.contains("re-opened 2 jobs"), "{text}");
+    assert_eq!(state_of(&f, "B-UNK", "pay"), "pending");
+    assert_eq!(state_of(&f, "B-CXL", "cancel_pay"), "pending");
+    assert_eq!(state_of(&f, "B-UNK-OLD", "pay"), "unknown");
+    assert_eq!(state_of(&f, "B-CXL", "pay"), "succeeded");
+    let changed: Vec<String> = states()
+        .into_iter()
+        .filter(|row| !before.contains(row))
+        .collect();
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert_eq!(
+        f.count("SELECT COUNT(*) FROM operator_actions WHERE action = 'retry' AND actor = 'carol' AND detail LIKE '%Midas was down%'"),
+        2
+    );
+    let ro = midas_worker::outbox::open_ro(&f.path).expect("open");
+    let reopened = query::reopened_jobs(&ro, 0).expect("reopened");
+    assert_eq!(reopened.len(), 2, "the worker finds both");
+
+    // a set with jobs retry cannot help: those are skipped, with the reason
+    let text = ok(s, &["retry", "--status", "failed", "--dry-run"]);
+    assert!(text.contains("would re-open 1 job:"), "{text}");
+    assert!(text.contains("would skip 2 jobs"), "{text}");
+    assert!(
+        text.contains("skip: pay B-BAL failed with errcode 90013"),
+        "{text}"
+    );
+    let text = ok(
+        s,
+        &["retry", "--status", "failed", "--yes", "--actor", "carol"],
+    );
+    assert!(text.contains("re-opened 1 job:"), "{text}");
+    assert_eq!(state_of(&f, "B-SIG", "pay"), "pending");
+    assert_eq!(state_of(&f, "B-BAL", "pay"), "failed");
+
+    // nothing matching: nothing to confirm
+    let text = ok(s, &["retry", "--bill-no-prefix", "NOPE-"]);
+    assert!(text.contains("retry: 0 jobs match"), "{text}");
+    // filters and a BILL_NO do not mix
+    let e = err(s, &["retry", "B-UNK", "--status", "unknown"]);
+    assert_eq!(e.exit_code(), 2);
+    let e = err(s, &["retry"]);
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains("filters"), "{e}");
+}
+
+#[tokio::test]
+async fn list_and_export_filter_by_bill_no_prefix_and_errcode() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let text = ok(s, &["list", "--bill-no-prefix", "B-UNK"]);
+    assert_eq!(text.lines().count(), 1 + 2, "{text}");
+    assert!(text.contains("B-UNK-OLD"), "{text}");
+    let text = ok(s, &["list", "--errcode", "-1", "--json"]);
+    let arr: Vec<Value> = serde_json::from_str(&text).expect("array");
+    let mut bills: Vec<&str> = arr.iter().filter_map(|j| j["bill_no"].as_str()).collect();
+    bills.sort_unstable();
+    assert_eq!(bills, ["B-CXL", "B-PEND", "B-UNK", "B-UNK-OLD"]);
+    let text = ok(s, &["list", "--errcode", "90013", "--status", "failed"]);
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let text = ok(s, &["export", "--bill-no-prefix", "B-C", "--format", "csv"]);
+    assert_eq!(parse_csv(&text).len(), 1 + 2, "{text}");
+    let text = ok(s, &["export", "--errcode", "90011"]);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("B-SIG"));
+    // LIKE wildcards are not wildcards here
+    let text = ok(s, &["list", "--bill-no-prefix", "B_"]);
+    assert_eq!(text.trim(), "no jobs match");
+}
+
+#[tokio::test]
+async fn a_bill_no_used_by_two_apps_needs_appid() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let (w, join) = Writer::start(&f.path).expect("writer");
+    let j = Jobber { w: &w };
+    let now = now_ms();
+    let other = j
+        .intake_as("wx7654321", Op::Pay, "B-UNK", "o-x", "c-x", now)
+        .await;
+    j.attempt(
+        other,
+        1,
+        now,
+        now,
+        answer(
+            Api::Pay,
+            OutcomeClass::Transient,
+            Some(200),
+            Some(-1),
+            "system error",
+        ),
+        Some(JobState::Unknown),
+        reply("B-UNK", "unknown", -1, 1),
+    )
+    .await;
+    w.flush().await.expect("flush");
+    drop(w);
+    join.join().expect("writer thread");
+    assert_eq!(
+        f.count("SELECT COUNT(*) FROM jobs WHERE bill_no = 'B-UNK'"),
+        2
+    );
+
+    for args in [
+        &["show", "B-UNK"][..],
+        &["retry", "B-UNK"][..],
+        &["retry", "B-UNK", "--op", "pay"][..],
+        &["republish", "B-UNK"][..],
+    ] {
+        let e = err(s, args);
+        assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        assert_eq!(
+            e.to_string(),
+            "bill_no B-UNK is used by 2 apps (wx1234567, wx7654321): choose one with --appid",
+            "{args:?}"
+        );
+    }
+    let text = ok(s, &["show", "B-UNK", "--appid", "wx7654321"]);
+    assert!(
+        text.contains("bill_no B-UNK: 1 job") && text.contains("o-x"),
+        "{text}"
+    );
+    assert!(!text.contains("o-unk"), "{text}");
+    let e = err(s, &["show", "B-UNK", "--appid", "wxnope"]);
+    assert_eq!(e.to_string(), "no job with bill_no B-UNK for appid wxnope");
+
+    ok(
+        s,
+        &["retry", "B-UNK", "--appid", "wx7654321", "--actor", "carol"],
+    );
+    assert_eq!(
+        f.count("SELECT COUNT(*) FROM jobs WHERE bill_no = 'B-UNK' AND state = 'pending' AND appid = 'wx7654321'"),
+        1
+    );
+    assert_eq!(
+        state_of(&f, "B-UNK", "pay"),
+        "unknown",
+        "the other app's order is untouched"
+    );
+    let ro = midas_worker::outbox::open_ro(&f.path).expect("open");
+    let reopened = query::reopened_jobs(&ro, 0).expect("reopened");
+    assert_eq!(
+        reopened.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![other]
+    );
+    // show with --appid lists only that app's actions
+    let text = ok(s, &["show", "B-UNK", "--appid", "wx1234567"]);
+    assert!(text.contains("operator actions:\n  (none)"), "{text}");
+}
+
+#[tokio::test]
+async fn csv_cells_that_look_like_formulas_are_not_run_by_a_spreadsheet() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let (w, join) = Writer::start(&f.path).expect("writer");
+    let j = Jobber { w: &w };
+    let now = now_ms();
+    let id = j
+        .intake(
+            Op::Pay,
+            "B-CSV",
+            "=HYPERLINK(\"http://evil\",\"x\")",
+            "c-csv",
+            now,
+        )
+        .await;
+    j.attempt(
+        id,
+        1,
+        now,
+        now,
+        answer(
+            Api::Pay,
+            OutcomeClass::Definitive,
+            Some(200),
+            Some(90013),
+            "@SUM(1+1)",
+        ),
+        Some(JobState::Failed),
+        reply("B-CSV", "failed", 90013, 1),
+    )
+    .await;
+    let id = j.intake(Op::Pay, "B-CSV2", "+1-555", "c-csv2", now).await;
+    j.attempt(
+        id,
+        1,
+        now,
+        now,
+        answer(
+            Api::Pay,
+            OutcomeClass::Definitive,
+            Some(200),
+            Some(90013),
+            "-2+3\tx",
+        ),
+        Some(JobState::Failed),
+        reply("B-CSV2", "failed", 90013, 1),
+    )
+    .await;
+    w.flush().await.expect("flush");
+    drop(w);
+    join.join().expect("writer thread");
+
+    let rows = parse_csv(&ok(s, &["export", "--format", "csv"]));
+    let row = |bill: &str| rows.iter().find(|r| r[2] == bill).expect("row").clone();
+    let csv = row("B-CSV");
+    assert_eq!(csv[4], "'=HYPERLINK(\"http://evil\",\"x\")");
+    assert_eq!(csv[8], "'@SUM(1+1)");
+    let csv2 = row("B-CSV2");
+    assert_eq!(csv2[4], "'+1-555");
+    assert_eq!(csv2[8], "'-2+3\tx");
+    // the worker's own numbers stay numbers
+    assert_eq!(row("B-UNK")[7], "-1");
+    // JSON lines are data, not cells: unchanged
+    let text = ok(s, &["export", "--bill-no-prefix", "B-CSV"]);
+    assert!(text.contains("\"openid\":\"=HYPERLINK"), "{text}");
 }
 
 #[tokio::test]
@@ -1008,7 +1326,14 @@ async fn reads_work_while_the_worker_writes() {
     // an operator write while the writer holds its connection
     ok(
         &s,
-        &["republish", "--status", "succeeded", "--actor", "eve"],
+        &[
+            "republish",
+            "--status",
+            "succeeded",
+            "--actor",
+            "eve",
+            "--yes",
+        ],
     );
     w.flush().await.expect("flush");
     drop(w);

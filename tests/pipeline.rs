@@ -444,8 +444,9 @@ async fn operator_retry_of_an_unknown_job_is_picked_up_by_the_running_worker() {
     let mut out = Vec::new();
     run(
         &OutboxCmd::Retry {
-            bill_no: bill.clone(),
-            op: None,
+            bill_no: Some(bill.clone()),
+            filters: Default::default(),
+            confirm: Default::default(),
             who: Operator {
                 actor: Some("test".into()),
                 reason: Some("midas recovered".into()),

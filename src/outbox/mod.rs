@@ -4,15 +4,24 @@
 //! requests per transaction (group commit), so `synchronous=FULL` costs one fsync per
 //! batch, not per message. Readers ([`query`]) open their own connections; WAL lets
 //! them read while the worker writes, including from another process (`outbox` CLI).
-//! `schema.sql` is the single truth of the schema and is applied at every open.
+//! `schema.sql` is the single truth of the schema and is applied at every writable
+//! open ([`schema`] migrates older files to it first).
+//!
+//! Session keys must not outlive their job on disk: every connection sets
+//! `secure_delete` (freed cells are zeroed), the WAL is bounded (`journal_size_limit`)
+//! and truncated by [`checkpoint`] (the writer calls it when idle and every
+//! [`CHECKPOINT_EVERY`] commits), and the files are private (directory 0700, database,
+//! WAL and shared-memory files 0600 on Unix).
 
+pub mod operator;
 pub mod query;
+pub mod schema;
 pub mod writer;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
@@ -33,11 +42,23 @@ pub enum OutboxError {
     Corrupt(String),
     #[error("cannot create the outbox directory: {0}")]
     Io(#[from] std::io::Error),
+    #[error("outbox schema: {0}")]
+    Schema(String),
 }
+
+/// The WAL is truncated back to this size after a checkpoint (bytes).
+pub const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+/// The writer checkpoints at least once per this many commits, even when never idle.
+pub const CHECKPOINT_EVERY: u32 = 1000;
+/// An idle writer checkpoints when its last checkpoint is at least this old.
+pub const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
 fn pragmas(conn: &Connection) -> Result<(), rusqlite::Error> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted and overwritten cells (an erased session_key) are zeroed, not left in
+    // free space.
+    conn.pragma_update(None, "secure_delete", "ON")?;
     // Savepoint journals only serve rollback inside an open transaction: keeping them
     // in memory costs no durability and saves a temp file per request (docs/bench.md).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -104,20 +125,130 @@ pub fn open_rw(path: &Path) -> Result<Connection, OutboxError> {
 }
 
 fn open_rw_unbudgeted(path: &Path) -> Result<Connection, OutboxError> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)?;
-        }
-    }
-    let conn = Connection::open(path)?;
+    create_private(path)?;
+    let mut conn = Connection::open(path)?;
     pragmas(&conn)?;
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         tracing::warn!(mode, "outbox journal mode is not WAL");
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    schema::prepare(&mut conn)?;
+    restrict_files(path)?;
     Ok(conn)
+}
+
+/// Create the outbox directory (0700) and an empty database file (0600) if missing.
+/// SQLite gives the WAL and shared-memory files the database file's mode.
+fn create_private(path: &Path) -> Result<(), OutboxError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(dir)?;
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)?;
+    Ok(())
+}
+
+/// The database, WAL and shared-memory files readable by their owner only (files an
+/// older release created with the umask's mode included).
+fn restrict_files(path: &Path) -> Result<(), OutboxError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mut names = vec![path.to_path_buf()];
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            names.push(PathBuf::from(p));
+        }
+        for p in names {
+            match std::fs::metadata(&p) {
+                Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))?;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Copy the WAL into the database and truncate it to zero bytes, without waiting for
+/// readers (a reader on an older snapshot makes it a partial checkpoint: `Ok(false)`;
+/// the next one finishes the job). What the WAL held (an erased session_key's old
+/// page) is then gone from every file.
+pub fn checkpoint(conn: &Connection) -> Result<bool, OutboxError> {
+    conn.busy_timeout(Duration::ZERO)?;
+    let r = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    conn.busy_timeout(Duration::from_secs(5))?;
+    match r {
+        Ok(busy) => Ok(busy == 0),
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// When the writer checkpoints: when idle and the last checkpoint is older than
+/// [`CHECKPOINT_IDLE`], after [`CHECKPOINT_EVERY`] commits, and when it stops.
+pub struct Checkpointer {
+    commits: u32,
+    last: Instant,
+}
+
+impl Default for Checkpointer {
+    fn default() -> Self {
+        Checkpointer {
+            commits: 0,
+            last: Instant::now(),
+        }
+    }
+}
+
+impl Checkpointer {
+    /// After a commit; `idle`: no request is waiting.
+    pub fn committed(&mut self, conn: &Connection, idle: bool) {
+        self.commits = self.commits.saturating_add(1);
+        if self.commits >= CHECKPOINT_EVERY || (idle && self.last.elapsed() >= CHECKPOINT_IDLE) {
+            self.run(conn);
+        }
+    }
+
+    /// Checkpoint now if anything was committed since the last one.
+    pub fn finish(&mut self, conn: &Connection) {
+        if self.commits > 0 {
+            self.run(conn);
+        }
+    }
+
+    fn run(&mut self, conn: &Connection) {
+        match checkpoint(conn) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::debug!("outbox checkpoint partial: a reader holds an older snapshot")
+            }
+            Err(e) => tracing::warn!(error = %e, "outbox checkpoint failed"),
+        }
+        self.commits = 0;
+        self.last = Instant::now();
+    }
 }
 
 /// Open an existing outbox for reading (the CLI, the relay). Fails if it does not exist.
@@ -132,6 +263,7 @@ pub fn open_ro(path: &Path) -> Result<Connection, OutboxError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     pragmas(&conn)?;
+    schema::check_readable(&conn)?;
     Ok(conn)
 }
 
@@ -142,9 +274,11 @@ pub fn open_existing_rw(path: &Path) -> Result<Connection, OutboxError> {
             path: path.display().to_string(),
         });
     }
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     pragmas(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+    schema::prepare(&mut conn)?;
+    restrict_files(path)?;
     Ok(conn)
 }

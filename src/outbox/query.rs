@@ -133,7 +133,8 @@ pub fn gauges(c: &Connection) -> Result<Gauges, OutboxError> {
 pub fn reopened_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError> {
     let ids: Vec<i64> = c
         .prepare_cached(
-            "SELECT DISTINCT j.id FROM operator_actions a JOIN jobs j ON j.bill_no = a.target \
+            "SELECT DISTINCT j.id FROM operator_actions a \
+             JOIN jobs j ON j.id = json_extract(a.detail, '$.job_id') \
              WHERE a.id > ?1 AND a.action = 'retry' AND j.state = 'pending' ORDER BY j.id",
         )?
         .query_map(params![after], |r| r.get(0))?

@@ -173,6 +173,7 @@ impl Writer {
 
 fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    let mut checkpoints = super::Checkpointer::default();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -188,9 +189,11 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
             tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
         } else {
             METRICS.outbox_commit(n);
+            checkpoints.committed(&conn, rx.is_empty());
         }
         batch.clear();
     }
+    checkpoints.finish(&conn);
     tracing::debug!("outbox writer stopped");
 }
 
@@ -326,9 +329,10 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     let existing = c
         .prepare_cached(
             "SELECT id, request, state, last_errcode, result, attempts, first_attempt_at, received_at, \
-             session_key, next_attempt_at, last_error, reopened_at, calls, uncertain FROM jobs WHERE op = ?1 AND bill_no = ?2",
+             session_key, next_attempt_at, last_error, reopened_at, calls, uncertain FROM jobs \
+             WHERE appid = ?1 AND op = ?2 AND bill_no = ?3",
         )?
-        .query_row(params![p.op.as_str(), bill_no], |r| {
+        .query_row(params![p.appid, p.op.as_str(), bill_no], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
