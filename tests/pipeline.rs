@@ -462,3 +462,65 @@ async fn operator_retry_of_an_unknown_job_is_picked_up_by_the_running_worker() {
     worker.stop().await;
     env.cleanup(&c).await;
 }
+
+/// Orders are keyed per app: two apps using the same bill_no for different orders
+/// both succeed, each charged once, and a re-send of each joins its own job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_apps_with_the_same_bill_no_are_two_orders() {
+    let mut env = TestEnv::new("twoapps");
+    env.set("APPS__1__APPID", "wx7654321");
+    env.set("APPS__1__OFFER_ID", "87654321");
+    env.set("APPS__1__APP_KEY_ENV", "MIDAS_APP_KEY_2");
+    env.set("APPS__1__APP_SECRET_ENV", "WECHAT_APP_SECRET_2");
+    env.env
+        .insert("MIDAS_APP_KEY_2".into(), "second-app-key-0123456789".into());
+    env.env.insert(
+        "WECHAT_APP_SECRET_2".into(),
+        "second-app-secret-0123456789".into(),
+    );
+    let mut cfg = env.settings().config.simulator;
+    cfg.initial_balance = 1_000_000;
+    let sim = midas_worker::sim::Simulator::new(
+        cfg,
+        midas_worker::sim::SimApp::from_settings(&env.settings()),
+    )
+    .start()
+    .await
+    .expect("simulator");
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bill = unique("SAME");
+    let body = |appid: &str, amt: i64| {
+        format!(r#"{{"op":"pay","bill_no":"{bill}","openid":"o1","amt":{amt},"appid":"{appid}"}}"#)
+    };
+    c.publish(body("wx1234567", 10).as_bytes(), "a")
+        .await
+        .unwrap();
+    c.publish(body("wx7654321", 20).as_bytes(), "b")
+        .await
+        .unwrap();
+    let a = c.reply_for("a", T).await.unwrap().reply;
+    let b = c.reply_for("b", T).await.unwrap().reply;
+    assert_eq!(a.status, Some(Status::Succeeded), "{a:?}");
+    assert_eq!(b.status, Some(Status::Succeeded), "{b:?}");
+    assert_eq!(a.appid.as_deref(), Some("wx1234567"));
+    assert_eq!(b.appid.as_deref(), Some("wx7654321"));
+    // a re-send of each joins its own job: same reply, no new charge
+    c.publish(body("wx7654321", 20).as_bytes(), "b2")
+        .await
+        .unwrap();
+    let b2 = c.reply_for("b2", T).await.unwrap();
+    assert_eq!(b2.reply.appid.as_deref(), Some("wx7654321"));
+    assert_eq!(b2.reply.balance, b.balance);
+    let ledger = sim.ledger();
+    let orders = orders_for(&ledger, &bill);
+    assert_eq!(orders.len(), 2, "one order per app: {orders:?}");
+    let mut by_app: Vec<(&str, i64)> = orders
+        .iter()
+        .map(|o| (o.appid.as_str(), o.amount))
+        .collect();
+    by_app.sort();
+    assert_eq!(by_app, vec![("wx1234567", 10), ("wx7654321", 20)]);
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
