@@ -48,6 +48,9 @@ pub struct Dispatcher {
     midas: Arc<MidasClient>,
     db_path: std::path::PathBuf,
     held: Arc<AtomicUsize>,
+    /// Turns true at shutdown: failing writes are then given up (the job resumes
+    /// from the outbox at the next start) so the writer can stop.
+    stop: watch::Receiver<bool>,
 }
 
 /// The engine's settings from the config.
@@ -113,6 +116,7 @@ impl Dispatcher {
         writer: Writer,
         publisher: Publisher,
         midas: Arc<MidasClient>,
+        stop: watch::Receiver<bool>,
     ) -> Dispatcher {
         let db_path = settings.config.outbox.path.clone();
         Dispatcher {
@@ -122,6 +126,7 @@ impl Dispatcher {
             midas,
             db_path,
             held: Arc::new(AtomicUsize::new(0)),
+            stop,
         }
     }
 
@@ -271,9 +276,10 @@ impl Dispatcher {
 
     fn spawn_marks(&self, marks: Vec<(i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
-            if write_until_done(|| writer.mark_calls(marks.clone()))
+            if write_until_done(|| writer.mark_calls(marks.clone()), stop)
                 .await
                 .is_some()
             {
@@ -287,9 +293,10 @@ impl Dispatcher {
     fn spawn_record(&self, record: Record, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
         let publisher = self.publisher.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let id = record.job_id;
-            if let Some(replies) = write_until_done(|| writer.record(record.clone())).await {
+            if let Some(replies) = write_until_done(|| writer.record(record.clone()), stop).await {
                 for r in replies {
                     publisher.send(r);
                 }
@@ -324,9 +331,10 @@ fn log_answer(a: &Answer) {
     }
 }
 
-/// Retry an outbox write until it lands. `None` when the writer is gone (the
-/// process is stopping): the job resumes from the outbox at the next start.
-async fn write_until_done<T, F, Fut>(mut f: F) -> Option<T>
+/// Retry an outbox write until it lands. `None` when the writer is gone, or when a
+/// write fails while the process is stopping: the job resumes from the outbox at
+/// the next start (with the same bill_no), and the writer is free to stop.
+async fn write_until_done<T, F, Fut>(mut f: F, mut stop: watch::Receiver<bool>) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, OutboxError>>,
@@ -340,12 +348,19 @@ where
                 tracing::error!("outbox writer gone; the job resumes at the next start");
                 return None;
             }
+            Err(e) if *stop.borrow() => {
+                tracing::error!(error = %e, "cannot write to the outbox while shutting down; the job resumes at the next start with the same bill_no");
+                return None;
+            }
             Err(e) => {
                 tries += 1;
                 if tries == 1 || tries % 10 == 0 {
                     tracing::error!(error = %e, "cannot write to the outbox; retrying the write");
                 }
-                tokio::time::sleep(pause).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
         }

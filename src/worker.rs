@@ -123,6 +123,7 @@ pub async fn start(
         writer.clone(),
         pub_handle.clone(),
         midas.clone(),
+        shutdown.clone(),
     );
     let held = dispatcher.held();
     let dispatcher = tokio::spawn(dispatcher.run(drx, shutdown.clone()));
