@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use crate::command::{rfc3339_ms, Op, Params, Reply, Status};
+use crate::command::{rfc3339_ms, FirstSave, Op, Params, Reply, Status};
 use crate::config::RetryConfig;
 use crate::midas::errcode::{self, MidasApi};
 use crate::midas::{Answer, OutcomeClass};
@@ -337,7 +337,10 @@ fn reply(job: &Job, status: Status, answer: &Answer, now: i64, ctx: Context) -> 
     r.errcode = answer.errcode;
     r.errmsg = answer.errmsg.clone();
     r.balance = answer.body.balance;
-    r.used_gen_amt = answer.body.used_gen_amt;
+    match ctx.api {
+        MidasApi::V1 => r.used_gen_amt = answer.body.used_gen_amt,
+        MidasApi::V2 => r.used_present_amount = answer.body.used_present_amount,
+    }
     if status == Status::Succeeded {
         r.duplicate = Some(false);
     }
@@ -361,12 +364,25 @@ pub fn balance_reply(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Repl
         r.error = Some("retries_exhausted".into());
     }
     r.balance = b.balance;
-    r.gen_balance = b.gen_balance;
-    r.first_save = b.first_save;
-    r.save_amt = b.save_amt;
-    r.save_sum = b.save_sum;
-    r.cost_sum = b.cost_sum;
-    r.present_sum = b.present_sum;
+    // each API's own names (docs/contract.md, "Replies")
+    match ctx.api {
+        MidasApi::V1 => {
+            r.gen_balance = b.gen_balance;
+            r.first_save = b.first_save.map(FirstSave::Number);
+            r.save_amt = b.save_amt;
+            r.save_sum = b.save_sum;
+            r.cost_sum = b.cost_sum;
+            r.present_sum = b.present_sum;
+        }
+        MidasApi::V2 => {
+            r.present_balance = b.present_balance;
+            r.first_save = b.first_save.map(|n| FirstSave::Flag(n != 0));
+            r.sum_save = b.sum_save;
+            r.sum_present = b.sum_present;
+            r.sum_balance = b.sum_balance;
+            r.sum_cost = b.sum_cost;
+        }
+    }
     r
 }
 
@@ -401,6 +417,7 @@ mod tests {
                 present_counts: None,
                 pay_item: None,
                 app_remark: None,
+                pay_bill_no: None,
             },
             None,
             0,
