@@ -514,3 +514,26 @@ async fn sigkill_mid_run_with_a_v2_app_loses_nothing_and_charges_once() {
     assert_eq!(charged, sent.len() as i64, "each pay charged exactly once");
     env.cleanup(&c).await;
 }
+
+/// In sandbox the worker sends `env = 1`, signed with the configured (sandbox)
+/// AppKey; the simulator checks `pay_sig` with its sandbox key for `env = 1`, so a
+/// call with `env = 0` (or the wrong key) would answer 90011.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_sandbox_a_v2_app_calls_with_env_1_and_the_sandbox_key() {
+    let mut env = v2_env("v2sandbox");
+    env.set("MIDAS__ENVIRONMENT", "sandbox");
+    env.env
+        .insert("MIDAS_APP_KEY_V2".into(), "test-sandbox-key".into());
+    let sim = simulator(&env, Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bill = unique("SB");
+    c.publish(&v2_pay(&bill, "sb1", 6, "k"), "sb")
+        .await
+        .unwrap();
+    let r = c.reply_for("sb", T).await.unwrap().reply;
+    assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
+    assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1);
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
