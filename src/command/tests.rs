@@ -79,8 +79,8 @@ api = "v2"
     crate::config::load_from(text, &BTreeMap::new(), "t").unwrap()
 }
 
-fn v2(s: &str) -> Result<Command, Rejection> {
-    decode(s.as_bytes(), &two_apis()).map_err(|r| *r)
+fn v2(s: &str) -> Result<Command, Box<Rejection>> {
+    decode(s.as_bytes(), &two_apis())
 }
 
 fn v2_err(s: &str, field: &str) {
