@@ -87,6 +87,11 @@ pub struct BenchArgs {
     /// Directory for the temporary outbox (default: the system temp dir).
     #[arg(long)]
     pub outbox_dir: Option<PathBuf>,
+    /// The Midas API the worker speaks to the simulator: v1 (Midas 1.0) or v2 (virtual
+    /// payment 2.0: every configured app is switched to `api = "v2"`, and the commands
+    /// carry a session_key; the ceiling run is the same for both).
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    pub api: String,
     /// Give up when no reply arrives for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
@@ -371,13 +376,19 @@ impl FastPublisher {
     }
 }
 
-fn command_body(bill_no: &str, seq: usize, users: usize) -> String {
+fn command_body(bill_no: &str, seq: usize, users: usize, v2: bool) -> String {
     let openid = format!("bench-u{}", seq % users.max(1));
+    // 2.0 signs every call with the player's session_key
+    let key = if v2 {
+        r#","session_key":"bench-session-key""#
+    } else {
+        ""
+    };
     if seq % 2 == 0 {
-        format!(r#"{{"op":"pay","bill_no":"{bill_no}","openid":"{openid}","amt":1}}"#)
+        format!(r#"{{"op":"pay","bill_no":"{bill_no}","openid":"{openid}","amt":1{key}}}"#)
     } else {
         format!(
-            r#"{{"op":"present","bill_no":"{bill_no}","openid":"{openid}","present_counts":1}}"#
+            r#"{{"op":"present","bill_no":"{bill_no}","openid":"{openid}","present_counts":1{key}}}"#
         )
     }
 }
@@ -393,6 +404,7 @@ async fn publish_commands(
     n: usize,
     users: usize,
     rate: Option<f64>,
+    v2: bool,
 ) -> anyhow::Result<Duration> {
     let p = FastPublisher::new(conn).await?;
     let started = tokio::time::Instant::now();
@@ -404,7 +416,7 @@ async fn publish_commands(
             }
         }
         let bill = format!("{bill_prefix}{phase}{seq}");
-        let body = command_body(&bill, seq, users);
+        let body = command_body(&bill, seq, users, v2);
         let corr = format!("{phase}{seq}.{}", now_us());
         p.send(queue, body.as_bytes(), &corr, reply_to).await?;
     }
@@ -575,7 +587,10 @@ async fn ceiling(
     let result = async {
         let (sink, sink_task) = Sink::start(&ch, &reply_q, false).await?;
         sink.expect('c', n);
-        let pre = publish_commands(&client, &cmd_q, &reply_q, 'c', "CEIL-", n, users, None).await?;
+        let pre = publish_commands(
+            &client, &cmd_q, &reply_q, 'c', "CEIL-", n, users, None, false,
+        )
+        .await?;
 
         let conn = connect(&b.url, "midas-worker bench ceiling").await?;
         let cons = conn.create_channel().await?;
@@ -718,6 +733,13 @@ async fn worker_case(
         }
         c.midas.max_rps = a.max_rps;
     }
+    if a.api == "v2" {
+        for app in &mut settings.apps {
+            app.api = crate::config::ApiVersion::V2;
+            app.default_user_ip
+                .get_or_insert_with(|| "127.0.0.1".into());
+        }
+    }
     let max_in_flight = settings.config.midas.max_in_flight;
     let settings = Arc::new(settings);
     let url = settings.config.broker.url.clone();
@@ -759,6 +781,7 @@ async fn run_case(
         n,
         a.users,
         None,
+        a.api == "v2",
     )
     .await?;
 
@@ -818,6 +841,7 @@ async fn run_case(
             m,
             a.users,
             Some(rate),
+            a.api == "v2",
         )
         .await?;
         sink.wait('s', m, a.stall_timeout).await?;
@@ -935,8 +959,9 @@ fn mark(ok: bool) -> &'static str {
 
 fn print_table(a: &BenchArgs, settings: &Settings, ceil: &CeilingResult, cases: &[CaseResult]) {
     println!(
-        "midas-worker bench  {}  jobs={} users={} prefetch={} max_rps={} steady={:?} simulator={}",
+        "midas-worker bench  {}  api={} jobs={} users={} prefetch={} max_rps={} steady={:?} simulator={}",
         humantime::format_rfc3339_seconds(SystemTime::now()),
+        a.api,
         a.jobs,
         a.users,
         settings.config.broker.prefetch,
@@ -1063,6 +1088,7 @@ fn to_json(
         "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         "jobs": a.jobs,
         "users": a.users,
+        "api": a.api,
         "prefetch": settings.config.broker.prefetch,
         "max_rps": a.max_rps,
         "steady_secs": a.steady.as_secs_f64(),

@@ -14,7 +14,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Settings;
+use crate::config::{ApiVersion, App, Settings};
 use crate::secret::Secret;
 
 /// The largest amount Midas accepts.
@@ -91,6 +91,8 @@ struct Wire {
     #[serde(default)]
     bill_no: Option<String>,
     #[serde(default)]
+    pay_bill_no: Option<String>,
+    #[serde(default)]
     openid: Option<String>,
     #[serde(default)]
     session_key: Option<String>,
@@ -115,11 +117,16 @@ struct Wire {
 /// The parameters that identify what a job does: everything but the session_key.
 /// Two commands with the same key (op, bill_no) must have equal `Params` to join.
 /// Field order is fixed, so the JSON form is canonical and stored in the outbox.
+/// Optional fields are left out when empty, so a field added later (`pay_bill_no`)
+/// leaves the stored form of older jobs unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Params {
     pub op: Op,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bill_no: Option<String>,
+    /// A v2 cancel_pay (a refund): the bill_no of the pay being refunded.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub pay_bill_no: Option<String>,
     pub openid: String,
     pub appid: String,
     pub zone_id: String,
@@ -389,10 +396,29 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
             ))
         }
     };
+    let v2 = app.api == ApiVersion::V2;
     let zone_id = text_field("zone_id", w.zone_id, false)?.unwrap_or_else(|| app.zone_id.clone());
     let pf = text_field("pf", w.pf, false)?.unwrap_or_else(|| app.pf.clone());
     let user_ip = text_field("user_ip", w.user_ip, false)?;
-    let amt = amount("amt", w.amt, op == Op::Pay)?;
+    let pay_bill_no = if v2 {
+        check_v2(
+            op,
+            bill_no.as_deref(),
+            w.pay_bill_no,
+            &session_key,
+            &user_ip,
+            app,
+        )?
+    } else if w.pay_bill_no.is_some() {
+        return Err((
+            "invalid_command",
+            "`pay_bill_no` is only allowed for cancel_pay on apps with api = \"v2\"".into(),
+        ));
+    } else {
+        None
+    };
+    let refund = v2 && op == Op::CancelPay;
+    let amt = amount("amt", w.amt, op == Op::Pay || refund)?;
     let present_counts = amount("present_counts", w.present_counts, op == Op::Present)?;
     let pay_item = text_field("pay_item", w.pay_item, false)?;
     let app_remark = text_field("app_remark", w.app_remark, false)?;
@@ -401,6 +427,12 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
         return Err((
             "invalid_command",
             "`pay_item` is only allowed for pay and cancel_pay".into(),
+        ));
+    }
+    if pay_item.is_some() && refund {
+        return Err((
+            "invalid_command",
+            "`pay_item` is not allowed for cancel_pay on apps with api = \"v2\"".into(),
         ));
     }
     if app_remark.is_some() && op != Op::Pay {
@@ -413,6 +445,7 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
         params: Params {
             op,
             bill_no,
+            pay_bill_no,
             openid,
             appid: app.appid.clone(),
             zone_id,
@@ -425,6 +458,44 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
         },
         session_key,
     })
+}
+
+/// The rules only virtual payment 2.0 apps have (`docs/contract.md`, "Commands"):
+/// a session_key on every command (2.0 signs every call with it), a `user_ip` from
+/// the command or the app's `default_user_ip`, no bill_no starting with `_`, and a
+/// cancel_pay is a refund naming its pay (`pay_bill_no`). Returns the `pay_bill_no`.
+fn check_v2(
+    op: Op,
+    bill_no: Option<&str>,
+    pay_bill_no: Option<String>,
+    session_key: &Option<Secret>,
+    user_ip: &Option<String>,
+    app: &App,
+) -> Result<Option<String>, (&'static str, String)> {
+    let bad = |m: &str| Err(("invalid_command", m.to_string()));
+    if session_key.is_none() {
+        return bad("missing field `session_key`: apps with api = \"v2\" sign every call with it");
+    }
+    if user_ip.is_none() && app.default_user_ip.is_none() {
+        return bad("missing field `user_ip`: required for apps with api = \"v2\" unless the app sets default_user_ip");
+    }
+    if bill_no.is_some_and(|b| b.starts_with('_')) {
+        return bad("`bill_no` must not start with `_` for apps with api = \"v2\"");
+    }
+    match (op, pay_bill_no) {
+        (Op::CancelPay, None) => {
+            bad("missing field `pay_bill_no`: a cancel_pay on an app with api = \"v2\" is a refund of that pay")
+        }
+        (Op::CancelPay, Some(p)) if !valid_bill_no(&p) || p.starts_with('_') => {
+            bad("`pay_bill_no` must be 1-63 characters of [A-Za-z0-9_-], not starting with `_`")
+        }
+        (Op::CancelPay, Some(p)) if Some(p.as_str()) == bill_no => {
+            bad("`pay_bill_no` names the refund itself: a refund needs its own `bill_no`")
+        }
+        (Op::CancelPay, Some(p)) => Ok(Some(p)),
+        (_, Some(_)) => bad("`pay_bill_no` is only allowed for cancel_pay"),
+        (_, None) => Ok(None),
+    }
 }
 
 /// Reply statuses (docs/contract.md). `succeeded`, `failed` and `unknown` are also the
@@ -447,6 +518,14 @@ impl Status {
             Status::Unknown => "unknown",
         }
     }
+}
+
+/// A balance reply's `first_save`: an integer (0/1) from Midas 1.0, a boolean from 2.0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FirstSave {
+    Flag(bool),
+    Number(i64),
 }
 
 /// The reply published for a command. Stored verbatim in the outbox once final, so a
@@ -474,8 +553,9 @@ pub struct Reply {
     pub used_gen_amt: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gen_balance: Option<i64>,
+    /// 1.0: `0`/`1`; 2.0: a boolean (as each API names it).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_save: Option<i64>,
+    pub first_save: Option<FirstSave>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub save_amt: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -484,6 +564,19 @@ pub struct Reply {
     pub cost_sum: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub present_sum: Option<i64>,
+    // Virtual payment 2.0 names (apps with api = "v2"), instead of the 1.0 ones above.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_present_amount: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub present_balance: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sum_save: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sum_present: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sum_balance: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sum_cost: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate: Option<bool>,
     /// True when the reply came from the simulator: no real currency moved.
@@ -534,65 +627,4 @@ pub fn now_ms() -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeMap;
-
-    pub(crate) fn settings() -> Settings {
-        crate::config::load_from(include_str!("../config.toml"), &BTreeMap::new(), "t").unwrap()
-    }
-
-    fn ok(s: &str) -> Command {
-        decode(s.as_bytes(), &settings()).unwrap()
-    }
-    fn err(s: &[u8]) -> Rejection {
-        *decode(s, &settings()).unwrap_err()
-    }
-
-    #[test]
-    fn a_pay_gets_app_defaults() {
-        let c = ok(r#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":10}"#);
-        assert_eq!(c.params.appid, "wx1234567");
-        assert_eq!(c.params.zone_id, "1");
-        assert_eq!(c.params.pf, "android");
-        assert_eq!(c.params.amt, Some(10));
-        assert!(!c.params.canonical().contains("session_key"));
-    }
-
-    #[test]
-    fn rejections_are_clear_and_salvage_the_bill_no() {
-        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amount":10}"#);
-        assert_eq!(r.code, "invalid_command");
-        assert!(r.message.contains("amount"), "{}", r.message);
-        assert_eq!(r.bill_no.as_deref(), Some("B-1"));
-        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":0}"#);
-        assert!(r.message.contains("amt"));
-        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":2147483648}"#);
-        assert!(r.message.contains("amt"));
-        let r = err(br#"{"op":"pay","bill_no":"B 1","openid":"o1","amt":1}"#);
-        assert!(r.message.contains("bill_no") && r.bill_no.is_none());
-        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":1,"appid":"wxnope"}"#);
-        assert_eq!(r.code, "unknown_app");
-        let r = err(b"\xff\xfe not json");
-        assert_eq!(r.code, "invalid_command");
-        let r = err(br#"{"op":"refund","bill_no":"B-2","openid":"o1"}"#);
-        assert!(r.message.contains("op"));
-        assert_eq!(r.bill_no.as_deref(), Some("B-2"));
-        let r = err(br#"{"op":"pay","op":"pay","bill_no":"B-1","openid":"o1","amt":1}"#);
-        assert!(r.message.contains("duplicate"), "{}", r.message);
-        let r = err(br#"{"op":"pay","bill_no":"B-1","openid":"o1","amt":1.5}"#);
-        assert!(
-            r.message.contains("amt") || r.message.contains("float"),
-            "{}",
-            r.message
-        );
-    }
-
-    #[test]
-    fn bill_no_bounds() {
-        assert!(valid_bill_no(&"a".repeat(63)));
-        assert!(!valid_bill_no(&"a".repeat(64)));
-        assert!(!valid_bill_no(""));
-        assert!(!valid_bill_no("é"));
-    }
-}
+mod tests;

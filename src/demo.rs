@@ -1,7 +1,8 @@
 //! `midas-worker demo`: the quickest way to see the whole system. Starts the
 //! embedded simulator and the worker against the local broker (on demo-only queues
 //! and a fresh outbox), enqueues a handful of sample commands, prints the replies
-//! and the outbox as a table, cleans up and exits.
+//! and the outbox as a table, cleans up and exits. A virtual payment 2.0 app is
+//! added next to the configured (1.0) one, so both APIs show in one run.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +76,38 @@ pub fn shorten(s: &str, max: usize) -> String {
     format!("{cut}…")
 }
 
+/// The 2.0 app the demo adds next to the configured one (simulator only).
+const DEMO_V2_APPID: &str = "wxdemo0000000v2";
+/// The session_key the demo's 2.0 commands carry (2.0 signs every call with it; the
+/// simulator checks it only for registered players).
+const DEMO_SESSION_KEY: &str = "demo-session-key";
+
+/// Add a virtual payment 2.0 app (`api = "v2"`) with simulator stand-in secrets, so
+/// that the demo shows both APIs side by side.
+fn add_v2_app(settings: &mut Settings) {
+    if settings.app(DEMO_V2_APPID).is_some() {
+        return;
+    }
+    settings.apps.push(crate::config::App {
+        appid: DEMO_V2_APPID.into(),
+        offer_id: "87654321".into(),
+        zone_id: "1".into(),
+        pf: "android".into(),
+        api: crate::config::ApiVersion::V2,
+        default_user_ip: Some("203.0.113.10".into()),
+        app_key: crate::config::App::simulator_key(DEMO_V2_APPID),
+        app_secret: crate::config::App::simulator_secret(DEMO_V2_APPID),
+    });
+}
+
+/// A command for the demo's 2.0 app and player D: `fields` plus bill_no, openid,
+/// appid and session_key.
+fn v2_command(fields: &str, bill_no: &str) -> String {
+    format!(
+        r#"{{{fields},"appid":"{DEMO_V2_APPID}","bill_no":"{bill_no}","openid":"player-D","session_key":"{DEMO_SESSION_KEY}"}}"#
+    )
+}
+
 struct Sample {
     label: &'static str,
     corr: String,
@@ -103,6 +136,12 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         c.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         c.retry.initial = crate::config::Dur(Duration::from_millis(100));
     }
+    let v1_app = settings
+        .apps
+        .first()
+        .map(|a| a.appid.clone())
+        .unwrap_or_default();
+    add_v2_app(&mut settings);
     let settings = Arc::new(settings);
     println!(
         "midas-worker demo: embedded Midas simulator (no real currency), broker {}, outbox {}",
@@ -118,7 +157,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "pay 100 (player A)",
             corr: "c1".into(),
             body: format!(
-                r#"{{"op":"pay","bill_no":"{}","openid":"player-A","amt":100,"pay_item":"sword"}}"#,
+                r#"{{"op":"pay","appid":"{v1_app}","bill_no":"{}","openid":"player-A","amt":100,"pay_item":"sword"}}"#,
                 bill("1")
             ),
         },
@@ -126,7 +165,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "present 50 (player B)",
             corr: "c2".into(),
             body: format!(
-                r#"{{"op":"present","bill_no":"{}","openid":"player-B","present_counts":50}}"#,
+                r#"{{"op":"present","appid":"{v1_app}","bill_no":"{}","openid":"player-B","present_counts":50}}"#,
                 bill("2")
             ),
         },
@@ -134,7 +173,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "pay 5000, too much (player C)",
             corr: "c3".into(),
             body: format!(
-                r#"{{"op":"pay","bill_no":"{}","openid":"player-C","amt":5000}}"#,
+                r#"{{"op":"pay","appid":"{v1_app}","bill_no":"{}","openid":"player-C","amt":5000}}"#,
                 bill("3")
             ),
         },
@@ -142,7 +181,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "the first pay re-sent (same bill_no)",
             corr: "c4".into(),
             body: format!(
-                r#"{{"op":"pay","bill_no":"{}","openid":"player-A","amt":100,"pay_item":"sword"}}"#,
+                r#"{{"op":"pay","appid":"{v1_app}","bill_no":"{}","openid":"player-A","amt":100,"pay_item":"sword"}}"#,
                 bill("1")
             ),
         },
@@ -150,7 +189,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "same bill_no, other amount",
             corr: "c5".into(),
             body: format!(
-                r#"{{"op":"pay","bill_no":"{}","openid":"player-A","amt":999,"pay_item":"sword"}}"#,
+                r#"{{"op":"pay","appid":"{v1_app}","bill_no":"{}","openid":"player-A","amt":999,"pay_item":"sword"}}"#,
                 bill("1")
             ),
         },
@@ -158,7 +197,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "invalid: amt 0, misspelt field",
             corr: "c6".into(),
             body: format!(
-                r#"{{"op":"pay","bill_no":"{}","openid":"player-A","amt":0,"pay_itme":"x"}}"#,
+                r#"{{"op":"pay","appid":"{v1_app}","bill_no":"{}","openid":"player-A","amt":0,"pay_itme":"x"}}"#,
                 bill("6")
             ),
         },
@@ -166,17 +205,45 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             label: "cancel the first pay",
             corr: "c7".into(),
             body: format!(
-                r#"{{"op":"cancel_pay","bill_no":"{}","openid":"player-A"}}"#,
+                r#"{{"op":"cancel_pay","appid":"{v1_app}","bill_no":"{}","openid":"player-A"}}"#,
                 bill("1")
+            ),
+        },
+        Sample {
+            label: "v2: pay 100 (player D)",
+            corr: "d1".into(),
+            body: v2_command(r#""op":"pay","amt":100"#, &bill("V1")),
+        },
+        Sample {
+            label: "v2: present 20 (player D)",
+            corr: "d2".into(),
+            body: v2_command(r#""op":"present","present_counts":20"#, &bill("V2")),
+        },
+        Sample {
+            label: "v2: refund 30 of that pay",
+            corr: "d3".into(),
+            body: v2_command(
+                &format!(
+                    r#""op":"cancel_pay","pay_bill_no":"{}","amt":30"#,
+                    bill("V1")
+                ),
+                &bill("V3"),
             ),
         },
         Sample {
             label: "balance of player A",
             corr: "c8".into(),
-            body: r#"{"op":"balance","openid":"player-A"}"#.to_string(),
+            body: format!(r#"{{"op":"balance","appid":"{v1_app}","openid":"player-A"}}"#),
+        },
+        Sample {
+            label: "v2: balance of player D",
+            corr: "d4".into(),
+            body: format!(
+                r#"{{"op":"balance","appid":"{DEMO_V2_APPID}","openid":"player-D","session_key":"{DEMO_SESSION_KEY}"}}"#
+            ),
         },
     ];
-    let (jobs, balance) = samples.split_at(samples.len() - 1);
+    let (jobs, balance) = samples.split_at(samples.len() - 2);
     for s in jobs {
         client.publish(s.body.as_bytes(), &s.corr).await?;
         // keep the walk-through readable: the re-send after the first reply
@@ -218,6 +285,13 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             let mut details = Vec::new();
             if let Some(b) = rep.balance {
                 details.push(format!("balance={b}"));
+            }
+            // the gift balance, as each API names it
+            if let Some(g) = rep.gen_balance {
+                details.push(format!("gen_balance={g}"));
+            }
+            if let Some(g) = rep.present_balance {
+                details.push(format!("present_balance={g}"));
             }
             if rep.duplicate == Some(true) {
                 details.push("duplicate".into());

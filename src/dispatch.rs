@@ -63,7 +63,13 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
         apps: settings
             .apps
             .iter()
-            .map(|a| (a.appid.clone(), crate::midas::errcode::MidasApi::V1))
+            .map(|a| {
+                let api = match a.api {
+                    crate::config::ApiVersion::V1 => crate::midas::errcode::MidasApi::V1,
+                    crate::config::ApiVersion::V2 => crate::midas::errcode::MidasApi::V2,
+                };
+                (a.appid.clone(), api)
+            })
             .collect(),
         simulated: c.midas.environment == Environment::Simulator,
     }

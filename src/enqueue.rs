@@ -38,8 +38,13 @@ pub struct EnqueueArgs {
     pub op: String,
     #[arg(long)]
     pub bill_no: Option<String>,
+    /// cancel_pay on a v2 app (a refund): the bill_no of the pay being refunded
+    /// (with --amt, the coins to refund; --bill-no is the refund's own).
+    #[arg(long)]
+    pub pay_bill_no: Option<String>,
     #[arg(long)]
     pub openid: Option<String>,
+    /// pay: the amount; cancel_pay on a v2 app: the coins to refund.
     #[arg(long)]
     pub amt: Option<i64>,
     #[arg(long)]
@@ -140,6 +145,7 @@ pub fn body(a: &EnqueueArgs) -> Result<Vec<u8>, EnqueueError> {
     m.insert("op".into(), a.op.clone().into());
     let strs = [
         ("bill_no", &a.bill_no),
+        ("pay_bill_no", &a.pay_bill_no),
         ("openid", &a.openid),
         ("appid", &a.appid),
         ("zone_id", &a.zone_id),
@@ -228,4 +234,41 @@ async fn publish_and_wait(
     let r = client.reply_for(corr, timeout).await?;
     println!("{}", String::from_utf8_lossy(&r.raw));
     Ok(exit_code_for(r.reply.status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: EnqueueArgs,
+    }
+
+    #[test]
+    fn a_v2_refund_from_flags() {
+        let cli = Cli::try_parse_from([
+            "enqueue",
+            "cancel_pay",
+            "--appid",
+            "wx7654321",
+            "--bill-no",
+            "R-1",
+            "--pay-bill-no",
+            "P-1",
+            "--amt",
+            "3",
+            "--openid",
+            "o",
+        ])
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body(&cli.args).unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op": "cancel_pay", "appid": "wx7654321", "bill_no": "R-1",
+                               "pay_bill_no": "P-1", "amt": 3, "openid": "o"})
+        );
+    }
 }

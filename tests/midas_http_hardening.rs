@@ -172,6 +172,7 @@ fn pay_params() -> Params {
         present_counts: None,
         pay_item: None,
         app_remark: None,
+        pay_bill_no: None,
     }
 }
 

@@ -99,6 +99,7 @@ fn params(op: Op, bill: &str, openid: &str, amt: i64) -> Params {
         present_counts: (op == Op::Present).then_some(amt),
         pay_item: None,
         app_remark: None,
+        pay_bill_no: None,
     }
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 
-use crate::command::{rfc3339_ms, Op, Params, Reply, Status};
+use crate::command::{rfc3339_ms, FirstSave, Op, Params, Reply, Status};
 use crate::config::RetryConfig;
 use crate::midas::errcode::{self, MidasApi};
 use crate::midas::{Answer, OutcomeClass};
@@ -195,9 +195,12 @@ pub fn decide(
             reply: reply(job, Status::Succeeded, answer, now, ctx),
         },
         OutcomeClass::Duplicate => Decision::Duplicate,
-        // "Already rolled back": whoever sent it, the pay this cancel undoes is undone.
+        // 1.0 "already rolled back": whoever sent it, the pay this cancel undoes is
+        // undone. (A 2.0 refund has its own bill_no: a repeat answers 90012.)
         OutcomeClass::Definitive
-            if job.params.op == Op::CancelPay && code == Some(errcode::ORDER_ROLLED_BACK) =>
+            if job.params.op == Op::CancelPay
+                && code == Some(errcode::ORDER_ROLLED_BACK)
+                && ctx.api == MidasApi::V1 =>
         {
             Decision::Duplicate
         }
@@ -267,9 +270,9 @@ pub fn exhausted(job: &Job, last: Option<&Answer>, now: i64, ctx: Context) -> Re
     };
     r.error = Some("retries_exhausted".into());
     let last_msg = last
-        .and_then(|a| a.errmsg.clone())
-        .or_else(|| job.last_error.clone())
-        .unwrap_or_else(|| "no answer".into());
+        .and_then(|a| a.errmsg.as_deref())
+        .or(job.last_error.as_deref())
+        .map_or_else(|| "no answer".into(), clip_message);
     r.errmsg = Some(format!(
         "no definitive answer before retry.give_up_after (last: {last_msg}); reconcile this bill_no by hand"
     ));
@@ -286,7 +289,7 @@ fn uncertain(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Reply {
         "an earlier call went unanswered and Midas now answers {} ({}), which says nothing about the bill_no; \
          re-send the command with a new session_key to finish it, or reconcile by hand",
         answer.errcode.unwrap_or_default(),
-        answer.errmsg.as_deref().unwrap_or("no message"),
+        answer.errmsg.as_deref().map_or_else(|| "no message".into(), clip_message),
     ));
     r
 }
@@ -317,6 +320,11 @@ pub fn unknown_app(job: &Job, now: i64, ctx: Context) -> (JobState, Reply) {
     (state, r)
 }
 
+/// Midas's message, cut so that no answer can make a reply (or the outbox) large.
+fn clip_message(m: &str) -> String {
+    crate::command::clip(m, crate::command::MAX_MESSAGE_CHARS)
+}
+
 fn base(job: &Job, status: Status, now: i64, ctx: Context) -> Reply {
     Reply {
         op: Some(job.params.op.as_str().to_string()),
@@ -335,9 +343,12 @@ fn base(job: &Job, status: Status, now: i64, ctx: Context) -> Reply {
 fn reply(job: &Job, status: Status, answer: &Answer, now: i64, ctx: Context) -> Reply {
     let mut r = base(job, status, now, ctx);
     r.errcode = answer.errcode;
-    r.errmsg = answer.errmsg.clone();
+    r.errmsg = answer.errmsg.as_deref().map(clip_message);
     r.balance = answer.body.balance;
-    r.used_gen_amt = answer.body.used_gen_amt;
+    match ctx.api {
+        MidasApi::V1 => r.used_gen_amt = answer.body.used_gen_amt,
+        MidasApi::V2 => r.used_present_amount = answer.body.used_present_amount,
+    }
     if status == Status::Succeeded {
         r.duplicate = Some(false);
     }
@@ -356,17 +367,30 @@ pub fn balance_reply(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Repl
     let mut r = base(job, status, now, ctx);
     r.bill_no = None;
     r.errcode = answer.errcode;
-    r.errmsg = answer.errmsg.clone();
+    r.errmsg = answer.errmsg.as_deref().map(clip_message);
     if status == Status::Unknown {
         r.error = Some("retries_exhausted".into());
     }
     r.balance = b.balance;
-    r.gen_balance = b.gen_balance;
-    r.first_save = b.first_save;
-    r.save_amt = b.save_amt;
-    r.save_sum = b.save_sum;
-    r.cost_sum = b.cost_sum;
-    r.present_sum = b.present_sum;
+    // each API's own names (docs/contract.md, "Replies")
+    match ctx.api {
+        MidasApi::V1 => {
+            r.gen_balance = b.gen_balance;
+            r.first_save = b.first_save.map(FirstSave::Number);
+            r.save_amt = b.save_amt;
+            r.save_sum = b.save_sum;
+            r.cost_sum = b.cost_sum;
+            r.present_sum = b.present_sum;
+        }
+        MidasApi::V2 => {
+            r.present_balance = b.present_balance;
+            r.first_save = b.first_save.map(|n| FirstSave::Flag(n != 0));
+            r.sum_save = b.sum_save;
+            r.sum_present = b.sum_present;
+            r.sum_balance = b.sum_balance;
+            r.sum_cost = b.sum_cost;
+        }
+    }
     r
 }
 
@@ -401,6 +425,7 @@ mod tests {
                 present_counts: None,
                 pay_item: None,
                 app_remark: None,
+                pay_bill_no: None,
             },
             None,
             0,
@@ -600,5 +625,43 @@ mod tests {
             Decision::Final { reply, .. } => assert_eq!(reply.simulated, Some(true)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_huge_midas_message_is_not_echoed_whole() {
+        let j = job();
+        let mut a = answer(OutcomeClass::Definitive, Some(90013));
+        a.errmsg = Some("x".repeat(10_000));
+        match decide(&j, &a, 1, &retry(), Context::default(), 0.0) {
+            Decision::Final { reply, .. } => {
+                let m = reply.errmsg.unwrap_or_default();
+                assert!(m.chars().count() <= 201, "{} chars", m.chars().count());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rolled_back_is_a_1_0_rule_only() {
+        let mut j = job();
+        j.params.op = Op::CancelPay;
+        let ctx = Context {
+            api: MidasApi::V2,
+            ..Context::default()
+        };
+        assert!(matches!(
+            decide(
+                &j,
+                &answer(OutcomeClass::Definitive, Some(90015)),
+                1,
+                &retry(),
+                ctx,
+                0.0
+            ),
+            Decision::Final {
+                state: JobState::Failed,
+                ..
+            }
+        ));
     }
 }

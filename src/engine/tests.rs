@@ -36,6 +36,7 @@ fn job(id: i64, appid: &str) -> Job {
             present_counts: None,
             pay_item: None,
             app_remark: None,
+            pay_bill_no: None,
         },
         Some(Secret::new("k1")),
         0,

@@ -73,8 +73,8 @@ pub struct V2Params {
 impl V2Params {
     /// A command's parameters in 2.0 terms: `amt` (pay, and the refund amount of a
     /// cancel_pay) or `present_counts` → `amount`, `pay_item` → `payitem`,
-    /// `app_remark` → `remark`, the command's `user_ip` or else `default_user_ip`.
-    /// `pay_bill_no` is left empty: set it for a cancel_pay.
+    /// `app_remark` → `remark`, the command's `user_ip` or else `default_user_ip`,
+    /// and (a cancel_pay) the refunded pay's `pay_bill_no`.
     pub fn from_command(
         p: &Params,
         offer_id: &str,
@@ -103,7 +103,7 @@ impl V2Params {
             bill_no: p.bill_no.clone(),
             payitem: p.pay_item.clone(),
             remark: p.app_remark.clone(),
-            pay_bill_no: None,
+            pay_bill_no: p.pay_bill_no.clone(),
         }
     }
 }
