@@ -537,3 +537,81 @@ async fn in_sandbox_a_v2_app_calls_with_env_1_and_the_sandbox_key() {
     worker.stop().await;
     env.cleanup(&c).await;
 }
+
+/// The reliability scenario with a 1.0 and a 2.0 app in one worker: every simulator
+/// fault at once (busy, answers lost after applying, stalls, 502s, 90016 on 1.0
+/// cancels, tokens revoked mid-run) and the worker's broker link cut twice. Every
+/// command of both apps ends `succeeded`, each charged once, each 1.0 cancel applied
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1_0_and_a_2_0_app_survive_every_fault_and_a_broker_bounce_together() {
+    let mut env = v2_env("mixchaos");
+    env.set("MIDAS__REQUEST_TIMEOUT", "300ms");
+    let proxy = common::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    env.set("BROKER__URL", &proxy.url_amqp());
+    let sim = simulator(
+        &env,
+        Faults {
+            busy_rate: 0.08,
+            latency_ms: 1,
+            apply_then_stall_rate: 0.06,
+            stall_then_drop_rate: 0.04,
+            http_502_rate: 0.05,
+            processing_rate: 0.25,
+            token_revoke_rate: 0.0,
+            session_expire_after_lost_rate: 0.0,
+            stall_ms: 600,
+        },
+    )
+    .await;
+    let worker = env.worker(&sim.base_url()).await;
+    // the game talks to the broker directly, not through the proxy
+    let mut direct = env.clone_settings_direct();
+    let mut c = direct.client().await;
+    let b = unique("M");
+    let mut sent: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for i in 0..120i64 {
+        let u = format!("m{}", i % 20);
+        let p1 = format!("{b}-a{i}");
+        let v1_pay =
+            json!({"op": "pay", "bill_no": p1, "openid": u, "amt": 1 + i % 5, "appid": V1_APPID});
+        c.publish(v1_pay.to_string().as_bytes(), &p1).await.unwrap();
+        sent.insert(p1.clone(), ("pay".into(), p1.clone()));
+        if i % 3 == 0 {
+            let x = json!({"op": "cancel_pay", "bill_no": p1, "openid": u, "appid": V1_APPID});
+            let key = format!("x-{p1}");
+            c.publish(x.to_string().as_bytes(), &key).await.unwrap();
+            sent.insert(key, ("cancel_pay".into(), p1.clone()));
+        }
+        let p2 = format!("{b}-b{i}");
+        c.publish(&v2_pay(&p2, &u, 1 + i % 5, "k-mixed"), &p2)
+            .await
+            .unwrap();
+        sent.insert(p2.clone(), ("pay".into(), p2.clone()));
+        if i == 40 || i == 80 {
+            proxy.cut();
+        }
+        if i == 60 {
+            sim.revoke_tokens();
+        }
+    }
+    let got = collect_replies(&mut c, &sent, Duration::from_secs(120)).await;
+    let ledger = sim.ledger();
+    let last = check_ledger_ops(&sent, &got, &ledger);
+    for (key, r) in &last {
+        assert_eq!(r.status, Some(Status::Succeeded), "{key}: {r:?}");
+    }
+    let per_app = |appid: &str| {
+        ledger
+            .orders
+            .iter()
+            .filter(|o| o.appid == appid && o.op == "pay")
+            .count()
+    };
+    assert_eq!(per_app(V1_APPID), 120, "every 1.0 pay charged once");
+    assert_eq!(per_app(V2_APPID), 120, "every 2.0 pay charged once");
+    let cancelled = ledger.orders.iter().filter(|o| o.cancelled).count();
+    assert_eq!(cancelled, 40, "every 1.0 cancel applied once");
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
