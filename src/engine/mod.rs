@@ -128,6 +128,21 @@ struct Entry {
     target: Option<(String, String)>,
 }
 
+impl Entry {
+    fn waiting(job: Job, order: Order, target: Option<(String, String)>) -> Entry {
+        Entry {
+            job,
+            order,
+            phase: Phase::Waiting,
+            key_gen: 0,
+            call_gen: 0,
+            reopen: None,
+            duplicate_of: None,
+            target,
+        }
+    }
+}
+
 /// The engine. See the module doc.
 pub struct Engine {
     cfg: EngineConfig,
@@ -303,19 +318,7 @@ impl Engine {
         }
         let (id, order, at) = (job.id, Order::row(job.id), job.next_attempt_at);
         let openid = job.params.openid.clone();
-        self.entries.insert(
-            id,
-            Entry {
-                job,
-                order,
-                phase: Phase::Waiting,
-                key_gen: 0,
-                call_gen: 0,
-                reopen: None,
-                duplicate_of: None,
-                target: None,
-            },
-        );
+        self.entries.insert(id, Entry::waiting(job, order, None));
         self.sched.insert(id, order, &openid, at);
     }
 
@@ -360,16 +363,7 @@ impl Engine {
         let openid = job.params.openid.clone();
         self.entries.insert(
             id,
-            Entry {
-                job,
-                order,
-                phase: Phase::Waiting,
-                key_gen: 0,
-                call_gen: 0,
-                reopen: None,
-                duplicate_of: None,
-                target: Some((b.reply_to, b.correlation_id)),
-            },
+            Entry::waiting(job, order, Some((b.reply_to, b.correlation_id))),
         );
         self.sched.insert(id, order, &openid, now);
     }
