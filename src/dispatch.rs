@@ -181,7 +181,10 @@ impl Dispatcher {
                         },
                         Err(e) => tracing::error!(error = %e, "cannot load re-opened jobs"),
                     },
-                    Some(m) => engine.handle(to_event(m), now_ms(), &mut actions),
+                    Some(DispatchMsg::Job(j)) => engine.handle(Event::Accepted(j), now_ms(), &mut actions),
+                    Some(DispatchMsg::Reopened(j)) => engine.handle(Event::Reopened(j), now_ms(), &mut actions),
+                    Some(DispatchMsg::Rejoin(j)) => engine.handle(Event::Joined(j), now_ms(), &mut actions),
+                    Some(DispatchMsg::Balance(b)) => engine.handle(Event::Balance(b), now_ms(), &mut actions),
                     None => break,
                 },
                 Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
@@ -309,17 +312,6 @@ impl Dispatcher {
                 let _ = tx.send(Event::Recorded(id));
             }
         });
-    }
-}
-
-fn to_event(m: DispatchMsg) -> Event {
-    match m {
-        DispatchMsg::Job(j) => Event::Accepted(j),
-        DispatchMsg::Reopened(j) => Event::Reopened(j),
-        DispatchMsg::Rejoin(j) => Event::Joined(j),
-        DispatchMsg::Balance(b) => Event::Balance(b),
-        // handled by the loop (it needs the outbox)
-        DispatchMsg::Reload { .. } => Event::Loaded(Vec::new()),
     }
 }
 
