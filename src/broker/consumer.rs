@@ -264,7 +264,7 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
             METRICS.command(op.as_str(), "conflict");
             let rej = Rejection {
                 code: "bill_no_conflict",
-                message: "a command with this op and bill_no but different parameters was already accepted; the original is untouched".into(),
+                message: "a command with this appid, op and bill_no but different parameters was already accepted; the original is untouched".into(),
                 op: Some(op.as_str().into()),
                 bill_no: bill_no.clone(),
                 openid: None,
