@@ -3,12 +3,17 @@
 //! once per [`GAUGE_TTL`] ([`GaugeCache`]: a scrape storm is one query per period).
 //! Label values are fixed vocabularies (ops, states, errcodes, classes): never a
 //! bill_no, openid or secret.
+//!
+//! Counters and histograms are process-wide ([`METRICS`]); readiness is not: each
+//! worker owns a [`Health`] handle that its broker session sets, its reply relay
+//! and `/readyz` read, and its `/metrics` reports, so two workers in one process
+//! never see each other's broker link.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -80,13 +85,34 @@ pub struct Metrics {
     commits: AtomicU64,
     rows_committed: AtomicU64,
     replies_published: AtomicU64,
-    broker_connected: AtomicI64,
     midas_calls: AtomicU64,
     /// Reads of the outbox for gauges (at most one per `GAUGE_TTL` per server).
     gauge_reads: AtomicU64,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// One worker's readiness state, shared by its broker session (writer), its reply
+/// relay, `/readyz` and `/metrics` (readers). Cheap to clone; clones share the state.
+#[derive(Clone, Default, Debug)]
+pub struct Health {
+    broker_connected: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// A new handle: broker not connected yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_broker_connected(&self, up: bool) {
+        self.broker_connected.store(up, Ordering::Relaxed);
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+    }
+}
 
 /// Gauges read from the outbox at scrape time.
 #[derive(Default, Clone)]
@@ -208,14 +234,6 @@ impl Metrics {
         self.replies_published.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn set_broker_connected(&self, up: bool) {
-        self.broker_connected.store(up as i64, Ordering::Relaxed);
-    }
-
-    pub fn broker_connected(&self) -> bool {
-        self.broker_connected.load(Ordering::Relaxed) == 1
-    }
-
     /// (commits, rows committed, Midas calls, replies published) so far, for `bench`.
     pub fn totals(&self) -> (u64, u64, u64, u64) {
         (
@@ -226,8 +244,8 @@ impl Metrics {
         )
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, snap: &Snapshot) -> String {
+    /// The Prometheus text exposition; `health` is the scraped worker's readiness.
+    pub fn render(&self, snap: &Snapshot, health: &Health) -> String {
         let mut out = String::with_capacity(8192);
         let p = "midas_worker";
         self.with(|i| {
@@ -283,7 +301,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "{p}_broker_connected {}",
-            self.broker_connected.load(Ordering::Relaxed)
+            u8::from(health.broker_connected())
         );
         let _ = writeln!(
             out,
