@@ -4,7 +4,8 @@
 //! Label values are fixed vocabularies (ops, states, errcodes, classes): never a
 //! bill_no, openid or secret.
 //!
-//! Counters and histograms are process-wide ([`METRICS`]); readiness is not: each
+//! Counters and histograms are process-wide ([`METRICS`]); outbox gauge reads are
+//! counted per HTTP server ([`GaugeCache`]), and readiness is per worker: each
 //! worker owns a [`Health`] handle that its broker session sets, its reply relay
 //! and `/readyz` read, and its `/metrics` reports, so two workers in one process
 //! never see each other's broker link.
@@ -86,8 +87,6 @@ pub struct Metrics {
     rows_committed: AtomicU64,
     replies_published: AtomicU64,
     midas_calls: AtomicU64,
-    /// Reads of the outbox for gauges (at most one per `GAUGE_TTL` per server).
-    gauge_reads: AtomicU64,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
@@ -120,6 +119,9 @@ pub struct Snapshot {
     pub jobs_by_state: Vec<(String, i64)>,
     pub oldest_pending_age_seconds: f64,
     pub replies_pending: i64,
+    /// Reads of the outbox for gauges by this server's cache so far (at most one
+    /// per [`GAUGE_TTL`]); per server, so another worker's scrapes do not count.
+    pub gauge_reads: u64,
 }
 
 /// How long outbox gauges read by one scrape serve the next ones.
@@ -130,6 +132,7 @@ pub const GAUGE_TTL: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct GaugeCache {
     last: tokio::sync::Mutex<Option<(Instant, Read)>>,
+    reads: AtomicU64,
 }
 
 /// One read of the outbox: the oldest pending job as a time (its age is computed
@@ -158,7 +161,7 @@ impl GaugeCache {
                     .await
                     .ok()
                     .flatten();
-                METRICS.gauge_reads.fetch_add(1, Ordering::Relaxed);
+                self.reads.fetch_add(1, Ordering::Relaxed);
                 *last = r.clone().map(|r| (Instant::now(), r));
                 r.unwrap_or_default()
             }
@@ -169,6 +172,7 @@ impl GaugeCache {
                 .oldest_pending_ms
                 .map_or(0.0, |t| ((now_ms() - t).max(0) as f64) / 1000.0),
             replies_pending: read.replies_pending,
+            gauge_reads: self.reads.load(Ordering::Relaxed),
         }
     }
 }
@@ -309,11 +313,7 @@ impl Metrics {
             GAUGE_TTL.as_secs()
         );
         let _ = writeln!(out, "# TYPE {p}_gauge_reads_total counter");
-        let _ = writeln!(
-            out,
-            "{p}_gauge_reads_total {}",
-            self.gauge_reads.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "{p}_gauge_reads_total {}", snap.gauge_reads);
         let _ = writeln!(out, "# HELP {p}_jobs Jobs in the outbox by state.");
         let _ = writeln!(out, "# TYPE {p}_jobs gauge");
         for state in ["pending", "succeeded", "failed", "unknown"] {

@@ -15,7 +15,7 @@ use midas_worker::outbox::writer::{AttemptRow, Record, Update};
 use midas_worker::outbox::{self, Intake, IntakeOutcome, OutboxError, Writer};
 use midas_worker::secret::Secret;
 
-const V1_SCHEMA: &str = include_str!("fixtures/schema-v1.sql");
+const V1_SCHEMA: &str = include_str!("../fixtures/schema-v1.sql");
 
 fn params(appid: &str, op: Op, bill_no: &str) -> Params {
     Params {

@@ -10,13 +10,11 @@
 //! - SIGKILL at random instants during 2000 commands;
 //! - a soak (`#[ignore]`, `SOAK_SECS`) watching the worker's memory.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
-use common::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use midas_worker::command::Status;
 use midas_worker::sim::Faults;
 
@@ -600,7 +598,8 @@ fn calls_summary(sim: &midas_worker::sim::SimHandle) -> String {
     format!("{:?}", sim.ledger().calls)
 }
 
-/// Opt-in soak: `SOAK_SECS=120 cargo test --test reliability -- --ignored soak`.
+/// Opt-in soak: `SOAK_SECS=120 cargo test --test it -- --ignored soak`
+/// (only this test then runs in the process, so its RSS is the worker's).
 /// A steady stream (pays, presents, cancels) against faults for `SOAK_SECS`
 /// (default 300), sampling this process's RSS (the worker runs in process) every
 /// 3 s: the last third's average must stay within 1.5× the first third's + 16 MiB,

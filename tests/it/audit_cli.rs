@@ -38,7 +38,7 @@ fn settings_for(path: &Path) -> Settings {
         path.display().to_string(),
     )]
     .into();
-    load_from(include_str!("../config.toml"), &env, "t").expect("shipped config loads")
+    load_from(include_str!("../../config.toml"), &env, "t").expect("shipped config loads")
 }
 
 /// Run `outbox <args>`; the output, and the error if any.

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use midas_worker::command::{check_size, clip, decode, Rejection, Reply, MAX_MESSAGE_CHARS};
 use midas_worker::config::{self, Settings};
 
-const CONFIG: &str = include_str!("../config.toml");
+const CONFIG: &str = include_str!("../../config.toml");
 
 fn settings() -> &'static Settings {
     static S: OnceLock<Settings> = OnceLock::new();

@@ -1,12 +1,10 @@
 //! The operational surface: `/metrics` is scraped and the named series are present
 //! and move; `/healthz` and `/readyz` answer, and readiness follows the broker link.
 
-mod common;
-
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use midas_worker::sim::Faults;
 
 async fn get(url: &str) -> (u16, String) {
