@@ -1,4 +1,4 @@
-//! The reliability suite: failures that tests/crash.rs and tests/pipeline.rs do not
+//! The reliability suite: failures that tests/it/crash.rs and tests/it/pipeline.rs do not
 //! cover, each held against the simulator's ledger at the end (nothing lost, no
 //! status disagreeing with the books, nothing charged twice, no bill_no the game
 //! did not send). RELIABILITY.md lists what each test shows and how long it takes.
