@@ -486,8 +486,6 @@ pub fn load_from(
         })?;
     checks::validate(&config)?;
     let apps = resolve_apps(&config, env, &mut provenance)?;
-    // the writer opens the outbox by path only: hand it the budget for that path
-    crate::outbox::set_size_budget(&config.outbox.path, config.outbox.max_size_mb);
     Ok(Settings {
         config,
         apps,

@@ -31,7 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{GaugeCache, METRICS};
+use crate::metrics::{GaugeCache, Health, METRICS};
 use crate::outbox::Writer;
 
 /// Connections served at once; more wait to be accepted.
@@ -49,10 +49,12 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 struct AppState {
     writer: Writer,
     db: PathBuf,
+    health: Health,
     gauges: Arc<GaugeCache>,
 }
 
-pub fn router(writer: Writer, db: PathBuf) -> Router {
+/// The routes for one worker: `health` is that worker's readiness, `db` its outbox.
+pub fn router(writer: Writer, db: PathBuf, health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -61,6 +63,7 @@ pub fn router(writer: Writer, db: PathBuf) -> Router {
         .with_state(AppState {
             writer,
             db,
+            health,
             gauges: Arc::new(GaugeCache::default()),
         })
 }
@@ -70,11 +73,12 @@ pub async fn serve(
     addr: SocketAddr,
     writer: Writer,
     db: PathBuf,
+    health: Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let app = router(writer, db);
+    let app = router(writer, db, health);
     let listener = Limited {
         inner: listener,
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -246,7 +250,7 @@ impl AsyncWrite for Guarded {
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
-    let broker = METRICS.broker_connected();
+    let broker = s.health.broker_connected();
     let outbox = s.writer.healthy();
     let body = format!("broker: {}\noutbox: {}\n", up(broker), up(outbox));
     if broker && outbox {
@@ -268,6 +272,6 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snap = s.gauges.snapshot(&s.db).await;
     (
         [("content-type", "text/plain; version=0.0.4")],
-        METRICS.render(&snap),
+        METRICS.render(&snap, &s.health),
     )
 }

@@ -3,12 +3,18 @@
 //! once per [`GAUGE_TTL`] ([`GaugeCache`]: a scrape storm is one query per period).
 //! Label values are fixed vocabularies (ops, states, errcodes, classes): never a
 //! bill_no, openid or secret.
+//!
+//! Counters and histograms are process-wide ([`METRICS`]); outbox gauge reads are
+//! counted per HTTP server ([`GaugeCache`]), and readiness is per worker: each
+//! worker owns a [`Health`] handle that its broker session sets, its reply relay
+//! and `/readyz` read, and its `/metrics` reports, so two workers in one process
+//! never see each other's broker link.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -80,13 +86,32 @@ pub struct Metrics {
     commits: AtomicU64,
     rows_committed: AtomicU64,
     replies_published: AtomicU64,
-    broker_connected: AtomicI64,
     midas_calls: AtomicU64,
-    /// Reads of the outbox for gauges (at most one per `GAUGE_TTL` per server).
-    gauge_reads: AtomicU64,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// One worker's readiness state, shared by its broker session (writer), its reply
+/// relay, `/readyz` and `/metrics` (readers). Cheap to clone; clones share the state.
+#[derive(Clone, Default, Debug)]
+pub struct Health {
+    broker_connected: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// A new handle: broker not connected yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn set_broker_connected(&self, up: bool) {
+        self.broker_connected.store(up, Ordering::Relaxed);
+    }
+
+    pub fn broker_connected(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+    }
+}
 
 /// Gauges read from the outbox at scrape time.
 #[derive(Default, Clone)]
@@ -94,6 +119,9 @@ pub struct Snapshot {
     pub jobs_by_state: Vec<(String, i64)>,
     pub oldest_pending_age_seconds: f64,
     pub replies_pending: i64,
+    /// Reads of the outbox for gauges by this server's cache so far (at most one
+    /// per [`GAUGE_TTL`]); per server, so another worker's scrapes do not count.
+    pub gauge_reads: u64,
 }
 
 /// How long outbox gauges read by one scrape serve the next ones.
@@ -104,6 +132,7 @@ pub const GAUGE_TTL: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct GaugeCache {
     last: tokio::sync::Mutex<Option<(Instant, Read)>>,
+    reads: AtomicU64,
 }
 
 /// One read of the outbox: the oldest pending job as a time (its age is computed
@@ -132,7 +161,7 @@ impl GaugeCache {
                     .await
                     .ok()
                     .flatten();
-                METRICS.gauge_reads.fetch_add(1, Ordering::Relaxed);
+                self.reads.fetch_add(1, Ordering::Relaxed);
                 *last = r.clone().map(|r| (Instant::now(), r));
                 r.unwrap_or_default()
             }
@@ -143,6 +172,7 @@ impl GaugeCache {
                 .oldest_pending_ms
                 .map_or(0.0, |t| ((now_ms() - t).max(0) as f64) / 1000.0),
             replies_pending: read.replies_pending,
+            gauge_reads: self.reads.load(Ordering::Relaxed),
         }
     }
 }
@@ -208,14 +238,6 @@ impl Metrics {
         self.replies_published.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn set_broker_connected(&self, up: bool) {
-        self.broker_connected.store(up as i64, Ordering::Relaxed);
-    }
-
-    pub fn broker_connected(&self) -> bool {
-        self.broker_connected.load(Ordering::Relaxed) == 1
-    }
-
     /// (commits, rows committed, Midas calls, replies published) so far, for `bench`.
     pub fn totals(&self) -> (u64, u64, u64, u64) {
         (
@@ -226,8 +248,8 @@ impl Metrics {
         )
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, snap: &Snapshot) -> String {
+    /// The Prometheus text exposition; `health` is the scraped worker's readiness.
+    pub fn render(&self, snap: &Snapshot, health: &Health) -> String {
         let mut out = String::with_capacity(8192);
         let p = "midas_worker";
         self.with(|i| {
@@ -283,7 +305,7 @@ impl Metrics {
         let _ = writeln!(
             out,
             "{p}_broker_connected {}",
-            self.broker_connected.load(Ordering::Relaxed)
+            u8::from(health.broker_connected())
         );
         let _ = writeln!(
             out,
@@ -291,11 +313,7 @@ impl Metrics {
             GAUGE_TTL.as_secs()
         );
         let _ = writeln!(out, "# TYPE {p}_gauge_reads_total counter");
-        let _ = writeln!(
-            out,
-            "{p}_gauge_reads_total {}",
-            self.gauge_reads.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "{p}_gauge_reads_total {}", snap.gauge_reads);
         let _ = writeln!(out, "# HELP {p}_jobs Jobs in the outbox by state.");
         let _ = writeln!(out, "# TYPE {p}_jobs gauge");
         for state in ["pending", "succeeded", "failed", "unknown"] {

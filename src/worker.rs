@@ -18,6 +18,7 @@ use crate::broker::consumer::IntakeCtx;
 use crate::broker::{publisher, session};
 use crate::config::{Environment, Settings};
 use crate::dispatch::{DispatchMsg, Dispatcher};
+use crate::metrics::Health;
 use crate::midas::MidasClient;
 use crate::outbox::{query, Writer};
 use crate::sim::{SimApp, SimHandle, Simulator};
@@ -94,7 +95,10 @@ pub async fn start(
     settings: Arc<Settings>,
     midas_url: Option<String>,
 ) -> Result<Running, WorkerError> {
-    let (writer, writer_thread) = Writer::start(&settings.config.outbox.path)?;
+    let (writer, writer_thread) = Writer::start(
+        &settings.config.outbox.path,
+        settings.config.outbox.max_size_mb,
+    )?;
     let mut sim = None;
     let midas_url = match midas_url {
         Some(u) => u,
@@ -111,6 +115,8 @@ pub async fn start(
     let (stop_pub_tx, stop_pub) = watch::channel(false);
     let (pub_handle, pub_queue) = publisher::channel();
     let (dtx, drx) = mpsc::unbounded_channel();
+    // this worker's readiness (not the process's: tests run several workers)
+    let health = Health::new();
 
     // Operator re-opens are noticed by the relay from this action on; reading it
     // before the dispatcher's start-up load means none falls between the two.
@@ -149,6 +155,7 @@ pub async fn start(
         shutdown.clone(),
         stop_pub,
         name,
+        health.clone(),
     ));
 
     let relay = tokio::spawn(relay_loop(
@@ -157,6 +164,7 @@ pub async fn start(
         dtx,
         shutdown.clone(),
         first_action,
+        health.clone(),
     ));
 
     let http_addr = settings.config.http.listen;
@@ -164,6 +172,7 @@ pub async fn start(
         http_addr,
         writer.clone(),
         settings.config.outbox.path.clone(),
+        health,
         shutdown.clone(),
     )
     .await
@@ -223,6 +232,7 @@ async fn relay_loop(
     dispatcher: mpsc::UnboundedSender<DispatchMsg>,
     mut shutdown: watch::Receiver<bool>,
     first_action: i64,
+    health: Health,
 ) {
     let mut last_action: Option<i64> = Some(first_action);
     loop {
@@ -238,7 +248,7 @@ async fn relay_loop(
         match found {
             Ok(Ok((replies, action))) => {
                 // while the broker is away, replies wait in the outbox, not in memory
-                let n = if crate::metrics::METRICS.broker_connected() {
+                let n = if health.broker_connected() {
                     publisher.relay_once(replies)
                 } else {
                     0

@@ -13,18 +13,20 @@ use tokio::sync::watch;
 use super::consumer::{self, IntakeCtx};
 use super::publisher::PublisherQueue;
 use super::{connect, declare_topology, display_url, BrokerError};
-use crate::metrics::METRICS;
+use crate::metrics::Health;
 
 /// How long a close may take before the connection is given up.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Run until `stop_publishing` turns true (intake stops earlier, on `shutdown`).
+/// `health` is this worker's readiness: up while a connection is open.
 pub async fn run(
     ctx: IntakeCtx,
     mut pq: PublisherQueue,
     shutdown: watch::Receiver<bool>,
     stop_publishing: watch::Receiver<bool>,
     connection_name: String,
+    health: Health,
 ) {
     let url = ctx.settings.config.broker.url.clone();
     let shown = display_url(&url);
@@ -44,7 +46,7 @@ pub async fn run(
         match connect(&url, &connection_name).await {
             Ok(conn) => {
                 tracing::info!(broker = %shown, "connected to the broker");
-                METRICS.set_broker_connected(true);
+                health.set_broker_connected(true);
                 delays = backoff();
                 let r = session(
                     &conn,
@@ -54,7 +56,7 @@ pub async fn run(
                     stop_publishing.clone(),
                 )
                 .await;
-                METRICS.set_broker_connected(false);
+                health.set_broker_connected(false);
                 // a dead connection may never answer close-ok: bound it
                 if conn.status().connected() {
                     let _ =

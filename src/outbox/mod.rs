@@ -18,9 +18,7 @@ pub mod query;
 pub mod schema;
 pub mod writer;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
@@ -65,30 +63,6 @@ fn pragmas(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
-/// `outbox.max_size_mb` per outbox path, set when the config is loaded
-/// ([`crate::config::load_from`]) and read by [`open_rw`], which the writer calls with
-/// the path only.
-static SIZE_BUDGETS: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
-
-/// Record the disk budget (MiB) for the outbox at `path`; `None` removes it.
-pub fn set_size_budget(path: &Path, max_size_mb: Option<u64>) {
-    let mut g = SIZE_BUDGETS.lock().unwrap_or_else(|e| e.into_inner());
-    let map = g.get_or_insert_with(HashMap::new);
-    match max_size_mb {
-        Some(mb) => {
-            map.insert(path.to_path_buf(), mb);
-        }
-        None => {
-            map.remove(path);
-        }
-    }
-}
-
-fn size_budget(path: &Path) -> Option<u64> {
-    let g = SIZE_BUDGETS.lock().unwrap_or_else(|e| e.into_inner());
-    g.as_ref().and_then(|m| m.get(path).copied())
-}
-
 /// Apply a disk budget to a write connection: `PRAGMA max_page_count` from the page
 /// size. Past it, a write that needs a new page fails with SQLITE_FULL ("database or
 /// disk is full"), which intake turns into "not acknowledged, stays in the queue".
@@ -109,10 +83,12 @@ pub fn apply_size_budget(conn: &Connection, max_size_mb: Option<u64>) -> Result<
 }
 
 /// Open (creating if needed) the outbox for writing: WAL, `synchronous=FULL`, schema
-/// applied, and the `outbox.max_size_mb` budget (if any) applied.
-pub fn open_rw(path: &Path) -> Result<Connection, OutboxError> {
+/// applied, and the `outbox.max_size_mb` budget (`max_size_mb`, if any) applied. The
+/// budget is an argument, not process state, so two workers in one process each keep
+/// their own.
+pub fn open_rw(path: &Path, max_size_mb: Option<u64>) -> Result<Connection, OutboxError> {
     let conn = open_rw_unbudgeted(path)?;
-    let budget = size_budget(path);
+    let budget = max_size_mb;
     if budget.is_some() {
         let pages = apply_size_budget(&conn, budget)?;
         tracing::info!(

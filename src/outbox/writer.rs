@@ -111,9 +111,13 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Open the outbox at `path` and start the writer thread.
-    pub fn start(path: &Path) -> Result<(Writer, std::thread::JoinHandle<()>), OutboxError> {
-        let conn = super::open_rw(path)?;
+    /// Open the outbox at `path` and start the writer thread. `max_size_mb` is the
+    /// `outbox.max_size_mb` disk budget (`None`: no limit beyond SQLite's own).
+    pub fn start(
+        path: &Path,
+        max_size_mb: Option<u64>,
+    ) -> Result<(Writer, std::thread::JoinHandle<()>), OutboxError> {
+        let conn = super::open_rw(path, max_size_mb)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let h = healthy.clone();

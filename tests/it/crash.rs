@@ -2,13 +2,11 @@
 //! link, Midas down then back, SIGTERM. Each ends by holding every reply against
 //! the simulator's ledger: nothing lost, nothing charged twice.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use midas_worker::command::Status;
 use midas_worker::sim::Faults;
 

@@ -4,11 +4,9 @@
 //! without that limit still declares, and `reply_to` cannot point the worker at a
 //! queue outside `broker.reply_to_allow`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::options::{BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use midas_worker::broker::{connect, declare_topology, COMMAND_DELIVERY_LIMIT};

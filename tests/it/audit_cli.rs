@@ -38,7 +38,7 @@ fn settings_for(path: &Path) -> Settings {
         path.display().to_string(),
     )]
     .into();
-    load_from(include_str!("../config.toml"), &env, "t").expect("shipped config loads")
+    load_from(include_str!("../../config.toml"), &env, "t").expect("shipped config loads")
 }
 
 /// Run `outbox <args>`; the output, and the error if any.
@@ -241,7 +241,7 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("data").join("outbox.sqlite");
     let settings = settings_for(&path);
-    let (w, join) = Writer::start(&path).expect("writer starts");
+    let (w, join) = Writer::start(&path, None).expect("writer starts");
     let j = Jobber { w: &w };
     let now = now_ms();
     let t0 = now - 2 * HOUR;
@@ -1092,7 +1092,7 @@ async fn list_and_export_filter_by_bill_no_prefix_and_errcode() {
 async fn a_bill_no_used_by_two_apps_needs_appid() {
     let f = fixture().await;
     let s = &f.settings;
-    let (w, join) = Writer::start(&f.path).expect("writer");
+    let (w, join) = Writer::start(&f.path, None).expect("writer");
     let j = Jobber { w: &w };
     let now = now_ms();
     let other = j
@@ -1173,7 +1173,7 @@ async fn a_bill_no_used_by_two_apps_needs_appid() {
 async fn csv_cells_that_look_like_formulas_are_not_run_by_a_spreadsheet() {
     let f = fixture().await;
     let s = &f.settings;
-    let (w, join) = Writer::start(&f.path).expect("writer");
+    let (w, join) = Writer::start(&f.path, None).expect("writer");
     let j = Jobber { w: &w };
     let now = now_ms();
     let id = j
@@ -1296,7 +1296,7 @@ async fn reads_work_while_the_worker_writes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("outbox.sqlite");
     let s = settings_for(&path);
-    let (w, join) = Writer::start(&path).expect("writer");
+    let (w, join) = Writer::start(&path, None).expect("writer");
     let j = Jobber { w: &w };
     let now = now_ms();
     for i in 0..50 {

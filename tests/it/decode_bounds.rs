@@ -2,7 +2,7 @@
 //! is refused unread, a body that does not decode is salvaged by a bounded typed
 //! reader, message texts are cut to `MAX_MESSAGE_CHARS` so a `rejected` reply never
 //! echoes a big value, and a JSON array is never read as a command. The same bounds
-//! through the real worker are in `tests/hardening.rs`.
+//! through the real worker are in `tests/it/hardening.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use midas_worker::command::{check_size, clip, decode, Rejection, Reply, MAX_MESSAGE_CHARS};
 use midas_worker::config::{self, Settings};
 
-const CONFIG: &str = include_str!("../config.toml");
+const CONFIG: &str = include_str!("../../config.toml");
 
 fn settings() -> &'static Settings {
     static S: OnceLock<Settings> = OnceLock::new();

@@ -3,13 +3,11 @@
 //! covers the same ground through millions of interleavings; these show what a
 //! player or an operator would see).
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use midas_worker::command::Status;
 use midas_worker::sim::Faults;
 

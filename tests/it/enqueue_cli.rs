@@ -3,11 +3,9 @@
 //! the outcome (0 succeeded, 4 rejected, 6 no reply in time, 1 broker trouble, 2 bad
 //! usage), with what the broker said quoted rather than "cannot reach".
 
-mod common;
-
 use std::process::Output;
 
-use common::TestEnv;
+use crate::common::TestEnv;
 use midas_worker::sim::Faults;
 
 /// Run the binary with the test's environment (plus `extra`) and wait for it to exit.
@@ -30,7 +28,7 @@ fn stderr(o: &Output) -> String {
 
 /// Whether a queue of that name exists (a passive declare succeeds).
 async fn queue_exists(name: &str) -> bool {
-    let conn = midas_worker::broker::connect(common::BROKER, "test probe")
+    let conn = midas_worker::broker::connect(crate::common::BROKER, "test probe")
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
@@ -90,7 +88,7 @@ async fn exit_status_tells_succeeded_and_rejected() {
     let c = env.client().await;
     let sim = env.simulator(Faults::default()).await;
     let worker = env.worker(&sim.base_url()).await;
-    let bill = common::unique("ENQ");
+    let bill = crate::common::unique("ENQ");
 
     let ok = enqueue(
         &env,

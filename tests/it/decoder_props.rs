@@ -9,8 +9,6 @@
 //! (`fuzz/` holds a cargo-fuzz target for the same function: `cargo +nightly fuzz run
 //! decode`; CI runs these proptests instead.)
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -25,7 +23,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as PropConfig, TestRunner};
 use serde_json::{json, Map, Value};
 
-const CONFIG: &str = include_str!("../config.toml");
+const CONFIG: &str = include_str!("../../config.toml");
 
 /// One app configured (appid optional), as shipped.
 fn one_app() -> &'static Settings {
@@ -519,7 +517,7 @@ fn hostile_batch(settings: &Settings, n: usize) -> Vec<Vec<u8>> {
 /// client always names a reply queue), and Midas never called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bodies_end_to_end_are_dead_lettered_rejected_and_never_sent() {
-    let env = common::TestEnv::new("hostile");
+    let env = crate::common::TestEnv::new("hostile");
     let sim = env.simulator(Faults::default()).await;
     let worker = env.worker(&sim.base_url()).await;
     let mut c = env.client().await;

@@ -4,12 +4,10 @@
 //! every outcome class on the 2.0 app, partial and over-refunds, per-player order,
 //! both APIs side by side, and a SIGKILL mid-run — each held against the ledger.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use midas_worker::command::{FirstSave, Reply, Status};
 use midas_worker::secret::Secret;
 use midas_worker::sim::{Faults, LedgerDump, SimApp, SimHandle, Simulator};
@@ -547,7 +545,7 @@ async fn in_sandbox_a_v2_app_calls_with_env_1_and_the_sandbox_key() {
 async fn a_1_0_and_a_2_0_app_survive_every_fault_and_a_broker_bounce_together() {
     let mut env = v2_env("mixchaos");
     env.set("MIDAS__REQUEST_TIMEOUT", "300ms");
-    let proxy = common::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let proxy = crate::common::proxy::Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     env.set("BROKER__URL", &proxy.url_amqp());
     let sim = simulator(
         &env,

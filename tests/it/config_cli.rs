@@ -4,14 +4,12 @@
 //! password; bad configs and unsafe setups stop with one line and exit status 2
 //! before anything connects.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, terminate, unique};
+use crate::common::{free_port, terminate, unique};
 use midas_worker::client::GameClient;
 
 const BIN: &str = env!("CARGO_BIN_EXE_midas-worker");

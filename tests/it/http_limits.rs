@@ -3,11 +3,9 @@
 //! until a slot frees instead of all being served at once; a scrape storm reads
 //! the outbox gauges once per cache period, and `/metrics` still has every series.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use midas_worker::http::{HEADER_TIMEOUT, MAX_CONNECTIONS};
 use midas_worker::metrics::GAUGE_TTL;
 use midas_worker::sim::Faults;

@@ -16,7 +16,7 @@ use midas_worker::config::{load_from, Settings};
 
 fn settings() -> Settings {
     load_from(
-        include_str!("../config.toml"),
+        include_str!("../../config.toml"),
         &BTreeMap::new(),
         "config.toml",
     )
@@ -168,6 +168,6 @@ fn kubernetes_configmap_config_loads() {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    load_from(include_str!("../config.toml"), &env, "config.toml")
+    load_from(include_str!("../../config.toml"), &env, "config.toml")
         .expect("config.toml with the Dockerfile/compose environment loads");
 }

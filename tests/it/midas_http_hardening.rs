@@ -6,8 +6,6 @@
 //! The Midas stand-ins are small raw HTTP/1.1 servers written here, so each can
 //! answer exactly what a misbehaving server would (307/308, a body that never ends).
 
-mod common;
-
 use std::sync::{Arc, Mutex};
 
 use midas_worker::command::{Op, Params};
@@ -162,7 +160,7 @@ fn token_json(expires_in: &str) -> String {
 fn pay_params() -> Params {
     Params {
         op: Op::Pay,
-        bill_no: Some(common::unique("HARDEN")),
+        bill_no: Some(crate::common::unique("HARDEN")),
         openid: "player-A".into(),
         appid: APPID.into(),
         zone_id: "1".into(),
@@ -177,7 +175,7 @@ fn pay_params() -> Params {
 }
 
 fn client_for(url: &str) -> MidasClient {
-    let env = common::TestEnv::new("harden");
+    let env = crate::common::TestEnv::new("harden");
     MidasClient::new(&env.settings(), url).expect("client for a loopback stand-in")
 }
 
@@ -298,7 +296,7 @@ async fn absurd_expires_in_neither_panics_nor_refetches_early() {
 #[test]
 fn clear_text_base_url_is_refused_outside_the_simulator() {
     for environment in ["production", "sandbox"] {
-        let mut env = common::TestEnv::new("baseurl");
+        let mut env = crate::common::TestEnv::new("baseurl");
         env.set("MIDAS__ENVIRONMENT", environment);
         let settings = env.settings();
         for bad in [

@@ -2,11 +2,9 @@
 //! SQLite outbox file, and the Midas simulator over HTTP. Each test uses its own
 //! queues, so they run in parallel. Every test holds replies against the ledger.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use midas_worker::command::Status;
 use midas_worker::sim::Faults;
 

@@ -15,7 +15,7 @@ use midas_worker::outbox::writer::{AttemptRow, Record, Update};
 use midas_worker::outbox::{self, Intake, IntakeOutcome, OutboxError, Writer};
 use midas_worker::secret::Secret;
 
-const V1_SCHEMA: &str = include_str!("fixtures/schema-v1.sql");
+const V1_SCHEMA: &str = include_str!("../fixtures/schema-v1.sql");
 
 fn params(appid: &str, op: Op, bill_no: &str) -> Params {
     Params {
@@ -201,7 +201,7 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
     assert!(e.to_string().contains("schema version 1"), "{e}");
 
     // The worker's writer opens it: migrated.
-    let (w, join) = Writer::start(&path).expect("writer opens a v1 outbox");
+    let (w, join) = Writer::start(&path, None).expect("writer opens a v1 outbox");
     w.flush().await.expect("flush");
 
     let c = Connection::open(&path).expect("open");
@@ -232,7 +232,7 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
     );
     // the migrated file has exactly the schema of a new one
     let fresh = dir.path().join("fresh.sqlite");
-    drop(outbox::open_rw(&fresh).expect("fresh outbox"));
+    drop(outbox::open_rw(&fresh, None).expect("fresh outbox"));
     assert_eq!(
         schema_of(&c),
         schema_of(&Connection::open(&fresh).expect("open fresh"))
@@ -273,7 +273,7 @@ async fn a_version_1_outbox_is_migrated_in_place_keeping_every_row() {
 
     // A second start finds version 2 and changes nothing.
     let before = dump_jobs(&Connection::open(&path).expect("open"));
-    let (w, join) = Writer::start(&path).expect("writer reopens");
+    let (w, join) = Writer::start(&path, None).expect("writer reopens");
     drop(w);
     join.join().expect("writer thread");
     assert_eq!(dump_jobs(&Connection::open(&path).expect("open")), before);
@@ -293,7 +293,7 @@ fn an_outbox_from_a_future_release_is_refused_untouched() {
     .expect("update");
     let before = dump_jobs(&c);
     for e in [
-        outbox::open_rw(&path).err(),
+        outbox::open_rw(&path, None).err(),
         outbox::open_existing_rw(&path).err(),
         outbox::open_ro(&path).err(),
     ] {
@@ -347,7 +347,7 @@ async fn an_erased_session_key_survives_in_no_file_and_the_files_are_private() {
     const KEY: &str = "SKzq9-DISTINCTIVE-session-key-4711";
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("data").join("outbox.sqlite");
-    let (w, join) = Writer::start(&path).expect("writer");
+    let (w, join) = Writer::start(&path, None).expect("writer");
     let mut ids = Vec::new();
     for i in 0..20 {
         match w

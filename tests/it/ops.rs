@@ -1,12 +1,10 @@
 //! The operational surface: `/metrics` is scraped and the named series are present
 //! and move; `/healthz` and `/readyz` answer, and readiness follows the broker link.
 
-mod common;
-
 use std::time::Duration;
 
-use common::proxy::Proxy;
-use common::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use midas_worker::sim::Faults;
 
 async fn get(url: &str) -> (u16, String) {
@@ -131,4 +129,84 @@ async fn metrics_are_scraped_and_move_and_readiness_follows_the_broker() {
     assert!(back, "ready again after reconnecting");
     worker.stop().await;
     env.cleanup(&c).await;
+}
+
+/// Poll `url` until it answers `status` (at most `tries` × 50 ms); true if it did.
+async fn until_status(url: &str, status: u16, tries: u32) -> bool {
+    for _ in 0..tries {
+        if get(url).await.0 == status {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Readiness belongs to a worker, not to the process: two workers in one process,
+/// one loses its broker link, and only that one stops being ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_in_one_process_have_their_own_readiness() {
+    let mut env_a = TestEnv::new("ops-a");
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    env_a.set("BROKER__URL", &proxy.url_amqp());
+    let env_b = TestEnv::new("ops-b");
+    let sim = env_a.simulator(Faults::default()).await;
+    let a = env_a.worker(&sim.base_url()).await;
+    let b = env_b.worker(&sim.base_url()).await;
+    let (ready_a, ready_b) = (
+        format!("http://{}/readyz", a.http_addr),
+        format!("http://{}/readyz", b.http_addr),
+    );
+    let metrics_a = format!("http://{}/metrics", a.http_addr);
+    let metrics_b = format!("http://{}/metrics", b.http_addr);
+    assert!(until_status(&ready_a, 200, 200).await, "A ready");
+    assert!(until_status(&ready_b, 200, 200).await, "B ready");
+
+    // A's broker link goes down (new connections refused): A is not ready, B is
+    proxy.down();
+    assert!(
+        until_status(&ready_a, 503, 200).await,
+        "A reports its lost broker"
+    );
+    let (status, body) = get(&ready_a).await;
+    assert_eq!((status, body.as_str()), (503, "broker: down\noutbox: ok\n"));
+    let (status, body) = get(&ready_b).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "broker: ok\noutbox: ok\n"),
+        "B's broker link is untouched"
+    );
+    assert_eq!(
+        value(&get(&metrics_a).await.1, "midas_worker_broker_connected"),
+        0.0
+    );
+    assert_eq!(
+        value(&get(&metrics_b).await.1, "midas_worker_broker_connected"),
+        1.0
+    );
+
+    // B still works while A is cut off
+    let mut c = env_b.client().await;
+    let bill = unique("R");
+    c.publish(pay(&bill, "ready-user", 1).as_bytes(), "r1")
+        .await
+        .unwrap();
+    let got = replies(&mut c, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got.first().map(|r| r.correlation_id.as_str()),
+        Some("r1"),
+        "B answers while A is cut off"
+    );
+
+    // A's link comes back: A ready again, B never stopped
+    proxy.up();
+    assert!(until_status(&ready_a, 200, 400).await, "A ready again");
+    assert_eq!(get(&ready_b).await.0, 200);
+
+    a.stop().await;
+    b.stop().await;
+    let mut direct = env_a.clone_settings_direct();
+    let ca = direct.client().await;
+    env_a.cleanup(&ca).await;
+    env_b.cleanup(&c).await;
 }

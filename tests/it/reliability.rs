@@ -1,4 +1,4 @@
-//! The reliability suite: failures that tests/crash.rs and tests/pipeline.rs do not
+//! The reliability suite: failures that tests/it/crash.rs and tests/it/pipeline.rs do not
 //! cover, each held against the simulator's ledger at the end (nothing lost, no
 //! status disagreeing with the books, nothing charged twice, no bill_no the game
 //! did not send). RELIABILITY.md lists what each test shows and how long it takes.
@@ -10,13 +10,11 @@
 //! - SIGKILL at random instants during 2000 commands;
 //! - a soak (`#[ignore]`, `SOAK_SECS`) watching the worker's memory.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
-use common::*;
+use crate::common::proxy::Proxy;
+use crate::common::*;
 use midas_worker::command::Status;
 use midas_worker::sim::Faults;
 
@@ -256,9 +254,13 @@ async fn midas_link_stalled_then_released() {
     }
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(stalled_at.elapsed())).await;
     let during = sim.ledger().calls.get("pay").copied().unwrap_or(0);
-    assert_eq!(
-        during, calls_before,
-        "nothing reaches Midas while the link is stalled"
+    // a request the proxy forwarded just before the stall may be counted after
+    // `calls_before` was read: at most one per player (calls for one openid are
+    // never concurrent), 20 here. Had bytes kept moving, each of the 20 players'
+    // jobs would have been tried several times in 3 s (300 ms timeouts).
+    assert!(
+        during.saturating_sub(calls_before) <= 20,
+        "nothing new reaches Midas while the link is stalled: {calls_before} before, {during} after 3 s"
     );
     link.unstall();
     collect_more(&mut c, &sent, &mut got, Duration::from_secs(60)).await;
@@ -600,7 +602,8 @@ fn calls_summary(sim: &midas_worker::sim::SimHandle) -> String {
     format!("{:?}", sim.ledger().calls)
 }
 
-/// Opt-in soak: `SOAK_SECS=120 cargo test --test reliability -- --ignored soak`.
+/// Opt-in soak: `SOAK_SECS=120 cargo test --test it -- --ignored soak`
+/// (only this test then runs in the process, so its RSS is the worker's).
 /// A steady stream (pays, presents, cancels) against faults for `SOAK_SECS`
 /// (default 300), sampling this process's RSS (the worker runs in process) every
 /// 3 s: the last third's average must stay within 1.5× the first third's + 16 MiB,
