@@ -207,6 +207,14 @@ impl Checkpointer {
         }
     }
 
+    /// The writer is idle: checkpoint what was committed since the last checkpoint
+    /// once [`CHECKPOINT_IDLE`] has passed.
+    pub fn idle(&mut self, conn: &Connection) {
+        if self.commits > 0 && self.last.elapsed() >= CHECKPOINT_IDLE {
+            self.run(conn);
+        }
+    }
+
     /// Checkpoint now if anything was committed since the last one.
     pub fn finish(&mut self, conn: &Connection) {
         if self.commits > 0 {

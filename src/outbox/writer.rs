@@ -101,6 +101,9 @@ enum Request {
     /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
     Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
     Flush(oneshot::Sender<()>),
+    /// Once a second from the ticker: an idle writer checkpoints what it committed,
+    /// so erased session_keys leave the WAL even when no other request comes.
+    Tick,
 }
 
 /// Handle to the writer thread. Cheap to clone.
@@ -124,6 +127,17 @@ impl Writer {
         let join = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || run(conn, rx, h))?;
+        // The ticker holds only a weak sender: it never keeps the writer alive.
+        let weak = tx.downgrade();
+        std::thread::Builder::new()
+            .name("outbox-ticker".into())
+            .spawn(move || loop {
+                std::thread::sleep(super::CHECKPOINT_IDLE);
+                match weak.upgrade() {
+                    Some(tx) if tx.send(Request::Tick).is_ok() => {}
+                    _ => break,
+                }
+            })?;
         Ok((Writer { tx, healthy }, join))
     }
 
@@ -179,6 +193,12 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     let mut checkpoints = super::Checkpointer::default();
     while let Some(first) = rx.blocking_recv() {
+        if matches!(first, Request::Tick) {
+            if rx.is_empty() {
+                checkpoints.idle(&conn);
+            }
+            continue;
+        }
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -244,6 +264,8 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                     answers.push(Pending::Record(resp, out));
                 }
                 Request::Flush(resp) => answers.push(Pending::Flush(resp)),
+                // a tick that arrived with real requests: the commit follows anyway
+                Request::Tick => {}
                 Request::Mark(marks, resp) => {
                     let out = in_savepoint(&mut tx, |sp| mark(sp, &marks));
                     if let (Err(e), None) = (&out, &first_err) {

@@ -436,3 +436,48 @@ async fn an_erased_session_key_survives_in_no_file_and_the_files_are_private() {
     drop(w);
     join.join().expect("writer thread");
 }
+
+/// Nobody checkpoints by hand: an idle writer truncates the WAL by itself within a
+/// few seconds of its last commit, so an erased session_key does not wait in the WAL
+/// for the next command.
+#[tokio::test]
+async fn an_idle_writer_clears_erased_session_keys_from_the_wal_by_itself() {
+    const KEY: &str = "SKzq9-IDLE-session-key-0815";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.sqlite");
+    let (w, join) = Writer::start(&path, None).expect("writer");
+    let id = match w
+        .intake(intake("wx1234567", Op::Pay, "B-IDLE", Some(KEY), "c-idle"))
+        .await
+        .expect("intake")
+    {
+        IntakeOutcome::New(job) => job.id,
+        other => panic!("expected a new job: {other:?}"),
+    };
+    let files = sidecars(&path);
+    w.record(Record {
+        job_id: id,
+        attempts_total: 1,
+        first_attempt_at: Some(1_700_000_000_000),
+        uncertain: false,
+        rows: Vec::new(),
+        update: Update::Final {
+            state: JobState::Succeeded,
+            reply: b"{\"status\":\"succeeded\"}".to_vec(),
+        },
+        now: 1_700_000_001_000,
+    })
+    .await
+    .expect("record");
+    assert!(
+        files.iter().any(|f| file_contains(f, KEY.as_bytes())),
+        "the erased key is still in the WAL right after the commit (else this test proves nothing)"
+    );
+    let gone = crate::common::eventually(std::time::Duration::from_secs(20), || {
+        files.iter().all(|f| !file_contains(f, KEY.as_bytes()))
+    })
+    .await;
+    assert!(gone, "the idle writer left the erased session_key on disk");
+    drop(w);
+    join.join().expect("writer thread");
+}
