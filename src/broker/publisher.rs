@@ -154,6 +154,13 @@ async fn publish(
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_correlation_id(req.reply.correlation_id.as_str().into());
+    // Marked on its way out before the first await: if the session is dropped in
+    // the middle of this publish, the mark is cleared with the session's other
+    // unconfirmed publishes and the relay sends the reply again. (Left `Queued`, the
+    // relay would skip it until the next restart.)
+    if let Some(id) = req.reply.target_id {
+        lock(&q.inflight).insert(id, Stage::Sent(Instant::now()));
+    }
     let published = ch
         .basic_publish(
             "".into(),
@@ -166,9 +173,6 @@ async fn publish(
             props,
         )
         .await;
-    if let Some(id) = req.reply.target_id {
-        lock(&q.inflight).insert(id, Stage::Sent(Instant::now()));
-    }
     match published {
         Ok(confirm) => {
             confirms.push(Box::pin(confirm.map(move |c| (req, c))));
