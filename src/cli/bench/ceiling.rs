@@ -16,7 +16,7 @@ use lapin::{BasicProperties, Confirmation};
 
 use super::publish::publish_commands;
 use super::sink::Sink;
-use super::{delete_queues, queues};
+use super::{cpu, delete_queues, queues};
 use crate::broker::{connect, declare_topology};
 use crate::config::{BrokerConfig, Settings};
 
@@ -24,6 +24,8 @@ pub(super) struct CeilingResult {
     pub(super) msgs_per_s: f64,
     pub(super) elapsed: Duration,
     pub(super) prepublish_per_s: f64,
+    /// The bare loop's CPU per message (process: lapin loop + reply consumer).
+    pub(super) cpu: cpu::PerJob,
 }
 
 /// The bare lapin loop: consume (manual ack, the worker's prefetch) → publish the
@@ -60,6 +62,8 @@ pub(super) async fn ceiling(
         publ.confirm_select(ConfirmSelectOptions::default()).await?;
         cons.basic_qos(b.prefetch, BasicQosOptions::default())
             .await?;
+        let broker_pid = cpu::find_broker();
+        let cpu0 = cpu::snapshot(broker_pid);
         let t0 = Instant::now();
         let mut consumer = cons
             .basic_consume(
@@ -124,6 +128,7 @@ pub(super) async fn ceiling(
             }
         }
         let end = sink.wait('c', n, stall).await?;
+        let cpu = cpu::per_job(&cpu0, &cpu::snapshot(broker_pid), n);
         let _ = conn.close(200, "bye".into()).await;
         sink_task.abort();
         let elapsed = end.saturating_duration_since(t0);
@@ -131,6 +136,7 @@ pub(super) async fn ceiling(
             msgs_per_s: n as f64 / elapsed.as_secs_f64(),
             elapsed,
             prepublish_per_s: n as f64 / pre.as_secs_f64(),
+            cpu,
         })
     }
     .await;

@@ -18,6 +18,7 @@
 
 mod args;
 mod ceiling;
+mod cpu;
 mod ledger;
 mod phases;
 mod publish;

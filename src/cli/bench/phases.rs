@@ -14,7 +14,7 @@ use super::publish::publish_commands;
 use super::report::CaseResult;
 use super::sim::Sim;
 use super::sink::Sink;
-use super::{mb, rss_kb};
+use super::{cpu, mb, rss_kb};
 use crate::config::Settings;
 use crate::metrics::METRICS;
 
@@ -74,6 +74,8 @@ pub(super) async fn run_case(
     });
     let (hwm_before, _) = rss_kb();
     let m0 = METRICS.totals();
+    let broker_pid = cpu::find_broker();
+    let cpu0 = cpu::snapshot(broker_pid);
     let started = Instant::now();
     let running = crate::worker::start(settings.clone(), Some(sim.url())).await?;
     let t0 = match tokio::time::timeout(Duration::from_secs(30), watcher).await {
@@ -85,6 +87,7 @@ pub(super) async fn run_case(
     };
     let outcome = async {
         let end = sink.wait('b', n, a.stall_timeout).await?;
+        let cpu1 = cpu::snapshot(broker_pid);
         let m1 = METRICS.totals();
         let elapsed = end.saturating_duration_since(t0);
         let secs = elapsed.as_secs_f64();
@@ -107,13 +110,25 @@ pub(super) async fn run_case(
         )
         .await?;
         sink.wait('s', m, a.stall_timeout).await?;
-        Ok::<_, anyhow::Error>((elapsed, jobs_per_s, m0, m1, rate, m))
+        let cpu2 = cpu::snapshot(broker_pid);
+        let cpu_backlog = cpu::per_job(&cpu0, &cpu1, n);
+        let cpu_steady = cpu::per_job(&cpu1, &cpu2, m);
+        Ok::<_, anyhow::Error>((
+            elapsed,
+            jobs_per_s,
+            m0,
+            m1,
+            rate,
+            m,
+            cpu_backlog,
+            cpu_steady,
+        ))
     }
     .await;
     running.stop().await;
     let (hwm, rss) = rss_kb();
     sink_task.abort();
-    let (elapsed, jobs_per_s, m0, m1, rate, m) = outcome?;
+    let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady) = outcome?;
     let secs = elapsed.as_secs_f64();
     let d = |i: usize| {
         let a = [m0.0, m0.1, m0.2, m0.3];
@@ -155,5 +170,7 @@ pub(super) async fn run_case(
         ledger_ok: verdict.ok,
         ledger_note: verdict.note,
         simulator: sim.where_(),
+        cpu_backlog,
+        cpu_steady,
     })
 }

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::args::BenchArgs;
 use super::ceiling::CeilingResult;
+use super::cpu;
 use crate::config::Settings;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,6 +36,10 @@ pub(super) struct CaseResult {
     pub(super) ledger_ok: bool,
     pub(super) ledger_note: String,
     pub(super) simulator: &'static str,
+    /// CPU per job from the worker's start to the last backlog reply.
+    pub(super) cpu_backlog: cpu::PerJob,
+    /// CPU per job in the steady phase (the bench's paced publisher included).
+    pub(super) cpu_steady: cpu::PerJob,
 }
 
 // ---------------------------------------------------------------- report
@@ -72,6 +77,12 @@ pub(super) fn targets(c: &CaseResult, ceiling: f64) -> Targets {
     }
 }
 
+/// The broker's CPU per message, or `n/a` when no local `beam.smp` was found.
+pub(super) fn broker_us(p: &cpu::PerJob) -> String {
+    p.broker_us
+        .map_or("n/a".to_string(), |us| format!("{us:.0}"))
+}
+
 pub(super) fn mark(ok: bool) -> &'static str {
     if ok {
         "✓"
@@ -103,6 +114,11 @@ pub(super) fn print_table(
         a.jobs,
         ceil.elapsed.as_secs_f64(),
         ceil.prepublish_per_s
+    );
+    println!(
+        "ceiling CPU per msg: bench process {:.1} µs (lapin loop + reply consumer), broker {}",
+        ceil.cpu.process_us,
+        broker_us(&ceil.cpu)
     );
     println!();
     let w = 44;
@@ -165,6 +181,35 @@ pub(super) fn print_table(
             None => "n/a (jobs < 100000)".to_string(),
         },
     );
+    row("CPU µs/job backlog: process (writer)", &|c| {
+        format!(
+            "{:.0} ({:.0} writer)",
+            c.cpu_backlog.process_us, c.cpu_backlog.writer_us
+        )
+    });
+    row("CPU µs/job backlog: runtime / lapin io / rest", &|c| {
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            c.cpu_backlog.runtime_us, c.cpu_backlog.broker_io_us, c.cpu_backlog.other_us
+        )
+    });
+    let ceil_cpu = ceil.cpu.process_us;
+    row("CPU µs/job backlog above the ceiling's", &|c| {
+        format!("{:.0}", c.cpu_backlog.process_us - ceil_cpu)
+    });
+    row("CPU µs/job steady: process (writer)", &|c| {
+        format!(
+            "{:.0} ({:.0} writer)",
+            c.cpu_steady.process_us, c.cpu_steady.writer_us
+        )
+    });
+    row("broker CPU µs/msg backlog / steady", &|c| {
+        format!(
+            "{} / {}",
+            broker_us(&c.cpu_backlog),
+            broker_us(&c.cpu_steady)
+        )
+    });
     row("worker startup → consuming ms", &|c| {
         format!("{:.0}", c.startup_ms)
     });
@@ -200,6 +245,10 @@ pub(super) fn to_json(
             if let Some(o) = v.as_object_mut() {
                 o.insert("ratio_to_ceiling".into(), json!(c.jobs_per_s / ce));
                 o.insert(
+                    "cpu_backlog_above_ceiling_us".into(),
+                    json!(c.cpu_backlog.process_us - ceil.cpu.process_us),
+                );
+                o.insert(
                     "targets".into(),
                     json!({
                         "throughput": {"rule": t.throughput_rule, "min_jobs_per_s": t.throughput_min, "ok": t.throughput_ok},
@@ -222,6 +271,8 @@ pub(super) fn to_json(
         "steady_secs": a.steady.as_secs_f64(),
         "ceiling_msgs_per_s": ce,
         "ceiling_elapsed_s": ceil.elapsed.as_secs_f64(),
+        "ceiling_cpu_per_msg": ceil.cpu,
+        "cpu_note": "µs of user+sys per job; process = worker + the bench's reply consumer (and its publisher in the steady phase), simulator excluded when a child process; broker = the whole local beam.smp",
         "cases": cases,
     })
 }
