@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Length of the steady-rate phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub steady: Duration,
+    /// After the steady phase: Midas answers 502 this long while `--jobs` more
+    /// commands arrive, then comes back; the drain is timed. `0s` skips the phase.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub outage: Duration,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,

@@ -20,6 +20,7 @@ mod args;
 mod ceiling;
 mod cpu;
 mod ledger;
+mod outage;
 mod phases;
 mod publish;
 mod report;

@@ -14,7 +14,7 @@ use super::publish::publish_commands;
 use super::report::CaseResult;
 use super::sim::Sim;
 use super::sink::Sink;
-use super::{cpu, mb, rss_kb};
+use super::{cpu, mb, outage, rss_kb};
 use crate::config::Settings;
 use crate::metrics::METRICS;
 
@@ -113,6 +113,31 @@ pub(super) async fn run_case(
         let cpu2 = cpu::snapshot(broker_pid);
         let cpu_backlog = cpu::per_job(&cpu0, &cpu1, n);
         let cpu_steady = cpu::per_job(&cpu1, &cpu2, m);
+        let outage = if a.outage.is_zero() {
+            None
+        } else {
+            let r = outage::run(
+                a,
+                settings,
+                client,
+                sim,
+                &sink,
+                &bill_prefix,
+                lat_ms,
+                broker_pid,
+            )
+            .await;
+            if r.is_err() {
+                // leave Midas up for the ledger read
+                let _ = sim
+                    .set_faults(crate::sim::Faults {
+                        latency_ms: lat_ms,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Some(r?)
+        };
         Ok::<_, anyhow::Error>((
             elapsed,
             jobs_per_s,
@@ -122,13 +147,14 @@ pub(super) async fn run_case(
             m,
             cpu_backlog,
             cpu_steady,
+            outage,
         ))
     }
     .await;
     running.stop().await;
     let (hwm, rss) = rss_kb();
     sink_task.abort();
-    let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady) = outcome?;
+    let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
     let secs = elapsed.as_secs_f64();
     let d = |i: usize| {
         let a = [m0.0, m0.1, m0.2, m0.3];
@@ -143,7 +169,7 @@ pub(super) async fn run_case(
     let verdict = super::ledger::check(
         ledger.orders.iter().map(|o| o.bill_no.as_str()),
         &bill_prefix,
-        &[('b', n), ('s', m)],
+        &[('b', n), ('s', m), ('o', outage.map_or(0, |o| o.jobs))],
     );
     Ok(CaseResult {
         midas_latency_ms: lat_ms,
@@ -172,5 +198,6 @@ pub(super) async fn run_case(
         simulator: sim.where_(),
         cpu_backlog,
         cpu_steady,
+        outage,
     })
 }

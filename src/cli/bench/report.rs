@@ -8,6 +8,7 @@ use serde_json::json;
 use super::args::BenchArgs;
 use super::ceiling::CeilingResult;
 use super::cpu;
+use super::outage::OutageResult;
 use crate::config::Settings;
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -40,6 +41,8 @@ pub(super) struct CaseResult {
     pub(super) cpu_backlog: cpu::PerJob,
     /// CPU per job in the steady phase (the bench's paced publisher included).
     pub(super) cpu_steady: cpu::PerJob,
+    /// The backlog-after-an-outage phase (`--outage 0s`: none).
+    pub(super) outage: Option<OutageResult>,
 }
 
 // ---------------------------------------------------------------- report
@@ -209,6 +212,28 @@ pub(super) fn print_table(
             broker_us(&c.cpu_backlog),
             broker_us(&c.cpu_steady)
         )
+    });
+    row(
+        "outage: Midas down s / calls refused",
+        &|c| match c.outage {
+            Some(o) => format!("{:.1} / {}", o.outage_s, o.refused_calls),
+            None => "-".into(),
+        },
+    );
+    row(
+        "outage: drain jobs/s (× fresh backlog)",
+        &|c| match c.outage {
+            Some(o) => format!(
+                "{:.0} (× {:.2})",
+                o.drain_jobs_per_s,
+                o.drain_jobs_per_s / c.jobs_per_s
+            ),
+            None => "-".into(),
+        },
+    );
+    row("outage: drain s / CPU µs/job", &|c| match c.outage {
+        Some(o) => format!("{:.2} / {:.0}", o.drain_s, o.cpu_drain.process_us),
+        None => "-".into(),
     });
     row("worker startup → consuming ms", &|c| {
         format!("{:.0}", c.startup_ms)

@@ -113,6 +113,22 @@ impl Sim {
         }
     }
 
+    /// Replace the simulator's faults (an outage: `http_502_rate = 1.0`).
+    pub(super) async fn set_faults(&self, f: Faults) -> anyhow::Result<()> {
+        match self {
+            Sim::Inproc(h) => h.set_faults(f),
+            Sim::Child { url, .. } => {
+                reqwest::Client::new()
+                    .post(format!("{url}/sim/faults"))
+                    .json(&f)
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn stop(self) {
         match self {
             Sim::Inproc(h) => h.shutdown().await,
