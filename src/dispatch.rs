@@ -108,9 +108,6 @@ impl Drop for CallGuard {
     }
 }
 
-/// Most ready events and messages the loop takes before performing actions.
-const READY_BATCH: usize = 256;
-
 fn event(id: i64, balance: bool, answer: Answer) -> Event {
     if balance {
         Event::BalanceFetched(id, Box::new(answer))
@@ -189,29 +186,6 @@ impl Dispatcher {
                 },
                 Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
                 _ = tokio::time::sleep(sleep_for) => engine.poll(now_ms(), &mut actions),
-            }
-            // Take what else is ready before performing: the pre-call marks of all of
-            // it go to the writer as one request (one savepoint, one task) instead of
-            // one per event. Bounded, so a flood cannot starve the shutdown check.
-            for _ in 0..READY_BATCH {
-                if let Ok(ev) = events.try_recv() {
-                    engine.handle(ev, now_ms(), &mut actions);
-                    continue;
-                }
-                match rx.try_recv() {
-                    Ok(DispatchMsg::Reload { after_action }) => {
-                        match self.load(Some(after_action)).await {
-                            Ok(jobs) => {
-                                for j in jobs {
-                                    engine.handle(Event::Reopened(j), now_ms(), &mut actions);
-                                }
-                            }
-                            Err(e) => tracing::error!(error = %e, "cannot load re-opened jobs"),
-                        }
-                    }
-                    Ok(m) => engine.handle(to_event(m), now_ms(), &mut actions),
-                    Err(_) => break,
-                }
             }
         }
         // Shutdown: no new steps; let those under way finish and be recorded.
