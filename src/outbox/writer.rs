@@ -172,8 +172,6 @@ impl Writer {
 }
 
 fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
-    // every statement of the hot path stays prepared (rusqlite keeps 16 by default)
-    conn.set_prepared_statement_cache_capacity(32);
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     let mut checkpoints = super::Checkpointer::default();
     while let Some(first) = rx.blocking_recv() {
@@ -224,18 +222,18 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
     // size budget full), later statements only say "no transaction is active".
     let mut first_err: Option<String> = None;
     let outcome = (|| -> Result<(), rusqlite::Error> {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for req in batch.drain(..) {
             match req {
                 Request::Intake(i, resp) => {
-                    let r = in_savepoint(&tx, |sp| intake(sp, &i));
+                    let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
                     if let (Err(e), None) = (&r, &first_err) {
                         first_err = Some(e.to_string());
                     }
                     answers.push(Pending::Intake(resp, r));
                 }
                 Request::Record(r, resp) => {
-                    let out = in_savepoint(&tx, |sp| record(sp, &r));
+                    let out = in_savepoint(&mut tx, |sp| record(sp, &r));
                     if let (Err(e), None) = (&out, &first_err) {
                         first_err = Some(e.to_string());
                     }
@@ -243,7 +241,7 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                 }
                 Request::Flush(resp) => answers.push(Pending::Flush(resp)),
                 Request::Mark(marks, resp) => {
-                    let out = in_savepoint(&tx, |sp| mark(sp, &marks));
+                    let out = in_savepoint(&mut tx, |sp| mark(sp, &marks));
                     if let (Err(e), None) = (&out, &first_err) {
                         first_err = Some(e.to_string());
                     }
@@ -306,29 +304,22 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
     }
 }
 
-/// Run one request inside a savepoint of the batch's transaction: its failure rolls
-/// back that request only. The three savepoint statements are prepared once and
-/// cached (rusqlite's `Savepoint` formats and parses their SQL text every time).
 fn in_savepoint<T>(
-    c: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, OutboxError>,
+    tx: &mut rusqlite::Transaction<'_>,
+    f: impl FnOnce(&rusqlite::Savepoint<'_>) -> Result<T, OutboxError>,
 ) -> Result<T, OutboxError> {
-    c.prepare_cached("SAVEPOINT request")?.execute([])?;
-    let released = f(c).and_then(|v| {
-        c.prepare_cached("RELEASE request")?.execute([])?;
-        Ok(v)
-    });
-    if released.is_err() {
-        // this request only; errors ignored as rusqlite's `Savepoint` drop does (when
-        // SQLite already rolled the whole transaction back there is nothing to undo)
-        let _ = c
-            .prepare_cached("ROLLBACK TO request")
-            .and_then(|mut s| s.execute([]));
-        let _ = c
-            .prepare_cached("RELEASE request")
-            .and_then(|mut s| s.execute([]));
+    let sp = tx.savepoint()?;
+    let r = f(&sp);
+    match r {
+        Ok(v) => {
+            sp.commit()?;
+            Ok(v)
+        }
+        Err(e) => {
+            drop(sp); // rolls back this request only
+            Err(e)
+        }
     }
-    released
 }
 
 fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
@@ -591,6 +582,3 @@ fn mark(c: &Connection, marks: &[(i64, i64)]) -> Result<(), OutboxError> {
 pub fn decode_params(request: &str) -> Result<Params, OutboxError> {
     serde_json::from_str(request).map_err(|e| OutboxError::Corrupt(format!("request JSON: {e}")))
 }
-
-#[cfg(test)]
-mod tests;
