@@ -1,18 +1,29 @@
 //! Micro-benchmarks of the per-command hot paths (criterion, no plots):
-//! signing, command decoding, outcome classification and the Midas request body.
+//! signing, command decoding, outcome classification, the Midas request body and
+//! one job's trip through the engine (accepted → mark → call → answer → record).
 //!
 //! `cargo bench --bench hot_paths` (add `-- --quick` for a short run).
+//!
+//! Instruction counts (stable on a noisy machine, unlike time): with
+//! `HOT_PATHS_CALLGRIND=N` set, each path runs N times in its own `#[inline(never)]`
+//! function and the process exits without criterion; run it under
+//! `valgrind --tool=callgrind` and divide each `count_*` function's inclusive
+//! instruction count by N (docs/bench.md has the command).
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 
 use midas_worker::command;
 use midas_worker::config::{self, Settings};
+use midas_worker::dispatch::engine_config;
+use midas_worker::engine::job::Job;
+use midas_worker::engine::{Action, Engine, Event};
 use midas_worker::midas::client::{build_body, Api};
 use midas_worker::midas::errcode::classify;
 use midas_worker::midas::sign::{mp_sig, sig, Param};
+use midas_worker::midas::{Answer, Body, OutcomeClass};
 use midas_worker::secret::Secret;
 
 /// The Midas 1.0 signature check values (docs/midas-v1.md).
@@ -122,5 +133,122 @@ fn body(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, signing, decoding, classification, body);
-criterion_main!(benches);
+/// One job through the engine as the dispatcher drives it on success: accepted
+/// (→ mark), marked (→ call), answered 0 (→ record), recorded. Returns the actions.
+fn engine_trip(e: &mut Engine, job: Job, out: &mut Vec<Action>) -> usize {
+    let id = job.id;
+    let now = 1_000;
+    out.clear();
+    e.handle(Event::Accepted(job), now, out);
+    e.handle(Event::Marked(id), now, out);
+    let answer = Answer {
+        api: Api::Pay,
+        class: OutcomeClass::Success,
+        http_status: Some(200),
+        errcode: Some(0),
+        errmsg: None,
+        body: Body::default(),
+        latency: std::time::Duration::ZERO,
+    };
+    e.handle(Event::Answered(id, Box::new(answer)), now, out);
+    e.handle(Event::Recorded(id), now, out);
+    out.len()
+}
+
+/// An engine with the shipped config but no rate limit (the trips share one instant).
+fn new_engine(s: &Settings) -> Engine {
+    let mut cfg = engine_config(s);
+    cfg.max_rps = u32::MAX;
+    Engine::new(cfg, 1)
+}
+
+fn engine(c: &mut Criterion) {
+    let s = settings();
+    let params = command::decode(PAY, &s).expect("valid pay").params;
+    let mut e = new_engine(&s);
+    let mut out = Vec::new();
+    let mut id = 0;
+    assert_eq!(
+        engine_trip(&mut e, Job::new(1, params.clone(), None, 0), &mut out),
+        3,
+        "mark, call, record"
+    );
+    c.bench_function("engine/one job accepted → recorded", |b| {
+        b.iter(|| {
+            id += 1;
+            let job = Job::new(1 + id, params.clone(), None, 0);
+            engine_trip(&mut e, job, &mut out)
+        })
+    });
+}
+
+#[inline(never)]
+fn count_sign(n: u64) {
+    let v = vector();
+    for _ in 0..n {
+        black_box(sig(black_box(&v), black_box(URI), black_box(KEY)));
+    }
+}
+
+#[inline(never)]
+fn count_decode(n: u64, s: &Settings) {
+    for _ in 0..n {
+        let _ = black_box(command::decode(black_box(PAY), s));
+    }
+}
+
+#[inline(never)]
+fn count_build_body(n: u64, s: &Settings) {
+    let app = &s.apps[0];
+    let params = command::decode(PAY, s).expect("valid pay").params;
+    let token = Secret::new("ACCESSTOKEN-0123456789abcdef0123456789abcdef");
+    for _ in 0..n {
+        black_box(build_body(
+            Api::Pay,
+            black_box(&params),
+            app,
+            1507530737,
+            Api::Pay.path(false),
+            &token,
+            None,
+        ));
+    }
+}
+
+#[inline(never)]
+fn count_engine(n: u64, s: &Settings) {
+    let params = command::decode(PAY, s).expect("valid pay").params;
+    let mut e = new_engine(s);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let job = Job::new(i as i64 + 1, params.clone(), None, 0);
+        assert_eq!(engine_trip(&mut e, job, &mut out), 3, "mark, call, record");
+    }
+}
+
+/// `HOT_PATHS_CALLGRIND=N`: run each path N times for an instruction count, no criterion.
+fn callgrind_mode() -> bool {
+    let Some(n) = std::env::var("HOT_PATHS_CALLGRIND")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return false;
+    };
+    let s = settings();
+    count_sign(n);
+    count_decode(n, &s);
+    count_build_body(n, &s);
+    count_engine(n, &s);
+    println!("hot_paths: each path ran {n} times");
+    true
+}
+
+criterion_group!(benches, signing, decoding, classification, body, engine);
+
+fn main() {
+    if callgrind_mode() {
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -4,7 +4,6 @@
 //!
 //! Data flows one way: delivery → outbox → dispatcher → Midas → outbox → reply.
 
-pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
@@ -23,6 +22,8 @@ pub mod sim;
 pub mod telemetry;
 pub mod worker;
 
+/// The `bench` verb under its former path (`midas_worker::bench::run`).
+pub use cli::bench;
 /// The `outbox` verbs under their former name (`midas_worker::audit::run`, ...).
 pub use cli::outbox as audit;
 /// The job state machine (lives in the engine; re-exported under its old path).

@@ -1,0 +1,152 @@
+//! CPU accounting for the bench: user+sys time of this process (the worker runs in
+//! it), split by thread name (`outbox-writer`, the tokio runtime threads, lapin's
+//! I/O threads, the rest: the bench's main thread), and of the local RabbitMQ
+//! (`beam.smp`), read from `/proc`. Divided by jobs it gives the CPU a job costs.
+//!
+//! The simulator runs as a child process by default, so its CPU is not counted.
+//! The bench's reply consumer (and, in the steady phase, its publisher) share this
+//! process: the ceiling run carries the same reply consumer, so
+//! `worker − ceiling` per message is the worker's cost above the bare minimum.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// `/proc` times are in USER_HZ ticks, 100 per second on Linux.
+const TICK_US: u64 = 10_000;
+
+/// Cumulative CPU at one instant, in µs.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Snapshot {
+    process_us: u64,
+    /// tid → (thread name, µs)
+    threads: HashMap<u32, (String, u64)>,
+    broker_us: Option<u64>,
+}
+
+/// CPU per job (or per message) between two snapshots, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub(super) struct PerJob {
+    /// The whole bench process (worker + the bench's reply consumer).
+    pub process_us: f64,
+    /// The tokio runtime threads (`tokio-rt-worker` / `tokio-runtime-w`: dispatcher,
+    /// intake, HTTP client, reply publishing, and the bench's reply consumer).
+    pub runtime_us: f64,
+    /// The `outbox-writer` thread (SQLite, group commits).
+    pub writer_us: f64,
+    /// The broker client's I/O threads (`lapin-io-loop`: the worker's and the bench's).
+    pub broker_io_us: f64,
+    /// Everything else in the process (the bench's main thread, exited threads).
+    pub other_us: f64,
+    /// The local `beam.smp`, if found (the whole broker, other clients included).
+    pub broker_us: Option<f64>,
+}
+
+/// (thread name, user+sys µs) from the text of a `/proc/.../stat` file.
+fn parse_stat(text: &str) -> Option<(String, u64)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let name = text.get(open + 1..close)?.to_string();
+    let mut fields = text.get(close + 1..)?.split_whitespace();
+    // after ")": state is field 3; utime and stime are fields 14 and 15
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((name, (utime + stime) * TICK_US))
+}
+
+fn read_stat(path: &Path) -> Option<(String, u64)> {
+    parse_stat(&std::fs::read_to_string(path).ok()?)
+}
+
+/// The pid of a local RabbitMQ (`beam.smp`), if one is visible in `/proc`.
+pub(super) fn find_broker() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        (comm.trim() == "beam.smp").then_some(pid)
+    })
+}
+
+/// Read this process's CPU (total and per thread) and the broker's.
+pub(super) fn snapshot(broker: Option<u32>) -> Snapshot {
+    let process_us = read_stat(Path::new("/proc/self/stat")).map_or(0, |(_, us)| us);
+    let mut threads = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if let Some(t) = read_stat(&e.path().join("stat")) {
+                threads.insert(tid, t);
+            }
+        }
+    }
+    let broker_us = broker
+        .and_then(|pid| read_stat(&Path::new("/proc").join(pid.to_string()).join("stat")))
+        .map(|(_, us)| us);
+    Snapshot {
+        process_us,
+        threads,
+        broker_us,
+    }
+}
+
+/// CPU used between `a` and `b`, divided by `jobs`.
+pub(super) fn per_job(a: &Snapshot, b: &Snapshot, jobs: usize) -> PerJob {
+    let n = jobs.max(1) as f64;
+    let (mut runtime, mut writer, mut io) = (0u64, 0u64, 0u64);
+    for (tid, (name, us)) in &b.threads {
+        let before = a.threads.get(tid).map_or(0, |(_, us)| *us);
+        let d = us.saturating_sub(before);
+        if name == "outbox-writer" {
+            writer += d;
+        } else if name.starts_with("tokio-r") {
+            runtime += d;
+        } else if name.starts_with("lapin") {
+            io += d;
+        }
+    }
+    let process = b.process_us.saturating_sub(a.process_us);
+    PerJob {
+        process_us: process as f64 / n,
+        runtime_us: runtime as f64 / n,
+        writer_us: writer as f64 / n,
+        broker_io_us: io as f64 / n,
+        other_us: process.saturating_sub(runtime + writer + io) as f64 / n,
+        broker_us: match (a.broker_us, b.broker_us) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_odd_thread_names_parse() {
+        let line = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 1 0";
+        assert_eq!(parse_stat(line), Some(("a (b) c".into(), 175 * TICK_US)));
+        assert_eq!(parse_stat("42 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_burnt_by_a_plain_thread_counts_for_the_process_not_the_writer() {
+        let a = snapshot(None);
+        let mut x = 0u64;
+        // burn CPU until /proc shows at least 30 ms more (bounded, never a timer)
+        for _ in 0..10_000 {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            if snapshot(None).process_us >= a.process_us + 30_000 {
+                break;
+            }
+        }
+        let p = per_job(&a, &snapshot(None), 10);
+        assert!(p.process_us >= 3_000.0, "{p:?}");
+        assert_eq!(p.writer_us, 0.0, "{p:?}");
+        assert!(p.other_us > 0.0, "{p:?}");
+        assert!(p.broker_us.is_none());
+    }
+}

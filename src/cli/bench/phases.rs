@@ -1,0 +1,203 @@
+//! The worker's two phases: a pre-published backlog timed from the moment the
+//! worker consumes to the last reply, then a steady paced rate for latency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+
+use super::args::BenchArgs;
+use super::publish::publish_commands;
+use super::report::CaseResult;
+use super::sim::Sim;
+use super::sink::Sink;
+use super::{cpu, mb, outage, rss_kb};
+use crate::config::Settings;
+use crate::metrics::METRICS;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run_case(
+    a: &BenchArgs,
+    settings: &Arc<Settings>,
+    client: &Connection,
+    ch: &Channel,
+    sim: &Sim,
+    lat_ms: u64,
+    tag: &str,
+    case: &str,
+) -> anyhow::Result<CaseResult> {
+    let b = &settings.config.broker;
+    let n = a.jobs;
+    let bill_prefix = format!("BENCH-{tag}-{case}-");
+    let (sink, sink_task) = Sink::start(ch, &b.reply_queue, true).await?;
+    sink.expect('b', n);
+    publish_commands(
+        client,
+        &b.command_queue,
+        &b.reply_queue,
+        'b',
+        &bill_prefix,
+        n,
+        a.users,
+        None,
+        a.api == "v2",
+    )
+    .await?;
+
+    // t0: the worker's consumer is registered on the command queue
+    let watch_ch = client.create_channel().await?;
+    let cmd_q = b.command_queue.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let q = watch_ch
+                .queue_declare(
+                    cmd_q.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match q {
+                Ok(q) if q.consumer_count() > 0 => {
+                    let _ = watch_ch.close(200, "bye".into()).await;
+                    return Some(Instant::now());
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(_) => return None,
+            }
+        }
+    });
+    let (hwm_before, _) = rss_kb();
+    let m0 = METRICS.totals();
+    let broker_pid = cpu::find_broker();
+    let cpu0 = cpu::snapshot(broker_pid);
+    let started = Instant::now();
+    let running = crate::worker::start(settings.clone(), Some(sim.url())).await?;
+    let t0 = match tokio::time::timeout(Duration::from_secs(30), watcher).await {
+        Ok(Ok(Some(t))) => t,
+        _ => {
+            running.stop().await;
+            bail!("the worker did not start consuming within 30s");
+        }
+    };
+    let outcome = async {
+        let end = sink.wait('b', n, a.stall_timeout).await?;
+        let cpu1 = cpu::snapshot(broker_pid);
+        let m1 = METRICS.totals();
+        let elapsed = end.saturating_duration_since(t0);
+        let secs = elapsed.as_secs_f64();
+        let jobs_per_s = n as f64 / secs;
+
+        // steady-rate phase
+        let rate = a.rate.unwrap_or(jobs_per_s / 2.0).max(1.0);
+        let m = ((rate * a.steady.as_secs_f64()).round() as usize).max(10);
+        sink.expect('s', m);
+        publish_commands(
+            client,
+            &b.command_queue,
+            &b.reply_queue,
+            's',
+            &bill_prefix,
+            m,
+            a.users,
+            Some(rate),
+            a.api == "v2",
+        )
+        .await?;
+        sink.wait('s', m, a.stall_timeout).await?;
+        let cpu2 = cpu::snapshot(broker_pid);
+        let cpu_backlog = cpu::per_job(&cpu0, &cpu1, n);
+        let cpu_steady = cpu::per_job(&cpu1, &cpu2, m);
+        let outage = if a.outage.is_zero() {
+            None
+        } else {
+            let r = outage::run(
+                a,
+                settings,
+                client,
+                sim,
+                &sink,
+                &bill_prefix,
+                lat_ms,
+                broker_pid,
+            )
+            .await;
+            if r.is_err() {
+                // leave Midas up for the ledger read
+                let _ = sim
+                    .set_faults(crate::sim::Faults {
+                        latency_ms: lat_ms,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Some(r?)
+        };
+        Ok::<_, anyhow::Error>((
+            elapsed,
+            jobs_per_s,
+            m0,
+            m1,
+            rate,
+            m,
+            cpu_backlog,
+            cpu_steady,
+            outage,
+        ))
+    }
+    .await;
+    running.stop().await;
+    let (hwm, rss) = rss_kb();
+    sink_task.abort();
+    let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
+    let secs = elapsed.as_secs_f64();
+    let d = |i: usize| {
+        let a = [m0.0, m0.1, m0.2, m0.3];
+        let b = [m1.0, m1.1, m1.2, m1.3];
+        b[i].saturating_sub(a[i]) as f64
+    };
+    let (b50, b99, bdup, bbad) = sink.summary('b');
+    let (s50, s99, sdup, sbad) = sink.summary('s');
+
+    // exactly once: every bill of this case in the ledger once, nothing else
+    let ledger = sim.ledger().await?;
+    let verdict = super::ledger::check(
+        ledger.orders.iter().map(|o| o.bill_no.as_str()),
+        &bill_prefix,
+        &[('b', n), ('s', m), ('o', outage.map_or(0, |o| o.jobs))],
+    );
+    Ok(CaseResult {
+        midas_latency_ms: lat_ms,
+        max_in_flight: 0,
+        jobs: n,
+        startup_ms: t0.saturating_duration_since(started).as_secs_f64() * 1000.0,
+        elapsed_s: secs,
+        jobs_per_s,
+        backlog_p50_ms: b50,
+        backlog_p99_ms: b99,
+        steady_rate: rate,
+        steady_jobs: m,
+        steady_p50_ms: s50,
+        steady_p99_ms: s99,
+        midas_calls_per_s: d(2) / secs,
+        commits_per_s: d(0) / secs,
+        rows_per_commit: if d(0) > 0.0 { d(1) / d(0) } else { 0.0 },
+        replies_published_per_s: d(3) / secs,
+        peak_rss_mb: mb(hwm),
+        peak_rss_before_worker_mb: mb(hwm_before),
+        rss_at_end_mb: mb(rss),
+        duplicate_replies: bdup + sdup,
+        not_succeeded: bbad + sbad,
+        ledger_ok: verdict.ok,
+        ledger_note: verdict.note,
+        simulator: sim.where_(),
+        cpu_backlog,
+        cpu_steady,
+        outage,
+    })
+}

@@ -1,0 +1,303 @@
+//! The bench report: per-case results, the targets they are judged against, the
+//! table and the `--json` object.
+
+use std::time::SystemTime;
+
+use serde_json::json;
+
+use super::args::BenchArgs;
+use super::ceiling::CeilingResult;
+use super::cpu;
+use super::outage::OutageResult;
+use crate::config::Settings;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(super) struct CaseResult {
+    pub(super) midas_latency_ms: u64,
+    pub(super) max_in_flight: usize,
+    pub(super) jobs: usize,
+    pub(super) startup_ms: f64,
+    pub(super) elapsed_s: f64,
+    pub(super) jobs_per_s: f64,
+    pub(super) backlog_p50_ms: f64,
+    pub(super) backlog_p99_ms: f64,
+    pub(super) steady_rate: f64,
+    pub(super) steady_jobs: usize,
+    pub(super) steady_p50_ms: f64,
+    pub(super) steady_p99_ms: f64,
+    pub(super) midas_calls_per_s: f64,
+    pub(super) commits_per_s: f64,
+    pub(super) rows_per_commit: f64,
+    pub(super) replies_published_per_s: f64,
+    pub(super) peak_rss_mb: f64,
+    pub(super) peak_rss_before_worker_mb: f64,
+    pub(super) rss_at_end_mb: f64,
+    pub(super) duplicate_replies: usize,
+    pub(super) not_succeeded: usize,
+    pub(super) ledger_ok: bool,
+    pub(super) ledger_note: String,
+    pub(super) simulator: &'static str,
+    /// CPU per job from the worker's start to the last backlog reply.
+    pub(super) cpu_backlog: cpu::PerJob,
+    /// CPU per job in the steady phase (the bench's paced publisher included).
+    pub(super) cpu_steady: cpu::PerJob,
+    /// The backlog-after-an-outage phase (`--outage 0s`: none).
+    pub(super) outage: Option<OutageResult>,
+}
+
+// ---------------------------------------------------------------- report
+
+pub(super) struct Targets {
+    throughput_min: f64,
+    throughput_ok: bool,
+    throughput_rule: String,
+    steady_max_ms: f64,
+    steady_ok: bool,
+    rss_ok: Option<bool>,
+}
+
+pub(super) fn targets(c: &CaseResult, ceiling: f64) -> Targets {
+    let (throughput_min, rule) = if c.midas_latency_ms == 0 {
+        (0.75 * ceiling, "≥ 75% of ceiling".to_string())
+    } else {
+        let bound = c.max_in_flight as f64 / (c.midas_latency_ms as f64 / 1000.0);
+        (
+            0.9 * ceiling.min(bound),
+            format!(
+                "≥ 90% of min(ceiling, {}/{}ms = {:.0})",
+                c.max_in_flight, c.midas_latency_ms, bound
+            ),
+        )
+    };
+    let steady_max_ms = c.midas_latency_ms as f64 + 10.0;
+    Targets {
+        throughput_min,
+        throughput_ok: c.jobs_per_s >= throughput_min,
+        throughput_rule: rule,
+        steady_max_ms,
+        steady_ok: c.steady_p99_ms <= steady_max_ms,
+        rss_ok: (c.jobs >= 100_000).then_some(c.peak_rss_mb <= 64.0),
+    }
+}
+
+/// The broker's CPU per message, or `n/a` when no local `beam.smp` was found.
+pub(super) fn broker_us(p: &cpu::PerJob) -> String {
+    p.broker_us
+        .map_or("n/a".to_string(), |us| format!("{us:.0}"))
+}
+
+pub(super) fn mark(ok: bool) -> &'static str {
+    if ok {
+        "✓"
+    } else {
+        "✗"
+    }
+}
+
+pub(super) fn print_table(
+    a: &BenchArgs,
+    settings: &Settings,
+    ceil: &CeilingResult,
+    cases: &[CaseResult],
+) {
+    println!(
+        "midas-worker bench  {}  api={} jobs={} users={} prefetch={} max_rps={} steady={:?} simulator={}",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        a.api,
+        a.jobs,
+        a.users,
+        settings.config.broker.prefetch,
+        a.max_rps,
+        a.steady,
+        cases.first().map_or("-", |c| c.simulator),
+    );
+    println!(
+        "ceiling (bare lapin, quorum→quorum, confirms, multiple acks): {:.0} msg/s ({} msgs in {:.2}s; pre-publish {:.0} msg/s)",
+        ceil.msgs_per_s,
+        a.jobs,
+        ceil.elapsed.as_secs_f64(),
+        ceil.prepublish_per_s
+    );
+    println!(
+        "ceiling CPU per msg: bench process {:.1} µs (lapin loop + reply consumer), broker {}",
+        ceil.cpu.process_us,
+        broker_us(&ceil.cpu)
+    );
+    println!();
+    let w = 44;
+    let mut header = format!("{:<w$}", "");
+    for c in cases {
+        header.push_str(&format!(
+            "{:>26}",
+            format!("{}ms / mif {}", c.midas_latency_ms, c.max_in_flight)
+        ));
+    }
+    println!("{header}");
+    let row = |name: &str, f: &dyn Fn(&CaseResult) -> String| {
+        let mut line = format!("{name:<w$}");
+        for c in cases {
+            line.push_str(&format!("{:>26}", f(c)));
+        }
+        println!("{line}");
+    };
+    let ce = ceil.msgs_per_s;
+    row("ceiling msg/s", &|_| format!("{ce:.0}"));
+    row("worker jobs/s (backlog)", &|c| {
+        format!("{:.0}", c.jobs_per_s)
+    });
+    row("ratio worker/ceiling", &|c| {
+        format!("{:.2}", c.jobs_per_s / ce)
+    });
+    row("throughput target", &|c| {
+        let t = targets(c, ce);
+        format!("≥ {:.0} {}", t.throughput_min, mark(t.throughput_ok))
+    });
+    row("backlog e2e p50 / p99 ms", &|c| {
+        format!("{:.0} / {:.0}", c.backlog_p50_ms, c.backlog_p99_ms)
+    });
+    row("steady rate msg/s (jobs)", &|c| {
+        format!("{:.0} ({})", c.steady_rate, c.steady_jobs)
+    });
+    row("steady e2e p50 / p99 ms", &|c| {
+        format!("{:.1} / {:.1}", c.steady_p50_ms, c.steady_p99_ms)
+    });
+    row("steady p99 target", &|c| {
+        let t = targets(c, ce);
+        format!("≤ {:.0} ms {}", t.steady_max_ms, mark(t.steady_ok))
+    });
+    row("Midas calls/s", &|c| format!("{:.0}", c.midas_calls_per_s));
+    row("outbox commits/s", &|c| format!("{:.0}", c.commits_per_s));
+    row("rows per commit", &|c| format!("{:.1}", c.rows_per_commit));
+    row("replies published/s", &|c| {
+        format!("{:.0}", c.replies_published_per_s)
+    });
+    row("peak RSS MB (VmHWM, cumulative)", &|c| {
+        format!("{:.1}", c.peak_rss_mb)
+    });
+    row("peak RSS MB before the worker started", &|c| {
+        format!("{:.1}", c.peak_rss_before_worker_mb)
+    });
+    row(
+        "RSS target ≤ 64 MB (100k backlog)",
+        &|c| match targets(c, ce).rss_ok {
+            Some(ok) => mark(ok).to_string(),
+            None => "n/a (jobs < 100000)".to_string(),
+        },
+    );
+    row("CPU µs/job backlog: process (writer)", &|c| {
+        format!(
+            "{:.0} ({:.0} writer)",
+            c.cpu_backlog.process_us, c.cpu_backlog.writer_us
+        )
+    });
+    row("CPU µs/job backlog: runtime / lapin io / rest", &|c| {
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            c.cpu_backlog.runtime_us, c.cpu_backlog.broker_io_us, c.cpu_backlog.other_us
+        )
+    });
+    let ceil_cpu = ceil.cpu.process_us;
+    row("CPU µs/job backlog above the ceiling's", &|c| {
+        format!("{:.0}", c.cpu_backlog.process_us - ceil_cpu)
+    });
+    row("CPU µs/job steady: process (writer)", &|c| {
+        format!(
+            "{:.0} ({:.0} writer)",
+            c.cpu_steady.process_us, c.cpu_steady.writer_us
+        )
+    });
+    row("broker CPU µs/msg backlog / steady", &|c| {
+        format!(
+            "{} / {}",
+            broker_us(&c.cpu_backlog),
+            broker_us(&c.cpu_steady)
+        )
+    });
+    row(
+        "outage: Midas down s / calls refused",
+        &|c| match c.outage {
+            Some(o) => format!("{:.1} / {}", o.outage_s, o.refused_calls),
+            None => "-".into(),
+        },
+    );
+    row(
+        "outage: drain jobs/s (× fresh backlog)",
+        &|c| match c.outage {
+            Some(o) => format!(
+                "{:.0} (× {:.2})",
+                o.drain_jobs_per_s,
+                o.drain_jobs_per_s / c.jobs_per_s
+            ),
+            None => "-".into(),
+        },
+    );
+    row("outage: drain s / CPU µs/job", &|c| match c.outage {
+        Some(o) => format!("{:.2} / {:.0}", o.drain_s, o.cpu_drain.process_us),
+        None => "-".into(),
+    });
+    row("worker startup → consuming ms", &|c| {
+        format!("{:.0}", c.startup_ms)
+    });
+    row("exactly once (ledger)", &|c| {
+        mark(c.ledger_ok && c.not_succeeded == 0).to_string()
+    });
+    println!();
+    for c in cases {
+        let t = targets(c, ce);
+        println!(
+            "{}ms: throughput {}; ledger: {}; replies not succeeded: {}; duplicate replies: {}",
+            c.midas_latency_ms,
+            t.throughput_rule,
+            c.ledger_note,
+            c.not_succeeded,
+            c.duplicate_replies
+        );
+    }
+}
+
+pub(super) fn to_json(
+    a: &BenchArgs,
+    settings: &Settings,
+    ceil: &CeilingResult,
+    cases: &[CaseResult],
+) -> serde_json::Value {
+    let ce = ceil.msgs_per_s;
+    let cases: Vec<serde_json::Value> = cases
+        .iter()
+        .map(|c| {
+            let t = targets(c, ce);
+            let mut v = serde_json::to_value(c).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("ratio_to_ceiling".into(), json!(c.jobs_per_s / ce));
+                o.insert(
+                    "cpu_backlog_above_ceiling_us".into(),
+                    json!(c.cpu_backlog.process_us - ceil.cpu.process_us),
+                );
+                o.insert(
+                    "targets".into(),
+                    json!({
+                        "throughput": {"rule": t.throughput_rule, "min_jobs_per_s": t.throughput_min, "ok": t.throughput_ok},
+                        "steady_p99": {"max_ms": t.steady_max_ms, "ok": t.steady_ok},
+                        "peak_rss_64mb_at_100k": t.rss_ok,
+                        "exactly_once": c.ledger_ok && c.not_succeeded == 0,
+                    }),
+                );
+            }
+            v
+        })
+        .collect();
+    json!({
+        "date": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        "jobs": a.jobs,
+        "users": a.users,
+        "api": a.api,
+        "prefetch": settings.config.broker.prefetch,
+        "max_rps": a.max_rps,
+        "steady_secs": a.steady.as_secs_f64(),
+        "ceiling_msgs_per_s": ce,
+        "ceiling_elapsed_s": ceil.elapsed.as_secs_f64(),
+        "ceiling_cpu_per_msg": ceil.cpu,
+        "cpu_note": "µs of user+sys per job; process = worker + the bench's reply consumer (and its publisher in the steady phase), simulator excluded when a child process; broker = the whole local beam.smp",
+        "cases": cases,
+    })
+}
