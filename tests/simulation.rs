@@ -357,15 +357,11 @@ impl Sim {
                 self.feed(Event::Joined(job))
             }
             JobState::Failed | JobState::Unknown => {
-                let session_problem = match r.state {
-                    JobState::Failed => r.last_errcode == Some(errcode::SESSION_EXPIRED),
-                    _ => {
-                        r.uncertain
-                            && r.last_errcode.is_some_and(|c| {
-                                errcode::says_nothing_about_bill(errcode::MidasApi::V1, c)
-                            })
-                    }
-                };
+                let session_problem = midas_worker::engine::job::reopens_with_new_session_key(
+                    r.state,
+                    r.last_errcode,
+                    r.uncertain,
+                );
                 if !session_problem {
                     return Ok(());
                 }

@@ -150,6 +150,26 @@ impl Default for Context {
     }
 }
 
+/// Whether a re-sent command carrying a new session_key re-opens a final job: one
+/// that ended on a session problem — `failed` with 90010, or `unknown` because such
+/// an answer came after an unanswered call (`outcome_uncertain`). The 1.0 set of
+/// session/signature codes holds the 2.0 one, and a job only ends uncertain on its
+/// own API's codes, so the rule needs no API.
+pub fn reopens_with_new_session_key(
+    state: JobState,
+    last_errcode: Option<i64>,
+    uncertain: bool,
+) -> bool {
+    match state {
+        JobState::Failed => last_errcode == Some(errcode::SESSION_EXPIRED),
+        JobState::Unknown => {
+            uncertain
+                && last_errcode.is_some_and(|c| errcode::says_nothing_about_bill(MidasApi::V1, c))
+        }
+        JobState::Pending | JobState::Succeeded => false,
+    }
+}
+
 /// The retry schedule (capped exponential backoff with full jitter, from `backon`).
 /// `jitter` in `0.0..1.0` picks the point inside the jittered range, so the
 /// schedule is replayable from a seed.
@@ -663,5 +683,17 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_new_session_key_reopens_only_jobs_that_ended_on_a_session_problem() {
+        use JobState::*;
+        assert!(reopens_with_new_session_key(Failed, Some(90010), false));
+        assert!(!reopens_with_new_session_key(Failed, Some(90013), true));
+        assert!(!reopens_with_new_session_key(Failed, Some(90011), false));
+        assert!(reopens_with_new_session_key(Unknown, Some(90011), true));
+        assert!(!reopens_with_new_session_key(Unknown, Some(-1), true));
+        assert!(!reopens_with_new_session_key(Unknown, Some(90010), false));
+        assert!(!reopens_with_new_session_key(Succeeded, Some(90010), true));
     }
 }

@@ -230,11 +230,7 @@ impl Engine {
     }
 
     fn api_of(&self, appid: &str) -> Option<MidasApi> {
-        self.cfg
-            .apps
-            .iter()
-            .find(|(a, _)| a == appid)
-            .map(|(_, api)| *api)
+        api_of(&self.cfg, appid)
     }
 
     fn context(&self, appid: &str, newer_session_key: bool) -> Context {
@@ -447,12 +443,7 @@ impl Engine {
         let ctx = Context {
             newer_session_key: newer,
             simulated: self.cfg.simulated,
-            api: self
-                .cfg
-                .apps
-                .iter()
-                .find(|(a, _)| *a == e.job.params.appid)
-                .map_or(MidasApi::V1, |(_, api)| *api),
+            api: api_of(&self.cfg, &e.job.params.appid).unwrap_or(MidasApi::V1),
         };
         if e.target.is_some() {
             self.balance_answered(id, answer, now, jitter, out);
@@ -619,6 +610,14 @@ impl Engine {
         }
         self.sched.release(&openid, &Entries(&self.entries));
     }
+}
+
+/// The API of a configured app (`None`: the app is not configured any more).
+fn api_of(cfg: &EngineConfig, appid: &str) -> Option<MidasApi> {
+    cfg.apps
+        .iter()
+        .find(|(a, _)| a == appid)
+        .map(|(_, api)| *api)
 }
 
 fn call(e: &Entry, api: Api, balance_after_duplicate: bool) -> Action {

@@ -15,7 +15,6 @@ use super::OutboxError;
 use crate::command::{Command, Params};
 use crate::engine::job::{Job, JobState};
 use crate::metrics::METRICS;
-use crate::midas::errcode::{says_nothing_about_bill, MidasApi, SESSION_EXPIRED};
 use crate::midas::Answer;
 use crate::secret::Secret;
 
@@ -418,14 +417,8 @@ fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, OutboxError> {
     // A job that ended on a session problem is re-opened by a re-send with a new
     // session_key: failed with 90010, or unknown because such an answer came after
     // an unanswered call (outcome_uncertain).
-    let session_problem = match state {
-        JobState::Failed => last_errcode == Some(SESSION_EXPIRED),
-        // (the 1.0 set holds the 2.0 one: a job only ends uncertain on its own API's codes)
-        JobState::Unknown => {
-            uncertain && last_errcode.is_some_and(|c| says_nothing_about_bill(MidasApi::V1, c))
-        }
-        _ => false,
-    };
+    let session_problem =
+        crate::engine::job::reopens_with_new_session_key(state, last_errcode, uncertain);
     if session_problem && session_key.is_some() {
         c.prepare_cached(
             "UPDATE jobs SET state = 'pending', session_key = ?2, next_attempt_at = ?3, result = NULL, \
