@@ -282,6 +282,265 @@ if not any(v.endswith(":/var/lib/midas-worker") and v.split(":")[0] in (comp.get
     p.append("outbox is not a named volume at /var/lib/midas-worker")
 check("compose: services, healthcheck, depends_on, volume", p)
 
+# --- shared PostgreSQL outbox: deploy/k8s/postgres and compose.postgres.yaml ----------
+# The Deployment variant: interchangeable pods, no volume of their own, the outbox URL
+# from the Secret, and settings consistent with the lease rules of docs/scaling.md.
+K8S_PG = "deploy/k8s/postgres"
+
+
+def duration_s(text):
+    """A humantime-like duration ("30s", "500ms", "5m", "1h 30m") in seconds."""
+    units = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)", str(text))
+    if not parts or re.sub(r"[\d.\sa-z]", "", str(text)):
+        raise ValueError(f"not a duration: {text!r}")
+    total = 0.0
+    for n, u in parts:
+        if u not in units:
+            raise ValueError(f"unknown unit {u!r} in {text!r}")
+        total += float(n) * units[u]
+    return total
+
+
+want_kinds_pg = {
+    "deployment.yaml": "Deployment",
+    "configmap.yaml": "ConfigMap",
+    "secret.example.yaml": "Secret",
+    "service.yaml": "Service",
+    "servicemonitor.yaml": "ServiceMonitor",
+    "networkpolicy.yaml": "NetworkPolicy",
+    "kustomization.yaml": "Kustomization",
+}
+p = []
+for name, kind in want_kinds_pg.items():
+    d = doc(f"{K8S_PG}/{name}")
+    if d is None:
+        p.append(f"{name} missing or empty")
+    elif d.get("kind") != kind:
+        p.append(f"{name}: kind {d.get('kind')!r}, want {kind}")
+    elif kind != "Kustomization" and "namespace" in (d.get("metadata") or {}):
+        p.append(f"{name}: has metadata.namespace (manifests are namespace-less)")
+kust_pg = doc(f"{K8S_PG}/kustomization.yaml") or {}
+res_pg = kust_pg.get("resources") or []
+p += [f"resource {r} not found" for r in res_pg if not os.path.exists(f"{K8S_PG}/{r}")]
+p += [f"{r} not in resources" for r in ("deployment.yaml", "configmap.yaml", "service.yaml", "networkpolicy.yaml") if r not in res_pg]
+if "secret.example.yaml" in res_pg:
+    p.append("secret.example.yaml must not be a resource")
+if any(str(r).startswith("..") for r in res_pg):
+    p.append("resources outside deploy/k8s/postgres (kustomize refuses them)")
+check("k8s postgres: files, kinds, kustomization resources", p)
+
+dep = doc(f"{K8S_PG}/deployment.yaml") or {}
+dspec = dep.get("spec") or {}
+dpod = get(dspec, "template", "spec") or {}
+dcs = dpod.get("containers") or []
+dc = dcs[0] if dcs else {}
+denv = {e.get("name"): e for e in dc.get("env") or []}
+dmounts = {m.get("mountPath"): m.get("name") for m in dc.get("volumeMounts") or []}
+pg_cm_text = get(doc(f"{K8S_PG}/configmap.yaml") or {}, "data", "config.toml") or ""
+pg_cfg = None
+try:
+    import tomllib
+
+    pg_cfg = tomllib.loads(pg_cm_text)
+except ImportError:
+    print("skip k8s postgres: configmap config.toml (python < 3.11 has no tomllib)")
+except Exception as e:  # noqa: BLE001
+    fail(f"k8s postgres: configmap config.toml does not parse: {e}")
+
+p = []
+if dspec.get("replicas") != 3:
+    p.append(f"replicas {dspec.get('replicas')!r}, want 3")
+dsel = get(dspec, "selector", "matchLabels") or {}
+if not dsel or any((get(dspec, "template", "metadata", "labels") or {}).get(k) != v for k, v in dsel.items()):
+    p.append("selector does not match the pod labels")
+if "volumeClaimTemplates" in dspec or any("persistentVolumeClaim" in v for v in dpod.get("volumes") or []):
+    p.append("a worker with a PostgreSQL outbox has no volume of its own")
+if "/var/lib/midas-worker" in dmounts:
+    p.append("/var/lib/midas-worker mounted (the outbox is in PostgreSQL)")
+pg_cfg_vols = [v for v in dpod.get("volumes") or [] if get(v, "configMap", "name") == get(doc(f"{K8S_PG}/configmap.yaml") or {}, "metadata", "name")]
+if not pg_cfg_vols or dmounts.get("/etc/midas-worker") != pg_cfg_vols[0].get("name"):
+    p.append("/etc/midas-worker is not this directory's ConfigMap")
+if get(doc(f"{K8S_PG}/configmap.yaml") or {}, "metadata", "name") == get(doc(f"{K8S}/configmap.yaml") or {}, "metadata", "name"):
+    p.append("the ConfigMap has the SQLite variant's name (applying one would overwrite the other)")
+grace = dpod.get("terminationGracePeriodSeconds")
+if pg_cfg is not None:
+    try:
+        rt = duration_s(get(pg_cfg, "midas", "request_timeout") or "5s")
+        if not isinstance(grace, int) or grace < rt + 15:
+            p.append(f"terminationGracePeriodSeconds {grace!r} < midas.request_timeout ({rt:g} s) + 15")
+    except ValueError as e:
+        p.append(str(e))
+elif not isinstance(grace, int) or grace < 20:
+    p.append(f"terminationGracePeriodSeconds {grace!r} < 20")
+check("k8s postgres: deployment replicas, no volume, config, grace period", p)
+
+p = []
+for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    g = get(dc, probe, "httpGet") or {}
+    port = g.get("port")
+    ports = {pp.get("name"): pp.get("containerPort") for pp in dc.get("ports") or []}
+    if g.get("path") != path:
+        p.append(f"{probe} path {g.get('path')!r}, want {path}")
+    if port != 9464 and ports.get(port) != 9464:
+        p.append(f"{probe} port {port!r} is not 9464")
+dpsc = dpod.get("securityContext") or {}
+dcsc = dc.get("securityContext") or {}
+if not (dpsc.get("runAsNonRoot") or dcsc.get("runAsNonRoot")):
+    p.append("runAsNonRoot not set")
+if dcsc.get("readOnlyRootFilesystem") is not True:
+    p.append("readOnlyRootFilesystem not true")
+if dcsc.get("allowPrivilegeEscalation") is not False:
+    p.append("allowPrivilegeEscalation not false")
+if "ALL" not in (get(dcsc, "capabilities", "drop") or []):
+    p.append("capabilities not dropped")
+check("k8s postgres: probes /healthz and /readyz on 9464, securityContext", p)
+
+p = []
+for key in ("MIDAS_APP_KEY", "WECHAT_APP_SECRET", "MIDAS_WORKER__BROKER__URL", "MIDAS_WORKER__OUTBOX__URL"):
+    ref = get(denv.get(key) or {}, "valueFrom", "secretKeyRef") or {}
+    if ref.get("name") != "midas-worker-secrets" or ref.get("key") != key:
+        p.append(f"{key} not from secret midas-worker-secrets")
+if "MIDAS_WORKER__OUTBOX__PATH" in denv:
+    p.append("sets MIDAS_WORKER__OUTBOX__PATH (the outbox is outbox.url)")
+if get(denv.get("MIDAS_WORKER__MIDAS__ENVIRONMENT") or {}, "value") != "production":
+    p.append("MIDAS_WORKER__MIDAS__ENVIRONMENT != production")
+if get(denv.get("MIDAS_WORKER_REQUIRE_ENVIRONMENT") or {}, "value") != "1":
+    p.append("MIDAS_WORKER_REQUIRE_ENVIRONMENT != 1")
+dann = get(dspec, "template", "metadata", "annotations") or {}
+if dann.get("prometheus.io/scrape") != "true" or dann.get("prometheus.io/port") != "9464":
+    p.append("prometheus.io scrape annotations missing")
+pg_secret = doc(f"{K8S_PG}/secret.example.yaml") or {}
+pg_skeys = set((pg_secret.get("stringData") or {}) | (pg_secret.get("data") or {}))
+drefs = {get(e, "valueFrom", "secretKeyRef", "key") for e in dc.get("env") or []} - {None}
+if drefs - pg_skeys:
+    p.append(f"secret.example.yaml lacks keys {sorted(drefs - pg_skeys)}")
+if get(pg_secret, "metadata", "name") != "midas-worker-secrets":
+    p.append("secret.example.yaml is not midas-worker-secrets")
+if not str((pg_secret.get("stringData") or {}).get("MIDAS_WORKER__OUTBOX__URL", "")).startswith("postgres://"):
+    p.append("example MIDAS_WORKER__OUTBOX__URL is not a postgres:// URL")
+check("k8s postgres: env, outbox URL and secrets, scrape annotations", p)
+
+p = []
+pg_svc = doc(f"{K8S_PG}/service.yaml") or {}
+if get(pg_svc, "spec") != get(doc(f"{K8S}/service.yaml") or {}, "spec") or \
+        get(pg_svc, "metadata", "name") != get(doc(f"{K8S}/service.yaml") or {}, "metadata", "name"):
+    p.append("service.yaml differs from deploy/k8s/service.yaml (applying one variant after the other would fail or change it)")
+pg_sel = get(pg_svc, "spec", "selector") or {}
+dlabels = get(dspec, "template", "metadata", "labels") or {}
+if not pg_sel or any(dlabels.get(k) != v for k, v in pg_sel.items()):
+    p.append("service selector does not match the pod labels")
+pg_sm = doc(f"{K8S_PG}/servicemonitor.yaml") or {}
+pg_svc_ports = {pp.get("name") for pp in get(pg_svc, "spec", "ports") or []}
+for ep in get(pg_sm, "spec", "endpoints") or [{}]:
+    if ep.get("port") not in pg_svc_ports:
+        p.append(f"servicemonitor port {ep.get('port')!r} not a service port")
+pg_sm_sel = get(pg_sm, "spec", "selector", "matchLabels") or {}
+if not pg_sm_sel or any((get(pg_svc, "metadata", "labels") or {}).get(k) != v for k, v in pg_sm_sel.items()):
+    p.append("servicemonitor selector does not match the service labels")
+pg_np = doc(f"{K8S_PG}/networkpolicy.yaml") or {}
+np_ports = {pp.get("port") for r in get(pg_np, "spec", "egress") or [] for pp in r.get("ports") or []}
+for port in (5432, 5672, 443, 53):
+    if port not in np_ports:
+        p.append(f"networkpolicy egress lacks port {port}")
+np_sel = get(pg_np, "spec", "podSelector", "matchLabels") or {}
+if not np_sel or any(dlabels.get(k) != v for k, v in np_sel.items()):
+    p.append("networkpolicy does not select the pods")
+check("k8s postgres: service, servicemonitor, networkpolicy (egress to 5432)", p)
+
+# The ConfigMap: known keys only (the repo's config.toml, plus outbox.url and
+# outbox.lease), an outbox.url without a password (that comes from the Secret), no
+# outbox.path, and a lease long enough that a call never waits for a renewal: a
+# lease is renewed every lease/3, so at least 2/3 of it is always left, and a call
+# starts only when what is left exceeds midas.request_timeout + 5 s.
+if pg_cfg is not None:
+    p = []
+    try:
+        repo_cfg = tomllib.load(open("config.toml", "rb"))
+
+        def cfg_keys(t, prefix=""):
+            out = set()
+            for k, v in t.items():
+                if isinstance(v, dict):
+                    out |= cfg_keys(v, f"{prefix}{k}.")
+                elif isinstance(v, list) and v and isinstance(v[0], dict):
+                    for item in v:
+                        out |= cfg_keys(item, f"{prefix}{k}[].")
+                else:
+                    out.add(prefix + k)
+            return out
+
+        extra = cfg_keys(pg_cfg) - cfg_keys(repo_cfg) - {"outbox.url", "outbox.lease"}
+        if extra:
+            p.append(f"keys not in config.toml: {sorted(extra)}")
+        url = str(get(pg_cfg, "outbox", "url") or "")
+        if not re.match(r"^postgres(ql)?://", url):
+            p.append("outbox.url is not a postgres:// URL")
+        if re.match(r"^[a-z]+://[^/@]*:[^/@]*@", url):
+            p.append("outbox.url carries a password (put it in the Secret)")
+        if "path" in (pg_cfg.get("outbox") or {}):
+            p.append("outbox.path is set (the outbox is outbox.url)")
+        if not str(get(pg_cfg, "http", "listen") or "").startswith("0.0.0.0:9464"):
+            p.append("http.listen is not 0.0.0.0:9464")
+        lease = duration_s(get(pg_cfg, "outbox", "lease") or "30s")
+        rt = duration_s(get(pg_cfg, "midas", "request_timeout") or "5s")
+        if lease * 2 / 3 < rt + 5:
+            p.append(f"outbox.lease {lease:g} s: 2/3 of it is less than midas.request_timeout ({rt:g} s) + 5 s")
+        rps = get(pg_cfg, "midas", "max_rps")
+        if isinstance(rps, int) and isinstance(dspec.get("replicas"), int) and rps * dspec["replicas"] > 500:
+            p.append(f"max_rps {rps} x {dspec['replicas']} replicas exceeds the 500 req/s budget the SQLite variant assumes")
+    except Exception as e:  # noqa: BLE001
+        p.append(str(e))
+    check("k8s postgres: configmap config.toml keys, outbox.url, lease vs request_timeout", p)
+
+# compose.postgres.yaml: RabbitMQ, PostgreSQL 16 (healthcheck, named volume), and
+# replicated workers on the shared outbox; every published port on 127.0.0.1.
+cpg = doc("deploy/compose.postgres.yaml") or {}
+csvcs = cpg.get("services") or {}
+p = []
+crmq, cpgs, cw = csvcs.get("rabbitmq") or {}, csvcs.get("postgres") or {}, csvcs.get("worker") or {}
+if not str(crmq.get("image", "")).startswith("rabbitmq:3.13-management"):
+    p.append("rabbitmq image is not rabbitmq:3.13-management")
+if "rabbitmq-diagnostics" not in " ".join(map(str, get(crmq, "healthcheck", "test") or [])):
+    p.append("rabbitmq healthcheck missing")
+if not re.match(r"^postgres:16(\.|-|$)", str(cpgs.get("image", ""))):
+    p.append("postgres image is not postgres:16")
+if "pg_isready" not in " ".join(map(str, get(cpgs, "healthcheck", "test") or [])):
+    p.append("postgres healthcheck (pg_isready) missing")
+pvols = [str(v) for v in cpgs.get("volumes") or []]
+if not any(v.endswith(":/var/lib/postgresql/data") and v.split(":")[0] in (cpg.get("volumes") or {}) for v in pvols):
+    p.append("postgres data is not a named volume at /var/lib/postgresql/data")
+if get(cw, "build", "dockerfile") != "deploy/Dockerfile" or get(cw, "build", "context") != "..":
+    p.append("worker is not built from deploy/Dockerfile with context ..")
+if not isinstance(get(cw, "deploy", "replicas"), int) or get(cw, "deploy", "replicas") < 2:
+    p.append("worker deploy.replicas is not >= 2")
+for dep_name in ("rabbitmq", "postgres"):
+    if get(cw, "depends_on", dep_name, "condition") != "service_healthy":
+        p.append(f"worker does not wait for {dep_name} healthy")
+cwenv = cw.get("environment") or {}
+if isinstance(cwenv, list):
+    cwenv = dict(e.split("=", 1) for e in cwenv)
+if "@rabbitmq:5672" not in str(cwenv.get("MIDAS_WORKER__BROKER__URL", "")):
+    p.append("MIDAS_WORKER__BROKER__URL does not point at rabbitmq")
+if not re.match(r"^postgres(ql)?://[^/]*@postgres:5432/", str(cwenv.get("MIDAS_WORKER__OUTBOX__URL", ""))):
+    p.append("MIDAS_WORKER__OUTBOX__URL does not point at the postgres service")
+if "MIDAS_WORKER__OUTBOX__PATH" in cwenv:
+    p.append("worker sets MIDAS_WORKER__OUTBOX__PATH (the outbox is outbox.url)")
+if str(cwenv.get("MIDAS_WORKER__MIDAS__ENVIRONMENT", "")) not in ("simulator", "sandbox", "production"):
+    p.append("worker does not set MIDAS_WORKER__MIDAS__ENVIRONMENT")
+if "container_name" in cw:
+    p.append("worker has container_name (replicas need distinct names)")
+for name, svc in csvcs.items():
+    for port in (svc or {}).get("ports") or []:
+        text = port if isinstance(port, str) else str((port or {}).get("host_ip", "")) + ":"
+        if not str(text).startswith("127.0.0.1:"):
+            p.append(f"{name} publishes {port!r} beyond 127.0.0.1")
+wports = [str(x) for x in cw.get("ports") or []]
+m = re.match(r"^127\.0\.0\.1:(\d+)-(\d+):9464$", wports[0]) if len(wports) == 1 else None
+if wports and not (m and int(m.group(2)) - int(m.group(1)) + 1 >= (get(cw, "deploy", "replicas") or 0)):
+    p.append("worker ports: want one host port range 127.0.0.1:A-B:9464 with a port per replica")
+check("compose.postgres: rabbitmq, postgres 16, replicated workers on the shared outbox, ports", p)
+
 # --- Dockerfile (text checks; no engine needed) ---------------------------------------
 p = []
 df = open("deploy/Dockerfile").read()
@@ -458,13 +717,15 @@ py_status=$?   # the number of failed checks (or 1 if python itself crashed)
 fails=$((fails + py_status))
 
 # ---------------------------------------------------------------- kustomize build
-if command -v kubectl >/dev/null 2>&1 && out=$(kubectl kustomize deploy/k8s 2>&1); then
-  ok "kubectl kustomize deploy/k8s ($(grep -c '^kind:' <<<"$out") objects)"
-elif command -v kubectl >/dev/null 2>&1; then
-  fail "kubectl kustomize deploy/k8s: $(head -n1 <<<"$out")"
-else
-  skip "kubectl kustomize deploy/k8s (kubectl not installed)"
-fi
+for kdir in deploy/k8s deploy/k8s/postgres; do
+  if command -v kubectl >/dev/null 2>&1 && out=$(kubectl kustomize "$kdir" 2>&1); then
+    ok "kubectl kustomize $kdir ($(grep -c '^kind:' <<<"$out") objects)"
+  elif command -v kubectl >/dev/null 2>&1; then
+    fail "kubectl kustomize $kdir: $(head -n1 <<<"$out")"
+  else
+    skip "kubectl kustomize $kdir (kubectl not installed)"
+  fi
+done
 
 # ---------------------------------------------------------------- docker compose config
 compose=()
@@ -473,15 +734,17 @@ if docker compose version >/dev/null 2>&1; then
 elif command -v docker-compose >/dev/null 2>&1 && docker-compose version >/dev/null 2>&1; then
   compose=(docker-compose)
 fi
-if [ ${#compose[@]} -eq 0 ]; then
-  skip "docker compose config (neither 'docker compose' nor docker-compose available)"
-elif out=$("${compose[@]}" -f deploy/compose.yaml config -q 2>&1); then
-  ok "${compose[*]} -f deploy/compose.yaml config -q"
-elif grep -qiE 'cannot connect to the docker daemon|docker daemon|connection refused|permission denied.*docker.sock' <<<"$out"; then
-  skip "${compose[*]} config (needs a Docker engine here: $(head -n1 <<<"$out"))"
-else
-  fail "${compose[*]} -f deploy/compose.yaml config -q: $(tr -s '\n' ' ' <<<"$out" | cut -c1-300)"
-fi
+for cfile in deploy/compose.yaml deploy/compose.postgres.yaml; do
+  if [ ${#compose[@]} -eq 0 ]; then
+    skip "docker compose config $cfile (neither 'docker compose' nor docker-compose available)"
+  elif out=$("${compose[@]}" -f "$cfile" config -q 2>&1); then
+    ok "${compose[*]} -f $cfile config -q"
+  elif grep -qiE 'cannot connect to the docker daemon|docker daemon|connection refused|permission denied.*docker.sock' <<<"$out"; then
+    skip "${compose[*]} config $cfile (needs a Docker engine here: $(head -n1 <<<"$out"))"
+  else
+    fail "${compose[*]} -f $cfile config -q: $(tr -s '\n' ' ' <<<"$out" | cut -c1-300)"
+  fi
+done
 
 # ---------------------------------------------------------------- systemd unit
 # verify complains that /usr/local/bin/midas-worker does not exist on a build

@@ -24,7 +24,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::{Secret, SecretUrl};
 
-pub use checks::{broker_is_loopback, run_preflight, unavailable};
+pub use checks::{broker_is_loopback, run_preflight, unavailable, LEASE_CALL_MARGIN};
 pub use dur::{fmt_duration, Dur};
 pub use overrides::{Provenance, Source, MAX_ENV_INDEX};
 
@@ -142,11 +142,13 @@ pub struct BrokerConfig {
 pub struct OutboxConfig {
     #[serde(default = "d_outbox_path")]
     pub path: PathBuf,
-    /// `postgres://…` (instead of `path`): a shared outbox for several workers. Not
-    /// available in this release: the key is known (and masked) so that setting it
-    /// stops start-up with a clear line instead of an "unknown key".
+    /// `postgres://…` (instead of `path`): a shared outbox for several workers.
     #[serde(default)]
     pub url: Option<SecretUrl>,
+    /// Shared outbox: how long a worker holds a player without renewing. A worker
+    /// that dies or is cut off from PostgreSQL loses its players after this long.
+    #[serde(default = "d_lease")]
+    pub lease: Dur,
     #[serde(default = "d_retention")]
     pub retention: Dur,
     /// Disk budget for the outbox database file, in MiB (`PRAGMA max_page_count`).
@@ -215,6 +217,9 @@ fn d_max_command_bytes() -> usize {
 }
 fn d_outbox_path() -> PathBuf {
     PathBuf::from("data/outbox.sqlite")
+}
+fn d_lease() -> Dur {
+    Dur(Duration::from_secs(30))
 }
 fn d_retention() -> Dur {
     Dur(Duration::from_secs(90 * 86_400))

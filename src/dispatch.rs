@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use crate::broker::publisher::Publisher;
@@ -24,7 +24,7 @@ use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
 use crate::metrics::METRICS;
 use crate::midas::{Answer, Api, Body, MidasClient, OutcomeClass};
 use crate::outbox::writer::Record;
-use crate::outbox::{query, OutboxError, OutgoingReply, Writer};
+use crate::outbox::{query, Outbox, OutboxError, OutgoingReply};
 
 /// Messages to the dispatcher.
 #[derive(Debug)]
@@ -39,11 +39,19 @@ pub enum DispatchMsg {
     Balance(Box<BalanceCmd>),
     /// An operator re-opened jobs: load pending jobs re-opened by actions after this id.
     Reload { after_action: i64 },
+    /// Shared outbox: pending jobs of players this worker now holds.
+    Claimed(Vec<Job>),
+    /// Shared outbox: players whose lease this worker lost.
+    PlayersLost(Vec<(String, String)>),
+    /// Shared outbox: the players the engine holds and how many more jobs it may take.
+    Snapshot(oneshot::Sender<(Vec<(String, String)>, usize)>),
 }
 
 pub struct Dispatcher {
     settings: Arc<Settings>,
-    writer: Writer,
+    writer: Outbox,
+    /// Shared outbox: players to give back after a fenced write.
+    release: Option<mpsc::UnboundedSender<(String, String)>>,
     publisher: Publisher,
     midas: Arc<MidasClient>,
     db_path: std::path::PathBuf,
@@ -119,15 +127,17 @@ fn event(id: i64, balance: bool, answer: Answer) -> Event {
 impl Dispatcher {
     pub fn new(
         settings: Arc<Settings>,
-        writer: Writer,
+        writer: Outbox,
         publisher: Publisher,
         midas: Arc<MidasClient>,
         stop: watch::Receiver<bool>,
+        release: Option<mpsc::UnboundedSender<(String, String)>>,
     ) -> Dispatcher {
         let db_path = settings.config.outbox.path.clone();
         Dispatcher {
             settings,
             writer,
+            release,
             publisher,
             midas,
             db_path,
@@ -151,7 +161,13 @@ impl Dispatcher {
         let mut engine = Engine::new(engine_config(&self.settings), rand::random());
         let (tx, mut events) = mpsc::unbounded_channel::<Event>();
         let mut actions = Vec::new();
-        match self.load(None).await {
+        // a shared outbox: jobs come from the lease coordinator, player by player
+        let startup = if self.writer.is_shared() {
+            Ok(Vec::new())
+        } else {
+            self.load(None).await
+        };
+        match startup {
             Ok(jobs) => {
                 if !jobs.is_empty() {
                     tracing::info!(jobs = jobs.len(), "resuming non-final jobs from the outbox");
@@ -185,9 +201,18 @@ impl Dispatcher {
                     Some(DispatchMsg::Reopened(j)) => engine.handle(Event::Reopened(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Rejoin(j)) => engine.handle(Event::Joined(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Balance(b)) => engine.handle(Event::Balance(b), now_ms(), &mut actions),
+                    Some(DispatchMsg::Claimed(jobs)) => engine.handle(Event::Claimed(jobs), now_ms(), &mut actions),
+                    Some(DispatchMsg::PlayersLost(p)) => engine.handle(Event::PlayersLost(p), now_ms(), &mut actions),
+                    Some(DispatchMsg::Snapshot(tx)) => {
+                        let room = crate::worker::max_held(&self.settings).saturating_sub(engine.held());
+                        let _ = tx.send((engine.players(), room));
+                    }
                     None => break,
                 },
-                Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
+                Some(ev) = events.recv() => {
+                    self.give_back(&engine, &ev);
+                    engine.handle(ev, now_ms(), &mut actions)
+                }
                 _ = tokio::time::sleep(sleep_for) => engine.poll(now_ms(), &mut actions),
             }
         }
@@ -201,6 +226,7 @@ impl Dispatcher {
         while engine.busy() > 0 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(ev)) => {
+                    self.give_back(&engine, &ev);
                     engine.handle(ev, now_ms(), &mut actions);
                     self.perform(&mut actions, &tx);
                 }
@@ -208,6 +234,16 @@ impl Dispatcher {
                     tracing::warn!(under_way = engine.busy(), "steps did not finish in time; they resume at the next start with the same bill_no");
                     break;
                 }
+            }
+        }
+    }
+
+    /// A fenced write: the player goes back to the outbox for whoever holds it.
+    fn give_back(&self, engine: &Engine, ev: &Event) {
+        if let (Event::LeaseLost(id), Some(release)) = (ev, &self.release) {
+            if let Some(player) = engine.player_of(*id) {
+                tracing::warn!(appid = %player.0, openid = %player.1, "lease on the player lost; its jobs go to the worker holding it");
+                let _ = release.send(player);
             }
         }
     }
@@ -288,12 +324,15 @@ impl Dispatcher {
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
-            if write_until_done(|| writer.mark_calls(marks.clone()), stop)
-                .await
-                .is_some()
+            if let WriteEnd::Done(lost) =
+                write_until_done(|| writer.mark_calls(marks.clone()), stop).await
             {
                 for id in ids {
-                    let _ = tx.send(Event::Marked(id));
+                    let _ = tx.send(if lost.contains(&id) {
+                        Event::LeaseLost(id)
+                    } else {
+                        Event::Marked(id)
+                    });
                 }
             }
         });
@@ -305,11 +344,17 @@ impl Dispatcher {
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let id = record.job_id;
-            if let Some(replies) = write_until_done(|| writer.record(record.clone()), stop).await {
-                for r in replies {
-                    publisher.send(r);
+            match write_until_done(|| writer.record(record.clone()), stop).await {
+                WriteEnd::Done(replies) => {
+                    for r in replies {
+                        publisher.send(r);
+                    }
+                    let _ = tx.send(Event::Recorded(id));
                 }
-                let _ = tx.send(Event::Recorded(id));
+                WriteEnd::Fenced => {
+                    let _ = tx.send(Event::LeaseLost(id));
+                }
+                WriteEnd::Abandoned => {}
             }
         });
     }
@@ -329,10 +374,20 @@ fn log_answer(a: &Answer) {
     }
 }
 
-/// Retry an outbox write until it lands. `None` when the writer is gone, or when a
-/// write fails while the process is stopping: the job resumes from the outbox at
+/// How a retried write ended.
+enum WriteEnd<T> {
+    Done(T),
+    /// A shared outbox refused it: another worker holds the job's player now.
+    Fenced,
+    /// The writer is gone, or the write failed while stopping: the job resumes
+    /// from the outbox (at the next start, or on whichever worker holds it).
+    Abandoned,
+}
+
+/// Retry an outbox write until it lands. Given up when the writer is gone, or when
+/// a write fails while the process is stopping: the job resumes from the outbox at
 /// the next start (with the same bill_no), and the writer is free to stop.
-async fn write_until_done<T, F, Fut>(mut f: F, mut stop: watch::Receiver<bool>) -> Option<T>
+async fn write_until_done<T, F, Fut>(mut f: F, mut stop: watch::Receiver<bool>) -> WriteEnd<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, OutboxError>>,
@@ -341,14 +396,15 @@ where
     let mut tries = 0u32;
     loop {
         match f().await {
-            Ok(v) => return Some(v),
+            Ok(v) => return WriteEnd::Done(v),
+            Err(OutboxError::LeaseLost) => return WriteEnd::Fenced,
             Err(OutboxError::WriterGone) => {
                 tracing::error!("outbox writer gone; the job resumes at the next start");
-                return None;
+                return WriteEnd::Abandoned;
             }
             Err(e) if *stop.borrow() => {
                 tracing::error!(error = %e, "cannot write to the outbox while shutting down; the job resumes at the next start with the same bill_no");
-                return None;
+                return WriteEnd::Abandoned;
             }
             Err(e) => {
                 tries += 1;

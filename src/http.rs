@@ -14,7 +14,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,7 +31,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics::{GaugeCache, Health, METRICS};
-use crate::outbox::Writer;
+use crate::outbox::{Location, Outbox};
 
 /// Connections served at once; more wait to be accepted.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -47,14 +46,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct AppState {
-    writer: Writer,
-    db: PathBuf,
+    writer: Outbox,
+    db: Location,
     health: Health,
     gauges: Arc<GaugeCache>,
 }
 
 /// The routes for one worker: `health` is that worker's readiness, `db` its outbox.
-pub fn router(writer: Writer, db: PathBuf, health: Health) -> Router {
+pub fn router(writer: Outbox, db: Location, health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -71,8 +70,8 @@ pub fn router(writer: Writer, db: PathBuf, health: Health) -> Router {
 /// Serve on `addr` until `shutdown`. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
-    writer: Writer,
-    db: PathBuf,
+    writer: Outbox,
+    db: Location,
     health: Health,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {

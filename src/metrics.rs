@@ -147,7 +147,7 @@ struct Read {
 impl GaugeCache {
     /// The gauges, read from the outbox at `db` when the last read is older than
     /// [`GAUGE_TTL`]. An unreadable outbox gives zeros (and is read again next time).
-    pub async fn snapshot(&self, db: &Path) -> Snapshot {
+    pub async fn snapshot(&self, at: &crate::outbox::Location) -> Snapshot {
         let mut last = self.last.lock().await;
         let fresh = last
             .as_ref()
@@ -156,11 +156,25 @@ impl GaugeCache {
         let read = match fresh {
             Some(r) => r,
             None => {
-                let db = db.to_path_buf();
-                let r = tokio::task::spawn_blocking(move || read_gauges(&db))
-                    .await
-                    .ok()
-                    .flatten();
+                let r = match at {
+                    crate::outbox::Location::Sqlite(db) => {
+                        let db = db.clone();
+                        tokio::task::spawn_blocking(move || read_gauges(&db))
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                    crate::outbox::Location::Postgres(url) => {
+                        crate::outbox::postgres::coord::gauges_at(url)
+                            .await
+                            .ok()
+                            .map(|g| Read {
+                                jobs_by_state: g.by_state,
+                                oldest_pending_ms: g.oldest_pending_ms,
+                                replies_pending: g.replies_pending,
+                            })
+                    }
+                };
                 self.reads.fetch_add(1, Ordering::Relaxed);
                 *last = r.clone().map(|r| (Instant::now(), r));
                 r.unwrap_or_default()

@@ -20,7 +20,9 @@ use crate::config::{Environment, Settings};
 use crate::dispatch::{DispatchMsg, Dispatcher};
 use crate::metrics::Health;
 use crate::midas::MidasClient;
-use crate::outbox::{query, Writer};
+use crate::outbox::postgres::coord::Coordinator;
+use crate::outbox::postgres::writer::{Fence, PgWriter};
+use crate::outbox::{query, Location, Outbox, Writer};
 use crate::sim::{SimApp, SimHandle, Simulator};
 
 /// How often unconfirmed replies and operator actions are looked for.
@@ -95,10 +97,26 @@ pub async fn start(
     settings: Arc<Settings>,
     midas_url: Option<String>,
 ) -> Result<Running, WorkerError> {
-    let (writer, writer_thread) = Writer::start(
-        &settings.config.outbox.path,
-        settings.config.outbox.max_size_mb,
-    )?;
+    let location = Location::of(&settings.config.outbox);
+    let (writer, closer, coord) = match &location {
+        Location::Sqlite(path) => {
+            let (w, thread) = Writer::start(path, settings.config.outbox.max_size_mb)?;
+            (Outbox::Sqlite(w), Closer::Thread(thread), None)
+        }
+        Location::Postgres(url) => {
+            let fence = Fence {
+                me: crate::outbox::postgres::worker_name().into(),
+                lease_ms: millis(settings.config.outbox.lease.0),
+                call_ms: millis(
+                    settings.config.midas.request_timeout.0 + crate::config::LEASE_CALL_MARGIN,
+                ),
+            };
+            tracing::info!(worker = %fence.me, "shared PostgreSQL outbox: jobs run under player leases");
+            let (w, task) = PgWriter::start(url.clone(), fence.clone()).await?;
+            let coord = Coordinator::new(url.clone(), fence);
+            (Outbox::Postgres(w), Closer::Task(task), Some(coord))
+        }
+    };
     let mut sim = None;
     let midas_url = match midas_url {
         Some(u) => u,
@@ -120,16 +138,22 @@ pub async fn start(
 
     // Operator re-opens are noticed by the relay from this action on; reading it
     // before the dispatcher's start-up load means none falls between the two.
-    let first_action = {
-        let c = crate::outbox::open_ro(&settings.config.outbox.path)?;
-        query::last_operator_action(&c)?
+    let first_action = match &location {
+        Location::Sqlite(path) => {
+            let c = crate::outbox::open_ro(path)?;
+            query::last_operator_action(&c)?
+        }
+        // a shared outbox: re-opened jobs are found by the lease coordinator
+        Location::Postgres(_) => 0,
     };
+    let (give_back_tx, give_back) = mpsc::unbounded_channel();
     let dispatcher = Dispatcher::new(
         settings.clone(),
         writer.clone(),
         pub_handle.clone(),
         midas.clone(),
         shutdown.clone(),
+        coord.is_some().then_some(give_back_tx),
     );
     let held = dispatcher.held();
     let dispatcher = tokio::spawn(dispatcher.run(drx, shutdown.clone()));
@@ -158,20 +182,43 @@ pub async fn start(
         health.clone(),
     ));
 
-    let relay = tokio::spawn(relay_loop(
-        settings.config.outbox.path.clone(),
-        pub_handle,
-        dtx,
-        shutdown.clone(),
-        first_action,
-        health.clone(),
-    ));
+    let (shutdown_rx_for_relay, relay_health) = (shutdown.clone(), health.clone());
+    let lease = settings.config.outbox.lease.0;
+    let relay_path = settings_path(&location);
+    let relay = match coord {
+        None => tokio::spawn(async move {
+            relay_loop(
+                relay_path,
+                pub_handle,
+                dtx,
+                shutdown_rx_for_relay,
+                first_action,
+                relay_health,
+            )
+            .await;
+            None
+        }),
+        Some(coord) => tokio::spawn(async move {
+            Some(
+                crate::coordinate::run(
+                    coord,
+                    lease,
+                    dtx,
+                    give_back,
+                    pub_handle,
+                    relay_health,
+                    shutdown_rx_for_relay,
+                )
+                .await,
+            )
+        }),
+    };
 
     let http_addr = settings.config.http.listen;
     let (http_addr, http) = crate::http::serve(
         http_addr,
         writer.clone(),
-        settings.config.outbox.path.clone(),
+        location.clone(),
         health,
         shutdown.clone(),
     )
@@ -180,7 +227,7 @@ pub async fn start(
         addr: http_addr,
         source,
     })?;
-    tracing::info!(http = %http_addr, outbox = %settings.config.outbox.path.display(), "worker started");
+    tracing::info!(http = %http_addr, outbox = %location.describe(), "worker started");
 
     let done = tokio::spawn(async move {
         let mut s = shutdown;
@@ -191,7 +238,7 @@ pub async fn start(
         }
         // 1. intake stops on `shutdown`; 2. the dispatcher finishes in-flight calls
         let _ = dispatcher.await;
-        let _ = relay.await;
+        let coord = relay.await.ok().flatten();
         // 3. publish what those calls produced, then stop the broker side; a broker
         // that does not answer is not waited for (unconfirmed replies are relayed
         // from the outbox at the next start)
@@ -205,7 +252,23 @@ pub async fn start(
         // 4. flush the writer: every earlier request is committed when this returns
         let _ = writer.flush().await;
         drop(writer);
-        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        match closer {
+            Closer::Thread(t) => {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+            Closer::Task(t) => {
+                let _ = t.await;
+            }
+        }
+        // 5. a shared outbox: give the players back so other workers take them now
+        if let Some(mut c) = coord {
+            match tokio::time::timeout(Duration::from_secs(5), c.release_all()).await {
+                Ok(Ok(())) => tracing::info!("player leases given back"),
+                _ => tracing::warn!(
+                    "could not give the player leases back; they run out after outbox.lease"
+                ),
+            }
+        }
     });
     Ok(Running {
         http_addr,
@@ -214,6 +277,23 @@ pub async fn start(
         done,
         _sim: sim,
     })
+}
+
+/// How the outbox writer is stopped.
+enum Closer {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn settings_path(l: &Location) -> std::path::PathBuf {
+    match l {
+        Location::Sqlite(p) => p.clone(),
+        Location::Postgres(_) => std::path::PathBuf::new(),
+    }
 }
 
 /// Intake pauses while the dispatcher holds this many non-final jobs: a backlog

@@ -28,7 +28,7 @@ use crate::dispatch::DispatchMsg;
 use crate::engine::BalanceCmd;
 use crate::metrics::METRICS;
 use crate::midas::MidasClient;
-use crate::outbox::{Intake, IntakeOutcome, OutgoingReply, Writer};
+use crate::outbox::{Intake, IntakeOutcome, Outbox, OutgoingReply};
 
 /// How often a paused intake looks whether the dispatcher caught up.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
@@ -40,7 +40,7 @@ const STORAGE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct IntakeCtx {
     pub settings: Arc<Settings>,
-    pub writer: Writer,
+    pub writer: Outbox,
     pub dispatcher: mpsc::UnboundedSender<DispatchMsg>,
     pub publisher: Publisher,
     pub midas: Arc<MidasClient>,
@@ -259,6 +259,11 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
                 ctx.publisher.send(r);
             }
             Disposition::Ack(pending.map(DispatchMsg::Rejoin))
+        }
+        Ok(IntakeOutcome::Elsewhere { .. }) => {
+            // durable; the worker holding this player runs it
+            METRICS.command(op.as_str(), "accepted");
+            Disposition::Ack(None)
         }
         Ok(IntakeOutcome::Conflict { .. }) => {
             METRICS.command(op.as_str(), "conflict");

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::BrokerError;
 use crate::command::now_ms;
 use crate::metrics::METRICS;
-use crate::outbox::{OutgoingReply, Writer};
+use crate::outbox::{Outbox, OutgoingReply};
 
 /// A reply published and awaiting its confirm (or its mark) longer than this is
 /// sent again by the relay (a duplicate is harmless: replies are identical; a lost
@@ -191,7 +191,7 @@ impl PublisherQueue {
     pub async fn run(
         &mut self,
         ch: &Channel,
-        writer: &Writer,
+        writer: &Outbox,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), BrokerError> {
         // A session ends by being dropped when the consumer side fails first, so
@@ -210,7 +210,7 @@ impl PublisherQueue {
     async fn run_inner(
         &mut self,
         ch: &Channel,
-        writer: &Writer,
+        writer: &Outbox,
         stop: &mut watch::Receiver<bool>,
         confirms: &mut FuturesUnordered<Pending>,
     ) -> Result<(), BrokerError> {

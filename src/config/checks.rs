@@ -133,14 +133,27 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Features a config may name that this release does not have: stop with one line.
+/// The margin a player's lease must still have beyond `midas.request_timeout`
+/// when a call starts (shared outbox).
+pub const LEASE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Settings that cannot work together at run time. A shared outbox's lease is
+/// renewed every lease / 3, so what is left of it after a missed renewal (2/3 of
+/// it) must still cover a call: lease ≥ 1.5 × (request_timeout + 5 s).
 pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
-    if s.config.outbox.url.is_some() {
-        return Err(invalid(
-            "outbox.url",
-            "the PostgreSQL outbox is not available in this release; remove outbox.url \
-             (and MIDAS_WORKER__OUTBOX__URL) to use the SQLite file at outbox.path",
-        ));
+    let c = &s.config;
+    if c.outbox.url.is_some() {
+        let need = (c.midas.request_timeout.0 + LEASE_CALL_MARGIN) * 3 / 2;
+        if c.outbox.lease.0 < need {
+            return Err(invalid(
+                "outbox.lease",
+                format!(
+                    "must be at least 1.5 × (midas.request_timeout + 5s) = {}s, so a call \
+                     always fits inside a renewed lease",
+                    need.as_secs_f64().ceil()
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -405,13 +405,21 @@ fn a_url_under_the_wrong_key_is_masked_in_the_error() {
 }
 
 #[test]
-fn the_postgres_outbox_stops_start_up_with_one_line() {
+fn a_postgres_outbox_needs_a_lease_that_covers_a_call() {
     let s = load_from(SHIPPED, &secret_env(), "t").unwrap();
+    assert!(
+        unavailable(&s).is_ok(),
+        "the default lease covers the default timeout"
+    );
+    let mut e = secret_env();
+    e.insert("MIDAS_WORKER__OUTBOX__LEASE".into(), "8s".into());
+    let s = load_from(SHIPPED, &e, "t").unwrap();
     let e = unavailable(&s).unwrap_err().to_string();
-    assert!(e.contains("outbox.url") && e.contains("PostgreSQL"), "{e}");
-    assert!(!e.contains('\n') && !e.contains(PG_PW));
-    let e = run_preflight(&s, true, &env(&[])).unwrap_err().to_string();
-    assert!(e.contains("PostgreSQL"), "{e}");
+    assert!(
+        e.contains("outbox.lease") && !e.contains('\n') && !e.contains(PG_PW),
+        "{e}"
+    );
+    assert!(run_preflight(&s, true, &env(&[])).is_err());
 }
 
 #[test]

@@ -50,6 +50,19 @@ pub enum Event {
     BalanceFetched(i64, Box<Answer>),
     /// The outcome of job `id` is durable (and its replies handed to the publisher).
     Recorded(i64),
+    /// Shared outbox: pending jobs of players this worker holds the lease of, read
+    /// from the outbox (taken over from another worker, recorded by another
+    /// worker, or re-opened). The outbox says they are pending: each is held
+    /// (or, if already held, takes a newer session_key).
+    Claimed(Vec<Job>),
+    /// Shared outbox: this worker's lease on these players (appid, openid) ran
+    /// out and another worker may hold them: their jobs are dropped (a step under
+    /// way finishes first; its outcome write is fenced by the outbox).
+    PlayersLost(Vec<(String, String)>),
+    /// Shared outbox: the pre-call mark or the outcome of job `id` was fenced out
+    /// (its player's lease is gone or too short for a call). No call is made; the
+    /// job and its player's other jobs are dropped.
+    LeaseLost(i64),
 }
 
 /// A `balance` command as intake hands it over.
@@ -126,6 +139,8 @@ struct Entry {
     duplicate_of: Option<Answer>,
     /// Balance commands: where the reply goes.
     target: Option<(String, String)>,
+    /// The player's lease is gone: dropped when the step under way ends.
+    lost: bool,
 }
 
 impl Entry {
@@ -139,6 +154,7 @@ impl Entry {
             reopen: None,
             duplicate_of: None,
             target,
+            lost: false,
         }
     }
 }
@@ -282,8 +298,100 @@ impl Engine {
             Event::Answered(id, a) => self.answered(id, *a, now, out),
             Event::BalanceFetched(id, a) => self.balance_fetched(id, *a, now, out),
             Event::Recorded(id) => self.recorded(id),
+            Event::Claimed(jobs) => {
+                for mut j in jobs {
+                    if j.calls > j.attempts {
+                        j.uncertain = true;
+                    }
+                    self.finished.remove(&j.id);
+                    if let Some(e) = self.entries.get_mut(&j.id) {
+                        e.lost = false;
+                    }
+                    self.join(j);
+                }
+            }
+            Event::PlayersLost(players) => {
+                let set: HashSet<(String, String)> = players.into_iter().collect();
+                self.drop_players(&set);
+            }
+            Event::LeaseLost(id) => self.lease_lost(id),
         }
         self.poll(now, out);
+    }
+
+    /// The players (appid, openid) the engine holds jobs of (balance commands aside).
+    pub fn players(&self) -> Vec<(String, String)> {
+        let set: HashSet<(&str, &str)> = self
+            .entries
+            .values()
+            .filter(|e| e.target.is_none())
+            .map(|e| (e.job.params.appid.as_str(), e.job.params.openid.as_str()))
+            .collect();
+        set.into_iter()
+            .map(|(a, o)| (a.to_string(), o.to_string()))
+            .collect()
+    }
+
+    /// The player (appid, openid) of a held job.
+    pub fn player_of(&self, id: i64) -> Option<(String, String)> {
+        self.entries
+            .get(&id)
+            .map(|e| (e.job.params.appid.clone(), e.job.params.openid.clone()))
+    }
+
+    /// Drop the jobs of these players: waiting ones now, one under way when its
+    /// step ends.
+    fn drop_players(&mut self, players: &HashSet<(String, String)>) {
+        let hit: Vec<i64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.target.is_none()
+                    && players.contains(&(e.job.params.appid.clone(), e.job.params.openid.clone()))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut openids = HashSet::new();
+        for id in hit {
+            let Some(e) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            if e.phase == Phase::Waiting {
+                let (order, openid) = (e.order, e.job.params.openid.clone());
+                self.entries.remove(&id);
+                self.sched.remove(order, &openid);
+                openids.insert(openid);
+            } else {
+                e.lost = true;
+                e.reopen = None;
+            }
+        }
+        for o in openids {
+            self.sched.arm_head(&o, &Entries(&self.entries));
+        }
+    }
+
+    /// A fenced pre-call mark or outcome: the step of `id` ended without effect.
+    fn lease_lost(&mut self, id: i64) {
+        let Some(e) = self.entries.get(&id) else {
+            return;
+        };
+        let player = (e.job.params.appid.clone(), e.job.params.openid.clone());
+        match e.phase {
+            // the call slot taken for the call that will not be made
+            Phase::Marking => self.sched.no_call(),
+            Phase::Recording(_) => {}
+            // not the end of a step: handled like a lost player
+            _ => {
+                self.drop_players(&HashSet::from([player]));
+                return;
+            }
+        }
+        let (order, openid) = (e.order, player.1.clone());
+        self.entries.remove(&id);
+        self.sched.remove(order, &openid);
+        self.drop_players(&HashSet::from([player]));
+        self.sched.release(&openid, &Entries(&self.entries));
     }
 
     /// Stop starting steps (shutdown); those under way still finish.
@@ -580,6 +688,14 @@ impl Engine {
             return;
         };
         let openid = e.job.params.openid.clone();
+        if e.lost {
+            // the player's lease is gone: whoever holds it now runs its jobs
+            let order = e.order;
+            self.entries.remove(&id);
+            self.sched.remove(order, &openid);
+            self.sched.release(&openid, &Entries(&self.entries));
+            return;
+        }
         match (next, e.reopen.take()) {
             (_, Some(mut reopened)) => {
                 // re-opened while this step was under way: it runs again as re-opened

@@ -13,7 +13,9 @@
 //! [`CHECKPOINT_EVERY`] commits), and the files are private (directory 0700, database,
 //! WAL and shared-memory files 0600 on Unix).
 
+pub mod handle;
 pub mod operator;
+pub mod postgres;
 pub mod query;
 pub mod schema;
 pub mod writer;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
+pub use handle::{Location, Outbox};
 pub use writer::{Intake, IntakeOutcome, OutgoingReply, Writer};
 
 /// The schema, applied at every start (idempotent).
@@ -42,6 +45,11 @@ pub enum OutboxError {
     Io(#[from] std::io::Error),
     #[error("outbox schema: {0}")]
     Schema(String),
+    #[error("PostgreSQL outbox: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// A write fenced out: another worker holds the job's player now.
+    #[error("this worker no longer holds the player's lease")]
+    LeaseLost,
 }
 
 /// The WAL is truncated back to this size after a checkpoint (bytes).

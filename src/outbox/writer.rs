@@ -59,6 +59,9 @@ pub enum IntakeOutcome {
     Reopened(Job),
     /// Same key, different parameters: the original job is untouched.
     Conflict { job_id: i64 },
+    /// Recorded (new, or re-opened) for the worker that holds the job's player:
+    /// that worker runs it (shared PostgreSQL outbox only).
+    Elsewhere { job_id: i64 },
 }
 
 /// One Midas call to record.

@@ -1,0 +1,107 @@
+//! The shared outbox's coordination loop: the async shell around
+//! [`outbox::postgres::coord::Coordinator`](crate::outbox::postgres::coord).
+//!
+//! Every second it asks the dispatcher which players its engine holds and how
+//! much room it has, lets the coordinator renew, give back, take over and load
+//! (see that module), and hands the result to the dispatcher: jobs to run, players
+//! lost. Players the dispatcher gives back after a fenced write are released here.
+//! Whichever worker holds the `relay` lease re-publishes unconfirmed replies, so
+//! N workers do not publish every stranded reply N times. At a clean stop every
+//! lease is given back, so other workers take the players at once.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::broker::publisher::Publisher;
+use crate::dispatch::DispatchMsg;
+use crate::metrics::Health;
+use crate::outbox::postgres::coord::Coordinator;
+
+/// How often a worker looks for players and jobs to take.
+pub const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// Run until `shutdown`; answers the coordinator so the caller can give the
+/// leases back once the steps under way are recorded.
+pub async fn run(
+    mut coord: Coordinator,
+    lease: Duration,
+    dispatcher: mpsc::UnboundedSender<DispatchMsg>,
+    mut give_back: mpsc::UnboundedReceiver<(String, String)>,
+    publisher: Publisher,
+    health: Health,
+    mut shutdown: watch::Receiver<bool>,
+) -> Coordinator {
+    let renew_every = lease / 3;
+    let mut last_renew: Option<Instant> = None;
+    let mut last_relay = Instant::now();
+    let mut failing = 0u32;
+    loop {
+        let mut back = Vec::new();
+        while let Ok(p) = give_back.try_recv() {
+            back.push(p);
+        }
+        if !back.is_empty() {
+            if let Err(e) = coord.release(&back).await {
+                tracing::warn!(error = %e, "cannot give players back; their leases run out instead");
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        if dispatcher.send(DispatchMsg::Snapshot(tx)).is_err() {
+            break;
+        }
+        let Ok((held, room)) = rx.await else { break };
+        let renew = last_renew.is_none_or(|t| t.elapsed() >= renew_every);
+        match coord.tick(&held, room, renew).await {
+            Ok(t) => {
+                failing = 0;
+                if renew {
+                    last_renew = Some(Instant::now());
+                }
+                if !t.lost.is_empty() {
+                    tracing::warn!(
+                        players = t.lost.len(),
+                        "player leases lost to another worker; dropping their jobs here"
+                    );
+                    let _ = dispatcher.send(DispatchMsg::PlayersLost(t.lost));
+                }
+                if !t.jobs.is_empty() {
+                    tracing::debug!(jobs = t.jobs.len(), "loaded jobs of held players");
+                    let _ = dispatcher.send(DispatchMsg::Claimed(t.jobs));
+                }
+                if t.relay
+                    && health.broker_connected()
+                    && last_relay.elapsed() >= crate::worker::RELAY_INTERVAL
+                {
+                    last_relay = Instant::now();
+                    match coord.unpublished_replies(2000).await {
+                        Ok(replies) => {
+                            let n = publisher.relay_once(replies);
+                            if n > 0 {
+                                tracing::info!(
+                                    replies = n,
+                                    "re-publishing unconfirmed replies from the outbox"
+                                );
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reply relay cannot read the outbox"),
+                    }
+                }
+            }
+            Err(e) => {
+                failing += 1;
+                if failing == 1 || failing % 20 == 0 {
+                    tracing::error!(error = %e, "cannot reach the shared outbox to renew leases; no new call starts once they run short");
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LOOK_EVERY) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    coord
+}

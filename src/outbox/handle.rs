@@ -1,0 +1,102 @@
+//! The one interface the worker writes through, whichever engine holds the
+//! outbox: the embedded SQLite file (one worker) or a shared PostgreSQL database
+//! (several workers). Intake, pre-call marks, outcomes and reply confirmations
+//! all go through [`Outbox`]; the SQL behind each lives in the engine's module.
+
+use std::path::PathBuf;
+
+use super::postgres::writer::PgWriter;
+use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Writer};
+use super::OutboxError;
+use crate::config::OutboxConfig;
+use crate::secret::SecretUrl;
+
+/// Where the outbox is, from `[outbox]`: `url` (PostgreSQL) wins over `path`.
+#[derive(Debug, Clone)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(SecretUrl),
+}
+
+impl Location {
+    pub fn of(c: &OutboxConfig) -> Location {
+        match &c.url {
+            Some(url) => Location::Postgres(url.clone()),
+            None => Location::Sqlite(c.path.clone()),
+        }
+    }
+
+    /// For logs: the path, or the URL with its password masked.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(u) => u.to_string(),
+        }
+    }
+}
+
+/// A handle to the outbox writer. Cheap to clone.
+#[derive(Clone)]
+pub enum Outbox {
+    Sqlite(Writer),
+    Postgres(PgWriter),
+}
+
+impl Outbox {
+    /// Whether several workers share this outbox (jobs run under player leases).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Outbox::Postgres(_))
+    }
+
+    /// Whether the last commit succeeded (for `/readyz`).
+    pub fn healthy(&self) -> bool {
+        match self {
+            Outbox::Sqlite(w) => w.healthy(),
+            Outbox::Postgres(w) => w.healthy(),
+        }
+    }
+
+    /// Record a valid command (durable when this returns).
+    pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.intake(i).await,
+            Outbox::Postgres(w) => w.intake(i).await,
+        }
+    }
+
+    /// Record an outcome; answers the replies to publish. A shared outbox answers
+    /// [`OutboxError::LeaseLost`] when another worker holds the job's player now
+    /// (the attempts are kept, the job is left to that worker).
+    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.record(r).await,
+            Outbox::Postgres(w) => w.record(r).await,
+        }
+    }
+
+    /// Make durable that a call of each job may go out now. Answers the jobs NOT
+    /// marked because this worker's lease on their player is gone or too short to
+    /// cover a call (always none with SQLite): those calls must not be made.
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Vec<i64>, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.mark_calls(marks).await.map(|()| Vec::new()),
+            Outbox::Postgres(w) => w.mark_calls(marks).await,
+        }
+    }
+
+    /// Resolves once every request sent before it is committed.
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.flush().await,
+            Outbox::Postgres(w) => w.flush().await,
+        }
+    }
+
+    /// Mark reply targets confirmed by the broker (fire and forget).
+    pub fn published(&self, targets: Vec<(i64, bool)>, now: i64) {
+        match self {
+            Outbox::Sqlite(w) => w.published(targets, now),
+            Outbox::Postgres(w) => w.published(targets, now),
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Leases on the shared outbox: which worker runs which player's jobs.
+//!
+//! Each worker, every second ([`Coordinator::tick`]): renews its player leases
+//! (every `outbox.lease / 3`), notices players it lost (its lease ran out and
+//! another worker took the player: the engine drops them), gives back players it
+//! has no pending job for, takes players whose pending jobs have no live lease
+//! (a worker died, was cut off, or a job arrived at a worker that did not hold
+//! the player), and loads the pending jobs of its players it has not loaded yet,
+//! in arrival order (`FOR UPDATE SKIP LOCKED`, so two workers never load the same
+//! row). The reply relay runs on whichever worker holds the `relay` lease.
+//!
+//! Every expiry is judged by the database's clock ([`super::NOW_MS`]).
+
+use tokio_postgres::Client;
+
+use super::writer::{job_from_row, Fence};
+use super::NOW_MS;
+use crate::engine::job::Job;
+use crate::outbox::query::Gauges;
+use crate::outbox::{OutboxError, OutgoingReply};
+use crate::secret::SecretUrl;
+
+/// What one look found.
+#[derive(Debug, Default)]
+pub struct Tick {
+    /// Players this worker held (as the caller said) whose lease it lost.
+    pub lost: Vec<(String, String)>,
+    /// Pending jobs of this worker's players, not loaded before, in arrival order.
+    pub jobs: Vec<Job>,
+    /// Whether this worker runs the reply relay now.
+    pub relay: bool,
+}
+
+/// The coordination connection of one worker (separate from the writer's, so
+/// lease work never waits behind a group commit).
+pub struct Coordinator {
+    url: SecretUrl,
+    client: Option<Client>,
+    fence: Fence,
+}
+
+impl Coordinator {
+    pub fn new(url: SecretUrl, fence: Fence) -> Coordinator {
+        Coordinator {
+            url,
+            client: None,
+            fence,
+        }
+    }
+
+    async fn client(&mut self) -> Result<&mut Client, OutboxError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(super::connect(&self.url).await?);
+        }
+        self.client
+            .as_mut()
+            .ok_or_else(|| OutboxError::Corrupt("no PostgreSQL connection".into()))
+    }
+
+    /// One look. `held`: the players the engine holds jobs of; `room`: how many
+    /// more jobs the engine may take; `renew`: renew the leases this time.
+    pub async fn tick(
+        &mut self,
+        held: &[(String, String)],
+        room: usize,
+        renew: bool,
+    ) -> Result<Tick, OutboxError> {
+        let me = self.fence.me.clone();
+        let lease = self.fence.lease_ms;
+        let c = self.client().await?;
+        let mut out = Tick::default();
+        if renew {
+            let rows = c
+                .query(
+                    &format!(
+                        "UPDATE player_leases SET expires_at = {NOW_MS} + $2 WHERE owner = $1 \
+                         RETURNING appid, openid"
+                    ),
+                    &[&&*me, &lease],
+                )
+                .await?;
+            let mut owned = std::collections::HashSet::with_capacity(rows.len());
+            for r in rows {
+                owned.insert((r.try_get::<_, String>(0)?, r.try_get::<_, String>(1)?));
+            }
+            out.lost = held
+                .iter()
+                .filter(|p| !owned.contains(*p))
+                .cloned()
+                .collect();
+            // players with no pending job: give them back
+            c.execute(
+                "DELETE FROM player_leases l WHERE l.owner = $1 AND NOT EXISTS \
+                 (SELECT 1 FROM jobs j WHERE j.appid = l.appid AND j.openid = l.openid \
+                  AND j.state = 'pending')",
+                &[&&*me],
+            )
+            .await?;
+        }
+        if !out.lost.is_empty() {
+            release_claims(c, &me, &out.lost).await?;
+        }
+        let room = i64::try_from(room).unwrap_or(i64::MAX);
+        if room > 0 {
+            // players with pending jobs and no live lease, oldest first
+            let taken = c
+                .query(
+                    &format!(
+                        "WITH cand AS ( \
+                           SELECT j.appid, j.openid FROM jobs j \
+                           WHERE j.state = 'pending' AND NOT EXISTS ( \
+                             SELECT 1 FROM player_leases l WHERE l.appid = j.appid \
+                             AND l.openid = j.openid AND l.expires_at > {NOW_MS}) \
+                           GROUP BY j.appid, j.openid ORDER BY min(j.id) LIMIT $2) \
+                         INSERT INTO player_leases (appid, openid, owner, expires_at) \
+                         SELECT appid, openid, $1, {NOW_MS} + $3 FROM cand \
+                         ON CONFLICT (appid, openid) DO UPDATE \
+                           SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+                           WHERE player_leases.expires_at <= {NOW_MS} \
+                         RETURNING appid, openid"
+                    ),
+                    &[&&*me, &room, &lease],
+                )
+                .await?;
+            if !taken.is_empty() {
+                let mut players = Vec::with_capacity(taken.len());
+                for r in taken {
+                    players.push((r.try_get::<_, String>(0)?, r.try_get::<_, String>(1)?));
+                }
+                tracing::info!(
+                    players = players.len(),
+                    "took over players whose lease had run out"
+                );
+                // their jobs were loaded by the previous holder: load them here
+                let (apps, openids): (Vec<String>, Vec<String>) = players.into_iter().unzip();
+                c.execute(
+                    "UPDATE jobs j SET claimed_by = NULL FROM unnest($1::text[], $2::text[]) AS p(appid, openid) \
+                     WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending'",
+                    &[&apps, &openids],
+                )
+                .await?;
+            }
+            let rows = c
+                .query(
+                    &format!(
+                        "UPDATE jobs SET claimed_by = $1 WHERE id IN ( \
+                           SELECT j.id FROM jobs j JOIN player_leases l \
+                             ON l.appid = j.appid AND l.openid = j.openid \
+                           WHERE j.state = 'pending' AND j.claimed_by IS NULL AND l.owner = $1 \
+                           ORDER BY j.id LIMIT $2 FOR UPDATE OF j SKIP LOCKED) \
+                         RETURNING {}",
+                        super::writer::JOB_COLS
+                    ),
+                    &[&&*me, &room],
+                )
+                .await?;
+            for r in &rows {
+                out.jobs.push(job_from_row(r)?);
+            }
+            out.jobs.sort_by_key(|j| j.id);
+        }
+        out.relay = c
+            .query_opt(
+                &format!(
+                    "INSERT INTO leases (name, owner, expires_at) VALUES ('relay', $1, {NOW_MS} + $2) \
+                     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+                     WHERE leases.owner = EXCLUDED.owner OR leases.expires_at <= {NOW_MS} \
+                     RETURNING owner"
+                ),
+                &[&&*me, &lease],
+            )
+            .await?
+            .is_some();
+        Ok(out)
+    }
+
+    /// Give players back (a fenced write showed this worker lost them): their
+    /// jobs are loaded again by whoever takes them.
+    pub async fn release(&mut self, players: &[(String, String)]) -> Result<(), OutboxError> {
+        let me = self.fence.me.clone();
+        let c = self.client().await?;
+        release_claims(c, &me, players).await?;
+        let (apps, openids): (Vec<String>, Vec<String>) = players.iter().cloned().unzip();
+        c.execute(
+            "DELETE FROM player_leases l USING unnest($2::text[], $3::text[]) AS p(appid, openid) \
+             WHERE l.owner = $1 AND l.appid = p.appid AND l.openid = p.openid",
+            &[&&*me, &apps, &openids],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// At a clean stop: give back every lease so other workers take the players
+    /// at once instead of after `outbox.lease`.
+    pub async fn release_all(&mut self) -> Result<(), OutboxError> {
+        let me = self.fence.me.clone();
+        let c = self.client().await?;
+        c.execute(
+            "UPDATE jobs SET claimed_by = NULL WHERE claimed_by = $1 AND state = 'pending'",
+            &[&&*me],
+        )
+        .await?;
+        c.execute("DELETE FROM player_leases WHERE owner = $1", &[&&*me])
+            .await?;
+        c.execute("DELETE FROM leases WHERE owner = $1", &[&&*me])
+            .await?;
+        Ok(())
+    }
+
+    /// Reply targets of final jobs whose reply is not confirmed yet.
+    pub async fn unpublished_replies(
+        &mut self,
+        limit: usize,
+    ) -> Result<Vec<OutgoingReply>, OutboxError> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
+                 JOIN jobs j ON j.id = t.job_id \
+                 WHERE t.published_at IS NULL AND j.result IS NOT NULL ORDER BY t.id LIMIT $1",
+                &[&i64::try_from(limit).unwrap_or(i64::MAX)],
+            )
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(OutgoingReply {
+                target_id: Some(r.try_get(0)?),
+                reply_to: r.try_get(1)?,
+                correlation_id: r.try_get(2)?,
+                payload: std::sync::Arc::from(r.try_get::<_, String>(3)?.into_bytes()),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Gauges for `/metrics`.
+    pub async fn gauges(&mut self) -> Result<Gauges, OutboxError> {
+        let c = self.client().await?;
+        let mut by_state = Vec::new();
+        for r in c
+            .query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])
+            .await?
+        {
+            by_state.push((r.try_get(0)?, r.try_get(1)?));
+        }
+        let oldest_pending_ms = c
+            .query_one(
+                "SELECT MIN(received_at) FROM jobs WHERE state = 'pending'",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        let replies_pending = c
+            .query_one(
+                "SELECT COUNT(*) FROM reply_targets WHERE published_at IS NULL",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        Ok(Gauges {
+            by_state,
+            oldest_pending_ms,
+            replies_pending,
+        })
+    }
+}
+
+/// Jobs of these players claimed by this worker are unclaimed (loaded again by
+/// whoever holds the player next).
+async fn release_claims(
+    c: &Client,
+    me: &str,
+    players: &[(String, String)],
+) -> Result<(), OutboxError> {
+    let (apps, openids): (Vec<String>, Vec<String>) = players.iter().cloned().unzip();
+    c.execute(
+        "UPDATE jobs j SET claimed_by = NULL FROM unnest($2::text[], $3::text[]) AS p(appid, openid) \
+         WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' AND j.claimed_by = $1",
+        &[&me, &apps, &openids],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Gauges for `/metrics` over a short-lived connection.
+pub async fn gauges_at(url: &SecretUrl) -> Result<Gauges, OutboxError> {
+    let client = super::connect(url).await?;
+    let mut c = Coordinator {
+        url: url.clone(),
+        client: Some(client),
+        fence: Fence {
+            me: std::sync::Arc::from(""),
+            lease_ms: 0,
+            call_ms: 0,
+        },
+    };
+    c.gauges().await
+}

@@ -1,0 +1,1 @@
+//! Operator verbs against the PostgreSQL outbox.

@@ -1,0 +1,739 @@
+//! The PostgreSQL writer: one task, one connection, one transaction per batch of
+//! requests (group commit), each request in its own savepoint — the same contract
+//! as the SQLite writer (an answer is sent only after the commit holding it).
+//!
+//! What differs is the lease fence. Intake runs a job here only when this worker
+//! holds its player's lease and has loaded every earlier pending job of that
+//! player; otherwise the job is recorded for the lease holder ([`IntakeOutcome::Elsewhere`]).
+//! A pre-call mark lands only while this worker's lease outlives the call
+//! (`request_timeout` + a margin, on the database's clock), and an outcome only
+//! while the lease is still this worker's: a fenced write answers
+//! [`OutboxError::LeaseLost`] and the caller drops the player.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, Row, Statement, Transaction};
+
+use crate::engine::job::{Job, JobState};
+use crate::metrics::METRICS;
+use crate::outbox::writer::{decode_params, Intake, IntakeOutcome, OutgoingReply, Record, Update};
+use crate::outbox::OutboxError;
+use crate::secret::{Secret, SecretUrl};
+
+/// Most requests committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// The job columns [`job_from_row`] reads, in its order.
+pub const JOB_COLS: &str =
+    "id, request, session_key, attempts, first_attempt_at, next_attempt_at, \
+     received_at, last_errcode, last_error, reopened_at, calls, uncertain";
+
+/// A pending job from a row selected with [`JOB_COLS`].
+pub fn job_from_row(r: &Row) -> Result<Job, OutboxError> {
+    let id: i64 = r.try_get(0)?;
+    let request: String = r.try_get(1)?;
+    Ok(Job {
+        id,
+        params: decode_params(&request)?,
+        session_key: r.try_get::<_, Option<String>>(2)?.map(Secret::new),
+        attempts: clamp_u32(r.try_get(3)?),
+        calls: clamp_u32(r.try_get(10)?),
+        uncertain: r.try_get::<_, i64>(11)? != 0,
+        token_retries: 0,
+        first_attempt_at: r.try_get(4)?,
+        next_attempt_at: r.try_get(5)?,
+        received_at: r.try_get(6)?,
+        last_errcode: r.try_get(7)?,
+        last_error: r.try_get(8)?,
+        reopened_at: r.try_get(9)?,
+    })
+}
+
+fn clamp_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// Who this worker is and how its leases are judged.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// This worker's name (`player_leases.owner`, `jobs.claimed_by`).
+    pub me: Arc<str>,
+    /// `outbox.lease` in ms.
+    pub lease_ms: i64,
+    /// A call may start only while the lease outlives it by this much (ms):
+    /// `midas.request_timeout` + a margin.
+    pub call_ms: i64,
+}
+
+enum Request {
+    Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
+    Record(
+        Box<Record>,
+        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
+    ),
+    Mark(
+        Vec<(i64, i64)>,
+        oneshot::Sender<Result<Vec<i64>, OutboxError>>,
+    ),
+    Published(Vec<(i64, bool)>, i64),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct PgWriter {
+    tx: mpsc::UnboundedSender<Request>,
+    healthy: Arc<AtomicBool>,
+}
+
+impl PgWriter {
+    /// Connect, apply the schema and start the writer task.
+    pub async fn start(
+        url: SecretUrl,
+        fence: Fence,
+    ) -> Result<(PgWriter, tokio::task::JoinHandle<()>), OutboxError> {
+        let client = super::open(&url).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let task = tokio::spawn(run(url, Some(client), fence, rx, healthy.clone()));
+        Ok((PgWriter { tx, healthy }, task))
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Intake(i, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Record(Box::new(r), tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    /// Pre-call marks; answers the ids whose lease fence failed (not marked).
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Vec<i64>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Mark(marks, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Flush(tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)
+    }
+
+    pub fn published(&self, targets: Vec<(i64, bool)>, now: i64) {
+        let _ = self.tx.send(Request::Published(targets, now));
+    }
+}
+
+/// Prepared statements of the current connection.
+#[derive(Default)]
+struct Stmts(HashMap<&'static str, Statement>);
+
+impl Stmts {
+    async fn get(
+        &mut self,
+        tx: &Transaction<'_>,
+        sql: &'static str,
+    ) -> Result<Statement, OutboxError> {
+        if let Some(s) = self.0.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = tx.prepare(sql).await?;
+        self.0.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+async fn run(
+    url: SecretUrl,
+    mut client: Option<Client>,
+    fence: Fence,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    healthy: Arc<AtomicBool>,
+) {
+    let mut stmts = Stmts::default();
+    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            stmts = Stmts::default();
+            client = match super::connect(&url).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reach the PostgreSQL outbox; nothing in this batch is acknowledged");
+                    healthy.store(false, Ordering::Relaxed);
+                    fail_all(&mut batch, &e.to_string());
+                    continue;
+                }
+            };
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let n = batch.len();
+        match commit_batch(c, &mut stmts, &fence, &mut batch).await {
+            Ok(()) => {
+                healthy.store(true, Ordering::Relaxed);
+                METRICS.outbox_commit(n);
+            }
+            Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
+                fail_all(&mut batch, &e.to_string());
+                // a broken connection is replaced at the next batch; statements
+                // prepared on it are gone with it
+                if c.is_closed() {
+                    client = None;
+                }
+            }
+        }
+    }
+    tracing::debug!("PostgreSQL outbox writer stopped");
+}
+
+fn fail_all(batch: &mut Vec<Request>, msg: &str) {
+    let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+    for r in batch.drain(..) {
+        match r {
+            Request::Intake(_, s) => drop(s.send(Err(err()))),
+            Request::Record(_, s) => drop(s.send(Err(err()))),
+            Request::Mark(_, s) => drop(s.send(Err(err()))),
+            Request::Published(..) | Request::Flush(_) => {}
+        }
+    }
+}
+
+enum Pending {
+    Intake(
+        oneshot::Sender<Result<IntakeOutcome, OutboxError>>,
+        Result<IntakeOutcome, OutboxError>,
+    ),
+    Record(
+        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
+        Result<Option<Vec<OutgoingReply>>, OutboxError>,
+    ),
+    Mark(
+        oneshot::Sender<Result<Vec<i64>, OutboxError>>,
+        Result<Vec<i64>, OutboxError>,
+    ),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Run one request in a savepoint: an error rolls back that request only.
+macro_rules! in_savepoint {
+    ($tx:expr, $sp:ident => $body:expr) => {{
+        match $tx.savepoint("r").await {
+            Err(e) => Err(OutboxError::from(e)),
+            Ok($sp) => {
+                let r = $body.await;
+                match r {
+                    Ok(v) => $sp.commit().await.map(|_| v).map_err(OutboxError::from),
+                    Err(e) => {
+                        let _ = $sp.rollback().await;
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }};
+}
+
+async fn commit_batch(
+    c: &mut Client,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    batch: &mut Vec<Request>,
+) -> Result<(), OutboxError> {
+    // Every request is answered whatever happens: a dropped answer would read as
+    // "the writer is gone".
+    let mut tx = match c.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            fail_all(batch, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    let mut answers = Vec::with_capacity(batch.len());
+    for req in batch.drain(..) {
+        match req {
+            Request::Intake(i, s) => {
+                let r = in_savepoint!(tx, sp => intake(&sp, stmts, fence, &i));
+                answers.push(Pending::Intake(s, r));
+            }
+            Request::Record(r, s) => {
+                let out = in_savepoint!(tx, sp => record(&sp, stmts, &r, &fence.me));
+                answers.push(Pending::Record(s, out));
+            }
+            Request::Mark(marks, s) => {
+                let out = in_savepoint!(tx, sp => mark(&sp, stmts, fence, &marks));
+                answers.push(Pending::Mark(s, out));
+            }
+            Request::Published(targets, now) => {
+                let r = in_savepoint!(tx, sp => published(&sp, stmts, &targets, now));
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "cannot mark replies confirmed; they may be re-published");
+                }
+            }
+            Request::Flush(s) => answers.push(Pending::Flush(s)),
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => {
+            for a in answers {
+                match a {
+                    Pending::Intake(s, r) => drop(s.send(r)),
+                    Pending::Record(s, r) => {
+                        drop(s.send(r.and_then(|o| o.ok_or(OutboxError::LeaseLost))))
+                    }
+                    Pending::Mark(s, r) => drop(s.send(r)),
+                    Pending::Flush(s) => drop(s.send(())),
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+            for a in answers {
+                match a {
+                    Pending::Intake(s, _) => drop(s.send(Err(err()))),
+                    Pending::Record(s, _) => drop(s.send(Err(err()))),
+                    Pending::Mark(s, _) => drop(s.send(Err(err()))),
+                    Pending::Flush(_) => {}
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
+async fn published(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    targets: &[(i64, bool)],
+    now: i64,
+) -> Result<(), OutboxError> {
+    let st = stmts
+        .get(
+            tx,
+            "UPDATE reply_targets SET published_at = $1, returned = $2 \
+             WHERE id = $3 AND published_at IS NULL",
+        )
+        .await?;
+    for (id, returned) in targets {
+        tx.execute(&st, &[&now, &(*returned as i64), id]).await?;
+    }
+    Ok(())
+}
+
+const SELECT_EXISTING: &str = "SELECT id, request, session_key, attempts, first_attempt_at, \
+     next_attempt_at, received_at, last_errcode, last_error, reopened_at, calls, uncertain, \
+     state, result, claimed_by FROM jobs WHERE appid = $1 AND op = $2 AND bill_no = $3 FOR UPDATE";
+
+const INSERT_JOB: &str = "INSERT INTO jobs (op, bill_no, appid, openid, request, session_key, \
+     state, next_attempt_at, received_at, updated_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7) \
+     ON CONFLICT (appid, op, bill_no) DO NOTHING RETURNING id";
+
+async fn intake(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    i: &Intake,
+) -> Result<IntakeOutcome, OutboxError> {
+    let p = &i.command.params;
+    let bill_no = p.bill_no.as_deref().unwrap_or_default();
+    let canonical = p.canonical();
+    let session_key = i.command.session_key.as_ref().map(Secret::expose);
+    let st = stmts.get(tx, INSERT_JOB).await?;
+    let inserted = tx
+        .query_opt(
+            &st,
+            &[
+                &p.op.as_str(),
+                &bill_no,
+                &p.appid,
+                &p.openid,
+                &canonical,
+                &session_key,
+                &i.now,
+            ],
+        )
+        .await?;
+    if let Some(row) = inserted {
+        let id: i64 = row.try_get(0)?;
+        add_target(tx, stmts, id, i, false).await?;
+        let job = Job::new(id, p.clone(), i.command.session_key.clone(), i.now);
+        return Ok(
+            if take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
+                IntakeOutcome::New(job)
+            } else {
+                IntakeOutcome::Elsewhere { job_id: id }
+            },
+        );
+    }
+    // the key exists (perhaps committed a moment ago by another worker)
+    let st = stmts.get(tx, SELECT_EXISTING).await?;
+    let row = tx
+        .query_opt(&st, &[&p.appid, &p.op.as_str(), &bill_no])
+        .await?
+        .ok_or_else(|| OutboxError::Corrupt("a job vanished during intake".into()))?;
+    let mut job = job_from_row(&row)?;
+    let state: String = row.try_get(12)?;
+    let result: Option<String> = row.try_get(13)?;
+    let claimed_by: Option<String> = row.try_get(14)?;
+    let request: String = row.try_get(1)?;
+    let id = job.id;
+    if request != canonical {
+        return Ok(IntakeOutcome::Conflict { job_id: id });
+    }
+    let state = JobState::parse(&state)
+        .ok_or_else(|| OutboxError::Corrupt(format!("job {id} has state {state:?}")))?;
+    let session_problem =
+        crate::engine::job::reopens_with_new_session_key(state, job.last_errcode, job.uncertain);
+    if session_problem && session_key.is_some() {
+        // re-opened; the lease holder of the player (perhaps this worker) loads it
+        let st = stmts
+            .get(
+                tx,
+                "UPDATE jobs SET state = 'pending', session_key = $2, next_attempt_at = $3, \
+                 result = NULL, finished_at = NULL, reopened_at = $3, updated_at = $3, \
+                 claimed_by = NULL WHERE id = $1",
+            )
+            .await?;
+        tx.execute(&st, &[&id, &session_key, &i.now]).await?;
+        add_target(tx, stmts, id, i, true).await?;
+        if take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
+            job.params = p.clone();
+            job.session_key = i.command.session_key.clone();
+            job.next_attempt_at = i.now;
+            job.reopened_at = Some(i.now);
+            job.last_error = None;
+            return Ok(IntakeOutcome::Reopened(job));
+        }
+        return Ok(IntakeOutcome::Elsewhere { job_id: id });
+    }
+    let target = add_target(tx, stmts, id, i, state.is_final()).await?;
+    let reply = match (state.is_final(), result) {
+        (true, Some(payload)) => Some(OutgoingReply {
+            target_id: Some(target),
+            reply_to: i.reply_to.clone(),
+            correlation_id: i.correlation_id.clone(),
+            payload: Arc::from(payload.into_bytes()),
+        }),
+        _ => None,
+    };
+    let mut pending = None;
+    if !state.is_final() {
+        let mine = claimed_by.as_deref() == Some(&*fence.me);
+        let newer =
+            session_key.filter(|k| job.session_key.as_ref().map(Secret::expose) != Some(*k));
+        if let Some(k) = newer {
+            // the holder of the job picks the new key up when it loads it again
+            let st = stmts
+                .get(
+                    tx,
+                    "UPDATE jobs SET session_key = $2, \
+                     claimed_by = CASE WHEN claimed_by = $3 THEN claimed_by ELSE NULL END \
+                     WHERE id = $1",
+                )
+                .await?;
+            tx.execute(&st, &[&id, &k, &&*fence.me]).await?;
+            job.session_key = Some(Secret::new(k));
+        }
+        if mine {
+            pending = Some(job);
+        }
+    }
+    Ok(IntakeOutcome::Joined {
+        job_id: id,
+        reply,
+        pending,
+    })
+}
+
+/// Take (or extend) the lease of the player of job `id`, just recorded or
+/// re-opened. `true`: this worker runs the job now (it holds the lease and has
+/// loaded every other pending job of the player), and the job is claimed.
+/// `false`: the lease holder — another worker, or this one at its next look —
+/// loads it in arrival order.
+async fn take_player(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    appid: &str,
+    openid: &str,
+    id: i64,
+) -> Result<bool, OutboxError> {
+    const TAKE: &str = const_format_lease();
+    let st = stmts.get(tx, TAKE).await?;
+    let mine = tx
+        .query_opt(&st, &[&appid, &openid, &&*fence.me, &fence.lease_ms])
+        .await?
+        .is_some();
+    if !mine {
+        return Ok(false);
+    }
+    let st = stmts
+        .get(
+            tx,
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE appid = $1 AND openid = $2 \
+             AND state = 'pending' AND id <> $3 AND claimed_by IS DISTINCT FROM $4)",
+        )
+        .await?;
+    let others: bool = tx
+        .query_one(&st, &[&appid, &openid, &id, &&*fence.me])
+        .await?
+        .try_get(0)?;
+    if others {
+        // jobs of this player this worker has not loaded (it just took the lease
+        // over, or another worker recorded them): load them all, in order
+        let st = stmts
+            .get(
+                tx,
+                "UPDATE jobs SET claimed_by = NULL WHERE appid = $1 AND openid = $2 \
+                 AND state = 'pending' AND claimed_by IS DISTINCT FROM $3",
+            )
+            .await?;
+        tx.execute(&st, &[&appid, &openid, &&*fence.me]).await?;
+        return Ok(false);
+    }
+    let st = stmts
+        .get(tx, "UPDATE jobs SET claimed_by = $2 WHERE id = $1")
+        .await?;
+    tx.execute(&st, &[&id, &&*fence.me]).await?;
+    Ok(true)
+}
+
+/// Insert the lease, or take it when it is this worker's or has run out.
+const fn const_format_lease() -> &'static str {
+    "INSERT INTO player_leases (appid, openid, owner, expires_at) \
+     VALUES ($1, $2, $3, (extract(epoch from clock_timestamp()) * 1000)::bigint + $4) \
+     ON CONFLICT (appid, openid) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+     WHERE player_leases.owner = EXCLUDED.owner \
+        OR player_leases.expires_at <= (extract(epoch from clock_timestamp()) * 1000)::bigint \
+     RETURNING owner"
+}
+
+async fn add_target(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    job_id: i64,
+    i: &Intake,
+    republish: bool,
+) -> Result<i64, OutboxError> {
+    let sql = if republish {
+        "INSERT INTO reply_targets (job_id, reply_to, correlation_id, added_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (job_id, reply_to, correlation_id) DO UPDATE SET published_at = NULL, returned = 0 \
+         RETURNING id"
+    } else {
+        "INSERT INTO reply_targets (job_id, reply_to, correlation_id, added_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (job_id, reply_to, correlation_id) DO UPDATE SET added_at = reply_targets.added_at \
+         RETURNING id"
+    };
+    let st = stmts.get(tx, sql).await?;
+    Ok(tx
+        .query_one(&st, &[&job_id, &i.reply_to, &i.correlation_id, &i.now])
+        .await?
+        .try_get(0)?)
+}
+
+/// The lease condition every fenced write adds (`$L` = this worker).
+macro_rules! held_by {
+    ($owner:literal, $extra:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid AND l.openid = j.openid AND l.owner = ",
+            $owner,
+            $extra,
+            ")"
+        )
+    };
+}
+
+/// `None`: fenced (this worker no longer holds the player; nothing but the
+/// attempts was written).
+async fn record(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    r: &Record,
+    me: &str,
+) -> Result<Option<Vec<OutgoingReply>>, OutboxError> {
+    // the calls happened whoever holds the job now: they are kept for the audit
+    let ins = stmts
+        .get(
+            tx,
+            "INSERT INTO attempts (job_id, n, api, started_at, latency_ms, http_status, errcode, errmsg, outcome) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .await?;
+    for a in &r.rows {
+        tx.execute(
+            &ins,
+            &[
+                &r.job_id,
+                &(a.n as i64),
+                &a.answer.api.name(),
+                &a.started_at,
+                &(a.answer.latency.as_millis().min(i64::MAX as u128) as i64),
+                &a.answer.http_status.map(i64::from),
+                &a.answer.errcode,
+                &a.answer.errmsg,
+                &a.answer.class.as_str(),
+            ],
+        )
+        .await?;
+    }
+    let last = r.rows.first().map(|a| &a.answer);
+    let (errcode, error) = (
+        last.and_then(|a| a.errcode),
+        last.and_then(|a| a.errmsg.clone()),
+    );
+    match &r.update {
+        Update::Retry { next_attempt_at } => {
+            let st = stmts
+                .get(
+                    tx,
+                    concat!(
+                        "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
+                         next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $7, \
+                         uncertain = GREATEST(uncertain, $8) WHERE j.id = $1 AND j.state = 'pending' AND ",
+                        held_by!("$9", "")
+                    ),
+                )
+                .await?;
+            let n = tx
+                .execute(
+                    &st,
+                    &[
+                        &r.job_id,
+                        &(r.attempts_total as i64),
+                        &r.first_attempt_at,
+                        next_attempt_at,
+                        &errcode,
+                        &error,
+                        &r.now,
+                        &(r.uncertain as i64),
+                        &me,
+                    ],
+                )
+                .await?;
+            Ok((n == 1).then(Vec::new))
+        }
+        Update::Final { state, reply } => {
+            let payload = String::from_utf8_lossy(reply).into_owned();
+            let st = stmts
+                .get(
+                    tx,
+                    concat!(
+                        "UPDATE jobs j SET state = $2, attempts = $3, first_attempt_at = COALESCE(first_attempt_at, $4), \
+                         last_errcode = COALESCE($5, last_errcode), last_error = COALESCE($6, last_error), result = $7, \
+                         session_key = NULL, finished_at = $8, updated_at = $8, uncertain = GREATEST(uncertain, $9) \
+                         WHERE j.id = $1 AND j.state = 'pending' AND ",
+                        held_by!("$10", "")
+                    ),
+                )
+                .await?;
+            let n = tx
+                .execute(
+                    &st,
+                    &[
+                        &r.job_id,
+                        &state.as_str(),
+                        &(r.attempts_total as i64),
+                        &r.first_attempt_at,
+                        &errcode,
+                        &error,
+                        &payload,
+                        &r.now,
+                        &(r.uncertain as i64),
+                        &me,
+                    ],
+                )
+                .await?;
+            if n != 1 {
+                return Ok(None);
+            }
+            let payload: Arc<[u8]> = Arc::from(reply.clone());
+            let q = stmts
+                .get(
+                    tx,
+                    "SELECT id, reply_to, correlation_id FROM reply_targets \
+                     WHERE job_id = $1 AND published_at IS NULL ORDER BY id",
+                )
+                .await?;
+            let rows = tx.query(&q, &[&r.job_id]).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(OutgoingReply {
+                    target_id: Some(row.try_get(0)?),
+                    reply_to: row.try_get(1)?,
+                    correlation_id: row.try_get(2)?,
+                    payload: payload.clone(),
+                });
+            }
+            Ok(Some(out))
+        }
+    }
+}
+
+/// Answers the ids whose fence failed.
+async fn mark(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    marks: &[(i64, i64)],
+) -> Result<Vec<i64>, OutboxError> {
+    let st = stmts
+        .get(
+            tx,
+            concat!(
+                "UPDATE jobs j SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, $2), \
+                 updated_at = $2 WHERE j.id = $1 AND j.state = 'pending' AND ",
+                held_by!(
+                    "$3",
+                    " AND l.expires_at > (extract(epoch from clock_timestamp()) * 1000)::bigint + $4"
+                )
+            ),
+        )
+        .await?;
+    let me: &str = &fence.me;
+    let mut lost = Vec::new();
+    for (id, at) in marks {
+        let n = tx.execute(&st, &[id, at, &me, &fence.call_ms]).await?;
+        if n != 1 {
+            lost.push(*id);
+        }
+    }
+    Ok(lost)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_lease_sql_judges_expiry_on_the_database_clock() {
+        assert!(super::const_format_lease().contains(super::NOW_MS));
+    }
+}
