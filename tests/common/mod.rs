@@ -3,6 +3,7 @@
 //! process or as a child process, and a fault proxy for TCP links.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod proxy;
 
 use std::collections::BTreeMap;
