@@ -321,12 +321,22 @@ impl Dispatcher {
 
     fn spawn_marks(&self, marks: Vec<(i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
+        let shared = writer.is_shared();
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
-            if let WriteEnd::Done(lost) =
+            let sent = std::time::Instant::now();
+            if let WriteEnd::Done(mut lost) =
                 write_until_done(|| writer.mark_calls(marks.clone()), stop).await
             {
+                // A shared outbox checked, on its clock, that each lease outlives a
+                // call started within LEASE_CALL_MARGIN of the check. An answer that
+                // took longer (a stalled link) may come after the lease ran out: no
+                // call then; the job stays counted as possibly called.
+                if shared && sent.elapsed() >= crate::config::LEASE_CALL_MARGIN {
+                    tracing::warn!(jobs = ids.len(), "pre-call marks confirmed too late to call under the lease; leaving the jobs to whoever holds their players");
+                    lost = ids.clone();
+                }
                 for id in ids {
                     let _ = tx.send(if lost.contains(&id) {
                         Event::LeaseLost(id)

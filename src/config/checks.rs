@@ -135,11 +135,11 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
 
 /// The margin a player's lease must still have beyond `midas.request_timeout`
 /// when a call starts (shared outbox).
-pub const LEASE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+pub const LEASE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Settings that cannot work together at run time. A shared outbox's lease is
 /// renewed every lease / 3, so what is left of it after a missed renewal (2/3 of
-/// it) must still cover a call: lease ≥ 1.5 × (request_timeout + 5 s).
+/// it) must still cover a call: lease ≥ 1.5 × (request_timeout + 2 s).
 pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
     let c = &s.config;
     if c.outbox.url.is_some() {
@@ -148,7 +148,7 @@ pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
             return Err(invalid(
                 "outbox.lease",
                 format!(
-                    "must be at least 1.5 × (midas.request_timeout + 5s) = {}s, so a call \
+                    "must be at least 1.5 × (midas.request_timeout + 2s) = {}s, so a call \
                      always fits inside a renewed lease",
                     need.as_secs_f64().ceil()
                 ),

@@ -45,7 +45,7 @@ pub enum OutboxError {
     Io(#[from] std::io::Error),
     #[error("outbox schema: {0}")]
     Schema(String),
-    #[error("PostgreSQL outbox: {0}")]
+    #[error("PostgreSQL outbox: {}", postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// A write fenced out: another worker holds the job's player now.
     #[error("this worker no longer holds the player's lease")]

@@ -70,6 +70,10 @@ pub struct LedgerDump {
     pub calls: BTreeMap<String, u64>,
     /// Successful pay/present/cancelpay operations that changed the books.
     pub applied: u64,
+    /// Calls that arrived while another call for the same (appid, openid) was
+    /// still being answered (a worker must never make such calls).
+    #[serde(default)]
+    pub overlapping_calls: u64,
 }
 
 /// Why the books refused an operation (each maps to a Midas errcode).
@@ -435,6 +439,7 @@ impl Ledger {
             orders: self.orders.clone(),
             calls,
             applied: self.applied,
+            overlapping_calls: 0,
         }
     }
 }

@@ -107,6 +107,39 @@ struct Inner {
     /// Draws for `session_expire_after_lost` (kept apart so older seeds repeat).
     session_rng: SmallRng,
     calls: BTreeMap<String, u64>,
+    /// Calls being answered now, per openid (every money and balance path).
+    in_flight: HashMap<String, u32>,
+    overlapping_calls: u64,
+}
+
+/// Counts a call in flight for its openid while alive (a request cancelled by a
+/// closed connection still ends it).
+struct InFlight<'a> {
+    shared: &'a Shared,
+    openid: Option<String>,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(o) = self.openid.take() {
+            let mut st = self.shared.lock();
+            if let Some(n) = st.in_flight.get_mut(&o) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.in_flight.remove(&o);
+                }
+            }
+        }
+    }
+}
+
+/// The openid a Midas request is about (both APIs send it in the JSON body).
+fn openid_of(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Who {
+        openid: Option<String>,
+    }
+    serde_json::from_slice::<Who>(body).ok()?.openid
 }
 
 struct Shared {
@@ -125,7 +158,9 @@ impl Shared {
 
     fn dump(&self) -> LedgerDump {
         let st = self.lock();
-        st.ledger.dump(st.calls.clone())
+        let mut d = st.ledger.dump(st.calls.clone());
+        d.overlapping_calls = st.overlapping_calls;
+        d
     }
 }
 
@@ -156,6 +191,8 @@ impl Simulator {
             fault_rng: SmallRng::seed_from_u64(cfg.seed),
             session_rng: SmallRng::seed_from_u64(cfg.seed ^ SESSION_SEED_SALT),
             calls: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            overlapping_calls: 0,
         };
         Simulator {
             listen: cfg.listen,
@@ -355,10 +392,22 @@ async fn midas(
         Route::V1 { .. } => op.kind().to_string(),
         Route::V2 => format!("v2_{}", op.kind()),
     };
+    let openid = openid_of(&body);
     let latency = {
         let mut st = shared.lock();
         *st.calls.entry(kind).or_insert(0) += 1;
+        if let Some(o) = &openid {
+            let n = st.in_flight.entry(o.clone()).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                st.overlapping_calls += 1;
+            }
+        }
         st.faults.latency_ms
+    };
+    let _in_flight = InFlight {
+        shared: &shared,
+        openid,
     };
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;

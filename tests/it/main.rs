@@ -27,6 +27,7 @@ mod outbox_schema;
 mod pipeline;
 mod reliability;
 mod schema_examples;
+mod shared_pg;
 mod sim_http;
 mod sim_v2;
 mod v2_e2e;

@@ -73,8 +73,11 @@ impl Coordinator {
             let rows = c
                 .query(
                     &format!(
-                        "UPDATE player_leases SET expires_at = {NOW_MS} + $2 WHERE owner = $1 \
-                         RETURNING appid, openid"
+                        "UPDATE player_leases l SET expires_at = {NOW_MS} + $2 FROM ( \
+                           SELECT appid, openid FROM player_leases WHERE owner = $1 \
+                           ORDER BY appid, openid FOR UPDATE) mine \
+                         WHERE l.appid = mine.appid AND l.openid = mine.openid AND l.owner = $1 \
+                         RETURNING l.appid, l.openid"
                     ),
                     &[&&*me, &lease],
                 )

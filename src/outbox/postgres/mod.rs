@@ -33,24 +33,76 @@ pub const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint
 /// Key of the advisory lock that serialises schema set-up between workers.
 const SCHEMA_LOCK: i64 = 0x6d69_6461_735f_7762; // "midas_wb"
 
+/// The server ends a session left idle inside a transaction this long.
+const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(3);
+/// A statement waiting this long for a row lock fails (and is retried).
+const LOCK_TIMEOUT: Duration = Duration::from_secs(3);
+/// No statement runs longer than this.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A driver error in one line with what the server said (tokio-postgres's own
+/// text is only "db error"). Never holds the URL or its password.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
+}
 
 /// Whether `url` names a PostgreSQL outbox.
 pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// Connect (TLS as the URL's `sslmode` says, via rustls with the platform's
-/// roots) and drive the connection on its own task. The password never appears
-/// in errors: tokio-postgres does not echo the URL.
+/// Connect and drive the connection on its own task. TLS as the URL's `sslmode`
+/// says: `require` is TLS through rustls with the certificate verified against
+/// the system's roots and the host name (stricter than libpq's `require`: a
+/// certificate that does not verify is refused); `disable` and `prefer` (the
+/// default) connect in plain text — meant for PostgreSQL on the same host or a
+/// private network, and warned about otherwise. The password never appears in
+/// errors: tokio-postgres does not echo the URL.
 pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
+    use tokio_postgres::config::{Host, SslMode};
     let mut cfg = tokio_postgres::Config::from_str(url.expose())?;
     cfg.connect_timeout(CONNECT_TIMEOUT);
+    // A worker cut off mid-transaction must not keep its row locks (the workers
+    // taking over its players would wait on them): the server ends a session idle
+    // inside a transaction, and a lock wait or statement never blocks a worker for
+    // long. A connection whose peer vanished is noticed by TCP keepalives.
+    cfg.options(&format!(
+        "-c idle_in_transaction_session_timeout={} -c lock_timeout={} -c statement_timeout={}",
+        IDLE_IN_TRANSACTION.as_millis(),
+        LOCK_TIMEOUT.as_millis(),
+        STATEMENT_TIMEOUT.as_millis()
+    ));
+    cfg.keepalives(true);
+    cfg.keepalives_idle(Duration::from_secs(5));
+    cfg.keepalives_interval(Duration::from_secs(2));
+    cfg.keepalives_retries(3);
+    #[cfg(target_os = "linux")]
+    cfg.tcp_user_timeout(Duration::from_secs(10));
     if cfg.get_application_name().is_none() {
         cfg.application_name("midas-worker");
     }
-    let client = if cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Disable {
+    let tls = cfg.get_ssl_mode() == SslMode::Require;
+    if !tls {
+        cfg.ssl_mode(SslMode::Disable);
+        let remote = cfg.get_hosts().iter().any(|h| match h {
+            Host::Tcp(name) => !is_loopback_name(name),
+            #[cfg(unix)]
+            Host::Unix(_) => false,
+        });
+        if remote {
+            tracing::warn!("the PostgreSQL outbox is reached without TLS; add sslmode=require to outbox.url unless the network is private");
+        }
+    }
+    let client = if !tls {
         let (client, conn) = cfg.connect(NoTls).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -71,6 +123,15 @@ pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
         client
     };
     Ok(client)
+}
+
+fn is_loopback_name(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn tls_config() -> Result<rustls::ClientConfig, OutboxError> {

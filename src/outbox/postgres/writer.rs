@@ -276,19 +276,41 @@ async fn commit_batch(
             return Err(e.into());
         }
     };
+    // Workers lock player leases in one order (appid, openid), so two intake
+    // batches rarely wait on each other in a cycle; a request that still loses a
+    // deadlock is run again at once (its savepoint rolled back, its locks freed).
+    batch.sort_by(|a, b| player_key(a).cmp(&player_key(b)));
     let mut answers = Vec::with_capacity(batch.len());
     for req in batch.drain(..) {
         match req {
             Request::Intake(i, s) => {
-                let r = in_savepoint!(tx, sp => intake(&sp, stmts, fence, &i));
+                let mut r = in_savepoint!(tx, sp => intake(&sp, stmts, fence, &i));
+                for _ in 0..RETRIES {
+                    if !is_transient(&r) {
+                        break;
+                    }
+                    r = in_savepoint!(tx, sp => intake(&sp, stmts, fence, &i));
+                }
                 answers.push(Pending::Intake(s, r));
             }
             Request::Record(r, s) => {
-                let out = in_savepoint!(tx, sp => record(&sp, stmts, &r, &fence.me));
+                let mut out = in_savepoint!(tx, sp => record(&sp, stmts, &r, &fence.me));
+                for _ in 0..RETRIES {
+                    if !is_transient(&out) {
+                        break;
+                    }
+                    out = in_savepoint!(tx, sp => record(&sp, stmts, &r, &fence.me));
+                }
                 answers.push(Pending::Record(s, out));
             }
             Request::Mark(marks, s) => {
-                let out = in_savepoint!(tx, sp => mark(&sp, stmts, fence, &marks));
+                let mut out = in_savepoint!(tx, sp => mark(&sp, stmts, fence, &marks));
+                for _ in 0..RETRIES {
+                    if !is_transient(&out) {
+                        break;
+                    }
+                    out = in_savepoint!(tx, sp => mark(&sp, stmts, fence, &marks));
+                }
                 answers.push(Pending::Mark(s, out));
             }
             Request::Published(targets, now) => {
@@ -327,6 +349,31 @@ async fn commit_batch(
             }
             Err(e.into())
         }
+    }
+}
+
+/// How often a request that lost a deadlock is run again within its batch.
+const RETRIES: usize = 3;
+
+/// A deadlock or serialization failure: running the request again may succeed.
+fn is_transient<T>(r: &Result<T, OutboxError>) -> bool {
+    match r {
+        Err(OutboxError::Postgres(e)) => e.code().is_some_and(|c| {
+            *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+        }),
+        _ => false,
+    }
+}
+
+/// Intake requests sort by player; the others keep their place before them.
+fn player_key(r: &Request) -> Option<(&str, &str)> {
+    match r {
+        Request::Intake(i, _) => Some((
+            i.command.params.appid.as_str(),
+            i.command.params.openid.as_str(),
+        )),
+        _ => None,
     }
 }
 
@@ -734,6 +781,6 @@ async fn mark(
 mod tests {
     #[test]
     fn the_lease_sql_judges_expiry_on_the_database_clock() {
-        assert!(super::const_format_lease().contains(super::NOW_MS));
+        assert!(super::const_format_lease().contains(crate::outbox::postgres::NOW_MS));
     }
 }

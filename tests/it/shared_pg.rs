@@ -1,0 +1,311 @@
+//! Several workers, one PostgreSQL outbox: every test runs real workers (in
+//! process or as child processes) against a real PostgreSQL database of its own,
+//! the real RabbitMQ and the simulator over HTTP, and ends by holding the replies
+//! against the simulator's ledger (each bill charged once, every command answered)
+//! and its count of calls that overlapped for one player (must be zero).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use crate::common::pg::TestDb;
+use crate::common::proxy::Proxy;
+use crate::common::*;
+use midas_worker::client::{GameClient, Received};
+use midas_worker::command::Status;
+use midas_worker::sim::Faults;
+
+/// A test's settings on the shared outbox `db`, with a short lease.
+async fn pg_env(name: &str, db: &TestDb) -> TestEnv {
+    let mut env = TestEnv::new(name);
+    env.set("OUTBOX__URL", &db.url);
+    env.set("OUTBOX__LEASE", "5s");
+    env
+}
+
+fn distinct(g: &[Received]) -> usize {
+    g.iter()
+        .map(|r| r.correlation_id.clone())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+async fn collect_all(c: &mut GameClient, want: usize, limit: Duration, got: &mut Vec<Received>) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while distinct(got) < want && tokio::time::Instant::now() < deadline {
+        if let Ok(r) = c.next_reply(Duration::from_secs(2)).await {
+            got.push(r);
+        }
+    }
+}
+
+fn ops_of(sent: &[String]) -> BTreeMap<String, (String, String)> {
+    sent.iter()
+        .map(|b| (b.clone(), ("pay".to_string(), b.clone())))
+        .collect()
+}
+
+/// Per player, the simulator applied the bills in the order given.
+fn assert_applied_in_order(ledger: &midas_worker::sim::LedgerDump, order: &[String]) {
+    let pos: HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.as_str(), i))
+        .collect();
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    for o in ledger.orders.iter().filter(|o| o.op == "pay") {
+        let Some(&p) = pos.get(o.bill_no.as_str()) else {
+            continue;
+        };
+        if let Some(prev) = last.insert(o.openid.as_str(), p) {
+            assert!(
+                prev < p,
+                "player {}: bill #{p} applied after bill #{prev}",
+                o.openid
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_outbox_charge_each_bill_once_in_player_order() {
+    let db = TestDb::new("two").await;
+    let env = pg_env("pg2", &db).await;
+    let sim = env
+        .simulator(Faults {
+            latency_ms: 3,
+            busy_rate: 0.05,
+            ..Faults::default()
+        })
+        .await;
+    let w1 = env.worker(&sim.base_url()).await;
+    let w2 = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let b = unique("P");
+    let sent: Vec<String> = (0..300).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        c.publish(pay(bill, &format!("p{}", i % 15), 1).as_bytes(), bill)
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    collect_all(&mut c, sent.len(), Duration::from_secs(60), &mut got).await;
+    let ledger = sim.ledger();
+    check_ledger_ops(&ops_of(&sent), &got, &ledger);
+    assert!(got.iter().all(|r| r.reply.status == Some(Status::Succeeded)));
+    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    // both workers took part: each holds leases or recorded claims
+    let claimers = db
+        .count("SELECT count(DISTINCT claimed_by) FROM jobs WHERE claimed_by IS NOT NULL")
+        .await;
+    assert!(claimers >= 1);
+    w1.stop().await;
+    w2.stop().await;
+    // a clean stop gives every lease back
+    assert_eq!(db.count("SELECT count(*) FROM player_leases").await, 0);
+    env.cleanup(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_command_sent_to_another_worker_is_a_bill_no_conflict() {
+    let db = TestDb::new("conflict").await;
+    let env_a = pg_env("pga", &db).await;
+    let env_b = pg_env("pgb", &db).await; // its own command and reply queues
+    let sim = env_a
+        .simulator(Faults {
+            latency_ms: 2,
+            ..Faults::default()
+        })
+        .await;
+    let wa = env_a.worker(&sim.base_url()).await;
+    let wb = env_b.worker(&sim.base_url()).await;
+    let mut ca = env_a.client().await;
+    let mut cb = env_b.client().await;
+    let bill = unique("X");
+    ca.publish(pay(&bill, "xo", 7).as_bytes(), "first")
+        .await
+        .unwrap();
+    let r = ca.reply_for("first", Duration::from_secs(20)).await.unwrap();
+    assert_eq!(r.reply.status, Some(Status::Succeeded));
+    // same key, another amount, to the other worker
+    cb.publish(pay(&bill, "xo", 9).as_bytes(), "second")
+        .await
+        .unwrap();
+    let r = cb.reply_for("second", Duration::from_secs(20)).await.unwrap();
+    assert_eq!(r.reply.status, Some(Status::Rejected), "{:?}", r.reply);
+    assert_eq!(r.reply.error.as_deref(), Some("bill_no_conflict"));
+    // the same command again at the other worker joins the original
+    cb.publish(pay(&bill, "xo", 7).as_bytes(), "third")
+        .await
+        .unwrap();
+    let r = cb.reply_for("third", Duration::from_secs(20)).await.unwrap();
+    assert_eq!(r.reply.status, Some(Status::Succeeded));
+    assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1);
+    wa.stop().await;
+    wb.stop().await;
+    env_a.cleanup(&ca).await;
+    env_b.cleanup(&cb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_under_sigkill_and_one_gone_for_good_lose_nothing() {
+    let db = TestDb::new("kill3").await;
+    let env = pg_env("pgk", &db).await;
+    let sim = env
+        .simulator(Faults {
+            latency_ms: 5,
+            busy_rate: 0.05,
+            apply_then_stall_rate: 0.02,
+            ..Faults::default()
+        })
+        .await;
+    let mut children: Vec<Option<std::process::Child>> =
+        (0..3).map(|_| Some(env.spawn_child(&sim.base_url()))).collect();
+    let mut c = env.client().await;
+    let b = unique("K");
+    let sent: Vec<String> = (0..450).map(|i| format!("{b}-{i}")).collect();
+    let mut got = Vec::new();
+    for (wave, chunk) in sent.chunks(90).enumerate() {
+        for (i, bill) in chunk.iter().enumerate() {
+            c.publish(pay(bill, &format!("k{}", i % 30), 1).as_bytes(), bill)
+                .await
+                .unwrap();
+        }
+        // let the workers take some of it, then kill one at an arbitrary instant
+        let until = tokio::time::Instant::now()
+            + Duration::from_millis(300 + rand::random::<u64>() % 700);
+        while tokio::time::Instant::now() < until {
+            if let Ok(r) = c.next_reply(Duration::from_millis(100)).await {
+                got.push(r);
+            }
+        }
+        let victim = (rand::random::<u32>() % 3) as usize;
+        if let Some(mut ch) = children[victim].take() {
+            kill9(&mut ch);
+        }
+        // worker 0 never comes back after the second wave
+        if !(victim == 0 && wave >= 1) {
+            children[victim] = Some(env.spawn_child(&sim.base_url()));
+        }
+    }
+    if let Some(mut ch) = children[0].take() {
+        kill9(&mut ch); // gone for good, with whatever it held
+    }
+    collect_all(&mut c, sent.len(), Duration::from_secs(120), &mut got).await;
+    for ch in children.iter_mut().flatten() {
+        assert!(terminate(ch, Duration::from_secs(20)), "SIGTERM ends a worker");
+    }
+    let ledger = sim.ledger();
+    check_ledger_ops(&ops_of(&sent), &got, &ledger);
+    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE state = 'pending'").await,
+        0
+    );
+    env.cleanup(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_call() {
+    let db = TestDb::new("part").await;
+    let env_a = pg_env("pgpa", &db).await;
+    let env_b = pg_env("pgpb", &db).await;
+    // worker A reaches PostgreSQL through a proxy that will stall
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut env_a = env_a;
+    let via_proxy = db
+        .url
+        .replacen("127.0.0.1:5432", &proxy.url_http().replace("http://", ""), 1);
+    env_a.set("OUTBOX__URL", &via_proxy);
+    let sim = env_a
+        .simulator(Faults {
+            latency_ms: 150,
+            ..Faults::default()
+        })
+        .await;
+    let wa = env_a.worker(&sim.base_url()).await;
+    let wb = env_b.worker(&sim.base_url()).await;
+    let mut ca = env_a.client().await;
+    // 8 players, 10 jobs each, all taken in by A; at 150 ms a call they take ~1.5 s each
+    let b = unique("Q");
+    let sent: Vec<String> = (0..80).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        ca.publish(pay(bill, &format!("q{}", i % 8), 1).as_bytes(), bill)
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        got.push(ca.next_reply(Duration::from_secs(20)).await.unwrap());
+    }
+    // cut A off from PostgreSQL (connections stay open, nothing moves)
+    proxy.stall();
+    let t0 = tokio::time::Instant::now();
+    // B takes the players over once A's leases run out
+    let taken = eventually(Duration::from_secs(30), || {
+        sim.ledger().orders.len() >= got.len() + 16
+    })
+    .await;
+    let took = t0.elapsed();
+    assert!(taken, "another worker took over A's players");
+    proxy.unstall();
+    collect_all(&mut ca, sent.len(), Duration::from_secs(60), &mut got).await;
+    let ledger = sim.ledger();
+    check_ledger_ops(&ops_of(&sent), &got, &ledger);
+    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert!(
+        took < Duration::from_secs(5 + 10),
+        "taken over within the lease plus a look ({took:?})"
+    );
+    wa.stop().await;
+    wb.stop().await;
+    env_a.cleanup(&ca).await;
+}
+
+/// Commands for one player that reach different workers, each accepted before the
+/// next is sent, run in that order: the worker holding the player loads the ones
+/// another worker took in, in arrival order, behind a slow Midas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_players_commands_run_in_arrival_order_whichever_worker_took_them_in() {
+    let db = TestDb::new("order").await;
+    let env_a = pg_env("pgoa", &db).await;
+    let env_b = pg_env("pgob", &db).await;
+    let sim = env_a
+        .simulator(Faults {
+            latency_ms: 60,
+            busy_rate: 0.1,
+            ..Faults::default()
+        })
+        .await;
+    let wa = env_a.worker(&sim.base_url()).await;
+    let wb = env_b.worker(&sim.base_url()).await;
+    let mut ca = env_a.client().await;
+    let mut cb = env_b.client().await;
+    let b = unique("O");
+    let sent: Vec<String> = (0..60).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        let c = if rand::random::<bool>() { &ca } else { &cb };
+        c.publish(pay(bill, &format!("o{}", i % 3), 1).as_bytes(), bill)
+            .await
+            .unwrap();
+        // accepted (durable) well before the next one is sent
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while distinct(&got) < sent.len() && tokio::time::Instant::now() < deadline {
+        if let Ok(r) = ca.next_reply(Duration::from_millis(200)).await {
+            got.push(r);
+        }
+        if let Ok(r) = cb.next_reply(Duration::from_millis(200)).await {
+            got.push(r);
+        }
+    }
+    let ledger = sim.ledger();
+    check_ledger_ops(&ops_of(&sent), &got, &ledger);
+    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert_applied_in_order(&ledger, &sent);
+    wa.stop().await;
+    wb.stop().await;
+    env_a.cleanup(&ca).await;
+    env_b.cleanup(&cb).await;
+}
