@@ -76,7 +76,8 @@ impl JobFilter {
     }
 }
 
-const JOB_COLS: &str = "j.id, j.op, j.bill_no, j.appid, j.openid, j.request, j.state, j.attempts, \
+pub(crate) const JOB_COLS: &str =
+    "j.id, j.op, j.bill_no, j.appid, j.openid, j.request, j.state, j.attempts, \
      j.next_attempt_at, j.first_attempt_at, j.last_errcode, j.last_error, j.result, \
      j.received_at, j.updated_at, j.finished_at";
 
