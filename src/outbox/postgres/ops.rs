@@ -31,9 +31,31 @@ use crate::secret::SecretUrl;
 /// A parameter of a built query.
 pub(crate) type Arg = Box<dyn ToSql + Sync + Send>;
 
+/// A current-thread runtime that may be dropped anywhere: inside another runtime
+/// (the tests) a plain drop would panic, so it is shut down in the background.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Rt {
+    fn new() -> Result<Rt, OutboxError> {
+        Ok(Rt(Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        )))
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// One operator connection to a PostgreSQL outbox.
 pub struct PgStore {
-    rt: tokio::runtime::Runtime,
+    rt: Rt,
     client: Client,
     url: SecretUrl,
 }
@@ -44,9 +66,7 @@ impl PgStore {
     /// `write`, the schema is also brought up to date (idempotent), as the SQLite
     /// write path does.
     pub fn connect(url: &SecretUrl, write: bool) -> Result<PgStore, OutboxError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = Rt::new()?;
         let client = block(&rt, super::connect(url))?;
         let mut s = PgStore {
             rt,
@@ -72,9 +92,7 @@ impl PgStore {
     /// Connect and apply the schema (creating the tables in an empty database):
     /// the target of `outbox migrate`.
     pub fn open(url: &SecretUrl) -> Result<PgStore, OutboxError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = Rt::new()?;
         let client = block(&rt, super::open(url))?;
         Ok(PgStore {
             rt,
@@ -161,11 +179,14 @@ impl PgStore {
 }
 
 /// `rt.block_on(f)`, from a thread of its own when this thread is inside a runtime.
-fn block<F>(rt: &tokio::runtime::Runtime, f: F) -> F::Output
+fn block<F>(rt: &Rt, f: F) -> F::Output
 where
     F: Future + Send,
     F::Output: Send,
 {
+    let Some(rt) = rt.0.as_ref() else {
+        unreachable!("the runtime is only taken when the store is dropped")
+    };
     if tokio::runtime::Handle::try_current().is_err() {
         return rt.block_on(f);
     }
