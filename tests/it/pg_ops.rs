@@ -445,6 +445,15 @@ async fn a_database_without_an_outbox_is_reported_like_a_missing_file() {
     let msg = e.to_string();
     assert!(msg.contains("(is outbox.url right?)"), "{msg}");
     assert!(!msg.contains("pw-s3cret"), "{msg}");
+    // a database that is not there: what the server said, on one line
+    let gone = pg_settings(&plain(&db.url.replace(&db.name, "mw_no_such_database")));
+    let e = err(&gone, &["stats"]);
+    assert_eq!(e.exit_code(), 1);
+    assert!(
+        e.to_string()
+            .contains("\"mw_no_such_database\" does not exist"),
+        "{e}"
+    );
     // a read did not create the schema
     assert_eq!(
         db.count("SELECT count(*) FROM information_schema.tables WHERE table_name = 'jobs'")

@@ -83,8 +83,24 @@ impl From<OutboxError> for AuditError {
         match e {
             OutboxError::Missing { path } => AuditError::MissingDatabase { path },
             OutboxError::Sqlite(e) => AuditError::Database(e),
-            OutboxError::Postgres(e) => AuditError::Postgres(one_line(&e.to_string()).into_owned()),
+            OutboxError::Postgres(e) => AuditError::Postgres(pg_message(&e)),
             other => AuditError::Outbox(other),
         }
     }
+}
+
+/// A PostgreSQL error as one line: tokio-postgres prints only "db error" for what
+/// the server said (the server's message is its source), so the chain is joined.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !msg.contains(&part) {
+            msg.push_str(": ");
+            msg.push_str(&part);
+        }
+        source = s.source();
+    }
+    one_line(&msg).into_owned()
 }
