@@ -1,11 +1,12 @@
-//! The operator's interface to the outbox: every statement the `outbox` CLI verbs run
-//! on `jobs`, `reply_targets`, `attempts` and `operator_actions`, in one place.
+//! The operator's statements on the SQLite outbox: every statement the `outbox` CLI
+//! verbs run on `jobs`, `reply_targets`, `attempts` and `operator_actions`, and the
+//! row types both engines answer with.
 //!
-//! The verbs (`crate::cli::outbox`) hold no SQL: they parse arguments, call these
-//! functions on a connection (read-only, or an `IMMEDIATE` transaction for writes)
-//! and render the rows. Keeping the statements here means a second outbox backend
-//! (a shared database for several workers) has one interface to implement. Nothing
-//! here selects `session_key`.
+//! The verbs (`crate::cli::outbox`) hold no SQL: they call [`super::store::Store`],
+//! which runs these functions on a SQLite connection (read-only, or an `IMMEDIATE`
+//! transaction for writes) or their PostgreSQL counterparts
+//! ([`super::postgres::ops`]) on the shared outbox. Nothing here selects
+//! `session_key`.
 
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
