@@ -14,10 +14,12 @@
 //! WAL and shared-memory files 0600 on Unix).
 
 pub mod handle;
+pub mod migrate;
 pub mod operator;
 pub mod postgres;
 pub mod query;
 pub mod schema;
+pub mod store;
 pub mod writer;
 
 use std::path::{Path, PathBuf};

@@ -1,11 +1,12 @@
-//! The operator's interface to the outbox: every statement the `outbox` CLI verbs run
-//! on `jobs`, `reply_targets`, `attempts` and `operator_actions`, in one place.
+//! The operator's statements on the SQLite outbox: every statement the `outbox` CLI
+//! verbs run on `jobs`, `reply_targets`, `attempts` and `operator_actions`, and the
+//! row types both engines answer with.
 //!
-//! The verbs (`crate::cli::outbox`) hold no SQL: they parse arguments, call these
-//! functions on a connection (read-only, or an `IMMEDIATE` transaction for writes)
-//! and render the rows. Keeping the statements here means a second outbox backend
-//! (a shared database for several workers) has one interface to implement. Nothing
-//! here selects `session_key`.
+//! The verbs (`crate::cli::outbox`) hold no SQL: they call [`super::store::Store`],
+//! which runs these functions on a SQLite connection (read-only, or an `IMMEDIATE`
+//! transaction for writes) or their PostgreSQL counterparts
+//! ([`super::postgres::ops`]) on the shared outbox. Nothing here selects
+//! `session_key`.
 
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
@@ -76,7 +77,8 @@ impl JobFilter {
     }
 }
 
-const JOB_COLS: &str = "j.id, j.op, j.bill_no, j.appid, j.openid, j.request, j.state, j.attempts, \
+pub(crate) const JOB_COLS: &str =
+    "j.id, j.op, j.bill_no, j.appid, j.openid, j.request, j.state, j.attempts, \
      j.next_attempt_at, j.first_attempt_at, j.last_errcode, j.last_error, j.result, \
      j.received_at, j.updated_at, j.finished_at";
 

@@ -20,7 +20,13 @@ impl TestDb {
     pub async fn new(tag: &str) -> TestDb {
         let name: String = format!("mw_{}_{}", tag, rand::random::<u32>())
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
             .take(60)
             .collect();
         let admin = client(&admin_url()).await;
@@ -30,7 +36,9 @@ impl TestDb {
             .expect("create the test database");
         let base = admin_url();
         // MIDAS_TEST_PG_URL names a database: swap it for this test's
-        let cut = base.rfind('/').expect("MIDAS_TEST_PG_URL ends with /<database>");
+        let cut = base
+            .rfind('/')
+            .expect("MIDAS_TEST_PG_URL ends with /<database>");
         let url = format!("{}/{name}", &base[..cut]);
         TestDb { name, url }
     }

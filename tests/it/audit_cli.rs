@@ -32,7 +32,7 @@ struct Cli {
     cmd: OutboxCmd,
 }
 
-fn settings_for(path: &Path) -> Settings {
+pub(crate) fn settings_for(path: &Path) -> Settings {
     let env: BTreeMap<String, String> = [(
         "MIDAS_WORKER__OUTBOX__PATH".to_string(),
         path.display().to_string(),
@@ -42,7 +42,7 @@ fn settings_for(path: &Path) -> Settings {
 }
 
 /// Run `outbox <args>`; the output, and the error if any.
-fn outbox(s: &Settings, args: &[&str]) -> (Result<(), AuditError>, String) {
+pub(crate) fn outbox(s: &Settings, args: &[&str]) -> (Result<(), AuditError>, String) {
     let cli = Cli::try_parse_from(std::iter::once("outbox").chain(args.iter().copied()))
         .unwrap_or_else(|e| panic!("outbox {args:?}: {e}"));
     let mut out = Vec::new();
@@ -60,7 +60,7 @@ fn outbox(s: &Settings, args: &[&str]) -> (Result<(), AuditError>, String) {
     (r, text)
 }
 
-fn ok(s: &Settings, args: &[&str]) -> String {
+pub(crate) fn ok(s: &Settings, args: &[&str]) -> String {
     let (r, text) = outbox(s, args);
     if let Err(e) = r {
         panic!("outbox {args:?} failed: {e}\n{text}");
@@ -68,7 +68,7 @@ fn ok(s: &Settings, args: &[&str]) -> String {
     text
 }
 
-fn err(s: &Settings, args: &[&str]) -> AuditError {
+pub(crate) fn err(s: &Settings, args: &[&str]) -> AuditError {
     match outbox(s, args) {
         (Err(e), _) => e,
         (Ok(()), text) => panic!("outbox {args:?} should fail; printed:\n{text}"),
@@ -110,14 +110,14 @@ fn params(op: Op, bill_no: &str, openid: &str) -> Params {
     }
 }
 
-struct Fixture {
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
-    path: PathBuf,
-    settings: Settings,
+    pub(crate) path: PathBuf,
+    pub(crate) settings: Settings,
 }
 
 impl Fixture {
-    fn conn(&self) -> Connection {
+    pub(crate) fn conn(&self) -> Connection {
         Connection::open(&self.path).expect("open outbox")
     }
 
@@ -237,7 +237,7 @@ fn reply(bill_no: &str, status: &str, errcode: i64, attempts: u32) -> Value {
 /// | B-CXL    | pay        | succeeded                                             |
 /// | B-CXL    | cancel_pay | -1 → unknown                                          |
 /// | B-RET    | pay        | succeeded; reply returned (no such queue)             |
-async fn fixture() -> Fixture {
+pub(crate) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("data").join("outbox.sqlite");
     let settings = settings_for(&path);

@@ -24,6 +24,7 @@ mod http_limits;
 mod midas_http_hardening;
 mod ops;
 mod outbox_schema;
+mod pg_ops;
 mod pipeline;
 mod reliability;
 mod schema_examples;

@@ -10,17 +10,19 @@
 
 use std::io::{self, Write};
 
-use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 use serde_json::json;
 
 use super::fmt::{clean, table};
 use super::retry::retry_refusal;
-use super::{actor_name, job_filter, record_action, AuditError, Confirm, Filters, Operator};
+use super::{
+    actor_name, job_filter, open_read, open_write, record_action, AuditError, Confirm, Filters,
+    Operator,
+};
 use crate::command::now_ms;
 use crate::config::Settings;
-use crate::outbox::operator::{self, JobRow};
-use crate::outbox::{open_existing_rw, open_ro};
+use crate::outbox::operator::JobRow;
+use crate::outbox::store::Tx;
 
 /// Jobs listed one by one in the text rendering; `--json` lists them all.
 const TEXT_ROWS: usize = 20;
@@ -98,12 +100,12 @@ fn describe(f: &Filters, bill_no: Option<&str>) -> String {
 }
 
 fn matching(
-    c: &Connection,
+    c: &Tx<'_>,
     f: &Filters,
     bill_no: Option<&str>,
     now: i64,
 ) -> Result<Vec<JobRow>, AuditError> {
-    Ok(operator::jobs(c, &job_filter(f, now, bill_no)?)?)
+    Ok(c.jobs(&job_filter(f, now, bill_no)?)?)
 }
 
 fn plan(action: BulkAction, jobs: Vec<JobRow>, now: i64) -> Vec<(JobRow, Option<String>)> {
@@ -119,14 +121,11 @@ fn plan(action: BulkAction, jobs: Vec<JobRow>, now: i64) -> Vec<(JobRow, Option<
         .collect()
 }
 
-fn count_targets(
-    c: &Connection,
-    planned: &[(JobRow, Option<String>)],
-) -> Result<usize, AuditError> {
+fn count_targets(c: &Tx<'_>, planned: &[(JobRow, Option<String>)]) -> Result<usize, AuditError> {
     let mut n = 0usize;
     for (j, why) in planned {
         if why.is_none() {
-            n += usize::try_from(operator::count_targets(c, j.id)?).unwrap_or(0);
+            n += usize::try_from(c.count_targets(j.id)?).unwrap_or(0);
         }
     }
     Ok(n)
@@ -293,8 +292,8 @@ pub fn run(
     if confirm.dry_run || !(confirm.yes || bill_no.is_some()) {
         // validate the filters before touching the database
         job_filter(f, now, bill_no)?;
-        let conn = open_ro(&settings.config.outbox.path)?;
-        let tx = conn.unchecked_transaction()?; // one snapshot for the jobs and their targets
+        let mut store = open_read(settings)?;
+        let tx = store.read()?; // one snapshot for the jobs and their targets
         let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
         let targets = count_targets(&tx, &planned)?;
         drop(tx);
@@ -317,8 +316,8 @@ pub fn run(
     }
 
     job_filter(f, now, bill_no)?;
-    let mut conn = open_existing_rw(&settings.config.outbox.path)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut store = open_write(settings)?;
+    let tx = store.write()?;
     let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
     let actor = actor_name(who);
     let mut targets = 0usize;
@@ -327,13 +326,13 @@ pub fn run(
             if why.is_some() {
                 continue;
             }
-            if action == BulkAction::Retry && !operator::reopen(&tx, j.id, now)? {
+            if action == BulkAction::Retry && !tx.reopen(j.id, now)? {
                 return Err(AuditError::Refused(format!(
                     "job {} changed while re-opening it; nothing was changed, look again with `outbox list`",
                     j.id
                 )));
             }
-            let n = operator::requeue_replies(&tx, j.id, false)?;
+            let n = tx.requeue_replies(j.id, false)?;
             targets += n;
             let detail = json!({
                 "job_id": j.id,

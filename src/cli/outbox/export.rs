@@ -7,11 +7,10 @@ use std::io::{self, BufWriter, Write};
 use serde_json::{json, Value as Json};
 
 use super::fmt::{csv_field, csv_text, opt_time, redact, stored_json, stored_json_text};
-use super::{job_filter, AuditError, ExportFormat, Filters};
+use super::{job_filter, open_read, AuditError, ExportFormat, Filters};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
-use crate::outbox::open_ro;
-use crate::outbox::operator::{self, ExportRow};
+use crate::outbox::operator::ExportRow;
 
 const EXPORT_COLS: [&str; 13] = [
     "id",
@@ -40,12 +39,12 @@ pub(super) fn export(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let filter = job_filter(f, now_ms(), None)?;
-    let conn = open_ro(&settings.config.outbox.path)?;
+    let store = open_read(settings)?;
     let mut w = BufWriter::with_capacity(64 * 1024, out);
     if format == ExportFormat::Csv {
         writeln!(w, "{}", EXPORT_COLS.join(","))?;
     }
-    operator::export_each(&conn, &filter, |row| -> Result<(), AuditError> {
+    store.export_each(&filter, |row| -> Result<(), AuditError> {
         let ExportRow {
             id,
             op,

@@ -6,11 +6,10 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use super::fmt::{clean, dash, redact, rfc3339_s, table};
-use super::{job_filter, AuditError, ListArgs};
+use super::{job_filter, open_read, AuditError, ListArgs};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
-use crate::outbox::open_ro;
-use crate::outbox::operator::{self, ListRow};
+use crate::outbox::operator::ListRow;
 
 /// One job of `outbox list`: the `--json` array holds these, and the table is
 /// rendered from them.
@@ -65,8 +64,9 @@ pub(super) fn list(
 ) -> Result<(), AuditError> {
     let now = now_ms();
     let filter = job_filter(&a.filters, now, None)?;
-    let conn = open_ro(&settings.config.outbox.path)?;
-    let items: Vec<ListItem> = operator::list(&conn, &filter, (a.limit != 0).then_some(a.limit))?
+    let store = open_read(settings)?;
+    let items: Vec<ListItem> = store
+        .list(&filter, (a.limit != 0).then_some(a.limit))?
         .into_iter()
         .map(ListItem::from)
         .collect();

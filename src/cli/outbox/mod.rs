@@ -7,10 +7,13 @@
 //! old final jobs (`prune`). Every action is recorded in `operator_actions`.
 //!
 //! One file per verb; this one holds the arguments, the errors and what the verbs
-//! share. The verbs hold no SQL: they call [`crate::outbox::operator`]. Reads use
-//! their own read-only connection (WAL: safe while the worker writes). Writes are
-//! short `IMMEDIATE` transactions that re-check the state they change, so they cannot
-//! race the worker's writer. Nothing here reads `session_key`, and free text is
+//! share. The verbs hold no SQL: they call [`crate::outbox::store::Store`], which
+//! runs them on the SQLite file (`outbox.path`) or on the shared PostgreSQL outbox
+//! (`outbox.url`) alike. Reads use their own read-only connection (WAL: safe while
+//! the worker writes). Writes are short transactions (SQLite `IMMEDIATE`,
+//! PostgreSQL `SELECT … FOR UPDATE`) that re-check the state they change, so they
+//! cannot race the worker's writer. `migrate` copies a SQLite outbox into a new
+//! PostgreSQL one. Nothing here reads `session_key`, and free text is
 //! scrubbed of anything that looks like a token before it is printed.
 //!
 //! Orders are keyed by (appid, op, bill_no): a verb given a bill_no that several apps
@@ -18,10 +21,12 @@
 //! by filters ([`bulk`]), only after showing what they would do.
 
 mod bulk;
+mod error;
 mod export;
 mod filter;
 mod fmt;
 mod list;
+mod migrate;
 mod prune;
 mod republish;
 mod retry;
@@ -32,12 +37,14 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use rusqlite::Connection;
 use serde_json::Value as Json;
 
 use crate::config::Settings;
-use crate::outbox::operator::{self, JobRow};
-use crate::outbox::OutboxError;
+use crate::outbox::operator::JobRow;
+use crate::outbox::store::{Store, Tx};
+use crate::outbox::Location;
+use crate::secret::SecretUrl;
+pub use error::AuditError;
 use filter::{check_op, job_filter};
 use fmt::{clean, one_line};
 
@@ -130,6 +137,28 @@ pub enum OutboxCmd {
         #[command(flatten)]
         who: Operator,
     },
+    /// Copy the SQLite outbox (`outbox.path`) into a new, empty PostgreSQL outbox,
+    /// keeping every job, reply target, attempt and operator action with its id.
+    ///
+    /// STOP THE WORKER FIRST: what it writes to the SQLite file after the copy is
+    /// not carried over. The copy is one transaction (all or nothing); a target
+    /// that already holds rows is refused. Pending jobs are picked up by the first
+    /// worker started with `outbox.url` set to the new outbox. The SQLite file is
+    /// left as it was.
+    Migrate {
+        /// The PostgreSQL outbox, `postgres://user:password@host/db` (schema applied
+        /// if missing). Printed with its password masked; prefer the environment
+        /// variable to keep the password out of the process list.
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "MIDAS_WORKER_MIGRATE_TO",
+            hide_env_values = true
+        )]
+        to: SecretUrl,
+        #[command(flatten)]
+        who: Operator,
+    },
 }
 
 /// Filters shared by `list` and `export`.
@@ -207,76 +236,22 @@ pub enum ExportFormat {
     Csv,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AuditError {
-    #[error("outbox database {path} does not exist (is outbox.path right?)")]
-    MissingDatabase { path: String },
-    #[error("no job with bill_no {bill_no}{}{}", op_suffix(.op), appid_suffix(.appid))]
-    UnknownBillNo {
-        bill_no: String,
-        op: Option<String>,
-        appid: Option<String>,
-    },
-    #[error("bad {flag} {value:?}: expected {expected}")]
-    BadFilter {
-        flag: &'static str,
-        value: String,
-        expected: String,
-    },
-    /// Bad usage of a verb (missing or conflicting arguments).
-    #[error("{0}")]
-    Usage(String),
-    /// The action was refused; the message says why and what to do instead.
-    #[error("{0}")]
-    Refused(String),
-    #[error("outbox database error: {0}")]
-    Database(#[from] rusqlite::Error),
-    #[error("{0}")]
-    Outbox(OutboxError),
-    #[error("cannot write the output: {0}")]
-    Output(#[from] io::Error),
+/// Where the verbs find the outbox: `outbox.url` (PostgreSQL) or `outbox.path`.
+fn location(settings: &Settings) -> Location {
+    Location::of(&settings.config.outbox)
 }
 
-fn appid_suffix(appid: &Option<String>) -> String {
-    appid
-        .as_ref()
-        .map(|a| format!(" for appid {a}"))
-        .unwrap_or_default()
+/// Open the outbox for reading.
+fn open_read(settings: &Settings) -> Result<Store, AuditError> {
+    Ok(Store::open_ro(&location(settings))?)
 }
 
-fn op_suffix(op: &Option<String>) -> String {
-    op.as_ref()
-        .map(|o| format!(" and op {o}"))
-        .unwrap_or_default()
+/// Open the outbox for an operator's write.
+fn open_write(settings: &Settings) -> Result<Store, AuditError> {
+    Ok(Store::open_rw(&location(settings))?)
 }
 
-impl AuditError {
-    /// 2: unknown bill_no, bad filter or usage, missing database. 1: anything else.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            AuditError::MissingDatabase { .. }
-            | AuditError::UnknownBillNo { .. }
-            | AuditError::BadFilter { .. }
-            | AuditError::Usage(_) => 2,
-            AuditError::Refused(_)
-            | AuditError::Database(_)
-            | AuditError::Outbox(_)
-            | AuditError::Output(_) => 1,
-        }
-    }
-}
-
-impl From<OutboxError> for AuditError {
-    fn from(e: OutboxError) -> Self {
-        match e {
-            OutboxError::Missing { path } => AuditError::MissingDatabase { path },
-            OutboxError::Sqlite(e) => AuditError::Database(e),
-            other => AuditError::Outbox(other),
-        }
-    }
-}
-
-/// Run one `outbox` verb against `settings.config.outbox.path`, writing to `out`.
+/// Run one `outbox` verb against the configured outbox, writing to `out`.
 pub fn run(cmd: &OutboxCmd, settings: &Settings, out: &mut dyn Write) -> Result<(), AuditError> {
     let r = match cmd {
         OutboxCmd::List(a) => list::list(a, settings, out),
@@ -326,6 +301,7 @@ pub fn run(cmd: &OutboxCmd, settings: &Settings, out: &mut dyn Write) -> Result<
             dry_run,
             who,
         } => prune::prune(older_than.as_deref(), *dry_run, who, settings, out),
+        OutboxCmd::Migrate { to, who } => migrate::migrate(to, who, settings, out),
     };
     match r {
         // `outbox export | head`: the reader left; that is not a failure.
@@ -452,21 +428,14 @@ fn actor_name(who: &Operator) -> String {
 
 /// Record an operator action (in the caller's transaction).
 fn record_action(
-    c: &Connection,
+    tx: &Tx<'_>,
     at: i64,
     actor: &str,
     action: &str,
     target: &str,
     detail: &Json,
 ) -> Result<(), AuditError> {
-    Ok(operator::record_action(
-        c,
-        at,
-        actor,
-        action,
-        target,
-        &detail.to_string(),
-    )?)
+    Ok(tx.record_action(at, actor, action, target, &detail.to_string())?)
 }
 
 fn refused(msg: impl Into<String>) -> AuditError {

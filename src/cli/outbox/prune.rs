@@ -7,10 +7,11 @@ use std::io::Write;
 use serde_json::json;
 
 use super::fmt::{fmt_dur, rfc3339_s};
-use super::{actor_name, record_action, refused, AuditError, Operator, MIN_PRUNE_AGE, PRUNE_BATCH};
+use super::{
+    actor_name, open_read, open_write, refused, AuditError, Operator, MIN_PRUNE_AGE, PRUNE_BATCH,
+};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
-use crate::outbox::{open_existing_rw, open_ro, operator};
 
 pub(super) fn prune(
     older_than: Option<&str>,
@@ -38,8 +39,7 @@ pub(super) fn prune(
     let older = fmt_dur(age_limit);
 
     if dry_run {
-        let conn = open_ro(&settings.config.outbox.path)?;
-        let n = operator::prunable(&conn, cutoff)?;
+        let n = open_read(settings)?.prunable(cutoff)?;
         writeln!(
             out,
             "dry run: would delete {n} final job{} finished before {} (older than {older}), with their attempts and reply targets; pending jobs are never pruned",
@@ -49,14 +49,14 @@ pub(super) fn prune(
         return Ok(());
     }
 
-    let mut conn = open_existing_rw(&settings.config.outbox.path)?;
-    if !operator::foreign_keys_on(&conn)? {
+    let mut store = open_write(settings)?;
+    if !store.foreign_keys_on()? {
         return Err(refused("foreign keys are off on this connection; refusing to prune (attempts and reply targets would be left behind)"));
     }
     let mut deleted: i64 = 0;
     let outcome = (|| -> Result<(), AuditError> {
         loop {
-            let n = operator::prune_batch(&mut conn, cutoff, PRUNE_BATCH)?;
+            let n = store.prune_batch(cutoff, PRUNE_BATCH)?;
             deleted += n;
             if n < PRUNE_BATCH {
                 return Ok(());
@@ -71,13 +71,12 @@ pub(super) fn prune(
         "error": outcome.as_ref().err().map(|e| e.to_string()),
     });
     // Recorded even after a partial failure: the rows already deleted are gone.
-    record_action(
-        &conn,
+    store.record_action(
         now,
         &actor_name(who),
         "prune",
         &format!("finished_before:{}", rfc3339_ms(cutoff)),
-        &detail,
+        &detail.to_string(),
     )?;
     outcome?;
     writeln!(

@@ -4,14 +4,14 @@
 
 use std::io::Write;
 
-use rusqlite::TransactionBehavior;
 use serde_json::json;
 
-use super::{actor_name, check_op, record_action, refused, select, AuditError, Filters, Operator};
+use super::{
+    actor_name, check_op, open_write, record_action, refused, select, AuditError, Filters, Operator,
+};
 use crate::command::now_ms;
 use crate::config::Settings;
-use crate::outbox::open_existing_rw;
-use crate::outbox::operator::{self, JobRow};
+use crate::outbox::operator::JobRow;
 
 pub(super) fn republish(
     bill_no: &str,
@@ -24,10 +24,10 @@ pub(super) fn republish(
     if let Some(op) = op {
         check_op(op)?;
     }
-    let mut conn = open_existing_rw(&settings.config.outbox.path)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut store = open_write(settings)?;
+    let tx = store.write()?;
     let now = now_ms();
-    let all = operator::jobs_by_bill_no(&tx, bill_no, appid)?;
+    let all = tx.jobs_by_bill_no(bill_no, appid)?;
     let matching = select(&all, bill_no, op, appid)?;
     let finals: Vec<&JobRow> = matching.iter().copied().filter(|j| j.is_final()).collect();
     if finals.is_empty() {
@@ -40,7 +40,7 @@ pub(super) fn republish(
     let mut queued = 0usize;
     {
         for j in &finals {
-            let n = operator::requeue_replies(&tx, j.id, true)?;
+            let n = tx.requeue_replies(j.id, true)?;
             queued += n;
             let detail = json!({
                 "job_id": j.id,

@@ -5,18 +5,17 @@
 
 use std::io::Write;
 
-use rusqlite::TransactionBehavior;
 use serde_json::json;
 
 use super::fmt::clean;
 use super::{
-    actor_name, check_op, pick, record_action, refused, AuditError, Filters, Operator, RETRY_WINDOW,
+    actor_name, check_op, open_write, pick, record_action, refused, AuditError, Filters, Operator,
+    RETRY_WINDOW,
 };
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
 use crate::midas::errcode::{MP_SIG_WRONG, NO_PERMISSION, SESSION_EXPIRED, SIG_WRONG};
-use crate::outbox::open_existing_rw;
-use crate::outbox::operator::{self, JobRow};
+use crate::outbox::operator::JobRow;
 
 /// Why retrying this job cannot help (or would be unsafe), if so.
 pub(super) fn retry_refusal(j: &JobRow, now: i64) -> Option<String> {
@@ -71,20 +70,20 @@ pub(super) fn retry(
     if let Some(op) = op {
         check_op(op)?;
     }
-    let mut conn = open_existing_rw(&settings.config.outbox.path)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let jobs = operator::jobs_by_bill_no(&tx, bill_no, appid)?;
+    let mut store = open_write(settings)?;
+    let tx = store.write()?;
+    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
     let j = pick(&jobs, bill_no, op, appid)?;
     let now = now_ms();
     if let Some(why) = retry_refusal(j, now) {
         return Err(AuditError::Refused(why));
     }
-    if !operator::reopen(&tx, j.id, now)? {
+    if !tx.reopen(j.id, now)? {
         return Err(refused(
             "the job changed while retrying it; look again with `outbox show`",
         ));
     }
-    let targets = operator::requeue_replies(&tx, j.id, false)?;
+    let targets = tx.requeue_replies(j.id, false)?;
     let detail = json!({
         "op": j.op,
         "job_id": j.id,

@@ -8,12 +8,11 @@ use serde::Serialize;
 use serde_json::Value as Json;
 
 use super::fmt::{age, clean, dash, redact, stored_json, stored_json_text, table};
-use super::{select, AuditError, RETRY_WINDOW};
+use super::{open_read, select, AuditError, RETRY_WINDOW};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
 use crate::midas::errcode::{MP_SIG_WRONG, NO_PERMISSION, SESSION_EXPIRED, SIG_WRONG};
-use crate::outbox::open_ro;
-use crate::outbox::operator::{self, ActionRow, CallRow, JobRow, TargetRow};
+use crate::outbox::operator::{ActionRow, CallRow, JobRow, TargetRow};
 
 fn target_status(t: &TargetRow, job_final: bool) -> String {
     match (t.published_at, t.returned) {
@@ -245,20 +244,17 @@ pub(super) fn show(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
-    let conn = open_ro(&settings.config.outbox.path)?;
-    let tx = conn.unchecked_transaction()?; // one consistent snapshot
-    let jobs = operator::jobs_by_bill_no(&tx, bill_no, appid)?;
+    let mut store = open_read(settings)?;
+    let tx = store.read()?; // one consistent snapshot
+    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
     select(&jobs, bill_no, None, appid)?;
     let now = now_ms();
     let mut views = Vec::with_capacity(jobs.len());
     for j in jobs {
-        let (targets, calls) = (
-            operator::targets_of(&tx, j.id)?,
-            operator::calls_of(&tx, j.id)?,
-        );
+        let (targets, calls) = (tx.targets_of(j.id)?, tx.calls_of(j.id)?);
         views.push(job_view(j, targets, calls, settings, now));
     }
-    let actions = operator::actions_on(&tx, bill_no, appid)?;
+    let actions = tx.actions_on(bill_no, appid)?;
     drop(tx);
     let view = ShowView {
         bill_no: bill_no.to_string(),

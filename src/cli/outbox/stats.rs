@@ -7,10 +7,10 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use super::fmt::{age, clean, rfc3339_s, table};
-use super::{AuditError, OPS, STATES};
+use super::{open_read, AuditError, OPS, STATES};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
-use crate::outbox::{open_ro, operator};
+use crate::outbox::operator;
 
 /// Nearest-rank percentile over a histogram sorted by value.
 fn percentile(hist: &[(i64, i64)], total: i64, p: f64) -> Option<i64> {
@@ -160,8 +160,8 @@ pub(super) fn stats(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
-    let conn = open_ro(&settings.config.outbox.path)?;
-    let view = StatsView::new(operator::stats(&conn)?, now_ms());
+    let store = open_read(settings)?;
+    let view = StatsView::new(store.stats()?, now_ms());
     if as_json {
         serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
         writeln!(out)?;
