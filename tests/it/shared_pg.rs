@@ -91,8 +91,13 @@ async fn two_workers_on_one_outbox_charge_each_bill_once_in_player_order() {
     collect_all(&mut c, sent.len(), Duration::from_secs(60), &mut got).await;
     let ledger = sim.ledger();
     check_ledger_ops(&ops_of(&sent), &got, &ledger);
-    assert!(got.iter().all(|r| r.reply.status == Some(Status::Succeeded)));
-    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert!(got
+        .iter()
+        .all(|r| r.reply.status == Some(Status::Succeeded)));
+    assert_eq!(
+        ledger.overlapping_calls, 0,
+        "two calls for one player at once"
+    );
     // both workers took part: each holds leases or recorded claims
     let claimers = db
         .count("SELECT count(DISTINCT claimed_by) FROM jobs WHERE claimed_by IS NOT NULL")
@@ -124,20 +129,29 @@ async fn a_conflicting_command_sent_to_another_worker_is_a_bill_no_conflict() {
     ca.publish(pay(&bill, "xo", 7).as_bytes(), "first")
         .await
         .unwrap();
-    let r = ca.reply_for("first", Duration::from_secs(20)).await.unwrap();
+    let r = ca
+        .reply_for("first", Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(r.reply.status, Some(Status::Succeeded));
     // same key, another amount, to the other worker
     cb.publish(pay(&bill, "xo", 9).as_bytes(), "second")
         .await
         .unwrap();
-    let r = cb.reply_for("second", Duration::from_secs(20)).await.unwrap();
+    let r = cb
+        .reply_for("second", Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(r.reply.status, Some(Status::Rejected), "{:?}", r.reply);
     assert_eq!(r.reply.error.as_deref(), Some("bill_no_conflict"));
     // the same command again at the other worker joins the original
     cb.publish(pay(&bill, "xo", 7).as_bytes(), "third")
         .await
         .unwrap();
-    let r = cb.reply_for("third", Duration::from_secs(20)).await.unwrap();
+    let r = cb
+        .reply_for("third", Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(r.reply.status, Some(Status::Succeeded));
     assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1);
     wa.stop().await;
@@ -158,8 +172,9 @@ async fn three_workers_under_sigkill_and_one_gone_for_good_lose_nothing() {
             ..Faults::default()
         })
         .await;
-    let mut children: Vec<Option<std::process::Child>> =
-        (0..3).map(|_| Some(env.spawn_child(&sim.base_url()))).collect();
+    let mut children: Vec<Option<std::process::Child>> = (0..3)
+        .map(|_| Some(env.spawn_child(&sim.base_url())))
+        .collect();
     let mut c = env.client().await;
     let b = unique("K");
     let sent: Vec<String> = (0..450).map(|i| format!("{b}-{i}")).collect();
@@ -171,8 +186,8 @@ async fn three_workers_under_sigkill_and_one_gone_for_good_lose_nothing() {
                 .unwrap();
         }
         // let the workers take some of it, then kill one at an arbitrary instant
-        let until = tokio::time::Instant::now()
-            + Duration::from_millis(300 + rand::random::<u64>() % 700);
+        let until =
+            tokio::time::Instant::now() + Duration::from_millis(300 + rand::random::<u64>() % 700);
         while tokio::time::Instant::now() < until {
             if let Ok(r) = c.next_reply(Duration::from_millis(100)).await {
                 got.push(r);
@@ -192,13 +207,20 @@ async fn three_workers_under_sigkill_and_one_gone_for_good_lose_nothing() {
     }
     collect_all(&mut c, sent.len(), Duration::from_secs(120), &mut got).await;
     for ch in children.iter_mut().flatten() {
-        assert!(terminate(ch, Duration::from_secs(20)), "SIGTERM ends a worker");
+        assert!(
+            terminate(ch, Duration::from_secs(20)),
+            "SIGTERM ends a worker"
+        );
     }
     let ledger = sim.ledger();
     check_ledger_ops(&ops_of(&sent), &got, &ledger);
-    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
     assert_eq!(
-        db.count("SELECT count(*) FROM jobs WHERE state = 'pending'").await,
+        ledger.overlapping_calls, 0,
+        "two calls for one player at once"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE state = 'pending'")
+            .await,
         0
     );
     env.cleanup(&c).await;
@@ -212,9 +234,11 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
     // worker A reaches PostgreSQL through a proxy that will stall
     let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let mut env_a = env_a;
-    let via_proxy = db
-        .url
-        .replacen("127.0.0.1:5432", &proxy.url_http().replace("http://", ""), 1);
+    let via_proxy = db.url.replacen(
+        "127.0.0.1:5432",
+        &proxy.url_http().replace("http://", ""),
+        1,
+    );
     env_a.set("OUTBOX__URL", &via_proxy);
     let sim = env_a
         .simulator(Faults {
@@ -251,7 +275,10 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
     collect_all(&mut ca, sent.len(), Duration::from_secs(60), &mut got).await;
     let ledger = sim.ledger();
     check_ledger_ops(&ops_of(&sent), &got, &ledger);
-    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert_eq!(
+        ledger.overlapping_calls, 0,
+        "two calls for one player at once"
+    );
     assert!(
         took < Duration::from_secs(5 + 10),
         "taken over within the lease plus a look ({took:?})"
@@ -302,7 +329,10 @@ async fn a_players_commands_run_in_arrival_order_whichever_worker_took_them_in()
     }
     let ledger = sim.ledger();
     check_ledger_ops(&ops_of(&sent), &got, &ledger);
-    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert_eq!(
+        ledger.overlapping_calls, 0,
+        "two calls for one player at once"
+    );
     assert_applied_in_order(&ledger, &sent);
     wa.stop().await;
     wb.stop().await;

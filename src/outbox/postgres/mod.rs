@@ -13,6 +13,7 @@
 //! leases and loads the jobs of claimed players; [`ops`] serves the operator verbs.
 
 pub mod coord;
+mod intake;
 pub mod ops;
 pub mod writer;
 
@@ -75,7 +76,7 @@ pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
     // taking over its players would wait on them): the server ends a session idle
     // inside a transaction, and a lock wait or statement never blocks a worker for
     // long. A connection whose peer vanished is noticed by TCP keepalives.
-    cfg.options(&format!(
+    cfg.options(format!(
         "-c idle_in_transaction_session_timeout={} -c lock_timeout={} -c statement_timeout={}",
         IDLE_IN_TRANSACTION.as_millis(),
         LOCK_TIMEOUT.as_millis(),

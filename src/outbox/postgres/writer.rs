@@ -17,7 +17,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
-use crate::engine::job::{Job, JobState};
+use super::intake::intake;
+
+use crate::engine::job::Job;
 use crate::metrics::METRICS;
 use crate::outbox::writer::{decode_params, Intake, IntakeOutcome, OutgoingReply, Record, Update};
 use crate::outbox::OutboxError;
@@ -68,6 +70,8 @@ pub struct Fence {
     pub call_ms: i64,
 }
 
+// One per command, moved a few times: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
 enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
     Record(
@@ -146,10 +150,10 @@ impl PgWriter {
 
 /// Prepared statements of the current connection.
 #[derive(Default)]
-struct Stmts(HashMap<&'static str, Statement>);
+pub(super) struct Stmts(HashMap<&'static str, Statement>);
 
 impl Stmts {
-    async fn get(
+    pub(super) async fn get(
         &mut self,
         tx: &Transaction<'_>,
         sql: &'static str,
@@ -226,6 +230,7 @@ fn fail_all(batch: &mut Vec<Request>, msg: &str) {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     Intake(
         oneshot::Sender<Result<IntakeOutcome, OutboxError>>,
@@ -394,218 +399,6 @@ async fn published(
         tx.execute(&st, &[&now, &(*returned as i64), id]).await?;
     }
     Ok(())
-}
-
-const SELECT_EXISTING: &str = "SELECT id, request, session_key, attempts, first_attempt_at, \
-     next_attempt_at, received_at, last_errcode, last_error, reopened_at, calls, uncertain, \
-     state, result, claimed_by FROM jobs WHERE appid = $1 AND op = $2 AND bill_no = $3 FOR UPDATE";
-
-const INSERT_JOB: &str = "INSERT INTO jobs (op, bill_no, appid, openid, request, session_key, \
-     state, next_attempt_at, received_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7) \
-     ON CONFLICT (appid, op, bill_no) DO NOTHING RETURNING id";
-
-async fn intake(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    fence: &Fence,
-    i: &Intake,
-) -> Result<IntakeOutcome, OutboxError> {
-    let p = &i.command.params;
-    let bill_no = p.bill_no.as_deref().unwrap_or_default();
-    let canonical = p.canonical();
-    let session_key = i.command.session_key.as_ref().map(Secret::expose);
-    let st = stmts.get(tx, INSERT_JOB).await?;
-    let inserted = tx
-        .query_opt(
-            &st,
-            &[
-                &p.op.as_str(),
-                &bill_no,
-                &p.appid,
-                &p.openid,
-                &canonical,
-                &session_key,
-                &i.now,
-            ],
-        )
-        .await?;
-    if let Some(row) = inserted {
-        let id: i64 = row.try_get(0)?;
-        add_target(tx, stmts, id, i, false).await?;
-        let job = Job::new(id, p.clone(), i.command.session_key.clone(), i.now);
-        return Ok(
-            if take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
-                IntakeOutcome::New(job)
-            } else {
-                IntakeOutcome::Elsewhere { job_id: id }
-            },
-        );
-    }
-    // the key exists (perhaps committed a moment ago by another worker)
-    let st = stmts.get(tx, SELECT_EXISTING).await?;
-    let row = tx
-        .query_opt(&st, &[&p.appid, &p.op.as_str(), &bill_no])
-        .await?
-        .ok_or_else(|| OutboxError::Corrupt("a job vanished during intake".into()))?;
-    let mut job = job_from_row(&row)?;
-    let state: String = row.try_get(12)?;
-    let result: Option<String> = row.try_get(13)?;
-    let claimed_by: Option<String> = row.try_get(14)?;
-    let request: String = row.try_get(1)?;
-    let id = job.id;
-    if request != canonical {
-        return Ok(IntakeOutcome::Conflict { job_id: id });
-    }
-    let state = JobState::parse(&state)
-        .ok_or_else(|| OutboxError::Corrupt(format!("job {id} has state {state:?}")))?;
-    let session_problem =
-        crate::engine::job::reopens_with_new_session_key(state, job.last_errcode, job.uncertain);
-    if session_problem && session_key.is_some() {
-        // re-opened; the lease holder of the player (perhaps this worker) loads it
-        let st = stmts
-            .get(
-                tx,
-                "UPDATE jobs SET state = 'pending', session_key = $2, next_attempt_at = $3, \
-                 result = NULL, finished_at = NULL, reopened_at = $3, updated_at = $3, \
-                 claimed_by = NULL WHERE id = $1",
-            )
-            .await?;
-        tx.execute(&st, &[&id, &session_key, &i.now]).await?;
-        add_target(tx, stmts, id, i, true).await?;
-        if take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
-            job.params = p.clone();
-            job.session_key = i.command.session_key.clone();
-            job.next_attempt_at = i.now;
-            job.reopened_at = Some(i.now);
-            job.last_error = None;
-            return Ok(IntakeOutcome::Reopened(job));
-        }
-        return Ok(IntakeOutcome::Elsewhere { job_id: id });
-    }
-    let target = add_target(tx, stmts, id, i, state.is_final()).await?;
-    let reply = match (state.is_final(), result) {
-        (true, Some(payload)) => Some(OutgoingReply {
-            target_id: Some(target),
-            reply_to: i.reply_to.clone(),
-            correlation_id: i.correlation_id.clone(),
-            payload: Arc::from(payload.into_bytes()),
-        }),
-        _ => None,
-    };
-    let mut pending = None;
-    if !state.is_final() {
-        let mine = claimed_by.as_deref() == Some(&*fence.me);
-        let newer =
-            session_key.filter(|k| job.session_key.as_ref().map(Secret::expose) != Some(*k));
-        if let Some(k) = newer {
-            // the holder of the job picks the new key up when it loads it again
-            let st = stmts
-                .get(
-                    tx,
-                    "UPDATE jobs SET session_key = $2, \
-                     claimed_by = CASE WHEN claimed_by = $3 THEN claimed_by ELSE NULL END \
-                     WHERE id = $1",
-                )
-                .await?;
-            tx.execute(&st, &[&id, &k, &&*fence.me]).await?;
-            job.session_key = Some(Secret::new(k));
-        }
-        if mine {
-            pending = Some(job);
-        }
-    }
-    Ok(IntakeOutcome::Joined {
-        job_id: id,
-        reply,
-        pending,
-    })
-}
-
-/// Take (or extend) the lease of the player of job `id`, just recorded or
-/// re-opened. `true`: this worker runs the job now (it holds the lease and has
-/// loaded every other pending job of the player), and the job is claimed.
-/// `false`: the lease holder — another worker, or this one at its next look —
-/// loads it in arrival order.
-async fn take_player(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    fence: &Fence,
-    appid: &str,
-    openid: &str,
-    id: i64,
-) -> Result<bool, OutboxError> {
-    const TAKE: &str = const_format_lease();
-    let st = stmts.get(tx, TAKE).await?;
-    let mine = tx
-        .query_opt(&st, &[&appid, &openid, &&*fence.me, &fence.lease_ms])
-        .await?
-        .is_some();
-    if !mine {
-        return Ok(false);
-    }
-    let st = stmts
-        .get(
-            tx,
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE appid = $1 AND openid = $2 \
-             AND state = 'pending' AND id <> $3 AND claimed_by IS DISTINCT FROM $4)",
-        )
-        .await?;
-    let others: bool = tx
-        .query_one(&st, &[&appid, &openid, &id, &&*fence.me])
-        .await?
-        .try_get(0)?;
-    if others {
-        // jobs of this player this worker has not loaded (it just took the lease
-        // over, or another worker recorded them): load them all, in order
-        let st = stmts
-            .get(
-                tx,
-                "UPDATE jobs SET claimed_by = NULL WHERE appid = $1 AND openid = $2 \
-                 AND state = 'pending' AND claimed_by IS DISTINCT FROM $3",
-            )
-            .await?;
-        tx.execute(&st, &[&appid, &openid, &&*fence.me]).await?;
-        return Ok(false);
-    }
-    let st = stmts
-        .get(tx, "UPDATE jobs SET claimed_by = $2 WHERE id = $1")
-        .await?;
-    tx.execute(&st, &[&id, &&*fence.me]).await?;
-    Ok(true)
-}
-
-/// Insert the lease, or take it when it is this worker's or has run out.
-const fn const_format_lease() -> &'static str {
-    "INSERT INTO player_leases (appid, openid, owner, expires_at) \
-     VALUES ($1, $2, $3, (extract(epoch from clock_timestamp()) * 1000)::bigint + $4) \
-     ON CONFLICT (appid, openid) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
-     WHERE player_leases.owner = EXCLUDED.owner \
-        OR player_leases.expires_at <= (extract(epoch from clock_timestamp()) * 1000)::bigint \
-     RETURNING owner"
-}
-
-async fn add_target(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    job_id: i64,
-    i: &Intake,
-    republish: bool,
-) -> Result<i64, OutboxError> {
-    let sql = if republish {
-        "INSERT INTO reply_targets (job_id, reply_to, correlation_id, added_at) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (job_id, reply_to, correlation_id) DO UPDATE SET published_at = NULL, returned = 0 \
-         RETURNING id"
-    } else {
-        "INSERT INTO reply_targets (job_id, reply_to, correlation_id, added_at) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (job_id, reply_to, correlation_id) DO UPDATE SET added_at = reply_targets.added_at \
-         RETURNING id"
-    };
-    let st = stmts.get(tx, sql).await?;
-    Ok(tx
-        .query_one(&st, &[&job_id, &i.reply_to, &i.correlation_id, &i.now])
-        .await?
-        .try_get(0)?)
 }
 
 /// The lease condition every fenced write adds (`$L` = this worker).
@@ -781,6 +574,8 @@ async fn mark(
 mod tests {
     #[test]
     fn the_lease_sql_judges_expiry_on_the_database_clock() {
-        assert!(super::const_format_lease().contains(crate::outbox::postgres::NOW_MS));
+        assert!(
+            crate::outbox::postgres::intake::TAKE_LEASE.contains(crate::outbox::postgres::NOW_MS)
+        );
     }
 }
