@@ -82,6 +82,9 @@ struct Sim {
     verbose: bool,
     fault_rate: f64,
     outage: bool,
+    /// Shared outbox: players whose lease this worker lost (another worker holds
+    /// them; this worker's writes for them are fenced out until it takes them back).
+    lost: HashSet<String>,
 }
 
 type Check = Result<(), String>;
@@ -174,6 +177,7 @@ impl Sim {
             verbose,
             fault_rate,
             outage: false,
+            lost: HashSet::new(),
         }
     }
 
@@ -330,6 +334,10 @@ impl Sim {
             },
         );
         self.log(|| format!("accept {id} {op} {bill} {openid}"));
+        if self.lost.contains(&openid) {
+            // recorded for the worker holding the player
+            return Ok(());
+        }
         let job = Job::new(id, p, Some(Secret::new(key)), self.now);
         self.feed(Event::Accepted(job))
     }
@@ -347,6 +355,7 @@ impl Sim {
         let Some(r) = self.rows.get_mut(&id) else {
             return Ok(());
         };
+        let elsewhere = self.lost.contains(&r.params.openid);
         match r.state {
             JobState::Pending => {
                 if r.key.as_deref() != Some(new_key.as_str()) {
@@ -354,6 +363,9 @@ impl Sim {
                 }
                 let job = to_job(id, r);
                 self.log(|| format!("resend joins {id}"));
+                if elsewhere {
+                    return Ok(());
+                }
                 self.feed(Event::Joined(job))
             }
             JobState::Failed | JobState::Unknown => {
@@ -372,6 +384,9 @@ impl Sim {
                 r.next_attempt_at = now;
                 let job = to_job(id, r);
                 self.log(|| format!("resend re-opens {id}"));
+                if elsewhere {
+                    return Ok(());
+                }
                 self.feed(Event::Reopened(job))
             }
             JobState::Succeeded => Ok(()),
@@ -395,7 +410,11 @@ impl Sim {
         r.reopened_at = Some(now);
         r.next_attempt_at = now;
         let job = to_job(id, r);
+        let elsewhere = self.lost.contains(&r.params.openid);
         self.log(|| format!("operator retry {id}"));
+        if elsewhere {
+            return Ok(());
+        }
         self.feed(Event::Reopened(job))
     }
 
@@ -500,14 +519,24 @@ impl Sim {
         let task = self.tasks.swap_remove(i);
         match task {
             Task::Mark(marks) => {
+                let mut fenced = HashSet::new();
                 for &(id, at) in &marks {
                     if let Some(r) = self.rows.get_mut(&id) {
+                        if self.lost.contains(&r.params.openid) {
+                            fenced.insert(id);
+                            continue;
+                        }
                         r.calls += 1;
                         r.first_attempt_at.get_or_insert(at);
                     }
                 }
                 for (id, _) in marks {
-                    self.feed(Event::Marked(id))?;
+                    if fenced.contains(&id) {
+                        self.log(|| format!("mark of {id} fenced"));
+                        self.feed(Event::LeaseLost(id))?;
+                    } else {
+                        self.feed(Event::Marked(id))?;
+                    }
                 }
                 Ok(())
             }
@@ -533,10 +562,54 @@ impl Sim {
             }
             Task::Record(r) => {
                 let id = r.job_id;
+                let fenced = self
+                    .rows
+                    .get(&id)
+                    .is_some_and(|row| self.lost.contains(&row.params.openid));
+                if fenced {
+                    // the calls are real (kept for the audit); the job is not touched
+                    self.log(|| format!("record of {id} fenced"));
+                    for a in &r.rows {
+                        if a.answer.class == OutcomeClass::Transient {
+                            self.unanswered.insert(id);
+                        }
+                    }
+                    return self.feed(Event::LeaseLost(id));
+                }
                 self.apply_record(&r)?;
                 self.feed(Event::Recorded(id))
             }
         }
+    }
+
+    /// Shared outbox: lose a player's lease (another worker takes it), or take a
+    /// lost one back with its pending jobs as the outbox holds them.
+    fn lease_change(&mut self) -> Check {
+        let back = !self.lost.is_empty() && self.rng.random_bool(0.5);
+        if back {
+            let lost: Vec<String> = self.lost.iter().cloned().collect();
+            let openid = lost[self.rng.random_range(0..lost.len())].clone();
+            self.reclaim(&openid)
+        } else {
+            let openid = format!("p{}", self.rng.random_range(0..3));
+            if !self.lost.insert(openid.clone()) {
+                return Ok(());
+            }
+            self.log(|| format!("lease of {openid} lost"));
+            self.feed(Event::PlayersLost(vec![("wx1".into(), openid)]))
+        }
+    }
+
+    fn reclaim(&mut self, openid: &str) -> Check {
+        self.lost.remove(openid);
+        let jobs: Vec<Job> = self
+            .rows
+            .iter()
+            .filter(|(_, r)| r.state == JobState::Pending && r.params.openid == openid)
+            .map(|(&id, r)| to_job(id, r))
+            .collect();
+        self.log(|| format!("lease of {openid} taken back: {} jobs", jobs.len()));
+        self.feed(Event::Claimed(jobs))
     }
 
     fn apply_record(&mut self, r: &Record) -> Check {
@@ -625,6 +698,9 @@ impl Sim {
                     if self.rng.random_bool(0.5) {
                         for (id, at) in marks {
                             if let Some(r) = self.rows.get_mut(&id) {
+                                if self.lost.contains(&r.params.openid) {
+                                    continue; // fenced
+                                }
                                 r.calls += 1;
                                 r.first_attempt_at.get_or_insert(at);
                             }
@@ -648,7 +724,11 @@ impl Sim {
                     }
                 }
                 Task::Record(r) => {
-                    if self.rng.random_bool(0.5) {
+                    let fenced = self
+                        .rows
+                        .get(&r.job_id)
+                        .is_some_and(|row| self.lost.contains(&row.params.openid));
+                    if !fenced && self.rng.random_bool(0.5) {
                         self.apply_record(&r)?;
                     }
                 }
@@ -660,7 +740,7 @@ impl Sim {
         let jobs: Vec<Job> = self
             .rows
             .iter()
-            .filter(|(_, r)| r.state == JobState::Pending)
+            .filter(|(_, r)| r.state == JobState::Pending && !self.lost.contains(&r.params.openid))
             .map(|(&id, r)| to_job(id, r))
             .collect();
         self.feed(Event::Loaded(jobs))
@@ -669,7 +749,10 @@ impl Sim {
     fn check(&self) -> Check {
         self.engine.check_wakeups()?;
         for (&id, r) in &self.rows {
-            if r.state == JobState::Pending && !self.engine.holds(id) {
+            if r.state == JobState::Pending
+                && !self.engine.holds(id)
+                && !self.lost.contains(&r.params.openid)
+            {
                 return Err(format!("pending job {id} is not held by the engine"));
             }
         }
@@ -700,7 +783,8 @@ impl Sim {
                 self.outage = !self.outage;
                 Ok(())
             }
-            17..=18 => self.crash(),
+            17 => self.crash(),
+            18 => self.lease_change(),
             19..=40 => self.advance(),
             _ if !self.tasks.is_empty() => {
                 let i = self.rng.random_range(0..self.tasks.len());
@@ -714,6 +798,10 @@ impl Sim {
     fn drain(&mut self) -> Check {
         self.outage = false;
         self.fault_rate = 0.0;
+        let lost: Vec<String> = self.lost.iter().cloned().collect();
+        for openid in lost {
+            self.reclaim(&openid)?;
+        }
         for _ in 0..100_000 {
             if self.tasks.is_empty() {
                 if self.rows.values().all(|r| r.state != JobState::Pending)
