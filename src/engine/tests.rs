@@ -159,3 +159,72 @@ fn a_call_cut_off_by_a_crash_makes_the_job_uncertain() {
     );
     assert_eq!(out.first().and_then(final_state), Some(JobState::Unknown));
 }
+
+fn marks(out: &[Action]) -> Vec<i64> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Mark { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+fn calls(out: &[Action]) -> Vec<i64> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Call { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_fenced_mark_drops_the_player_frees_the_slot_and_makes_no_call() {
+    let mut c = cfg();
+    c.max_in_flight = 1;
+    let mut e = Engine::new(c, 1);
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
+    e.handle(Event::Accepted(job(2, "wx")), 0, &mut out);
+    assert_eq!(marks(&out), vec![1]);
+    out.clear();
+    e.handle(Event::LeaseLost(1), 10, &mut out);
+    assert!(calls(&out).is_empty() && marks(&out).is_empty(), "{out:?}");
+    assert!(!e.holds(1) && !e.holds(2), "the player's jobs are dropped");
+    assert_eq!(e.players(), Vec::<(String, String)>::new());
+    // the slot is free: another player's job starts at once
+    let mut other = job(3, "wx");
+    other.params.openid = "p".into();
+    e.handle(Event::Accepted(other), 20, &mut out);
+    assert_eq!(marks(&out), vec![3]);
+}
+
+#[test]
+fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_claimed() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
+    e.handle(Event::Accepted(job(2, "wx")), 0, &mut out);
+    e.handle(Event::Marked(1), 1, &mut out);
+    assert_eq!(calls(&out), vec![1]);
+    out.clear();
+    e.handle(
+        Event::PlayersLost(vec![("wx".into(), "o".into())]),
+        2,
+        &mut out,
+    );
+    assert!(e.holds(1), "the call under way is still answered and recorded");
+    assert!(!e.holds(2), "a waiting job of the lost player is dropped at once");
+    e.handle(Event::Answered(1, ans(OutcomeClass::Transient, -1)), 3, &mut out);
+    assert!(out.iter().any(|a| matches!(a, Action::Record(_))));
+    out.clear();
+    e.handle(Event::Recorded(1), 4, &mut out);
+    assert!(!e.holds(1) && out.is_empty(), "no retry here: {out:?}");
+    // taken back: the outbox's view of both jobs is loaded, in order
+    let mut j1 = job(1, "wx");
+    j1.calls = 1;
+    j1.attempts = 1;
+    e.handle(Event::Claimed(vec![j1, job(2, "wx")]), 5, &mut out);
+    assert!(e.holds(1) && e.holds(2));
+    assert_eq!(marks(&out), vec![1], "the earlier job first");
+}
