@@ -48,8 +48,25 @@ fn statuses(last: &BTreeMap<String, midas_worker::command::Reply>) -> BTreeMap<S
 /// balance is ample — a cancel could only fail 90000 if its pay had failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_simulator_faults_together_ledger_agrees() {
+    chaos(None).await
+}
+
+/// The same with three workers sharing one PostgreSQL outbox. A cancel_pay is sent
+/// once its pay has a reply: two commands for one player that reach two workers at
+/// the same moment have no order between them (docs/scaling.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_simulator_faults_together_ledger_agrees_with_three_workers_on_postgres() {
+    let db = crate::common::pg::TestDb::new("chaos").await;
+    chaos(Some(&db)).await
+}
+
+async fn chaos(shared: Option<&crate::common::pg::TestDb>) {
     let mut env = TestEnv::new("chaos");
     env.set("MIDAS__REQUEST_TIMEOUT", "300ms");
+    if let Some(db) = shared {
+        env.set("OUTBOX__URL", &db.url);
+        env.set("OUTBOX__LEASE", "5s");
+    }
     let sim = env
         .simulator(Faults {
             busy_rate: 0.08,
@@ -67,10 +84,15 @@ async fn all_simulator_faults_together_ledger_agrees() {
         })
         .await;
     let started = Instant::now();
-    let worker = env.worker(&sim.base_url()).await;
+    let mut workers = vec![env.worker(&sim.base_url()).await];
+    if shared.is_some() {
+        workers.push(env.worker(&sim.base_url()).await);
+        workers.push(env.worker(&sim.base_url()).await);
+    }
     let mut c = env.client().await;
     let b = unique("F");
     let mut sent = Sent::new();
+    let mut cancels = Vec::new();
     for i in 0..130 {
         let u = format!("f{}", i % 30);
         let pb = format!("{b}-p{i}");
@@ -96,6 +118,29 @@ async fn all_simulator_faults_together_ledger_agrees() {
             .await;
         }
         if i % 3 == 0 {
+            if shared.is_some() {
+                cancels.push((pb.clone(), u.clone()));
+            } else {
+                send(
+                    &c,
+                    &mut sent,
+                    format!("x-{pb}"),
+                    "cancel_pay",
+                    &pb,
+                    cancel_pay(&pb, &u),
+                )
+                .await;
+            }
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        got.push(c.next_reply(Duration::from_secs(30)).await.expect("reply"));
+    }
+    sim.revoke_tokens();
+    collect_more(&mut c, &sent, &mut got, Duration::from_secs(60)).await;
+    if !cancels.is_empty() {
+        for (pb, u) in cancels {
             send(
                 &c,
                 &mut sent,
@@ -106,13 +151,8 @@ async fn all_simulator_faults_together_ledger_agrees() {
             )
             .await;
         }
+        collect_more(&mut c, &sent, &mut got, Duration::from_secs(60)).await;
     }
-    let mut got = Vec::new();
-    while got.len() < 100 {
-        got.push(c.next_reply(Duration::from_secs(30)).await.expect("reply"));
-    }
-    sim.revoke_tokens();
-    collect_more(&mut c, &sent, &mut got, Duration::from_secs(60)).await;
     let elapsed = started.elapsed();
     let ledger = sim.ledger();
     let last = check_ledger_ops(&sent, &got, &ledger);
@@ -151,7 +191,10 @@ async fn all_simulator_faults_together_ledger_agrees() {
     let cancels = sent.values().filter(|(op, _)| op == "cancel_pay").count();
     let cancelled = ledger.orders.iter().filter(|o| o.cancelled).count();
     assert_eq!(cancelled, cancels, "every cancel applied exactly once");
-    worker.stop().await;
+    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    for w in workers {
+        w.stop().await;
+    }
     env.cleanup(&c).await;
 }
 
@@ -523,7 +566,23 @@ async fn job_older_than_give_up_after_ends_unknown_and_is_never_resent() {
 /// clean run to the end: every command answered, each charged exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_five_times_during_two_thousand_commands() {
-    let env = TestEnv::new("kill5");
+    kill5(None).await
+}
+
+/// The same with three worker processes on one PostgreSQL outbox: each round kills
+/// one of them at random (the others go on), and the first never comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_five_times_during_two_thousand_commands_with_three_workers_on_postgres() {
+    let db = crate::common::pg::TestDb::new("kill5").await;
+    kill5(Some(&db)).await
+}
+
+async fn kill5(shared: Option<&crate::common::pg::TestDb>) {
+    let mut env = TestEnv::new("kill5");
+    if let Some(db) = shared {
+        env.set("OUTBOX__URL", &db.url);
+        env.set("OUTBOX__LEASE", "5s");
+    }
     let sim = env
         .simulator(Faults {
             latency_ms: 2,
@@ -554,6 +613,15 @@ async fn sigkill_five_times_during_two_thousand_commands() {
         }
     }
     let mut got = Vec::new();
+    // with a shared outbox, two more workers run all along (one killed each round,
+    // restarted, except the first, which never comes back)
+    let mut others: Vec<Option<std::process::Child>> = if shared.is_some() {
+        (0..2)
+            .map(|_| Some(env.spawn_child_logged(&sim.base_url(), &log)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     for round in 0..5u64 {
         let mut child = env.spawn_child_logged(&sim.base_url(), &log);
         // kill at a random instant while work is in flight: after a random number of
@@ -567,6 +635,15 @@ async fn sigkill_five_times_during_two_thousand_commands() {
         }
         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 40)).await;
         kill9(&mut child);
+        if !others.is_empty() {
+            let i = (rand::random::<u32>() as usize) % others.len();
+            if let Some(mut o) = others[i].take() {
+                kill9(&mut o);
+            }
+            if !(i == 0 && round >= 1) {
+                others[i] = Some(env.spawn_child_logged(&sim.base_url(), &log));
+            }
+        }
         eprintln!(
             "kill5: round {round} killed at {:?}; {} replies so far",
             started.elapsed(),
@@ -581,7 +658,11 @@ async fn sigkill_five_times_during_two_thousand_commands() {
         terminate(&mut child, Duration::from_secs(20)),
         "SIGTERM exits 0"
     );
+    for o in others.iter_mut().flatten() {
+        assert!(terminate(o, Duration::from_secs(20)), "SIGTERM exits 0");
+    }
     let ledger = sim.ledger();
+    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
     let last = check_ledger_ops(&sent, &got, &ledger);
     assert!(
         last.values().all(|r| r.status == Some(Status::Succeeded)),
