@@ -213,9 +213,19 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
         2,
         &mut out,
     );
-    assert!(e.holds(1), "the call under way is still answered and recorded");
-    assert!(!e.holds(2), "a waiting job of the lost player is dropped at once");
-    e.handle(Event::Answered(1, ans(OutcomeClass::Transient, -1)), 3, &mut out);
+    assert!(
+        e.holds(1),
+        "the call under way is still answered and recorded"
+    );
+    assert!(
+        !e.holds(2),
+        "a waiting job of the lost player is dropped at once"
+    );
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Transient, -1)),
+        3,
+        &mut out,
+    );
     assert!(out.iter().any(|a| matches!(a, Action::Record(_))));
     out.clear();
     e.handle(Event::Recorded(1), 4, &mut out);

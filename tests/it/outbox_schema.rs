@@ -481,3 +481,90 @@ async fn an_idle_writer_clears_erased_session_keys_from_the_wal_by_itself() {
     drop(w);
     join.join().expect("writer thread");
 }
+
+/// `schema.sql` and `schema-postgres.sql` are each the single truth for their
+/// engine: applied by the code, they describe the same tables, columns, nullability
+/// and indexes, apart from the coordination only a shared outbox has
+/// (`jobs.claimed_by`, `player_leases`, `leases`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_and_postgres_schemas_describe_the_same_tables() {
+    use std::collections::BTreeMap;
+    let dir = tempfile::tempdir().unwrap();
+    let lite = outbox::open_rw(&dir.path().join("o.sqlite"), None).unwrap();
+    let db = crate::common::pg::TestDb::new("schema").await;
+    midas_worker::outbox::postgres::open(&db.secret_url())
+        .await
+        .expect("the PostgreSQL schema applies");
+    // applying it again is harmless (every worker does at start)
+    midas_worker::outbox::postgres::open(&db.secret_url())
+        .await
+        .expect("and again");
+
+    type Tables = BTreeMap<String, Vec<(String, bool)>>;
+    let mut sqlite: Tables = BTreeMap::new();
+    let names: Vec<String> = lite
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for t in names {
+        let cols: Vec<(String, bool)> = lite
+            .prepare(&format!("PRAGMA table_info({t})"))
+            .unwrap()
+            .query_map([], |r| {
+                let pk: i64 = r.get(5)?;
+                let notnull: i64 = r.get(3)?;
+                // an INTEGER PRIMARY KEY is never NULL in SQLite either
+                Ok((r.get::<_, String>(1)?, notnull != 0 || pk != 0))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        sqlite.insert(t, cols);
+    }
+    let pg = db.client().await;
+    let mut postgres: Tables = BTreeMap::new();
+    for r in pg
+        .query(
+            "SELECT table_name::text, column_name::text, is_nullable = 'NO' FROM information_schema.columns \
+             WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let (t, c, nn): (String, String, bool) = (r.get(0), r.get(1), r.get(2));
+        postgres.entry(t).or_default().push((c, nn));
+    }
+    // only a shared outbox coordinates workers
+    assert!(postgres.remove("player_leases").is_some());
+    assert!(postgres.remove("leases").is_some());
+    let jobs = postgres.get_mut("jobs").unwrap();
+    let before = jobs.len();
+    jobs.retain(|(c, _)| c != "claimed_by");
+    assert_eq!(jobs.len(), before - 1);
+    assert_eq!(sqlite, postgres);
+
+    let lite_idx: std::collections::BTreeSet<String> = lite
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let pg_idx: std::collections::BTreeSet<String> = pg
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' \
+             AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key' \
+             AND indexname NOT IN ('jobs_pending_player', 'player_leases_owner')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(lite_idx, pg_idx);
+}

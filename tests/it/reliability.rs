@@ -191,7 +191,10 @@ async fn chaos(shared: Option<&crate::common::pg::TestDb>) {
     let cancels = sent.values().filter(|(op, _)| op == "cancel_pay").count();
     let cancelled = ledger.orders.iter().filter(|o| o.cancelled).count();
     assert_eq!(cancelled, cancels, "every cancel applied exactly once");
-    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert_eq!(
+        ledger.overlapping_calls, 0,
+        "two calls for one player at once"
+    );
     for w in workers {
         w.stop().await;
     }
@@ -662,7 +665,10 @@ async fn kill5(shared: Option<&crate::common::pg::TestDb>) {
         assert!(terminate(o, Duration::from_secs(20)), "SIGTERM exits 0");
     }
     let ledger = sim.ledger();
-    assert_eq!(ledger.overlapping_calls, 0, "two calls for one player at once");
+    assert_eq!(
+        ledger.overlapping_calls, 0,
+        "two calls for one player at once"
+    );
     let last = check_ledger_ops(&sent, &got, &ledger);
     assert!(
         last.values().all(|r| r.status == Some(Status::Succeeded)),
