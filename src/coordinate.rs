@@ -18,6 +18,11 @@ use crate::dispatch::DispatchMsg;
 use crate::metrics::Health;
 use crate::outbox::postgres::coord::Coordinator;
 
+/// A reply is relayed once it has waited this long unconfirmed (its own worker
+/// publishes it at once; the relay is for the ones whose worker died or lost the
+/// broker). The workers' clocks must agree to within this much.
+const RELAY_AFTER_MS: i64 = 10_000;
+
 /// How often a worker looks for players and jobs to take.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
 
@@ -74,7 +79,8 @@ pub async fn run(
                     && last_relay.elapsed() >= crate::worker::RELAY_INTERVAL
                 {
                     last_relay = Instant::now();
-                    match coord.unpublished_replies(2000).await {
+                    let before = crate::command::now_ms() - RELAY_AFTER_MS;
+                    match coord.unpublished_replies(2000, before).await {
                         Ok(replies) => {
                             let n = publisher.relay_once(replies);
                             if n > 0 {

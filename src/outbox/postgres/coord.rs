@@ -210,18 +210,23 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Reply targets of final jobs whose reply is not confirmed yet.
+    /// Reply targets of final jobs whose reply is not confirmed yet, finished and
+    /// asked for before `before` (unix ms): a reply another worker is publishing
+    /// right now is left to it, not published a second time by the relay.
     pub async fn unpublished_replies(
         &mut self,
         limit: usize,
+        before: i64,
     ) -> Result<Vec<OutgoingReply>, OutboxError> {
         let c = self.client().await?;
         let rows = c
             .query(
                 "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
                  JOIN jobs j ON j.id = t.job_id \
-                 WHERE t.published_at IS NULL AND j.result IS NOT NULL ORDER BY t.id LIMIT $1",
-                &[&i64::try_from(limit).unwrap_or(i64::MAX)],
+                 WHERE t.published_at IS NULL AND j.result IS NOT NULL \
+                 AND t.added_at < $2 AND COALESCE(j.finished_at, 0) < $2 \
+                 ORDER BY t.id LIMIT $1",
+                &[&i64::try_from(limit).unwrap_or(i64::MAX), &before],
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());
