@@ -568,3 +568,58 @@ async fn the_sqlite_and_postgres_schemas_describe_the_same_tables() {
         .collect();
     assert_eq!(lite_idx, pg_idx);
 }
+
+/// A request that fails inside a group commit (an attempt row for a job that does
+/// not exist) is answered with its error alone: the intakes committed in the same
+/// batches stand and are acknowledged.
+#[tokio::test]
+async fn a_failing_request_is_undone_alone_and_its_batch_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.sqlite");
+    let (w, join) = Writer::start(&path, None).expect("writer");
+    let bad = Record {
+        job_id: 999_999,
+        attempts_total: 1,
+        first_attempt_at: Some(1),
+        uncertain: false,
+        rows: vec![midas_worker::outbox::writer::AttemptRow {
+            n: 1,
+            started_at: 1,
+            answer: midas_worker::midas::Answer {
+                api: midas_worker::midas::Api::Pay,
+                class: midas_worker::midas::OutcomeClass::Success,
+                http_status: Some(200),
+                errcode: Some(0),
+                errmsg: None,
+                body: Default::default(),
+                latency: std::time::Duration::ZERO,
+            },
+        }],
+        update: Update::Retry { next_attempt_at: 2 },
+        now: 2,
+    };
+    for round in 0..20 {
+        let bill = format!("B-SP-{round}");
+        let (r, i) = tokio::join!(
+            w.record(bad.clone()),
+            w.intake(intake("wx1234567", Op::Pay, &bill, None, &bill))
+        );
+        assert!(r.is_err(), "an attempt of a missing job is refused");
+        assert!(matches!(i, Ok(IntakeOutcome::New(_))), "{i:?}");
+    }
+    w.flush().await.expect("flush");
+    drop(w);
+    join.join().expect("writer thread");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let jobs: i64 = c
+        .query_row(
+            "SELECT count(*) FROM jobs WHERE bill_no LIKE 'B-SP-%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let attempts: i64 = c
+        .query_row("SELECT count(*) FROM attempts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((jobs, attempts), (20, 0));
+}
