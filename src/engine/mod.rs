@@ -174,7 +174,17 @@ pub struct Engine {
     /// Recently finished job ids: a stale `Accepted`/`Joined` for one is ignored.
     finished: HashSet<i64>,
     finished_order: VecDeque<i64>,
+    /// Per app: transient answers in a row (an outage when it reaches
+    /// [`OUTAGE_STREAK`]).
+    transient_streak: HashMap<String, u32>,
 }
+
+/// This many transient answers in a row from one app's Midas calls is an outage:
+/// the first real answer after it ends the backoff of that app's waiting jobs, so
+/// a backlog left by an outage drains as fast as a fresh one instead of each job
+/// first sitting out a backoff grown during the outage. Retrying sooner is safe
+/// (same bill_no); `max_rps` and `max_in_flight` still pace the calls.
+pub const OUTAGE_STREAK: u32 = 8;
 
 /// How many recently finished job ids are remembered.
 const FINISHED_MEMORY: usize = 65_536;
@@ -208,6 +218,7 @@ impl Engine {
             rng: seed | 1,
             finished: HashSet::new(),
             finished_order: VecDeque::new(),
+            transient_streak: HashMap::new(),
             draining: false,
         }
     }
@@ -394,6 +405,26 @@ impl Engine {
         self.sched.release(&openid, &Entries(&self.entries));
     }
 
+    /// Midas answers again after an outage: the app's jobs waiting out a retry
+    /// backoff are due now (in their players' order, paced by the scheduler).
+    fn end_backoffs(&mut self, appid: &str, now: i64) {
+        let mut openids = HashSet::new();
+        for e in self.entries.values_mut() {
+            if e.target.is_none()
+                && e.phase == Phase::Waiting
+                && e.job.params.appid == appid
+                && e.job.attempts > 0
+                && e.job.next_attempt_at > now
+            {
+                e.job.next_attempt_at = now;
+                openids.insert(e.job.params.openid.clone());
+            }
+        }
+        for o in openids {
+            self.sched.arm_head(&o, &Entries(&self.entries));
+        }
+    }
+
     /// Stop starting steps (shutdown); those under way still finish.
     pub fn drain(&mut self) {
         self.draining = true;
@@ -535,6 +566,23 @@ impl Engine {
             return;
         }
         self.sched.call_returned();
+        let appid = e.job.params.appid.clone();
+        let recovered = match answer.class {
+            OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
+                *self.transient_streak.entry(appid.clone()).or_insert(0) += 1;
+                false
+            }
+            _ => self
+                .transient_streak
+                .insert(appid.clone(), 0)
+                .is_some_and(|n| n >= OUTAGE_STREAK),
+        };
+        if recovered {
+            self.end_backoffs(&appid, now);
+        }
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
         let j = &mut e.job;
         j.attempts = j.calls.max(j.attempts + 1);
         if answer.class == OutcomeClass::TokenInvalid {

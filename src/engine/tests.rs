@@ -238,3 +238,88 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
     assert!(e.holds(1) && e.holds(2));
     assert_eq!(marks(&out), vec![1], "the earlier job first");
 }
+
+#[test]
+fn the_first_answer_after_an_outage_ends_the_backoff_of_waiting_jobs() {
+    let mut c = cfg();
+    c.max_in_flight = 64;
+    c.retry.initial = Dur(Duration::from_secs(10));
+    c.retry.max = Dur(Duration::from_secs(600));
+    let mut e = Engine::new(c, 1);
+    let mut out = Vec::new();
+    let n = OUTAGE_STREAK as i64;
+    for id in 1..=n + 1 {
+        let mut j = job(id, "wx");
+        j.params.openid = format!("o{id}");
+        e.handle(Event::Accepted(j), 0, &mut out);
+    }
+    for id in 1..=n + 1 {
+        e.handle(Event::Marked(id), 1, &mut out);
+    }
+    out.clear();
+    // the outage: every call but the last answers -1, several times over, so the
+    // backoffs grow
+    let mut now = 10;
+    for round in 0..4 {
+        for id in 1..=n {
+            e.handle(
+                Event::Answered(id, ans(OutcomeClass::Transient, -1)),
+                now,
+                &mut out,
+            );
+            e.handle(Event::Recorded(id), now, &mut out);
+        }
+        out.clear();
+        if round < 3 {
+            now = e.next_wake().unwrap_or(now).max(now) + 1;
+            e.poll(now, &mut out);
+            for id in 1..=n {
+                e.handle(Event::Marked(id), now, &mut out);
+            }
+            out.clear();
+        }
+    }
+    let before = e.next_wake().expect("jobs wait");
+    assert!(
+        before > now,
+        "the jobs wait out a backoff: wake at {before}, now {now}"
+    );
+    // Midas is back: the next answer ends the outage
+    e.handle(
+        Event::Answered(n + 1, ans(OutcomeClass::Success, 0)),
+        now,
+        &mut out,
+    );
+    assert_eq!(
+        marks(&out).len() as i64,
+        n,
+        "every waiting job starts at once after the outage: {out:?}"
+    );
+}
+
+#[test]
+fn a_few_busy_answers_are_no_outage() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    for id in 1..=3 {
+        let mut j = job(id, "wx");
+        j.params.openid = format!("o{id}");
+        e.handle(Event::Accepted(j), 0, &mut out);
+        e.handle(Event::Marked(id), 0, &mut out);
+    }
+    for id in 1..=2 {
+        e.handle(
+            Event::Answered(id, ans(OutcomeClass::Transient, -1)),
+            5,
+            &mut out,
+        );
+        e.handle(Event::Recorded(id), 5, &mut out);
+    }
+    let wake = e.next_wake().expect("retry later");
+    e.handle(
+        Event::Answered(3, ans(OutcomeClass::Success, 0)),
+        6,
+        &mut out,
+    );
+    assert_eq!(e.next_wake(), Some(wake), "their backoff stands");
+}
