@@ -1,5 +1,5 @@
 //! `bench` command-line flags: what the run measures (jobs, latencies, in-flight
-//! limit, simulator placement) so the report can echo them.
+//! limit, simulator placement, outbox engine, workers) so the report can echo them.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +60,15 @@ pub struct BenchArgs {
     /// carry a session_key; the ceiling run is the same for both).
     #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
     pub api: String,
+    /// A shared PostgreSQL outbox instead of SQLite: the URL of a server database
+    /// (`postgres://user@host:port/postgres`) from which each case creates a fresh
+    /// database `midas_bench_<tag>_<case>` (dropped at the end unless `--keep`).
+    #[arg(long, value_name = "URL")]
+    pub outbox: Option<String>,
+    /// Workers started in this process per case, sharing the command queue, the
+    /// outbox and the simulator (list or repeated; more than 1 needs `--outbox`).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub workers: Vec<usize>,
     /// Give up when no reply arrives for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,

@@ -3,6 +3,10 @@
 //! I/O threads, the rest: the bench's main thread), and of the local RabbitMQ
 //! (`beam.smp`), read from `/proc`. Divided by jobs it gives the CPU a job costs.
 //!
+//! With a PostgreSQL outbox, the local server's CPU is read too: every process
+//! named `postgres` (its user+sys, plus the time of children it has reaped, so
+//! backends that exited between two readings still count).
+//!
 //! The simulator runs as a child process by default, so its CPU is not counted.
 //! The bench's reply consumer (and, in the steady phase, its publisher) share this
 //! process: the ceiling run carries the same reply consumer, so
@@ -21,6 +25,8 @@ pub(super) struct Snapshot {
     /// tid → (thread name, µs)
     threads: HashMap<u32, (String, u64)>,
     broker_us: Option<u64>,
+    postgres_us: Option<u64>,
+    machine_us: Option<u64>,
 }
 
 /// CPU per job (or per message) between two snapshots, in µs.
@@ -39,6 +45,12 @@ pub(super) struct PerJob {
     pub other_us: f64,
     /// The local `beam.smp`, if found (the whole broker, other clients included).
     pub broker_us: Option<f64>,
+    /// Every local `postgres` process, if any (the whole server: other databases'
+    /// clients included).
+    pub postgres_us: Option<f64>,
+    /// The whole machine's busy time (`/proc/stat`, all cores: every process,
+    /// the simulator and other users of the machine included).
+    pub machine_us: Option<f64>,
 }
 
 /// (thread name, user+sys µs) from the text of a `/proc/.../stat` file.
@@ -51,6 +63,56 @@ fn parse_stat(text: &str) -> Option<(String, u64)> {
     let utime: u64 = fields.nth(11)?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some((name, (utime + stime) * TICK_US))
+}
+
+/// (user+sys, reaped children's user+sys) in µs from the text of a `/proc/<pid>/stat`.
+fn parse_stat_with_children(text: &str) -> Option<(u64, u64)> {
+    let close = text.rfind(')')?;
+    let mut fields = text.get(close + 1..)?.split_whitespace();
+    let mut next = |skip: usize| -> Option<u64> { fields.nth(skip)?.parse().ok() };
+    let utime = next(11)?;
+    let stime = next(0)?;
+    let cutime = next(0)?;
+    let cstime = next(0)?;
+    Some(((utime + stime) * TICK_US, (cutime + cstime) * TICK_US))
+}
+
+/// The CPU of every local `postgres` process, children reaped included; `None`
+/// when there is none.
+fn postgres_cpu() -> Option<u64> {
+    let mut total = None;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        if e.file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+            .is_none()
+        {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let is_pg = text
+            .split_once('(')
+            .and_then(|(_, r)| r.rsplit_once(')'))
+            .is_some_and(|(name, _)| name == "postgres");
+        if let Some((own, children)) = is_pg.then(|| parse_stat_with_children(&text)).flatten() {
+            *total.get_or_insert(0) += own + children;
+        }
+    }
+    total
+}
+
+/// Busy time of all cores (user, nice, system, irq, softirq, steal) in µs from
+/// the text of `/proc/stat`.
+fn parse_machine(text: &str) -> Option<u64> {
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)? + v.get(7).unwrap_or(&0);
+    Some(busy * TICK_US)
 }
 
 fn read_stat(path: &Path) -> Option<(String, u64)> {
@@ -87,6 +149,10 @@ pub(super) fn snapshot(broker: Option<u32>) -> Snapshot {
         process_us,
         threads,
         broker_us,
+        postgres_us: postgres_cpu(),
+        machine_us: std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|t| parse_machine(&t)),
     }
 }
 
@@ -116,6 +182,14 @@ pub(super) fn per_job(a: &Snapshot, b: &Snapshot, jobs: usize) -> PerJob {
             (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
             _ => None,
         },
+        postgres_us: match (a.postgres_us, b.postgres_us) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
+            _ => None,
+        },
+        machine_us: match (a.machine_us, b.machine_us) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
+            _ => None,
+        },
     }
 }
 
@@ -128,6 +202,14 @@ mod tests {
         let line = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 1 0";
         assert_eq!(parse_stat(line), Some(("a (b) c".into(), 175 * TICK_US)));
         assert_eq!(parse_stat("42 (x) S 1 2"), None);
+        assert_eq!(parse_stat_with_children(line), Some((175 * TICK_US, 0)));
+        let stat = "cpu  10 1 5 100 7 2 3 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
+        assert_eq!(parse_machine(stat), Some(21 * TICK_US));
+        let reaped = "7 (postgres) S 1 2 3 4 5 6 7 8 9 10 3 2 40 60 20 0 1 0";
+        assert_eq!(
+            parse_stat_with_children(reaped),
+            Some((5 * TICK_US, 100 * TICK_US))
+        );
     }
 
     #[test]

@@ -6,21 +6,28 @@
 //!    (the worker's prefetch) → publish each to a quorum reply queue with pipelined
 //!    confirms → ack in order, batched with `multiple`. A reply consumer (the game
 //!    server's side) reads the replies, as in the worker runs.
-//! 2. **worker**, for each Midas latency: a Midas simulator with that latency, the
+//! 2. **worker**, for each (workers, Midas latency): a Midas simulator with that latency, the
 //!    real worker in-process (outbox in a temp dir, `synchronous=FULL` as shipped),
 //!    N pay/present commands pre-published (backlog), timed from the moment the
 //!    worker's consumer is registered to the N-th reply; then a steady-rate phase
 //!    (`--rate`, default half the backlog throughput) for latency percentiles.
 //!    Every bill_no must be in the simulator's ledger exactly once.
 //!
-//! Queues are unique per run and deleted at the end; the outbox directory is removed
-//! unless `--keep`.
+//! With `--outbox postgres://…` each case gets a fresh PostgreSQL database on that
+//! server and `--workers N` workers in this process (each `worker::start`, its own
+//! HTTP port) share it, the command queue and the simulator; one case per
+//! (workers, latency). The simulator's count of overlapping calls for one player
+//! must stay 0 (player leases), beside the ledger check.
+//!
+//! Queues are unique per run and deleted at the end; the outbox directory (and each
+//! case's database) is removed unless `--keep`.
 
 mod args;
 mod ceiling;
 mod cpu;
 mod ledger;
 mod outage;
+mod pgdb;
 mod phases;
 mod publish;
 mod report;
@@ -108,6 +115,18 @@ pub async fn run(a: BenchArgs, settings: Settings) -> anyhow::Result<()> {
     if a.midas_latency.is_empty() {
         bail!("--midas-latency needs at least one value");
     }
+    if a.workers.is_empty() || a.workers.contains(&0) {
+        bail!("--workers needs values of at least 1");
+    }
+    match &a.outbox {
+        Some(url) if !crate::outbox::postgres::is_postgres_url(url) => {
+            bail!("--outbox must be a postgres:// or postgresql:// URL")
+        }
+        None if a.workers.iter().any(|&w| w > 1) => {
+            bail!("--workers above 1 needs a shared outbox: --outbox postgres://…")
+        }
+        _ => {}
+    }
     let _ = epoch();
     crate::demo::ensure_broker(&settings.config.broker.url)
         .await
@@ -137,17 +156,24 @@ pub async fn run(a: BenchArgs, settings: Settings) -> anyhow::Result<()> {
         let ceil = ceiling::ceiling(&settings, a.jobs, a.users, &tag, a.stall_timeout).await?;
         progress(format!("bench: ceiling {:.0} msg/s", ceil.msgs_per_s));
         let mut cases = Vec::new();
-        for lat in &a.midas_latency {
-            progress(format!(
-                "bench: worker run, Midas latency {}",
-                humantime::format_duration(*lat)
-            ));
-            let c = worker::worker_case(&a, &settings, *lat, &tag, &dir).await?;
-            progress(format!(
-                "bench: {:.0} jobs/s, steady p99 {:.1} ms, {}",
-                c.jobs_per_s, c.steady_p99_ms, c.ledger_note
-            ));
-            cases.push(c);
+        for &workers in &a.workers {
+            for lat in &a.midas_latency {
+                progress(format!(
+                    "bench: {workers} worker(s) on {}, Midas latency {}",
+                    if a.outbox.is_some() {
+                        "PostgreSQL"
+                    } else {
+                        "SQLite"
+                    },
+                    humantime::format_duration(*lat)
+                ));
+                let c = worker::worker_case(&a, &settings, *lat, workers, &tag, &dir).await?;
+                progress(format!(
+                    "bench: {:.0} jobs/s, steady p99 {:.1} ms, {}; overlapping calls {}",
+                    c.jobs_per_s, c.steady_p99_ms, c.ledger_note, c.overlapping_calls
+                ));
+                cases.push(c);
+            }
         }
         Ok::<_, anyhow::Error>((ceil, cases))
     }
@@ -163,8 +189,11 @@ pub async fn run(a: BenchArgs, settings: Settings) -> anyhow::Result<()> {
     } else {
         report::print_table(&a, &settings, &ceil, &cases);
     }
-    if cases.iter().any(|c| !c.ledger_ok || c.not_succeeded > 0) {
-        bail!("a bill was not applied exactly once (or a reply was not succeeded): see the table");
+    if cases
+        .iter()
+        .any(|c| !c.ledger_ok || c.not_succeeded > 0 || c.overlapping_calls > 0)
+    {
+        bail!("a bill was not applied exactly once (or a reply was not succeeded, or calls for one player overlapped): see the table");
     }
     Ok(())
 }

@@ -1,10 +1,12 @@
 //! The worker's two phases: a pre-published backlog timed from the moment the
-//! worker consumes to the last reply, then a steady paced rate for latency.
+//! (first) worker consumes to the last reply, then a steady paced rate for latency.
+//! With a shared outbox, `workers` workers run in this process for the case.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use futures_util::future::join_all;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -26,6 +28,7 @@ pub(super) async fn run_case(
     ch: &Channel,
     sim: &Sim,
     lat_ms: u64,
+    workers: usize,
     tag: &str,
     case: &str,
 ) -> anyhow::Result<CaseResult> {
@@ -47,10 +50,13 @@ pub(super) async fn run_case(
     )
     .await?;
 
-    // t0: the worker's consumer is registered on the command queue
+    // t0: the first worker's consumer is registered on the command queue; then the
+    // time until all `workers` are consuming
     let watch_ch = client.create_channel().await?;
     let cmd_q = b.command_queue.clone();
+    let want = workers.max(1) as u32;
     let watcher = tokio::spawn(async move {
+        let mut first = None;
         loop {
             let q = watch_ch
                 .queue_declare(
@@ -63,11 +69,17 @@ pub(super) async fn run_case(
                 )
                 .await;
             match q {
-                Ok(q) if q.consumer_count() > 0 => {
+                Ok(q) if q.consumer_count() >= want => {
                     let _ = watch_ch.close(200, "bye".into()).await;
-                    return Some(Instant::now());
+                    let all = Instant::now();
+                    return Some((first.unwrap_or(all), all));
                 }
-                Ok(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Ok(q) => {
+                    if q.consumer_count() > 0 && first.is_none() {
+                        first = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await
+                }
                 Err(_) => return None,
             }
         }
@@ -77,12 +89,28 @@ pub(super) async fn run_case(
     let broker_pid = cpu::find_broker();
     let cpu0 = cpu::snapshot(broker_pid);
     let started = Instant::now();
-    let running = crate::worker::start(settings.clone(), Some(sim.url())).await?;
-    let t0 = match tokio::time::timeout(Duration::from_secs(30), watcher).await {
+    // every worker starts at once, each with its own HTTP port (http.listen is :0)
+    let started_all = join_all(
+        (0..workers.max(1)).map(|_| crate::worker::start(settings.clone(), Some(sim.url()))),
+    )
+    .await;
+    let mut running = Vec::with_capacity(started_all.len());
+    let mut start_error = None;
+    for r in started_all {
+        match r {
+            Ok(w) => running.push(w),
+            Err(e) => start_error = Some(e),
+        }
+    }
+    if let Some(e) = start_error {
+        join_all(running.into_iter().map(|w| w.stop())).await;
+        return Err(e.into());
+    }
+    let (t0, t_all) = match tokio::time::timeout(Duration::from_secs(30), watcher).await {
         Ok(Ok(Some(t))) => t,
         _ => {
-            running.stop().await;
-            bail!("the worker did not start consuming within 30s");
+            join_all(running.into_iter().map(|w| w.stop())).await;
+            bail!("the workers did not all start consuming within 30s");
         }
     };
     let outcome = async {
@@ -151,7 +179,7 @@ pub(super) async fn run_case(
         ))
     }
     .await;
-    running.stop().await;
+    join_all(running.into_iter().map(|w| w.stop())).await;
     let (hwm, rss) = rss_kb();
     sink_task.abort();
     let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
@@ -173,6 +201,16 @@ pub(super) async fn run_case(
     );
     Ok(CaseResult {
         midas_latency_ms: lat_ms,
+        workers,
+        outbox: if settings.config.outbox.url.is_some() {
+            "postgres"
+        } else {
+            "sqlite"
+        },
+        all_consuming_ms: t_all.saturating_duration_since(t0).as_secs_f64() * 1000.0,
+        overlapping_calls: ledger.overlapping_calls,
+        total_jobs: n + m + outage.map_or(0, |o| o.jobs),
+        pg_xacts_per_job: None,
         max_in_flight: 0,
         jobs: n,
         startup_ms: t0.saturating_duration_since(started).as_secs_f64() * 1000.0,

@@ -14,6 +14,20 @@ use crate::config::Settings;
 #[derive(Debug, Clone, serde::Serialize)]
 pub(super) struct CaseResult {
     pub(super) midas_latency_ms: u64,
+    /// Workers in this process for this case (sharing the outbox and the queue).
+    pub(super) workers: usize,
+    /// `sqlite` or `postgres`.
+    pub(super) outbox: &'static str,
+    /// From the first worker consuming to all of them consuming.
+    pub(super) all_consuming_ms: f64,
+    /// The simulator's count of calls made for a player while another call for the
+    /// same player was in flight (must be 0).
+    pub(super) overlapping_calls: u64,
+    /// Commands of the case, all phases.
+    pub(super) total_jobs: usize,
+    /// PostgreSQL transactions committed in the case's database per command, over
+    /// the whole case (`pg_stat_database.xact_commit`; start-up included).
+    pub(super) pg_xacts_per_job: Option<f64>,
     pub(super) max_in_flight: usize,
     pub(super) jobs: usize,
     pub(super) startup_ms: f64,
@@ -80,6 +94,50 @@ pub(super) fn targets(c: &CaseResult, ceiling: f64) -> Targets {
     }
 }
 
+/// Cores kept busy during the backlog: (this process, broker, PostgreSQL, the
+/// whole machine).
+fn cores(c: &CaseResult) -> (f64, Option<f64>, Option<f64>, Option<f64>) {
+    let per_s = |us: f64| us * c.jobs_per_s / 1e6;
+    let p = &c.cpu_backlog;
+    (
+        per_s(p.process_us),
+        p.broker_us.map(per_s),
+        p.postgres_us.filter(|_| c.outbox == "postgres").map(per_s),
+        p.machine_us.map(per_s),
+    )
+}
+
+/// What bounds the backlog rate, judged from the figures of the run: the Midas
+/// latency × the in-flight limit when the rate is near it, else the broker when
+/// near its ceiling, else the CPU when the machine's cores are nearly all busy
+/// (naming the largest of this process, the broker and PostgreSQL), else waiting
+/// (commit round trips, lease hand-overs: the cores are not full).
+pub(super) fn bound(c: &CaseResult, ceiling: f64) -> String {
+    let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if c.midas_latency_ms > 0 {
+        let lat_bound = (c.workers * c.max_in_flight) as f64 / (c.midas_latency_ms as f64 / 1000.0);
+        if c.jobs_per_s >= 0.8 * lat_bound {
+            return format!("Midas latency ({lat_bound:.0}/s)");
+        }
+    }
+    if c.jobs_per_s >= 0.8 * ceiling {
+        return "the broker (ceiling)".into();
+    }
+    let (proc_, broker, pg, machine) = cores(c);
+    let busy = machine.unwrap_or(proc_ + broker.unwrap_or(0.0) + pg.unwrap_or(0.0));
+    let mut users = [
+        ("process", proc_),
+        ("broker", broker.unwrap_or(0.0)),
+        ("pg", pg.unwrap_or(0.0)),
+    ];
+    users.sort_by(|x, y| y.1.total_cmp(&x.1));
+    if busy >= 0.85 * ncpu {
+        format!("CPU {busy:.1}/{ncpu:.0}, most {}", users[0].0)
+    } else {
+        format!("waits ({busy:.1}/{ncpu:.0} cores)")
+    }
+}
+
 /// The broker's CPU per message, or `n/a` when no local `beam.smp` was found.
 pub(super) fn broker_us(p: &cpu::PerJob) -> String {
     p.broker_us
@@ -126,11 +184,17 @@ pub(super) fn print_table(
     println!();
     let w = 44;
     let mut header = format!("{:<w$}", "");
+    let pg = cases.iter().any(|c| c.outbox == "postgres");
     for c in cases {
-        header.push_str(&format!(
-            "{:>26}",
+        let name = if c.outbox == "postgres" {
+            format!(
+                "pg {}w {}ms / mif {}",
+                c.workers, c.midas_latency_ms, c.max_in_flight
+            )
+        } else {
             format!("{}ms / mif {}", c.midas_latency_ms, c.max_in_flight)
-        ));
+        };
+        header.push_str(&format!("{name:>26}"));
     }
     println!("{header}");
     let row = |name: &str, f: &dyn Fn(&CaseResult) -> String| {
@@ -141,6 +205,11 @@ pub(super) fn print_table(
         println!("{line}");
     };
     let ce = ceil.msgs_per_s;
+    if pg {
+        row("outbox / workers in this process", &|c| {
+            format!("{} / {}", c.outbox, c.workers)
+        });
+    }
     row("ceiling msg/s", &|_| format!("{ce:.0}"));
     row("worker jobs/s (backlog)", &|c| {
         format!("{:.0}", c.jobs_per_s)
@@ -184,7 +253,7 @@ pub(super) fn print_table(
             None => "n/a (jobs < 100000)".to_string(),
         },
     );
-    row("CPU µs/job backlog: process (writer)", &|c| {
+    row("CPU µs/job backlog: process, all workers (writer)", &|c| {
         format!(
             "{:.0} ({:.0} writer)",
             c.cpu_backlog.process_us, c.cpu_backlog.writer_us
@@ -213,6 +282,22 @@ pub(super) fn print_table(
             broker_us(&c.cpu_steady)
         )
     });
+    if pg {
+        row("PostgreSQL CPU µs/job backlog / steady", &|c| {
+            let f = |p: &cpu::PerJob| p.postgres_us.map_or("n/a".into(), |us| format!("{us:.0}"));
+            format!("{} / {}", f(&c.cpu_backlog), f(&c.cpu_steady))
+        });
+        row("PostgreSQL transactions per job", &|c| {
+            c.pg_xacts_per_job
+                .map_or("n/a".into(), |x| format!("{x:.2}"))
+        });
+    }
+    row("cores busy backlog: process/broker/pg/all", &|c| {
+        let (p, b, g, m) = cores(c);
+        let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+        format!("{p:.2}/{}/{}/{}", f(b), f(g), f(m))
+    });
+    row("bounded by", &|c| bound(c, ce));
     row(
         "outage: Midas down s / calls refused",
         &|c| match c.outage {
@@ -238,19 +323,28 @@ pub(super) fn print_table(
     row("worker startup → consuming ms", &|c| {
         format!("{:.0}", c.startup_ms)
     });
+    if pg {
+        row("first → all workers consuming ms", &|c| {
+            format!("{:.0}", c.all_consuming_ms)
+        });
+    }
+    row("overlapping calls for a player", &|c| {
+        format!("{} {}", c.overlapping_calls, mark(c.overlapping_calls == 0))
+    });
     row("exactly once (ledger)", &|c| {
         mark(c.ledger_ok && c.not_succeeded == 0).to_string()
     });
     println!();
     for c in cases {
         let t = targets(c, ce);
+        let who = if c.outbox == "postgres" {
+            format!("pg {}w {}ms", c.workers, c.midas_latency_ms)
+        } else {
+            format!("{}ms", c.midas_latency_ms)
+        };
         println!(
-            "{}ms: throughput {}; ledger: {}; replies not succeeded: {}; duplicate replies: {}",
-            c.midas_latency_ms,
-            t.throughput_rule,
-            c.ledger_note,
-            c.not_succeeded,
-            c.duplicate_replies
+            "{who}: throughput {}; ledger: {}; replies not succeeded: {}; duplicate replies: {}",
+            t.throughput_rule, c.ledger_note, c.not_succeeded, c.duplicate_replies
         );
     }
 }
@@ -269,6 +363,7 @@ pub(super) fn to_json(
             let mut v = serde_json::to_value(c).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.insert("ratio_to_ceiling".into(), json!(c.jobs_per_s / ce));
+                o.insert("bounded_by".into(), json!(bound(c, ce)));
                 o.insert(
                     "cpu_backlog_above_ceiling_us".into(),
                     json!(c.cpu_backlog.process_us - ceil.cpu.process_us),
@@ -280,6 +375,7 @@ pub(super) fn to_json(
                         "steady_p99": {"max_ms": t.steady_max_ms, "ok": t.steady_ok},
                         "peak_rss_64mb_at_100k": t.rss_ok,
                         "exactly_once": c.ledger_ok && c.not_succeeded == 0,
+                        "no_overlapping_calls": c.overlapping_calls == 0,
                     }),
                 );
             }
@@ -297,7 +393,9 @@ pub(super) fn to_json(
         "ceiling_msgs_per_s": ce,
         "ceiling_elapsed_s": ceil.elapsed.as_secs_f64(),
         "ceiling_cpu_per_msg": ceil.cpu,
-        "cpu_note": "µs of user+sys per job; process = worker + the bench's reply consumer (and its publisher in the steady phase), simulator excluded when a child process; broker = the whole local beam.smp",
+        "outbox": if a.outbox.is_some() { "postgres" } else { "sqlite" },
+        "workers": a.workers,
+        "cpu_note": "µs of user+sys per job; process = every worker of the case (the sum, with several in-process workers) + the bench's reply consumer (and its publisher in the steady phase), simulator excluded when a child process; broker = the whole local beam.smp; postgres = every local postgres process (the whole server)",
         "cases": cases,
     })
 }
