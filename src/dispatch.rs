@@ -321,26 +321,21 @@ impl Dispatcher {
 
     fn spawn_marks(&self, marks: Vec<(i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
-        let shared = writer.is_shared();
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
-            // when the attempt that landed was sent (a failed one retried later
-            // does not count)
-            let sent = std::sync::Mutex::new(std::time::Instant::now());
-            let attempt = || {
-                if let Ok(mut t) = sent.lock() {
-                    *t = std::time::Instant::now();
-                }
-                writer.mark_calls(marks.clone())
-            };
-            if let WriteEnd::Done(mut lost) = write_until_done(attempt, stop).await {
+            if let WriteEnd::Done(marked) =
+                write_until_done(|| writer.mark_calls(marks.clone()), stop).await
+            {
+                let mut lost = marked.lost;
                 // A shared outbox checked, on its clock, that each lease outlives a
-                // call started within LEASE_CALL_MARGIN of the check. An answer that
-                // took longer (a stalled link) may come after the lease ran out: no
-                // call then; the job stays counted as possibly called.
-                let since = sent.lock().map(|t| t.elapsed()).unwrap_or_default();
-                if shared && since >= crate::config::LEASE_CALL_MARGIN {
+                // call started within LEASE_CALL_MARGIN of the check. A confirmation
+                // that took longer (a stalled link) may arrive after the lease ran
+                // out: no call then; the job stays counted as possibly called.
+                let late = marked
+                    .checked_at
+                    .is_some_and(|t| t.elapsed() >= crate::config::LEASE_CALL_MARGIN);
+                if late {
                     tracing::warn!(jobs = ids.len(), "pre-call marks confirmed too late to call under the lease; leaving the jobs to whoever holds their players");
                     lost = ids.clone();
                 }

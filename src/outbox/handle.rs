@@ -35,6 +35,17 @@ impl Location {
     }
 }
 
+/// What a batch of pre-call marks came to.
+#[derive(Debug, Default)]
+pub struct Marked {
+    /// Jobs not marked: their calls must not be made.
+    pub lost: Vec<i64>,
+    /// Shared outbox: when the lease fence was checked (this worker's clock). The
+    /// fence promised the lease outlives a call started within
+    /// `LEASE_CALL_MARGIN` of this instant.
+    pub checked_at: Option<std::time::Instant>,
+}
+
 /// A handle to the outbox writer. Cheap to clone.
 #[derive(Clone)]
 pub enum Outbox {
@@ -77,9 +88,9 @@ impl Outbox {
     /// Make durable that a call of each job may go out now. Answers the jobs NOT
     /// marked because this worker's lease on their player is gone or too short to
     /// cover a call (always none with SQLite): those calls must not be made.
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Vec<i64>, OutboxError> {
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Marked, OutboxError> {
         match self {
-            Outbox::Sqlite(w) => w.mark_calls(marks).await.map(|()| Vec::new()),
+            Outbox::Sqlite(w) => w.mark_calls(marks).await.map(|()| Marked::default()),
             Outbox::Postgres(w) => w.mark_calls(marks).await,
         }
     }

@@ -21,6 +21,7 @@ use super::intake::intake;
 
 use crate::engine::job::Job;
 use crate::metrics::METRICS;
+use crate::outbox::handle::Marked;
 use crate::outbox::writer::{decode_params, Intake, IntakeOutcome, OutgoingReply, Record, Update};
 use crate::outbox::OutboxError;
 use crate::secret::{Secret, SecretUrl};
@@ -80,7 +81,7 @@ enum Request {
     ),
     Mark(
         Vec<(i64, i64)>,
-        oneshot::Sender<Result<Vec<i64>, OutboxError>>,
+        oneshot::Sender<Result<Marked, OutboxError>>,
     ),
     Published(Vec<(i64, bool)>, i64),
     Flush(oneshot::Sender<()>),
@@ -127,7 +128,7 @@ impl PgWriter {
     }
 
     /// Pre-call marks; answers the ids whose lease fence failed (not marked).
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Vec<i64>, OutboxError> {
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Marked, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Mark(marks, tx))
@@ -241,8 +242,8 @@ enum Pending {
         Result<Option<Vec<OutgoingReply>>, OutboxError>,
     ),
     Mark(
-        oneshot::Sender<Result<Vec<i64>, OutboxError>>,
-        Result<Vec<i64>, OutboxError>,
+        oneshot::Sender<Result<Marked, OutboxError>>,
+        Result<Marked, OutboxError>,
     ),
     Flush(oneshot::Sender<()>),
 }
@@ -539,13 +540,14 @@ async fn record(
     }
 }
 
-/// Answers the ids whose fence failed.
+/// Answers the ids whose fence failed, and when the fence was checked (this
+/// worker's clock, just before the first statement).
 async fn mark(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
     fence: &Fence,
     marks: &[(i64, i64)],
-) -> Result<Vec<i64>, OutboxError> {
+) -> Result<Marked, OutboxError> {
     let st = stmts
         .get(
             tx,
@@ -560,6 +562,7 @@ async fn mark(
         )
         .await?;
     let me: &str = &fence.me;
+    let checked_at = std::time::Instant::now();
     let mut lost = Vec::new();
     for (id, at) in marks {
         let n = tx.execute(&st, &[id, at, &me, &fence.call_ms]).await?;
@@ -567,7 +570,10 @@ async fn mark(
             lost.push(*id);
         }
     }
-    Ok(lost)
+    Ok(Marked {
+        lost,
+        checked_at: Some(checked_at),
+    })
 }
 
 #[cfg(test)]
