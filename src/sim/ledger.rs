@@ -74,6 +74,9 @@ pub struct LedgerDump {
     /// still being answered (a worker must never make such calls).
     #[serde(default)]
     pub overlapping_calls: u64,
+    /// TCP connections the simulator accepted.
+    #[serde(default)]
+    pub connections: u64,
 }
 
 /// Why the books refused an operation (each maps to a Midas errcode).
@@ -440,6 +443,7 @@ impl Ledger {
             calls,
             applied: self.applied,
             overlapping_calls: 0,
+            connections: 0,
         }
     }
 }

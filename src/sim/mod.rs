@@ -110,6 +110,39 @@ struct Inner {
     /// Calls being answered now, per openid (every money and balance path).
     in_flight: HashMap<String, u32>,
     overlapping_calls: u64,
+    /// TCP connections accepted (a client that reuses its connections opens few).
+    connections: u64,
+}
+
+/// The simulator's listener: counts the connections it accepts.
+struct Counting {
+    inner: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl axum::serve::Listener for Counting {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (tokio::net::TcpStream, SocketAddr) {
+        loop {
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.shared.lock().connections += 1;
+                    return (stream, addr);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "simulator accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
 }
 
 /// Counts a call in flight for its openid while alive (a request cancelled by a
@@ -160,6 +193,7 @@ impl Shared {
         let st = self.lock();
         let mut d = st.ledger.dump(st.calls.clone());
         d.overlapping_calls = st.overlapping_calls;
+        d.connections = st.connections;
         d
     }
 }
@@ -193,6 +227,7 @@ impl Simulator {
             calls: BTreeMap::new(),
             in_flight: HashMap::new(),
             overlapping_calls: 0,
+            connections: 0,
         };
         Simulator {
             listen: cfg.listen,
@@ -210,6 +245,10 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
         let router = self.router();
+        let listener = Counting {
+            inner: listener,
+            shared: self.shared.clone(),
+        };
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(async move {

@@ -522,3 +522,38 @@ async fn two_apps_with_the_same_bill_no_are_two_orders() {
     worker.stop().await;
     env.cleanup(&c).await;
 }
+
+/// The worker keeps its HTTP connections to Midas open and reuses them: 300 pays
+/// with at most 8 calls at once open a handful of connections, not one per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_midas_reuse_connections() {
+    let mut env = TestEnv::new("reuse");
+    env.set("MIDAS__MAX_IN_FLIGHT", "8");
+    let sim = env
+        .simulator(Faults {
+            latency_ms: 2,
+            ..Faults::default()
+        })
+        .await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let b = unique("R");
+    let sent: Vec<String> = (0..300).map(|i| format!("{b}-{i}")).collect();
+    for (i, bill) in sent.iter().enumerate() {
+        c.publish(pay(bill, &format!("r{i}"), 1).as_bytes(), bill)
+            .await
+            .unwrap();
+    }
+    let got = replies(&mut c, sent.len(), Duration::from_secs(60)).await;
+    assert_eq!(got.len(), sent.len());
+    let ledger = sim.ledger();
+    let calls: u64 = ledger.calls.values().sum();
+    assert!(calls >= 300, "{:?}", ledger.calls);
+    assert!(
+        ledger.connections <= 8 + 4,
+        "{} connections for {calls} requests",
+        ledger.connections
+    );
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
