@@ -266,7 +266,7 @@ fn copy_table(
         if n == 0 {
             return Ok(total);
         }
-        if let Some(Some(last)) = numbers[0].last() {
+        if let Some(Some(last)) = numbers.first().and_then(|ids| ids.last()) {
             after = *last;
         }
         let args: Vec<Arg> = cols
