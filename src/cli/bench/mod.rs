@@ -222,13 +222,21 @@ async fn run_cases(
                 humantime::format_duration(*lat)
             ));
             let mut c = worker::worker_case(a, settings, *lat, workers, tag, dir).await?;
-            let (p50, p99) = ceiling.steady(c.steady_rate, c.steady_jobs).await?;
+            // a failed broker-only phase leaves NaN (its target then fails), not the run
+            let (p50, p99) = match ceiling.steady(c.steady_rate, c.steady_jobs).await {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("bench: broker-only steady phase failed: {e:#}");
+                    (f64::NAN, f64::NAN)
+                }
+            };
             c.broker_steady_p50_ms = p50;
             c.broker_steady_p99_ms = p99;
             progress(format!(
-                    "bench: {:.0} jobs/s, steady p99 {:.1} ms (broker-only {:.1} ms), {}; overlapping calls {}",
-                    c.jobs_per_s, c.steady_p99_ms, p99, c.ledger_note, c.overlapping_calls
-                ));
+                "bench: {:.0} jobs/s, steady p99 {:.1} ms (broker-only {:.1} ms), {}; \
+                 overlapping calls {}",
+                c.jobs_per_s, c.steady_p99_ms, p99, c.ledger_note, c.overlapping_calls
+            ));
             cases.push(c);
         }
     }
