@@ -14,6 +14,16 @@ pub enum SimMode {
     Inproc,
 }
 
+/// Where the worker runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerMode {
+    /// In this process (`worker::start`): peak RSS and CPU include the bench's own.
+    Inproc,
+    /// A `midas-worker run` child process: its peak RSS (VmHWM) and CPU are the
+    /// worker's alone, read from `/proc/<pid>`; SIGTERM at the end, exit 0 checked.
+    Child,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Commands in the backlog (and in the ceiling run).
@@ -69,6 +79,10 @@ pub struct BenchArgs {
     /// outbox and the simulator (list or repeated; more than 1 needs `--outbox`).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub workers: Vec<usize>,
+    /// Where the worker runs: in this process, or as a child process (one worker per
+    /// case) whose own peak RSS and CPU are reported.
+    #[arg(long = "worker", value_enum, default_value_t = WorkerMode::Inproc)]
+    pub worker: WorkerMode,
     /// Give up when no reply arrives for this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,

@@ -7,6 +7,10 @@
 //! named `postgres` (its user+sys, plus the time of children it has reaped, so
 //! backends that exited between two readings still count).
 //!
+//! With `--worker child` the worker is a child process: the "process" figures (and
+//! the per-thread split) are the child's, and this process's own CPU (reply
+//! consumer, publisher) is reported apart as `bench_us`.
+//!
 //! The simulator runs as a child process by default, so its CPU is not counted.
 //! The bench's reply consumer (and, in the steady phase, its publisher) share this
 //! process: the ceiling run carries the same reply consumer, so
@@ -18,10 +22,32 @@ use std::path::Path;
 /// `/proc` times are in USER_HZ ticks, 100 per second on Linux.
 const TICK_US: u64 = 10_000;
 
+/// The processes read besides this one.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Pids {
+    /// The local RabbitMQ (`beam.smp`), if found.
+    pub broker: Option<u32>,
+    /// The worker when it runs as a child process (`--worker child`).
+    pub worker: Option<u32>,
+}
+
+impl Pids {
+    /// The broker (looked up in `/proc`), the worker in this process.
+    pub(super) fn broker_only() -> Pids {
+        Pids {
+            broker: find_broker(),
+            worker: None,
+        }
+    }
+}
+
 /// Cumulative CPU at one instant, in µs.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Snapshot {
+    /// The worker's process: this one, or the child worker.
     process_us: u64,
+    /// This process, when the worker is a child.
+    bench_us: Option<u64>,
     /// tid → (thread name, µs)
     threads: HashMap<u32, (String, u64)>,
     broker_us: Option<u64>,
@@ -32,8 +58,11 @@ pub(super) struct Snapshot {
 /// CPU per job (or per message) between two snapshots, in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub(super) struct PerJob {
-    /// The whole bench process (worker + the bench's reply consumer).
+    /// The worker's process: the whole bench process (worker + the bench's reply
+    /// consumer), or the child worker alone with `--worker child`.
     pub process_us: f64,
+    /// With `--worker child`: this (bench) process, the reply consumer and publisher.
+    pub bench_us: Option<f64>,
     /// The tokio runtime threads (`tokio-rt-worker` / `tokio-runtime-w`: dispatcher,
     /// intake, HTTP client, reply publishing, and the bench's reply consumer).
     pub runtime_us: f64,
@@ -128,11 +157,21 @@ pub(super) fn find_broker() -> Option<u32> {
     })
 }
 
-/// Read this process's CPU (total and per thread) and the broker's.
-pub(super) fn snapshot(broker: Option<u32>) -> Snapshot {
-    let process_us = read_stat(Path::new("/proc/self/stat")).map_or(0, |(_, us)| us);
+/// Read the worker process's CPU (total and per thread: this process, or the
+/// child worker), the bench's own when the worker is a child, and the broker's.
+pub(super) fn snapshot(pids: Pids) -> Snapshot {
+    let proc_dir = match pids.worker {
+        Some(pid) => Path::new("/proc").join(pid.to_string()),
+        None => Path::new("/proc/self").to_path_buf(),
+    };
+    let process_us = read_stat(&proc_dir.join("stat")).map_or(0, |(_, us)| us);
+    let bench_us = pids
+        .worker
+        .and_then(|_| read_stat(Path::new("/proc/self/stat")))
+        .map(|(_, us)| us);
+    let broker = pids.broker;
     let mut threads = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+    if let Ok(dir) = std::fs::read_dir(proc_dir.join("task")) {
         for e in dir.flatten() {
             let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
                 continue;
@@ -147,6 +186,7 @@ pub(super) fn snapshot(broker: Option<u32>) -> Snapshot {
         .map(|(_, us)| us);
     Snapshot {
         process_us,
+        bench_us,
         threads,
         broker_us,
         postgres_us: postgres_cpu(),
@@ -178,6 +218,10 @@ pub(super) fn per_job(a: &Snapshot, b: &Snapshot, jobs: usize) -> PerJob {
         writer_us: writer as f64 / n,
         broker_io_us: io as f64 / n,
         other_us: process.saturating_sub(runtime + writer + io) as f64 / n,
+        bench_us: match (a.bench_us, b.bench_us) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
+            _ => None,
+        },
         broker_us: match (a.broker_us, b.broker_us) {
             (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
             _ => None,
@@ -214,18 +258,18 @@ mod tests {
 
     #[test]
     fn cpu_burnt_by_a_plain_thread_counts_for_the_process_not_the_writer() {
-        let a = snapshot(None);
+        let a = snapshot(Pids::default());
         let mut x = 0u64;
         // burn CPU until /proc shows at least 30 ms more (bounded, never a timer)
         for _ in 0..10_000 {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }
-            if snapshot(None).process_us >= a.process_us + 30_000 {
+            if snapshot(Pids::default()).process_us >= a.process_us + 30_000 {
                 break;
             }
         }
-        let p = per_job(&a, &snapshot(None), 10);
+        let p = per_job(&a, &snapshot(Pids::default()), 10);
         assert!(p.process_us >= 3_000.0, "{p:?}");
         assert_eq!(p.writer_us, 0.0, "{p:?}");
         assert!(p.other_us > 0.0, "{p:?}");

@@ -34,8 +34,9 @@ mod report;
 mod sim;
 mod sink;
 mod worker;
+mod workers;
 
-pub use args::{BenchArgs, SimMode};
+pub use args::{BenchArgs, SimMode, WorkerMode};
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -66,7 +67,11 @@ fn at_us(t: Instant) -> u64 {
 
 /// (VmHWM, VmRSS) of this process in kB.
 pub fn rss_kb() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    parse_rss(&std::fs::read_to_string("/proc/self/status").unwrap_or_default())
+}
+
+/// (VmHWM, VmRSS) in kB from the text of a `/proc/<pid>/status` (0 when absent).
+fn parse_rss(text: &str) -> (u64, u64) {
     let field = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -127,6 +132,9 @@ pub async fn run(a: BenchArgs, settings: Settings) -> anyhow::Result<()> {
         }
         _ => {}
     }
+    if a.worker == WorkerMode::Child && a.workers.iter().any(|&w| w > 1) {
+        bail!("--worker child runs one worker per case: --workers 1");
+    }
     let _ = epoch();
     crate::demo::ensure_broker(&settings.config.broker.url)
         .await
@@ -153,29 +161,19 @@ pub async fn run(a: BenchArgs, settings: Settings) -> anyhow::Result<()> {
         dir.display()
     ));
     let result = async {
-        let ceil = ceiling::ceiling(&settings, a.jobs, a.users, &tag, a.stall_timeout).await?;
+        let (ceiling, ceil) = ceiling::Ceiling::start(
+            &settings,
+            a.jobs,
+            a.users,
+            &tag,
+            a.stall_timeout,
+            a.api == "v2",
+        )
+        .await?;
         progress(format!("bench: ceiling {:.0} msg/s", ceil.msgs_per_s));
-        let mut cases = Vec::new();
-        for &workers in &a.workers {
-            for lat in &a.midas_latency {
-                progress(format!(
-                    "bench: {workers} worker(s) on {}, Midas latency {}",
-                    if a.outbox.is_some() {
-                        "PostgreSQL"
-                    } else {
-                        "SQLite"
-                    },
-                    humantime::format_duration(*lat)
-                ));
-                let c = worker::worker_case(&a, &settings, *lat, workers, &tag, &dir).await?;
-                progress(format!(
-                    "bench: {:.0} jobs/s, steady p99 {:.1} ms, {}; overlapping calls {}",
-                    c.jobs_per_s, c.steady_p99_ms, c.ledger_note, c.overlapping_calls
-                ));
-                cases.push(c);
-            }
-        }
-        Ok::<_, anyhow::Error>((ceil, cases))
+        let cases = run_cases(&a, &settings, &ceiling, &tag, &dir, &progress).await;
+        ceiling.stop().await;
+        Ok::<_, anyhow::Error>((ceil, cases?))
     }
     .await;
     if a.keep {
@@ -195,5 +193,52 @@ pub async fn run(a: BenchArgs, settings: Settings) -> anyhow::Result<()> {
     {
         bail!("a bill was not applied exactly once (or a reply was not succeeded, or calls for one player overlapped): see the table");
     }
+    if cases.iter().any(|c| c.worker_exit_ok == Some(false)) {
+        bail!("the child worker did not exit 0 after SIGTERM: see the table");
+    }
     Ok(())
+}
+
+/// Every (workers, latency) case, each followed by the broker-only steady phase at
+/// that case's steady rate through the ceiling's bare loop.
+async fn run_cases(
+    a: &BenchArgs,
+    settings: &Settings,
+    ceiling: &ceiling::Ceiling,
+    tag: &str,
+    dir: &std::path::Path,
+    progress: &dyn Fn(String),
+) -> anyhow::Result<Vec<report::CaseResult>> {
+    let mut cases = Vec::new();
+    for &workers in &a.workers {
+        for lat in &a.midas_latency {
+            progress(format!(
+                "bench: {workers} worker(s) on {}, Midas latency {}",
+                if a.outbox.is_some() {
+                    "PostgreSQL"
+                } else {
+                    "SQLite"
+                },
+                humantime::format_duration(*lat)
+            ));
+            let mut c = worker::worker_case(a, settings, *lat, workers, tag, dir).await?;
+            // a failed broker-only phase leaves NaN (its target then fails), not the run
+            let (p50, p99) = match ceiling.steady(c.steady_rate, c.steady_jobs).await {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("bench: broker-only steady phase failed: {e:#}");
+                    (f64::NAN, f64::NAN)
+                }
+            };
+            c.broker_steady_p50_ms = p50;
+            c.broker_steady_p99_ms = p99;
+            progress(format!(
+                "bench: {:.0} jobs/s, steady p99 {:.1} ms (broker-only {:.1} ms), {}; \
+                 overlapping calls {}",
+                c.jobs_per_s, c.steady_p99_ms, p99, c.ledger_note, c.overlapping_calls
+            ));
+            cases.push(c);
+        }
+    }
+    Ok(cases)
 }

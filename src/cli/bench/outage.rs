@@ -50,7 +50,7 @@ pub(super) async fn run(
     sink: &Sink,
     bill_prefix: &str,
     lat_ms: u64,
-    broker_pid: Option<u32>,
+    pids: cpu::Pids,
 ) -> anyhow::Result<OutageResult> {
     let b = &settings.config.broker;
     let n = a.jobs;
@@ -81,11 +81,11 @@ pub(super) async fn run(
     // the outage lasts --outage from the first command (a bench, not a test: a timer is the point)
     tokio::time::sleep_until((down_at + a.outage).into()).await;
     let refused_calls = calls(sim).await?.saturating_sub(calls0);
-    let cpu0 = cpu::snapshot(broker_pid);
+    let cpu0 = cpu::snapshot(pids);
     sim.set_faults(up).await?;
     let up_at = Instant::now();
     let end = sink.wait('o', n, a.stall_timeout + a.outage).await?;
-    let cpu1 = cpu::snapshot(broker_pid);
+    let cpu1 = cpu::snapshot(pids);
     let drain = end.saturating_duration_since(up_at).as_secs_f64();
     Ok(OutageResult {
         jobs: n,

@@ -6,19 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use futures_util::future::join_all;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 
-use super::args::BenchArgs;
+use super::args::{BenchArgs, WorkerMode};
 use super::publish::publish_commands;
 use super::report::CaseResult;
 use super::sim::Sim;
 use super::sink::Sink;
+use super::workers::Workers;
 use super::{cpu, mb, outage, rss_kb};
 use crate::config::Settings;
-use crate::metrics::METRICS;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run_case(
@@ -31,6 +30,7 @@ pub(super) async fn run_case(
     workers: usize,
     tag: &str,
     case: &str,
+    dir: &std::path::Path,
 ) -> anyhow::Result<CaseResult> {
     let b = &settings.config.broker;
     let n = a.jobs;
@@ -85,38 +85,41 @@ pub(super) async fn run_case(
         }
     });
     let (hwm_before, _) = rss_kb();
-    let m0 = METRICS.totals();
-    let broker_pid = cpu::find_broker();
-    let cpu0 = cpu::snapshot(broker_pid);
+    let m0 = Workers::totals_before(a.worker);
+    let broker = cpu::find_broker();
+    // in-process, the workers' start-up counts; a child's CPU is read from its spawn
+    let before = cpu::snapshot(cpu::Pids {
+        broker,
+        worker: None,
+    });
     let started = Instant::now();
-    // every worker starts at once, each with its own HTTP port (http.listen is :0)
-    let started_all = join_all(
-        (0..workers.max(1)).map(|_| crate::worker::start(settings.clone(), Some(sim.url()))),
-    )
-    .await;
-    let mut running = Vec::with_capacity(started_all.len());
-    let mut start_error = None;
-    for r in started_all {
-        match r {
-            Ok(w) => running.push(w),
-            Err(e) => start_error = Some(e),
+    let log = dir.join(format!("{case}-worker.log"));
+    let running = match Workers::start(a, settings, sim.url(), workers, &log).await {
+        Ok(w) => w,
+        Err(e) => {
+            watcher.abort();
+            return Err(e);
         }
-    }
-    if let Some(e) = start_error {
-        join_all(running.into_iter().map(|w| w.stop())).await;
-        return Err(e.into());
-    }
+    };
+    let pids = cpu::Pids {
+        broker,
+        worker: running.pid(),
+    };
+    let cpu0 = match pids.worker {
+        Some(_) => cpu::snapshot(pids),
+        None => before,
+    };
     let (t0, t_all) = match tokio::time::timeout(Duration::from_secs(30), watcher).await {
         Ok(Ok(Some(t))) => t,
         _ => {
-            join_all(running.into_iter().map(|w| w.stop())).await;
+            running.stop().await;
             bail!("the workers did not all start consuming within 30s");
         }
     };
     let outcome = async {
         let end = sink.wait('b', n, a.stall_timeout).await?;
-        let cpu1 = cpu::snapshot(broker_pid);
-        let m1 = METRICS.totals();
+        let cpu1 = cpu::snapshot(pids);
+        let m1 = running.totals().await?;
         let elapsed = end.saturating_duration_since(t0);
         let secs = elapsed.as_secs_f64();
         let jobs_per_s = n as f64 / secs;
@@ -138,23 +141,13 @@ pub(super) async fn run_case(
         )
         .await?;
         sink.wait('s', m, a.stall_timeout).await?;
-        let cpu2 = cpu::snapshot(broker_pid);
+        let cpu2 = cpu::snapshot(pids);
         let cpu_backlog = cpu::per_job(&cpu0, &cpu1, n);
         let cpu_steady = cpu::per_job(&cpu1, &cpu2, m);
         let outage = if a.outage.is_zero() {
             None
         } else {
-            let r = outage::run(
-                a,
-                settings,
-                client,
-                sim,
-                &sink,
-                &bill_prefix,
-                lat_ms,
-                broker_pid,
-            )
-            .await;
+            let r = outage::run(a, settings, client, sim, &sink, &bill_prefix, lat_ms, pids).await;
             if r.is_err() {
                 // leave Midas up for the ledger read
                 let _ = sim
@@ -179,8 +172,10 @@ pub(super) async fn run_case(
         ))
     }
     .await;
-    join_all(running.into_iter().map(|w| w.stop())).await;
-    let (hwm, rss) = rss_kb();
+    // a child's memory is read before it stops (its /proc entry goes with it)
+    let child_rss = running.child_rss_kb();
+    let worker_exit_ok = running.stop().await;
+    let (hwm, rss) = child_rss.unwrap_or_else(rss_kb);
     sink_task.abort();
     let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
     let secs = elapsed.as_secs_f64();
@@ -227,7 +222,17 @@ pub(super) async fn run_case(
         rows_per_commit: if d(0) > 0.0 { d(1) / d(0) } else { 0.0 },
         replies_published_per_s: d(3) / secs,
         peak_rss_mb: mb(hwm),
-        peak_rss_before_worker_mb: mb(hwm_before),
+        peak_rss_before_worker_mb: match a.worker {
+            WorkerMode::Inproc => mb(hwm_before),
+            WorkerMode::Child => 0.0,
+        },
+        worker_process: match a.worker {
+            WorkerMode::Inproc => "in-process",
+            WorkerMode::Child => "child process",
+        },
+        worker_exit_ok,
+        broker_steady_p50_ms: f64::NAN,
+        broker_steady_p99_ms: f64::NAN,
         rss_at_end_mb: mb(rss),
         duplicate_replies: bdup + sdup,
         not_succeeded: bbad + sbad,

@@ -92,7 +92,7 @@ async fn worker_case_in(
         None => None,
     };
     let mut result = run_case(
-        a, &settings, &client, &ch, &sim, lat_ms, workers, tag, &case,
+        a, &settings, &client, &ch, &sim, lat_ms, workers, tag, &case, dir,
     )
     .await
     .map(|r| CaseResult { max_in_flight, ..r });
