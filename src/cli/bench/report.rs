@@ -159,7 +159,10 @@ pub(super) fn bound(c: &CaseResult, ceiling: f64) -> String {
     ];
     users.sort_by(|x, y| y.1.total_cmp(&x.1));
     if busy >= 0.85 * ncpu {
-        format!("CPU {busy:.1}/{ncpu:.0}, most {}", users.first().map_or("?", |u| u.0))
+        format!(
+            "CPU {busy:.1}/{ncpu:.0}, most {}",
+            users.first().map_or("?", |u| u.0)
+        )
     } else {
         format!("waits ({busy:.1}/{ncpu:.0} cores)")
     }
