@@ -288,8 +288,8 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
     env_a.cleanup(&ca).await;
 }
 
-/// Commands for one player that reach different workers, each accepted before the
-/// next is sent, run in that order: the worker holding the player loads the ones
+/// Commands for one player that reach different workers, each durable in the
+/// outbox before the next is sent, run in that order: the worker holding the player loads the ones
 /// another worker took in, in arrival order, behind a slow Midas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_players_commands_run_in_arrival_order_whichever_worker_took_them_in() {
@@ -309,13 +309,30 @@ async fn a_players_commands_run_in_arrival_order_whichever_worker_took_them_in()
     let mut cb = env_b.client().await;
     let b = unique("O");
     let sent: Vec<String> = (0..60).map(|i| format!("{b}-{i}")).collect();
+    let pg = db.client().await;
     for (i, bill) in sent.iter().enumerate() {
         let c = if rand::random::<bool>() { &ca } else { &cb };
         c.publish(pay(bill, &format!("o{}", i % 3), 1).as_bytes(), bill)
             .await
             .unwrap();
-        // accepted (durable) well before the next one is sent
-        tokio::time::sleep(Duration::from_millis(80)).await;
+        // durable in the outbox before the next one is sent (that is what
+        // "arrival" means across workers)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let n: i64 = pg
+                .query_one("SELECT count(*) FROM jobs WHERE bill_no = $1", &[bill])
+                .await
+                .unwrap()
+                .get(0);
+            if n == 1 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{bill} never accepted"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
