@@ -356,3 +356,59 @@ async fn a_players_commands_run_in_arrival_order_whichever_worker_took_them_in()
     env_a.cleanup(&ca).await;
     env_b.cleanup(&cb).await;
 }
+
+/// `outbox retry` against the shared outbox: the job re-opened by the operator is
+/// run by whichever worker takes its player, with the same bill_no, charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retry_on_the_shared_outbox_is_picked_up_by_a_worker() {
+    use midas_worker::audit::{run, Operator, OutboxCmd};
+    let db = TestDb::new("opretry").await;
+    let mut env = pg_env("pgop", &db).await;
+    env.set("RETRY__GIVE_UP_AFTER", "3s");
+    let sim = env
+        .simulator(Faults {
+            busy_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let w1 = env.worker(&sim.base_url()).await;
+    let w2 = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bill = unique("OP");
+    c.publish(pay(&bill, "op-user", 6).as_bytes(), "p")
+        .await
+        .unwrap();
+    let r = c
+        .reply_for("p", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .reply;
+    assert_eq!(r.status, Some(Status::Unknown), "{r:?}");
+    sim.set_faults(Faults::default());
+    let mut out = Vec::new();
+    run(
+        &OutboxCmd::Retry {
+            bill_no: Some(bill.clone()),
+            filters: Default::default(),
+            confirm: Default::default(),
+            who: Operator {
+                actor: Some("test".into()),
+                reason: Some("midas recovered".into()),
+            },
+        },
+        &env.settings(),
+        &mut out,
+    )
+    .expect("retry accepted");
+    let r = c
+        .reply_for("p", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .reply;
+    assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
+    assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1, "charged once");
+    assert_eq!(sim.ledger().overlapping_calls, 0);
+    w1.stop().await;
+    w2.stop().await;
+    env.cleanup(&c).await;
+}
