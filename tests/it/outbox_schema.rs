@@ -34,7 +34,7 @@ fn params(appid: &str, op: Op, bill_no: &str) -> Params {
     }
 }
 
-fn intake(appid: &str, op: Op, bill_no: &str, key: Option<&str>, corr: &str) -> Intake {
+pub(crate) fn intake(appid: &str, op: Op, bill_no: &str, key: Option<&str>, corr: &str) -> Intake {
     Intake {
         command: Command {
             params: params(appid, op, bill_no),

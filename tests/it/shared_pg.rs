@@ -412,3 +412,67 @@ async fn an_operator_retry_on_the_shared_outbox_is_picked_up_by_a_worker() {
     w2.stop().await;
     env.cleanup(&c).await;
 }
+
+/// In the PostgreSQL writer too, a request that fails inside a batch (an attempt of
+/// a job that does not exist) is rolled back alone: the intakes of the same batches
+/// are committed and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_does_not_fail_its_postgres_batch() {
+    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
+    use midas_worker::outbox::writer::{AttemptRow, Record, Update};
+    use midas_worker::outbox::IntakeOutcome;
+    let db = TestDb::new("spfail").await;
+    let fence = Fence {
+        me: "test-worker".into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    };
+    let (w, task) = PgWriter::start(db.secret_url(), fence)
+        .await
+        .expect("writer");
+    let bad = Record {
+        job_id: 999_999,
+        attempts_total: 1,
+        first_attempt_at: Some(1),
+        uncertain: false,
+        rows: vec![AttemptRow {
+            n: 1,
+            started_at: 1,
+            answer: midas_worker::midas::Answer {
+                api: midas_worker::midas::Api::Pay,
+                class: midas_worker::midas::OutcomeClass::Success,
+                http_status: Some(200),
+                errcode: Some(0),
+                errmsg: None,
+                body: Default::default(),
+                latency: Duration::ZERO,
+            },
+        }],
+        update: Update::Retry { next_attempt_at: 2 },
+        now: 2,
+    };
+    for round in 0..20 {
+        let bill = format!("B-PGSP-{round}");
+        let (r, i) = tokio::join!(
+            w.record(bad.clone()),
+            w.intake(crate::outbox_schema::intake(
+                "wx1234567",
+                midas_worker::command::Op::Pay,
+                &bill,
+                None,
+                &bill
+            ))
+        );
+        assert!(r.is_err(), "an attempt of a missing job is refused");
+        assert!(matches!(i, Ok(IntakeOutcome::New(_))), "{i:?}");
+    }
+    w.flush().await.expect("flush");
+    drop(w);
+    task.await.expect("writer task");
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE bill_no LIKE 'B-PGSP-%'")
+            .await,
+        20
+    );
+    assert_eq!(db.count("SELECT count(*) FROM attempts").await, 0);
+}

@@ -164,35 +164,34 @@ async fn take_player(
     if !mine {
         return Ok(false);
     }
+    // claim the job here unless the player has pending jobs this worker has not
+    // loaded (one statement: the common case costs one round trip)
     let st = stmts
         .get(
             tx,
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE appid = $1 AND openid = $2 \
-             AND state = 'pending' AND id <> $3 AND claimed_by IS DISTINCT FROM $4)",
+            "UPDATE jobs SET claimed_by = $4 WHERE id = $3 AND NOT EXISTS ( \
+               SELECT 1 FROM jobs o WHERE o.appid = $1 AND o.openid = $2 \
+               AND o.state = 'pending' AND o.id <> $3 AND o.claimed_by IS DISTINCT FROM $4)",
         )
         .await?;
-    let others: bool = tx
-        .query_one(&st, &[&appid, &openid, &id, &&*fence.me])
+    if tx
+        .execute(&st, &[&appid, &openid, &id, &&*fence.me])
         .await?
-        .try_get(0)?;
-    if others {
-        // jobs of this player this worker has not loaded (it just took the lease
-        // over, or another worker recorded them): load them all, in order
-        let st = stmts
-            .get(
-                tx,
-                "UPDATE jobs SET claimed_by = NULL WHERE appid = $1 AND openid = $2 \
-                 AND state = 'pending' AND claimed_by IS DISTINCT FROM $3",
-            )
-            .await?;
-        tx.execute(&st, &[&appid, &openid, &&*fence.me]).await?;
-        return Ok(false);
+        == 1
+    {
+        return Ok(true);
     }
+    // jobs of this player this worker has not loaded (it just took the lease over,
+    // or another worker recorded them): load them all, in order
     let st = stmts
-        .get(tx, "UPDATE jobs SET claimed_by = $2 WHERE id = $1")
+        .get(
+            tx,
+            "UPDATE jobs SET claimed_by = NULL WHERE appid = $1 AND openid = $2 \
+             AND state = 'pending' AND claimed_by IS DISTINCT FROM $3",
+        )
         .await?;
-    tx.execute(&st, &[&id, &&*fence.me]).await?;
-    Ok(true)
+    tx.execute(&st, &[&appid, &openid, &&*fence.me]).await?;
+    Ok(false)
 }
 
 /// Insert the lease, or take it when it is this worker's or has run out.

@@ -248,20 +248,20 @@ enum Pending {
     Flush(oneshot::Sender<()>),
 }
 
-/// Run one request in a savepoint: an error rolls back that request only.
+/// Run one request under the batch's savepoint `r`: an error rolls back that
+/// request only (`ROLLBACK TO r` keeps the savepoint for the next request); a
+/// success releases it and sets the next one in a single round trip.
 macro_rules! in_savepoint {
-    ($tx:expr, $sp:ident => $body:expr) => {{
-        match $tx.savepoint("r").await {
-            Err(e) => Err(OutboxError::from(e)),
-            Ok($sp) => {
-                let r = $body.await;
-                match r {
-                    Ok(v) => $sp.commit().await.map(|_| v).map_err(OutboxError::from),
-                    Err(e) => {
-                        let _ = $sp.rollback().await;
-                        Err(e)
-                    }
-                }
+    ($tx:expr, $body:expr) => {{
+        match $body.await {
+            Ok(v) => $tx
+                .batch_execute("RELEASE SAVEPOINT r; SAVEPOINT r")
+                .await
+                .map(|_| v)
+                .map_err(OutboxError::from),
+            Err(e) => {
+                let _ = $tx.batch_execute("ROLLBACK TO SAVEPOINT r").await;
+                Err(e)
             }
         }
     }};
@@ -275,13 +275,17 @@ async fn commit_batch(
 ) -> Result<(), OutboxError> {
     // Every request is answered whatever happens: a dropped answer would read as
     // "the writer is gone".
-    let mut tx = match c.transaction().await {
+    let tx = match c.transaction().await {
         Ok(tx) => tx,
         Err(e) => {
             fail_all(batch, &e.to_string());
             return Err(e.into());
         }
     };
+    if let Err(e) = tx.batch_execute("SAVEPOINT r").await {
+        fail_all(batch, &e.to_string());
+        return Err(e.into());
+    }
     // Workers lock player leases in one order (appid, openid), so two intake
     // batches rarely wait on each other in a cycle; a request that still loses a
     // deadlock is run again at once (its savepoint rolled back, its locks freed).
@@ -290,37 +294,37 @@ async fn commit_batch(
     for req in batch.drain(..) {
         match req {
             Request::Intake(i, s) => {
-                let mut r = in_savepoint!(tx, sp => intake(&sp, stmts, fence, &i));
+                let mut r = in_savepoint!(tx, intake(&tx, stmts, fence, &i));
                 for _ in 0..RETRIES {
                     if !is_transient(&r) {
                         break;
                     }
-                    r = in_savepoint!(tx, sp => intake(&sp, stmts, fence, &i));
+                    r = in_savepoint!(tx, intake(&tx, stmts, fence, &i));
                 }
                 answers.push(Pending::Intake(s, r));
             }
             Request::Record(r, s) => {
-                let mut out = in_savepoint!(tx, sp => record(&sp, stmts, &r, &fence.me));
+                let mut out = in_savepoint!(tx, record(&tx, stmts, &r, &fence.me));
                 for _ in 0..RETRIES {
                     if !is_transient(&out) {
                         break;
                     }
-                    out = in_savepoint!(tx, sp => record(&sp, stmts, &r, &fence.me));
+                    out = in_savepoint!(tx, record(&tx, stmts, &r, &fence.me));
                 }
                 answers.push(Pending::Record(s, out));
             }
             Request::Mark(marks, s) => {
-                let mut out = in_savepoint!(tx, sp => mark(&sp, stmts, fence, &marks));
+                let mut out = in_savepoint!(tx, mark(&tx, stmts, fence, &marks));
                 for _ in 0..RETRIES {
                     if !is_transient(&out) {
                         break;
                     }
-                    out = in_savepoint!(tx, sp => mark(&sp, stmts, fence, &marks));
+                    out = in_savepoint!(tx, mark(&tx, stmts, fence, &marks));
                 }
                 answers.push(Pending::Mark(s, out));
             }
             Request::Published(targets, now) => {
-                let r = in_savepoint!(tx, sp => published(&sp, stmts, &targets, now));
+                let r = in_savepoint!(tx, published(&tx, stmts, &targets, now));
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "cannot mark replies confirmed; they may be re-published");
                 }
