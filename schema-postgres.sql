@@ -42,6 +42,9 @@ CREATE INDEX IF NOT EXISTS jobs_bill_no ON jobs (bill_no);
 CREATE INDEX IF NOT EXISTS jobs_received_at ON jobs (received_at);
 CREATE INDEX IF NOT EXISTS jobs_pending_player
     ON jobs (appid, openid, id) WHERE state = 'pending';
+-- Pending jobs no worker has loaded yet (what a lease holder looks for twice a second).
+CREATE INDEX IF NOT EXISTS jobs_unclaimed
+    ON jobs (appid, openid, id) WHERE state = 'pending' AND claimed_by IS NULL;
 
 -- Every command that asked for a job's bill_no, and whether its reply was confirmed.
 CREATE TABLE IF NOT EXISTS reply_targets (

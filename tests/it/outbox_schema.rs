@@ -558,7 +558,7 @@ async fn the_sqlite_and_postgres_schemas_describe_the_same_tables() {
         .query(
             "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' \
              AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key' \
-             AND indexname NOT IN ('jobs_pending_player', 'player_leases_owner')",
+             AND indexname NOT IN ('jobs_pending_player', 'jobs_unclaimed', 'player_leases_owner')",
             &[],
         )
         .await

@@ -281,7 +281,7 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
     );
     assert!(
         took < Duration::from_secs(5 + 10),
-        "taken over within the lease plus a look ({took:?})"
+        "taken over within the lease plus a renewal period ({took:?})"
     );
     wa.stop().await;
     wb.stop().await;

@@ -1,13 +1,13 @@
 //! Leases on the shared outbox: which worker runs which player's jobs.
 //!
-//! Each worker, every second ([`Coordinator::tick`]): renews its player leases
-//! (every `outbox.lease / 3`), notices players it lost (its lease ran out and
+//! Each worker, twice a second ([`Coordinator::tick`]), loads the pending jobs of
+//! its players it has not loaded yet, in arrival order (`FOR UPDATE SKIP LOCKED`,
+//! so two workers never load the same row), and renews the `relay` lease (the
+//! reply relay runs on whichever worker holds it). Every `outbox.lease / 3` it
+//! also renews its player leases, notices players it lost (its lease ran out and
 //! another worker took the player: the engine drops them), gives back players it
-//! has no pending job for, takes players whose pending jobs have no live lease
-//! (a worker died, was cut off, or a job arrived at a worker that did not hold
-//! the player), and loads the pending jobs of its players it has not loaded yet,
-//! in arrival order (`FOR UPDATE SKIP LOCKED`, so two workers never load the same
-//! row). The reply relay runs on whichever worker holds the `relay` lease.
+//! has no pending job for, and takes players whose pending jobs have no live lease
+//! (a worker died or was cut off).
 //!
 //! Every expiry is judged by the database's clock ([`super::NOW_MS`]).
 
@@ -104,7 +104,10 @@ impl Coordinator {
             release_claims(c, &me, &out.lost).await?;
         }
         let room = i64::try_from(room).unwrap_or(i64::MAX);
-        if room > 0 {
+        // Taking over players (a scan of the pending jobs) runs with the renewals;
+        // loading the jobs of players already held (an index on the unclaimed
+        // ones) runs at every look.
+        if room > 0 && renew {
             // players with pending jobs and no live lease, oldest first
             let taken = c
                 .query(
@@ -143,6 +146,8 @@ impl Coordinator {
                 )
                 .await?;
             }
+        }
+        if room > 0 {
             let rows = c
                 .query(
                     &format!(
