@@ -78,6 +78,33 @@ impl TestEnv {
             .expect("test config")
     }
 
+    /// Use the shared PostgreSQL outbox `db` (with a 5 s lease, so take-overs are
+    /// quick) instead of the SQLite file.
+    pub fn share_outbox(&mut self, db: &pg::TestDb) -> &mut Self {
+        self.set("OUTBOX__URL", &db.url);
+        self.set("OUTBOX__LEASE", "5s")
+    }
+
+    /// `outbox retry BILL` as an operator would run it, against this test's outbox.
+    pub fn operator_retry(&self, bill: &str) {
+        use midas_worker::audit::{run, Operator, OutboxCmd};
+        let mut out = Vec::new();
+        run(
+            &OutboxCmd::Retry {
+                bill_no: Some(bill.to_string()),
+                filters: Default::default(),
+                confirm: Default::default(),
+                who: Operator {
+                    actor: Some("test".into()),
+                    reason: Some("midas recovered".into()),
+                },
+            },
+            &self.settings(),
+            &mut out,
+        )
+        .expect("retry accepted");
+    }
+
     pub fn outbox_path(&self) -> PathBuf {
         self.dir.path().join("outbox.sqlite")
     }

@@ -419,7 +419,6 @@ async fn session_expired_reopens_with_a_new_session_key_and_charges_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_retry_of_an_unknown_job_is_picked_up_by_the_running_worker() {
-    use midas_worker::audit::{run, Operator, OutboxCmd};
     let mut env = TestEnv::new("opretry");
     // long enough for the worker to notice the operator's action (it looks every 2 s)
     env.set("RETRY__GIVE_UP_AFTER", "4s");
@@ -439,21 +438,7 @@ async fn operator_retry_of_an_unknown_job_is_picked_up_by_the_running_worker() {
     assert_eq!(r.status, Some(Status::Unknown));
     // Midas is healthy again; an operator decides to re-send the same bill_no
     sim.set_faults(Faults::default());
-    let mut out = Vec::new();
-    run(
-        &OutboxCmd::Retry {
-            bill_no: Some(bill.clone()),
-            filters: Default::default(),
-            confirm: Default::default(),
-            who: Operator {
-                actor: Some("test".into()),
-                reason: Some("midas recovered".into()),
-            },
-        },
-        &env.settings(),
-        &mut out,
-    )
-    .expect("retry accepted");
+    env.operator_retry(&bill);
     let r = c.reply_for("p", T).await.unwrap().reply;
     assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
     assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1, "charged once");

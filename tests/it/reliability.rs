@@ -63,10 +63,7 @@ async fn all_simulator_faults_together_ledger_agrees_with_three_workers_on_postg
 async fn chaos(shared: Option<&crate::common::pg::TestDb>) {
     let mut env = TestEnv::new("chaos");
     env.set("MIDAS__REQUEST_TIMEOUT", "300ms");
-    if let Some(db) = shared {
-        env.set("OUTBOX__URL", &db.url);
-        env.set("OUTBOX__LEASE", "5s");
-    }
+    share(&mut env, shared);
     let sim = env
         .simulator(Faults {
             busy_rate: 0.08,
@@ -231,8 +228,7 @@ async fn workers_for(
 
 fn share(env: &mut TestEnv, shared: Option<&crate::common::pg::TestDb>) {
     if let Some(db) = shared {
-        env.set("OUTBOX__URL", &db.url);
-        env.set("OUTBOX__LEASE", "5s");
+        env.share_outbox(db);
     }
 }
 
@@ -632,10 +628,7 @@ async fn sigkill_five_times_during_two_thousand_commands_with_three_workers_on_p
 
 async fn kill5(shared: Option<&crate::common::pg::TestDb>) {
     let mut env = TestEnv::new("kill5");
-    if let Some(db) = shared {
-        env.set("OUTBOX__URL", &db.url);
-        env.set("OUTBOX__LEASE", "5s");
-    }
+    share(&mut env, shared);
     let sim = env
         .simulator(Faults {
             latency_ms: 2,

@@ -17,8 +17,7 @@ use midas_worker::sim::Faults;
 /// A test's settings on the shared outbox `db`, with a short lease.
 async fn pg_env(name: &str, db: &TestDb) -> TestEnv {
     let mut env = TestEnv::new(name);
-    env.set("OUTBOX__URL", &db.url);
-    env.set("OUTBOX__LEASE", "5s");
+    env.share_outbox(db);
     env
 }
 
@@ -361,7 +360,6 @@ async fn a_players_commands_run_in_arrival_order_whichever_worker_took_them_in()
 /// run by whichever worker takes its player, with the same bill_no, charged once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_retry_on_the_shared_outbox_is_picked_up_by_a_worker() {
-    use midas_worker::audit::{run, Operator, OutboxCmd};
     let db = TestDb::new("opretry").await;
     let mut env = pg_env("pgop", &db).await;
     env.set("RETRY__GIVE_UP_AFTER", "3s");
@@ -385,21 +383,7 @@ async fn an_operator_retry_on_the_shared_outbox_is_picked_up_by_a_worker() {
         .reply;
     assert_eq!(r.status, Some(Status::Unknown), "{r:?}");
     sim.set_faults(Faults::default());
-    let mut out = Vec::new();
-    run(
-        &OutboxCmd::Retry {
-            bill_no: Some(bill.clone()),
-            filters: Default::default(),
-            confirm: Default::default(),
-            who: Operator {
-                actor: Some("test".into()),
-                reason: Some("midas recovered".into()),
-            },
-        },
-        &env.settings(),
-        &mut out,
-    )
-    .expect("retry accepted");
+    env.operator_retry(&bill);
     let r = c
         .reply_for("p", Duration::from_secs(30))
         .await
