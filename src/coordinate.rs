@@ -41,14 +41,16 @@ pub async fn run(
     let mut last_renew: Option<Instant> = None;
     let mut last_relay = Instant::now();
     let mut failing = 0u32;
+    let mut back = Vec::new();
     loop {
-        let mut back = Vec::new();
         while let Ok(p) = give_back.try_recv() {
             back.push(p);
         }
         if !back.is_empty() {
-            if let Err(e) = coord.release(&back).await {
-                tracing::warn!(error = %e, "cannot give players back; their leases run out instead");
+            match coord.release(&back).await {
+                Ok(()) => back.clear(),
+                // kept and tried again at the next look
+                Err(e) => tracing::warn!(error = %e, "cannot give players back yet"),
             }
         }
         let (tx, rx) = oneshot::channel();

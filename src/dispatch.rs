@@ -52,6 +52,8 @@ pub struct Dispatcher {
     writer: Outbox,
     /// Shared outbox: players to give back after a fenced write.
     release: Option<mpsc::UnboundedSender<(String, String)>>,
+    /// Shared outbox: the longest a call (token fetch included) may take.
+    call_budget: Option<Duration>,
     publisher: Publisher,
     midas: Arc<MidasClient>,
     db_path: std::path::PathBuf,
@@ -102,17 +104,22 @@ impl CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let answer = Answer {
-                api: self.api,
-                class: OutcomeClass::Transient,
-                http_status: None,
-                errcode: None,
-                errmsg: Some("the call ended without an answer".into()),
-                body: Body::default(),
-                latency: Duration::ZERO,
-            };
+            let answer = unanswered(self.api, "the call ended without an answer");
             let _ = tx.send(event(self.id, self.balance, answer));
         }
+    }
+}
+
+/// A call that got no answer: transient (it may have reached Midas).
+fn unanswered(api: Api, why: &str) -> Answer {
+    Answer {
+        api,
+        class: OutcomeClass::Transient,
+        http_status: None,
+        errcode: None,
+        errmsg: Some(why.into()),
+        body: Body::default(),
+        latency: Duration::ZERO,
     }
 }
 
@@ -134,10 +141,14 @@ impl Dispatcher {
         release: Option<mpsc::UnboundedSender<(String, String)>>,
     ) -> Dispatcher {
         let db_path = settings.config.outbox.path.clone();
+        let call_budget = writer
+            .is_shared()
+            .then_some(settings.config.midas.request_timeout.0);
         Dispatcher {
             settings,
             writer,
             release,
+            call_budget,
             publisher,
             midas,
             db_path,
@@ -288,9 +299,23 @@ impl Dispatcher {
                         openid = %params.openid,
                         api = api.name(),
                     );
+                    let budget = self.call_budget;
                     tokio::spawn(
                         async move {
-                            let answer = midas.call(api, &params, session_key.as_ref()).await;
+                            let call = midas.call(api, &params, session_key.as_ref());
+                            let answer = match budget {
+                                None => call.await,
+                                // A shared outbox's lease covers request_timeout (+ a
+                                // margin) from the pre-call mark: the whole call, token
+                                // fetch included, must end within it. A call cut off
+                                // here is an unanswered call, like a timeout.
+                                Some(b) => match tokio::time::timeout(b, call).await {
+                                    Ok(a) => a,
+                                    Err(_) => {
+                                        unanswered(api, "no answer within the lease's call budget")
+                                    }
+                                },
+                            };
                             METRICS.observe(&answer);
                             log_answer(&answer);
                             guard.report(answer);

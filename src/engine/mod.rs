@@ -282,12 +282,8 @@ impl Engine {
     pub fn handle(&mut self, ev: Event, now: i64, out: &mut Vec<Action>) {
         match ev {
             Event::Loaded(jobs) => {
-                for mut j in jobs {
-                    // a call counted durably but never answered was cut off by a crash
-                    if j.calls > j.attempts {
-                        j.uncertain = true;
-                    }
-                    self.add(j);
+                for j in jobs {
+                    self.add(resumed(j));
                 }
             }
             Event::Accepted(j) => {
@@ -310,10 +306,8 @@ impl Engine {
             Event::BalanceFetched(id, a) => self.balance_fetched(id, *a, now, out),
             Event::Recorded(id) => self.recorded(id),
             Event::Claimed(jobs) => {
-                for mut j in jobs {
-                    if j.calls > j.attempts {
-                        j.uncertain = true;
-                    }
+                for j in jobs {
+                    let j = resumed(j);
                     self.finished.remove(&j.id);
                     if let Some(e) = self.entries.get_mut(&j.id) {
                         e.lost = false;
@@ -566,18 +560,22 @@ impl Engine {
             return;
         }
         self.sched.call_returned();
-        let appid = e.job.params.appid.clone();
-        let recovered = match answer.class {
-            OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
-                *self.transient_streak.entry(appid.clone()).or_insert(0) += 1;
+        let appid = e.job.params.appid.as_str();
+        let streak = self.transient_streak.get_mut(appid);
+        let recovered = match (answer.class, streak) {
+            (OutcomeClass::Transient | OutcomeClass::TokenInvalid, Some(n)) => {
+                *n += 1;
                 false
             }
-            _ => self
-                .transient_streak
-                .insert(appid.clone(), 0)
-                .is_some_and(|n| n >= OUTAGE_STREAK),
+            (OutcomeClass::Transient | OutcomeClass::TokenInvalid, None) => {
+                self.transient_streak.insert(appid.to_string(), 1);
+                false
+            }
+            (_, Some(n)) => std::mem::take(n) >= OUTAGE_STREAK,
+            (_, None) => false,
         };
         if recovered {
+            let appid = appid.to_string();
             self.end_backoffs(&appid, now);
         }
         let Some(e) = self.entries.get_mut(&id) else {
@@ -774,6 +772,16 @@ impl Engine {
         }
         self.sched.release(&openid, &Entries(&self.entries));
     }
+}
+
+/// A job read back from the outbox: a call counted durably but never answered
+/// was cut off (a crash, or a worker that lost the player): it may have reached
+/// Midas.
+fn resumed(mut j: Job) -> Job {
+    if j.calls > j.attempts {
+        j.uncertain = true;
+    }
+    j
 }
 
 /// The API of a configured app (`None`: the app is not configured any more).

@@ -68,7 +68,24 @@ impl Coordinator {
         let me = self.fence.me.clone();
         let lease = self.fence.lease_ms;
         let c = self.client().await?;
-        let mut out = Tick::default();
+        // The relay lease first: every statement after a claim must not be able to
+        // fail, or the claimed jobs would be dropped with the error.
+        let relay = c
+            .query_opt(
+                &format!(
+                    "INSERT INTO leases (name, owner, expires_at) VALUES ('relay', $1, {NOW_MS} + $2) \
+                     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+                     WHERE leases.owner = EXCLUDED.owner OR leases.expires_at <= {NOW_MS} \
+                     RETURNING owner"
+                ),
+                &[&&*me, &lease],
+            )
+            .await?
+            .is_some();
+        let mut out = Tick {
+            relay,
+            ..Tick::default()
+        };
         if renew {
             let rows = c
                 .query(
@@ -99,6 +116,18 @@ impl Coordinator {
                 &[&&*me],
             )
             .await?;
+            // Jobs this worker claimed whose player its engine does not hold (a
+            // give-back that failed, a claim whose answer was lost): unclaimed, so
+            // the lease holder loads them again. A job claimed an instant ago by
+            // intake comes back too; the engine already holding it just joins it.
+            let (apps, openids): (Vec<String>, Vec<String>) = held.iter().cloned().unzip();
+            c.execute(
+                "UPDATE jobs j SET claimed_by = NULL WHERE j.claimed_by = $1 AND j.state = 'pending' \
+                 AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS h(appid, openid) \
+                   WHERE h.appid = j.appid AND h.openid = j.openid)",
+                &[&&*me, &apps, &openids],
+            )
+            .await?;
         }
         if !out.lost.is_empty() {
             release_claims(c, &me, &out.lost).await?;
@@ -108,7 +137,9 @@ impl Coordinator {
         // loading the jobs of players already held (an index on the unclaimed
         // ones) runs at every look.
         if room > 0 && renew {
-            // players with pending jobs and no live lease, oldest first
+            // players with pending jobs and no live lease, oldest first; their jobs
+            // were loaded by the previous holder: unclaimed in the same statement,
+            // so the taken players are always loaded here
             let taken = c
                 .query(
                     &format!(
@@ -117,34 +148,30 @@ impl Coordinator {
                            WHERE j.state = 'pending' AND NOT EXISTS ( \
                              SELECT 1 FROM player_leases l WHERE l.appid = j.appid \
                              AND l.openid = j.openid AND l.expires_at > {NOW_MS}) \
-                           GROUP BY j.appid, j.openid ORDER BY min(j.id) LIMIT $2) \
-                         INSERT INTO player_leases (appid, openid, owner, expires_at) \
-                         SELECT appid, openid, $1, {NOW_MS} + $3 FROM cand \
-                         ON CONFLICT (appid, openid) DO UPDATE \
-                           SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
-                           WHERE player_leases.expires_at <= {NOW_MS} \
-                         RETURNING appid, openid"
+                           GROUP BY j.appid, j.openid ORDER BY min(j.id) LIMIT $2), \
+                         taken AS ( \
+                           INSERT INTO player_leases (appid, openid, owner, expires_at) \
+                           SELECT appid, openid, $1, {NOW_MS} + $3 FROM cand \
+                           ON CONFLICT (appid, openid) DO UPDATE \
+                             SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+                             WHERE player_leases.expires_at <= {NOW_MS} \
+                           RETURNING appid, openid), \
+                         unclaimed AS ( \
+                           UPDATE jobs j SET claimed_by = NULL FROM taken t \
+                           WHERE j.appid = t.appid AND j.openid = t.openid AND j.state = 'pending' \
+                           RETURNING j.id) \
+                         SELECT count(*) FROM taken"
                     ),
                     &[&&*me, &room, &lease],
                 )
                 .await?;
-            if !taken.is_empty() {
-                let mut players = Vec::with_capacity(taken.len());
-                for r in taken {
-                    players.push((r.try_get::<_, String>(0)?, r.try_get::<_, String>(1)?));
-                }
-                tracing::info!(
-                    players = players.len(),
-                    "took over players whose lease had run out"
-                );
-                // their jobs were loaded by the previous holder: load them here
-                let (apps, openids): (Vec<String>, Vec<String>) = players.into_iter().unzip();
-                c.execute(
-                    "UPDATE jobs j SET claimed_by = NULL FROM unnest($1::text[], $2::text[]) AS p(appid, openid) \
-                     WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending'",
-                    &[&apps, &openids],
-                )
-                .await?;
+            let n: i64 = taken
+                .first()
+                .map(|r| r.try_get(0))
+                .transpose()?
+                .unwrap_or(0);
+            if n > 0 {
+                tracing::info!(players = n, "took over players whose lease had run out");
             }
         }
         if room > 0 {
@@ -167,18 +194,6 @@ impl Coordinator {
             }
             out.jobs.sort_by_key(|j| j.id);
         }
-        out.relay = c
-            .query_opt(
-                &format!(
-                    "INSERT INTO leases (name, owner, expires_at) VALUES ('relay', $1, {NOW_MS} + $2) \
-                     ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
-                     WHERE leases.owner = EXCLUDED.owner OR leases.expires_at <= {NOW_MS} \
-                     RETURNING owner"
-                ),
-                &[&&*me, &lease],
-            )
-            .await?
-            .is_some();
         Ok(out)
     }
 

@@ -204,10 +204,6 @@ pub struct PgTx<'a> {
 }
 
 impl<'a> PgTx<'a> {
-    pub fn store(&self) -> &'a PgStore {
-        self.s
-    }
-
     pub fn commit(mut self) -> Result<(), OutboxError> {
         self.open = false;
         self.s.block(self.s.client.batch_execute("COMMIT"))?;
