@@ -142,10 +142,16 @@ fn main() -> ExitCode {
             }
         }
         verb => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            // One runtime thread unless TOKIO_WORKER_THREADS says otherwise (tokio
+            // reads it when no count is set): the outbox writer and the broker
+            // client's I/O have threads of their own, and the rest of a job's path
+            // is hand-offs between tasks, which cost less on one thread than across
+            // two (docs/bench.md, "One runtime thread").
+            if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+                builder.worker_threads(1);
+            }
+            let rt = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");

@@ -155,13 +155,15 @@ impl Ceiling {
     }
 
     /// The broker-only steady phase: `m` commands paced at `rate` through the bare
-    /// loop; (p50 ms, p99 ms) publish → reply.
-    pub(super) async fn steady(&self, rate: f64, m: usize) -> anyhow::Result<(f64, f64)> {
+    /// loop; (p50 ms, p99 ms) publish → reply, and the CPU per message it cost the
+    /// broker and the whole machine.
+    pub(super) async fn steady(&self, rate: f64, m: usize) -> anyhow::Result<BrokerSteady> {
         if self.loop_task.is_finished() {
             bail!("the ceiling loop has stopped");
         }
         let (cmd_q, reply_q, _) = &self.queues;
         self.sink.expect('t', m);
+        let cpu0 = cpu::snapshot(cpu::Pids::broker_only());
         publish_commands(
             &self.client,
             cmd_q,
@@ -175,8 +177,9 @@ impl Ceiling {
         )
         .await?;
         self.sink.wait('t', m, self.stall).await?;
+        let cpu = cpu::per_job(&cpu0, &cpu::snapshot(cpu::Pids::broker_only()), m);
         let (p50, p99, _, _) = self.sink.summary('t');
-        Ok((p50, p99))
+        Ok(BrokerSteady { p50, p99, cpu })
     }
 
     /// Stop the loop, delete the queues, close the connections.
@@ -189,6 +192,15 @@ impl Ceiling {
         delete_queues(&self.client, &[cmd_q, reply_q, dead_q]).await;
         let _ = self.client.close(200, "bye".into()).await;
     }
+}
+
+/// The broker-only steady phase's figures.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BrokerSteady {
+    pub p50: f64,
+    pub p99: f64,
+    /// CPU per message: the broker's (`beam.smp`) and the whole machine's.
+    pub cpu: cpu::PerJob,
 }
 
 /// consume (manual ack, the worker's prefetch) → publish the reply with a pipelined

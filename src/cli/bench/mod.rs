@@ -224,7 +224,10 @@ async fn run_cases(
             let mut c = worker::worker_case(a, settings, *lat, workers, tag, dir).await?;
             // a failed broker-only phase leaves NaN (its target then fails), not the run
             let (p50, p99) = match ceiling.steady(c.steady_rate, c.steady_jobs).await {
-                Ok(p) => p,
+                Ok(b) => {
+                    c.broker_steady_cpu = Some(b.cpu);
+                    (b.p50, b.p99)
+                }
                 Err(e) => {
                     eprintln!("bench: broker-only steady phase failed: {e:#}");
                     (f64::NAN, f64::NAN)

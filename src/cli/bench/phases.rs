@@ -142,6 +142,7 @@ pub(super) async fn run_case(
         .await?;
         sink.wait('s', m, a.stall_timeout).await?;
         let cpu2 = cpu::snapshot(pids);
+        let m2 = running.totals().await?;
         let cpu_backlog = cpu::per_job(&cpu0, &cpu1, n);
         let cpu_steady = cpu::per_job(&cpu1, &cpu2, m);
         let outage = if a.outage.is_zero() {
@@ -164,6 +165,7 @@ pub(super) async fn run_case(
             jobs_per_s,
             m0,
             m1,
+            m2,
             rate,
             m,
             cpu_backlog,
@@ -177,13 +179,15 @@ pub(super) async fn run_case(
     let worker_exit_ok = running.stop().await;
     let (hwm, rss) = child_rss.unwrap_or_else(rss_kb);
     sink_task.abort();
-    let (elapsed, jobs_per_s, m0, m1, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
+    let (elapsed, jobs_per_s, m0, m1, m2, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
     let secs = elapsed.as_secs_f64();
     let d = |i: usize| {
         let a = [m0.0, m0.1, m0.2, m0.3];
         let b = [m1.0, m1.1, m1.2, m1.3];
         b[i].saturating_sub(a[i]) as f64
     };
+    let steady_commits = m2.0.saturating_sub(m1.0) as f64;
+    let steady_rows = m2.1.saturating_sub(m1.1) as f64;
     let (b50, b99, bdup, bbad) = sink.summary('b');
     let (s50, s99, sdup, sbad) = sink.summary('s');
 
@@ -233,6 +237,13 @@ pub(super) async fn run_case(
         worker_exit_ok,
         broker_steady_p50_ms: f64::NAN,
         broker_steady_p99_ms: f64::NAN,
+        broker_steady_cpu: None,
+        steady_commits_per_job: steady_commits / m.max(1) as f64,
+        steady_rows_per_commit: if steady_commits > 0.0 {
+            steady_rows / steady_commits
+        } else {
+            0.0
+        },
         rss_at_end_mb: mb(rss),
         duplicate_replies: bdup + sdup,
         not_succeeded: bbad + sbad,

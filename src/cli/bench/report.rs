@@ -43,6 +43,11 @@ pub(super) struct CaseResult {
     /// loop, the same paced publisher and reply consumer (NaN until measured).
     pub(super) broker_steady_p50_ms: f64,
     pub(super) broker_steady_p99_ms: f64,
+    /// CPU per message of the broker-only steady phase (broker, whole machine).
+    pub(super) broker_steady_cpu: Option<cpu::PerJob>,
+    /// Outbox commits per job, and requests per commit, in the steady phase.
+    pub(super) steady_commits_per_job: f64,
+    pub(super) steady_rows_per_commit: f64,
     /// `in-process` or `child process` (`--worker`).
     pub(super) worker_process: &'static str,
     /// A child worker: exited 0 after SIGTERM (`None` in-process).
@@ -335,6 +340,29 @@ pub(super) fn print_table(
             "{} / {}",
             broker_us(&c.cpu_backlog),
             broker_us(&c.cpu_steady)
+        )
+    });
+    row("steady: commits per job (rows per commit)", &|c| {
+        format!(
+            "{:.2} ({:.1})",
+            c.steady_commits_per_job, c.steady_rows_per_commit
+        )
+    });
+    // The same paced rate through the bare loop: what the broker (and the whole
+    // machine) spends per message when the worker is not in the path.
+    row("steady broker CPU µs/msg: worker / broker-only", &|c| {
+        let bo = c.broker_steady_cpu.as_ref().map_or("-".into(), broker_us);
+        format!("{} / {bo}", broker_us(&c.cpu_steady))
+    });
+    row("steady cores busy (machine): worker / broker-only", &|c| {
+        let cores = |p: Option<&cpu::PerJob>| {
+            p.and_then(|p| p.machine_us)
+                .map_or("-".into(), |us| format!("{:.2}", us * c.steady_rate / 1e6))
+        };
+        format!(
+            "{} / {}",
+            cores(Some(&c.cpu_steady)),
+            cores(c.broker_steady_cpu.as_ref())
         )
     });
     if pg {
