@@ -74,6 +74,11 @@ pub struct LedgerDump {
     /// still being answered (a worker must never make such calls).
     #[serde(default)]
     pub overlapping_calls: u64,
+    /// The most calls to the Midas endpoints (money and balance paths, 1.0 and 2.0,
+    /// any openid) that were being answered at the same time: what a client's
+    /// concurrency limit must keep down.
+    #[serde(default)]
+    pub peak_in_flight: u64,
     /// TCP connections the simulator accepted.
     #[serde(default)]
     pub connections: u64,
@@ -443,6 +448,7 @@ impl Ledger {
             calls,
             applied: self.applied,
             overlapping_calls: 0,
+            peak_in_flight: 0,
             connections: 0,
         }
     }

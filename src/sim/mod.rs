@@ -110,6 +110,10 @@ struct Inner {
     /// Calls being answered now, per openid (every money and balance path).
     in_flight: HashMap<String, u32>,
     overlapping_calls: u64,
+    /// Calls being answered now, over all openids (every money and balance path).
+    calls_now: u64,
+    /// The most calls ever answered at the same time (`calls_now`'s high-water mark).
+    peak_in_flight: u64,
     /// TCP connections accepted (a client that reuses its connections opens few).
     connections: u64,
 }
@@ -145,8 +149,8 @@ impl axum::serve::Listener for Counting {
     }
 }
 
-/// Counts a call in flight for its openid while alive (a request cancelled by a
-/// closed connection still ends it).
+/// Counts a call in flight (in total and for its openid) while alive (a request
+/// cancelled by a closed connection still ends it).
 struct InFlight<'a> {
     shared: &'a Shared,
     openid: Option<String>,
@@ -154,8 +158,9 @@ struct InFlight<'a> {
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.calls_now = st.calls_now.saturating_sub(1);
         if let Some(o) = self.openid.take() {
-            let mut st = self.shared.lock();
             if let Some(n) = st.in_flight.get_mut(&o) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -193,6 +198,7 @@ impl Shared {
         let st = self.lock();
         let mut d = st.ledger.dump(st.calls.clone());
         d.overlapping_calls = st.overlapping_calls;
+        d.peak_in_flight = st.peak_in_flight;
         d.connections = st.connections;
         d
     }
@@ -227,6 +233,8 @@ impl Simulator {
             calls: BTreeMap::new(),
             in_flight: HashMap::new(),
             overlapping_calls: 0,
+            calls_now: 0,
+            peak_in_flight: 0,
             connections: 0,
         };
         Simulator {
@@ -311,6 +319,12 @@ impl SimHandle {
     /// Replace the fault rates.
     pub fn set_faults(&self, f: Faults) {
         self.shared.lock().faults = f;
+    }
+
+    /// Every access token issued so far and not yet forgotten (tests check that
+    /// none of them leaks into a worker's output).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.lock().tokens.issued()
     }
 
     /// Revoke every token issued so far.
@@ -435,6 +449,8 @@ async fn midas(
     let latency = {
         let mut st = shared.lock();
         *st.calls.entry(kind).or_insert(0) += 1;
+        st.calls_now += 1;
+        st.peak_in_flight = st.peak_in_flight.max(st.calls_now);
         if let Some(o) = &openid {
             let n = st.in_flight.entry(o.clone()).or_insert(0);
             *n += 1;

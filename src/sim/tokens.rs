@@ -149,6 +149,11 @@ impl Tokens {
         }
     }
 
+    /// Every token issued and not yet forgotten, in no particular order.
+    pub fn issued(&self) -> Vec<String> {
+        self.by_value.keys().cloned().collect()
+    }
+
     /// Revoke every token issued so far.
     pub fn revoke_all(&mut self) {
         for info in self.by_value.values_mut() {
