@@ -253,14 +253,16 @@ pub fn decide(
             } else {
                 now.saturating_add(backoff_delay(retry, job.attempts, jitter).as_millis() as i64)
             };
-            if now >= limit || at >= limit {
-                // the next attempt would fall past the deadline: stop now
+            if now >= limit {
                 return Decision::Final {
                     state: JobState::Unknown,
                     reply: exhausted(job, Some(answer), now, ctx),
                 };
             }
-            Decision::Retry { at }
+            // Never scheduled past the deadline: a backoff that would end later
+            // wakes the job at the deadline, where it ends `unknown` without a
+            // call (the engine's start) — not earlier, while retries may still run.
+            Decision::Retry { at: at.min(limit) }
         }
     }
 }
@@ -497,12 +499,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // never scheduled past the deadline: it ends now instead
+        // never scheduled past the deadline, and not given up before it either:
+        // the job wakes at the deadline (where the engine ends it without a call)
         match d(&j, OutcomeClass::Transient, Some(-1), late - 10) {
-            Decision::Final { state, reply } => {
-                assert_eq!(state, JobState::Unknown);
-                assert_eq!(reply.errcode, Some(-1));
-            }
+            Decision::Retry { at } => assert_eq!(at, late),
             other => panic!("{other:?}"),
         }
     }

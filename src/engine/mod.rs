@@ -699,7 +699,9 @@ impl Engine {
                 } else {
                     now + job::backoff_delay(retry, e.job.attempts, jitter).as_millis() as i64
                 };
-                (at < limit).then_some(at)
+                // retried until the give-up time, the last call at the latest
+                // then: `unknown` only after it (never one backoff early)
+                (now < limit).then_some(at.min(limit))
             }
             _ => None,
         };

@@ -323,3 +323,53 @@ fn a_few_busy_answers_are_no_outage() {
     );
     assert_eq!(e.next_wake(), Some(wake), "their backoff stands");
 }
+
+/// Transient answers until the deadline: retried up to it, `unknown` at it (not a
+/// backoff earlier), and no call at or after it.
+#[test]
+fn a_job_answered_transient_retries_until_its_deadline_and_ends_there() {
+    let mut c = cfg();
+    c.retry.give_up_after = Dur(Duration::from_secs(10));
+    let mut e = Engine::new(c, 7);
+    let mut out = Vec::new();
+    let mut now = 0;
+    e.handle(Event::Accepted(job(1, "wx")), now, &mut out);
+    let (mut calls, mut last_call) = (0, 0);
+    for _ in 0..10_000 {
+        let mut next = Vec::new();
+        for a in out.drain(..) {
+            match a {
+                Action::Mark { id, .. } => e.handle(Event::Marked(id), now, &mut next),
+                Action::Call { id, .. } => {
+                    calls += 1;
+                    last_call = now;
+                    now += 7;
+                    e.handle(
+                        Event::Answered(id, ans(OutcomeClass::Transient, -1)),
+                        now,
+                        &mut next,
+                    );
+                }
+                Action::Record(r) => {
+                    if let Update::Final { state, .. } = r.update {
+                        assert_eq!(state, JobState::Unknown);
+                        assert_eq!(now, 10_000, "ends at the deadline, not before");
+                        assert!(
+                            last_call < 10_000 && calls > 5,
+                            "{calls} calls, last at {last_call}"
+                        );
+                        return;
+                    }
+                    e.handle(Event::Recorded(r.job_id), now, &mut next);
+                }
+                Action::Reply { .. } => {}
+            }
+        }
+        out = next;
+        if out.is_empty() {
+            now = e.next_wake().expect("a waiting job has a wake-up");
+            e.poll(now, &mut out);
+        }
+    }
+    panic!("never ended");
+}
