@@ -262,6 +262,19 @@ impl Metrics {
         )
     }
 
+    /// Seconds spent in Midas calls and how many calls were timed, over all APIs
+    /// (the bench's mean call time as the worker saw it).
+    pub fn call_time(&self) -> (f64, u64) {
+        let mut t = (0.0, 0);
+        self.with(|i| {
+            for h in i.latency.values() {
+                t.0 += h.sum;
+                t.1 += h.count;
+            }
+        });
+        t
+    }
+
     /// The Prometheus text exposition; `health` is the scraped worker's readiness.
     pub fn render(&self, snap: &Snapshot, health: &Health) -> String {
         let mut out = String::with_capacity(8192);

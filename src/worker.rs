@@ -28,6 +28,11 @@ use crate::sim::{SimApp, SimHandle, Simulator};
 /// How often unconfirmed replies and operator actions are looked for.
 pub const RELAY_INTERVAL: Duration = Duration::from_secs(2);
 
+/// The relay re-sends only replies that have been final this long: the dispatcher
+/// publishes a fresh final reply itself, right after its commit, and a relay pass
+/// between the two would publish it twice (seen as duplicate replies under load).
+const RELAY_MIN_AGE_MS: i64 = 2_000;
+
 /// How long the broker side may take to publish the last replies at shutdown.
 /// With the dispatcher's grace (`midas.request_timeout` + 2 s) a SIGTERM ends the
 /// process within `midas.request_timeout` + 10 s whatever the broker does.
@@ -320,7 +325,7 @@ async fn relay_loop(
         let found = tokio::task::spawn_blocking(move || {
             let c = crate::outbox::open_ro(&path)?;
             Ok::<_, crate::outbox::OutboxError>((
-                query::unpublished_replies(&c, 2000)?,
+                query::unpublished_replies(&c, 2000, crate::command::now_ms() - RELAY_MIN_AGE_MS)?,
                 query::last_operator_action(&c)?,
             ))
         })

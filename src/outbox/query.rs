@@ -70,17 +70,22 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
     Ok(out)
 }
 
-/// Reply targets of final jobs whose reply is not confirmed yet.
+/// Reply targets of final jobs whose reply is not confirmed yet, added and
+/// finished before `before` (unix ms): a fresher one is still with its owner, which
+/// publishes it right after the commit (relaying it too would send it twice).
 pub fn unpublished_replies(
     c: &Connection,
     limit: usize,
+    before: i64,
 ) -> Result<Vec<OutgoingReply>, OutboxError> {
     let mut stmt = c.prepare_cached(
         "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
          JOIN jobs j ON j.id = t.job_id \
-         WHERE t.published_at IS NULL AND j.result IS NOT NULL ORDER BY t.id LIMIT ?1",
+         WHERE t.published_at IS NULL AND j.result IS NOT NULL \
+         AND t.added_at < ?2 AND COALESCE(j.finished_at, 0) < ?2 \
+         ORDER BY t.id LIMIT ?1",
     )?;
-    let rows = stmt.query_map(params![limit as i64], |r| {
+    let rows = stmt.query_map(params![limit as i64, before], |r| {
         Ok(OutgoingReply {
             target_id: Some(r.get(0)?),
             reply_to: r.get(1)?,

@@ -785,7 +785,7 @@ async fn republish_requeues_final_replies_and_refuses_pending() {
     let s = &f.settings;
     let unpublished = || {
         let c = midas_worker::outbox::open_ro(&f.path).expect("open");
-        query::unpublished_replies(&c, 100)
+        query::unpublished_replies(&c, 100, i64::MAX)
             .expect("query")
             .into_iter()
             .map(|r| r.correlation_id)

@@ -86,6 +86,10 @@ pub(super) async fn run_case(
     });
     let (hwm_before, _) = rss_kb();
     let m0 = Workers::totals_before(a.worker);
+    let calls0 = match a.worker {
+        WorkerMode::Inproc => crate::metrics::METRICS.call_time(),
+        WorkerMode::Child => (0.0, 0),
+    };
     let broker = cpu::find_broker();
     // in-process, the workers' start-up counts; a child's CPU is read from its spawn
     let before = cpu::snapshot(cpu::Pids {
@@ -120,6 +124,7 @@ pub(super) async fn run_case(
         let end = sink.wait('b', n, a.stall_timeout).await?;
         let cpu1 = cpu::snapshot(pids);
         let m1 = running.totals().await?;
+        let calls1 = running.call_time().await?;
         let elapsed = end.saturating_duration_since(t0);
         let secs = elapsed.as_secs_f64();
         let jobs_per_s = n as f64 / secs;
@@ -166,6 +171,7 @@ pub(super) async fn run_case(
             m0,
             m1,
             m2,
+            calls1,
             rate,
             m,
             cpu_backlog,
@@ -179,7 +185,14 @@ pub(super) async fn run_case(
     let worker_exit_ok = running.stop().await;
     let (hwm, rss) = child_rss.unwrap_or_else(rss_kb);
     sink_task.abort();
-    let (elapsed, jobs_per_s, m0, m1, m2, rate, m, cpu_backlog, cpu_steady, outage) = outcome?;
+    let (elapsed, jobs_per_s, m0, m1, m2, calls1, rate, m, cpu_backlog, cpu_steady, outage) =
+        outcome?;
+    let timed = calls1.1.saturating_sub(calls0.1);
+    let mean_call_ms = if timed > 0 {
+        (calls1.0 - calls0.0).max(0.0) * 1000.0 / timed as f64
+    } else {
+        f64::NAN
+    };
     let secs = elapsed.as_secs_f64();
     let d = |i: usize| {
         let a = [m0.0, m0.1, m0.2, m0.3];
@@ -238,6 +251,7 @@ pub(super) async fn run_case(
         broker_steady_p50_ms: f64::NAN,
         broker_steady_p99_ms: f64::NAN,
         broker_steady_cpu: None,
+        mean_call_ms,
         steady_commits_per_job: steady_commits / m.max(1) as f64,
         steady_rows_per_commit: if steady_commits > 0.0 {
             steady_rows / steady_commits

@@ -45,6 +45,10 @@ pub(super) struct CaseResult {
     pub(super) broker_steady_p99_ms: f64,
     /// CPU per message of the broker-only steady phase (broker, whole machine).
     pub(super) broker_steady_cpu: Option<cpu::PerJob>,
+    /// The mean time of a Midas call as the worker timed it, in the backlog phase
+    /// (the simulator's latency plus HTTP, the simulator's own work and waits for
+    /// a CPU).
+    pub(super) mean_call_ms: f64,
     /// Outbox commits per job, and requests per commit, in the steady phase.
     pub(super) steady_commits_per_job: f64,
     pub(super) steady_rows_per_commit: f64,
@@ -280,6 +284,18 @@ pub(super) fn print_table(
         format!("≤ {:.0} ms {}", t.steady_max_ms, mark(t.steady_ok))
     });
     row("Midas calls/s", &|c| format!("{:.0}", c.midas_calls_per_s));
+    // With every call slot busy, each slot turns over once per (pre-call mark +
+    // call + hand-offs): the cycle against the call the worker timed shows where
+    // the time of a slot goes.
+    row("Midas call ms (worker-timed mean) / slot cycle ms", &|c| {
+        let slots = (c.workers * c.max_in_flight) as f64;
+        let cycle = if c.jobs_per_s > 0.0 {
+            slots / c.jobs_per_s * 1000.0
+        } else {
+            f64::NAN
+        };
+        format!("{:.1} / {cycle:.1}", c.mean_call_ms)
+    });
     row("outbox commits/s", &|c| format!("{:.0}", c.commits_per_s));
     row("rows per commit", &|c| format!("{:.1}", c.rows_per_commit));
     row("replies published/s", &|c| {

@@ -85,6 +85,22 @@ impl Workers {
     }
 
     /// The counters now (a child's from its `/metrics`).
+    /// Seconds spent in Midas calls and the calls timed, so far (in-process: the
+    /// whole process's, so the case's are a difference of two readings).
+    pub(super) async fn call_time(&self) -> anyhow::Result<(f64, u64)> {
+        match self {
+            Workers::InProc(_) => Ok(METRICS.call_time()),
+            Workers::Child(c) => {
+                let text = reqwest::get(&c.metrics_url)
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await?;
+                Ok(parse_call_time(&text))
+            }
+        }
+    }
+
     pub(super) async fn totals(&self) -> anyhow::Result<Totals> {
         match self {
             Workers::InProc(_) => Ok(METRICS.totals()),
@@ -226,6 +242,25 @@ fn child_env(s: &Settings, sim_url: &str, port: u16) -> Vec<(String, String)> {
     env
 }
 
+/// Seconds in Midas calls and the calls timed, from a Prometheus text exposition.
+fn parse_call_time(text: &str) -> (f64, u64) {
+    let mut t = (0.0, 0u64);
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        match series.split('{').next().unwrap_or_default() {
+            "midas_worker_midas_call_duration_seconds_sum" => t.0 += v.max(0.0),
+            "midas_worker_midas_call_duration_seconds_count" => t.1 += v.max(0.0) as u64,
+            _ => {}
+        }
+    }
+    t
+}
+
 /// The bench's totals from a Prometheus text exposition: outbox commits, rows
 /// committed (the batch-size histogram's sum), Midas calls (every series), replies.
 fn parse_totals(text: &str) -> Totals {
@@ -265,6 +300,11 @@ mod tests {
             midas_worker_replies_published_total 12\n\
             garbage line\n";
         assert_eq!(parse_totals(text), (4, 40, 12, 12));
+        let calls = "midas_worker_midas_call_duration_seconds_sum{api=\"pay\"} 1.5\n\
+            midas_worker_midas_call_duration_seconds_count{api=\"pay\"} 3\n\
+            midas_worker_midas_call_duration_seconds_sum{api=\"present\"} 0.5\n\
+            midas_worker_midas_call_duration_seconds_count{api=\"present\"} 1\n";
+        assert_eq!(parse_call_time(calls), (2.0, 4));
     }
 
     #[test]
