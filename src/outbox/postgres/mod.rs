@@ -16,6 +16,7 @@ pub mod coord;
 mod intake;
 pub mod ops;
 pub mod writer;
+mod writes;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! The PostgreSQL writer: one task, one connection, one transaction per batch of
-//! requests (group commit), each request in its own savepoint — the same contract
-//! as the SQLite writer (an answer is sent only after the commit holding it).
+//! requests (group commit) — the same contract as the SQLite writer (an answer is
+//! sent only after the commit holding it). A batch runs first without savepoints;
+//! if any request fails, it is rolled back and run again with each request in its
+//! own savepoint, so one bad request cannot fail the others.
 //!
 //! What differs is the lease fence. Intake runs a job here only when this worker
 //! holds its player's lease and has loaded every earlier pending job of that
@@ -18,11 +20,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::intake::intake;
+use super::writes::{mark, published, record};
 
 use crate::engine::job::Job;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
-use crate::outbox::writer::{decode_params, Intake, IntakeOutcome, OutgoingReply, Record, Update};
+use crate::outbox::writer::{decode_params, Intake, IntakeOutcome, OutgoingReply, Record};
 use crate::outbox::OutboxError;
 use crate::secret::{Secret, SecretUrl};
 
@@ -267,12 +270,78 @@ macro_rules! in_savepoint {
     }};
 }
 
+/// A request's result from the batch run without savepoints, in batch order.
+// One per request, moved once: boxing would add an allocation per job.
+#[allow(clippy::large_enum_variant)]
+enum Done {
+    Intake(IntakeOutcome),
+    Record(Option<Vec<OutgoingReply>>),
+    Mark(Marked),
+    Nothing,
+}
+
+/// The common case first: the whole batch in one transaction without a savepoint
+/// per request. A savepoint costs a round trip and a subtransaction, and more than
+/// 64 subtransactions in one transaction make every backend's snapshot checks
+/// slower. `Some` when it committed; `None` when any request failed (or the
+/// commit did): nothing was kept and the batch is run again request by request.
+async fn commit_without_savepoints(
+    c: &mut Client,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    batch: &[Request],
+) -> Option<Vec<Done>> {
+    let tx = c.transaction().await.ok()?;
+    let mut done = Vec::with_capacity(batch.len());
+    for req in batch {
+        let d = match req {
+            Request::Intake(i, _) => intake(&tx, stmts, fence, i).await.map(Done::Intake),
+            Request::Record(r, _) => record(&tx, stmts, r, &fence.me).await.map(Done::Record),
+            Request::Mark(marks, _) => mark(&tx, stmts, fence, marks).await.map(Done::Mark),
+            Request::Published(targets, now) => published(&tx, stmts, targets, *now)
+                .await
+                .map(|_| Done::Nothing),
+            Request::Flush(_) => Ok(Done::Nothing),
+        };
+        match d {
+            Ok(d) => done.push(d),
+            // dropping the transaction rolls it back
+            Err(_) => return None,
+        }
+    }
+    tx.commit().await.ok()?;
+    Some(done)
+}
+
 async fn commit_batch(
     c: &mut Client,
     stmts: &mut Stmts,
     fence: &Fence,
     batch: &mut Vec<Request>,
 ) -> Result<(), OutboxError> {
+    // Workers lock player leases in one order (appid, openid), so two intake
+    // batches rarely wait on each other in a cycle.
+    batch.sort_by(|a, b| player_key(a).cmp(&player_key(b)));
+    if let Some(done) = commit_without_savepoints(c, stmts, fence, batch).await {
+        for (req, d) in batch.drain(..).zip(done) {
+            match (req, d) {
+                (Request::Intake(_, s), Done::Intake(o)) => drop(s.send(Ok(o))),
+                (Request::Record(_, s), Done::Record(o)) => {
+                    drop(s.send(o.ok_or(OutboxError::LeaseLost)))
+                }
+                (Request::Mark(_, s), Done::Mark(m)) => drop(s.send(Ok(m))),
+                (Request::Flush(s), _) => drop(s.send(())),
+                _ => {}
+            }
+        }
+        return Ok(());
+    }
+    if c.is_closed() {
+        fail_all(batch, "the connection to PostgreSQL closed");
+        return Err(OutboxError::Corrupt(
+            "the connection to PostgreSQL closed".into(),
+        ));
+    }
     // Every request is answered whatever happens: a dropped answer would read as
     // "the writer is gone".
     let tx = match c.transaction().await {
@@ -286,10 +355,8 @@ async fn commit_batch(
         fail_all(batch, &e.to_string());
         return Err(e.into());
     }
-    // Workers lock player leases in one order (appid, openid), so two intake
-    // batches rarely wait on each other in a cycle; a request that still loses a
-    // deadlock is run again at once (its savepoint rolled back, its locks freed).
-    batch.sort_by(|a, b| player_key(a).cmp(&player_key(b)));
+    // A request that loses a deadlock is run again at once (its savepoint rolled
+    // back, its locks freed); one that fails is undone alone.
     let mut answers = Vec::with_capacity(batch.len());
     for req in batch.drain(..) {
         match req {
@@ -385,199 +452,6 @@ fn player_key(r: &Request) -> Option<(&str, &str)> {
         )),
         _ => None,
     }
-}
-
-async fn published(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    targets: &[(i64, bool)],
-    now: i64,
-) -> Result<(), OutboxError> {
-    let st = stmts
-        .get(
-            tx,
-            "UPDATE reply_targets SET published_at = $1, returned = $2 \
-             WHERE id = $3 AND published_at IS NULL",
-        )
-        .await?;
-    for (id, returned) in targets {
-        tx.execute(&st, &[&now, &(*returned as i64), id]).await?;
-    }
-    Ok(())
-}
-
-/// The lease condition every fenced write adds (`$L` = this worker).
-macro_rules! held_by {
-    ($owner:literal, $extra:literal) => {
-        concat!(
-            "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid AND l.openid = j.openid AND l.owner = ",
-            $owner,
-            $extra,
-            ")"
-        )
-    };
-}
-
-/// `None`: fenced (this worker no longer holds the player; nothing but the
-/// attempts was written).
-async fn record(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    r: &Record,
-    me: &str,
-) -> Result<Option<Vec<OutgoingReply>>, OutboxError> {
-    // the calls happened whoever holds the job now: they are kept for the audit
-    let ins = stmts
-        .get(
-            tx,
-            "INSERT INTO attempts (job_id, n, api, started_at, latency_ms, http_status, errcode, errmsg, outcome) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .await?;
-    for a in &r.rows {
-        tx.execute(
-            &ins,
-            &[
-                &r.job_id,
-                &(a.n as i64),
-                &a.answer.api.name(),
-                &a.started_at,
-                &(a.answer.latency.as_millis().min(i64::MAX as u128) as i64),
-                &a.answer.http_status.map(i64::from),
-                &a.answer.errcode,
-                &a.answer.errmsg,
-                &a.answer.class.as_str(),
-            ],
-        )
-        .await?;
-    }
-    let last = r.rows.first().map(|a| &a.answer);
-    let (errcode, error) = (
-        last.and_then(|a| a.errcode),
-        last.and_then(|a| a.errmsg.clone()),
-    );
-    match &r.update {
-        Update::Retry { next_attempt_at } => {
-            let st = stmts
-                .get(
-                    tx,
-                    concat!(
-                        "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
-                         next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $7, \
-                         uncertain = GREATEST(uncertain, $8) WHERE j.id = $1 AND j.state = 'pending' AND ",
-                        held_by!("$9", "")
-                    ),
-                )
-                .await?;
-            let n = tx
-                .execute(
-                    &st,
-                    &[
-                        &r.job_id,
-                        &(r.attempts_total as i64),
-                        &r.first_attempt_at,
-                        next_attempt_at,
-                        &errcode,
-                        &error,
-                        &r.now,
-                        &(r.uncertain as i64),
-                        &me,
-                    ],
-                )
-                .await?;
-            Ok((n == 1).then(Vec::new))
-        }
-        Update::Final { state, reply } => {
-            let payload = String::from_utf8_lossy(reply).into_owned();
-            let st = stmts
-                .get(
-                    tx,
-                    concat!(
-                        "UPDATE jobs j SET state = $2, attempts = $3, first_attempt_at = COALESCE(first_attempt_at, $4), \
-                         last_errcode = COALESCE($5, last_errcode), last_error = COALESCE($6, last_error), result = $7, \
-                         session_key = NULL, finished_at = $8, updated_at = $8, uncertain = GREATEST(uncertain, $9) \
-                         WHERE j.id = $1 AND j.state = 'pending' AND ",
-                        held_by!("$10", "")
-                    ),
-                )
-                .await?;
-            let n = tx
-                .execute(
-                    &st,
-                    &[
-                        &r.job_id,
-                        &state.as_str(),
-                        &(r.attempts_total as i64),
-                        &r.first_attempt_at,
-                        &errcode,
-                        &error,
-                        &payload,
-                        &r.now,
-                        &(r.uncertain as i64),
-                        &me,
-                    ],
-                )
-                .await?;
-            if n != 1 {
-                return Ok(None);
-            }
-            let payload: Arc<[u8]> = Arc::from(reply.clone());
-            let q = stmts
-                .get(
-                    tx,
-                    "SELECT id, reply_to, correlation_id FROM reply_targets \
-                     WHERE job_id = $1 AND published_at IS NULL ORDER BY id",
-                )
-                .await?;
-            let rows = tx.query(&q, &[&r.job_id]).await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                out.push(OutgoingReply {
-                    target_id: Some(row.try_get(0)?),
-                    reply_to: row.try_get(1)?,
-                    correlation_id: row.try_get(2)?,
-                    payload: payload.clone(),
-                });
-            }
-            Ok(Some(out))
-        }
-    }
-}
-
-/// Answers the ids whose fence failed, and when the fence was checked (this
-/// worker's clock, just before the first statement).
-async fn mark(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    fence: &Fence,
-    marks: &[(i64, i64)],
-) -> Result<Marked, OutboxError> {
-    let st = stmts
-        .get(
-            tx,
-            concat!(
-                "UPDATE jobs j SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, $2), \
-                 updated_at = $2 WHERE j.id = $1 AND j.state = 'pending' AND ",
-                held_by!(
-                    "$3",
-                    " AND l.expires_at > (extract(epoch from clock_timestamp()) * 1000)::bigint + $4"
-                )
-            ),
-        )
-        .await?;
-    let me: &str = &fence.me;
-    let checked_at = std::time::Instant::now();
-    let mut lost = Vec::new();
-    for (id, at) in marks {
-        let n = tx.execute(&st, &[id, at, &me, &fence.call_ms]).await?;
-        if n != 1 {
-            lost.push(*id);
-        }
-    }
-    Ok(Marked {
-        lost,
-        checked_at: Some(checked_at),
-    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,206 @@
+//! The PostgreSQL writer's statements for what happens to a job after intake: its
+//! pre-call marks, its outcomes and its confirmed replies. The marks and outcomes
+//! are fenced by the player's lease (see the writer's module doc); intake's own
+//! statements are in `intake.rs`.
+
+use std::sync::Arc;
+
+use tokio_postgres::Transaction;
+
+use super::writer::{Fence, Stmts};
+use crate::outbox::handle::Marked;
+use crate::outbox::writer::{OutgoingReply, Record, Update};
+use crate::outbox::OutboxError;
+
+pub(super) async fn published(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    targets: &[(i64, bool)],
+    now: i64,
+) -> Result<(), OutboxError> {
+    let st = stmts
+        .get(
+            tx,
+            "UPDATE reply_targets SET published_at = $1, returned = $2 \
+             WHERE id = $3 AND published_at IS NULL",
+        )
+        .await?;
+    for (id, returned) in targets {
+        tx.execute(&st, &[&now, &(*returned as i64), id]).await?;
+    }
+    Ok(())
+}
+
+/// The lease condition every fenced write adds (`$L` = this worker).
+macro_rules! held_by {
+    ($owner:literal, $extra:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid AND l.openid = j.openid AND l.owner = ",
+            $owner,
+            $extra,
+            ")"
+        )
+    };
+}
+
+/// `None`: fenced (this worker no longer holds the player; nothing but the
+/// attempts was written).
+pub(super) async fn record(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    r: &Record,
+    me: &str,
+) -> Result<Option<Vec<OutgoingReply>>, OutboxError> {
+    // the calls happened whoever holds the job now: they are kept for the audit
+    let ins = stmts
+        .get(
+            tx,
+            "INSERT INTO attempts (job_id, n, api, started_at, latency_ms, http_status, errcode, errmsg, outcome) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .await?;
+    for a in &r.rows {
+        tx.execute(
+            &ins,
+            &[
+                &r.job_id,
+                &(a.n as i64),
+                &a.answer.api.name(),
+                &a.started_at,
+                &(a.answer.latency.as_millis().min(i64::MAX as u128) as i64),
+                &a.answer.http_status.map(i64::from),
+                &a.answer.errcode,
+                &a.answer.errmsg,
+                &a.answer.class.as_str(),
+            ],
+        )
+        .await?;
+    }
+    let last = r.rows.first().map(|a| &a.answer);
+    let (errcode, error) = (
+        last.and_then(|a| a.errcode),
+        last.and_then(|a| a.errmsg.clone()),
+    );
+    match &r.update {
+        Update::Retry { next_attempt_at } => {
+            let st = stmts
+                .get(
+                    tx,
+                    concat!(
+                        "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
+                         next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $7, \
+                         uncertain = GREATEST(uncertain, $8) WHERE j.id = $1 AND j.state = 'pending' AND ",
+                        held_by!("$9", "")
+                    ),
+                )
+                .await?;
+            let n = tx
+                .execute(
+                    &st,
+                    &[
+                        &r.job_id,
+                        &(r.attempts_total as i64),
+                        &r.first_attempt_at,
+                        next_attempt_at,
+                        &errcode,
+                        &error,
+                        &r.now,
+                        &(r.uncertain as i64),
+                        &me,
+                    ],
+                )
+                .await?;
+            Ok((n == 1).then(Vec::new))
+        }
+        Update::Final { state, reply } => {
+            let payload = String::from_utf8_lossy(reply).into_owned();
+            let st = stmts
+                .get(
+                    tx,
+                    concat!(
+                        "UPDATE jobs j SET state = $2, attempts = $3, first_attempt_at = COALESCE(first_attempt_at, $4), \
+                         last_errcode = COALESCE($5, last_errcode), last_error = COALESCE($6, last_error), result = $7, \
+                         session_key = NULL, finished_at = $8, updated_at = $8, uncertain = GREATEST(uncertain, $9) \
+                         WHERE j.id = $1 AND j.state = 'pending' AND ",
+                        held_by!("$10", "")
+                    ),
+                )
+                .await?;
+            let n = tx
+                .execute(
+                    &st,
+                    &[
+                        &r.job_id,
+                        &state.as_str(),
+                        &(r.attempts_total as i64),
+                        &r.first_attempt_at,
+                        &errcode,
+                        &error,
+                        &payload,
+                        &r.now,
+                        &(r.uncertain as i64),
+                        &me,
+                    ],
+                )
+                .await?;
+            if n != 1 {
+                return Ok(None);
+            }
+            let payload: Arc<[u8]> = Arc::from(reply.clone());
+            let q = stmts
+                .get(
+                    tx,
+                    "SELECT id, reply_to, correlation_id FROM reply_targets \
+                     WHERE job_id = $1 AND published_at IS NULL ORDER BY id",
+                )
+                .await?;
+            let rows = tx.query(&q, &[&r.job_id]).await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(OutgoingReply {
+                    target_id: Some(row.try_get(0)?),
+                    reply_to: row.try_get(1)?,
+                    correlation_id: row.try_get(2)?,
+                    payload: payload.clone(),
+                });
+            }
+            Ok(Some(out))
+        }
+    }
+}
+
+/// Answers the ids whose fence failed, and when the fence was checked (this
+/// worker's clock, just before the first statement).
+pub(super) async fn mark(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    marks: &[(i64, i64)],
+) -> Result<Marked, OutboxError> {
+    let st = stmts
+        .get(
+            tx,
+            concat!(
+                "UPDATE jobs j SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, $2), \
+                 updated_at = $2 WHERE j.id = $1 AND j.state = 'pending' AND ",
+                held_by!(
+                    "$3",
+                    " AND l.expires_at > (extract(epoch from clock_timestamp()) * 1000)::bigint + $4"
+                )
+            ),
+        )
+        .await?;
+    let me: &str = &fence.me;
+    let checked_at = std::time::Instant::now();
+    let mut lost = Vec::new();
+    for (id, at) in marks {
+        let n = tx.execute(&st, &[id, at, &me, &fence.call_ms]).await?;
+        if n != 1 {
+            lost.push(*id);
+        }
+    }
+    Ok(Marked {
+        lost,
+        checked_at: Some(checked_at),
+    })
+}
