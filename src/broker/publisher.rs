@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::BrokerError;
 use crate::command::now_ms;
 use crate::metrics::METRICS;
+use crate::outbox::writer::Confirmed;
 use crate::outbox::{Outbox, OutgoingReply};
 
 /// A reply published and awaiting its confirm (or its mark) longer than this is
@@ -265,7 +266,7 @@ impl PublisherQueue {
         &self,
         req: Req,
         c: lapin::Result<Confirmation>,
-        marks: &mut Vec<(i64, bool)>,
+        marks: &mut Vec<Confirmed>,
         failed: &mut Option<BrokerError>,
     ) {
         match c {
@@ -278,7 +279,11 @@ impl PublisherQueue {
                     // keep it a while: the relay must not re-send it before the
                     // mark below is committed (stale entries are dropped by the relay)
                     lock(&self.inflight).insert(id, Stage::Sent(Instant::now()));
-                    marks.push((id, returned));
+                    marks.push(Confirmed {
+                        target: id,
+                        returned,
+                        payload: req.reply.payload.clone(),
+                    });
                 }
                 if let Some(d) = req.done {
                     let _ = d.send(true);

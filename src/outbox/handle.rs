@@ -104,7 +104,7 @@ impl Outbox {
     }
 
     /// Mark reply targets confirmed by the broker (fire and forget).
-    pub fn published(&self, targets: Vec<(i64, bool)>, now: i64) {
+    pub fn published(&self, targets: Vec<super::writer::Confirmed>, now: i64) {
         match self {
             Outbox::Sqlite(w) => w.published(targets, now),
             Outbox::Postgres(w) => w.published(targets, now),

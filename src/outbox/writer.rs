@@ -31,6 +31,17 @@ pub struct OutgoingReply {
     pub payload: Arc<[u8]>,
 }
 
+/// A reply the broker confirmed, to mark published. It carries the bytes that
+/// were published: the mark lands only while they are still the job's reply, so a
+/// late mark cannot stand for a newer reply of a re-opened job.
+#[derive(Debug, Clone)]
+pub struct Confirmed {
+    pub target: i64,
+    /// Confirmed but unroutable (no such queue).
+    pub returned: bool,
+    pub payload: Arc<[u8]>,
+}
+
 /// A valid command to record.
 #[derive(Clone)]
 pub struct Intake {
@@ -99,7 +110,7 @@ enum Request {
         Record,
         oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
     ),
-    Published(Vec<(i64, bool)>, i64),
+    Published(Vec<Confirmed>, i64),
     /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
     Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
     Flush(oneshot::Sender<()>),
@@ -186,7 +197,7 @@ impl Writer {
 
     /// Mark reply targets confirmed by the broker (`returned`: confirmed but unroutable).
     /// Fire and forget: an unmarked target is re-published later, which is harmless.
-    pub fn published(&self, targets: Vec<(i64, bool)>, now: i64) {
+    pub fn published(&self, targets: Vec<Confirmed>, now: i64) {
         let _ = self.tx.send(Request::Published(targets, now));
     }
 }
@@ -277,10 +288,16 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                 }
                 Request::Published(targets, now) => {
                     let mut stmt = tx.prepare_cached(
-                        "UPDATE reply_targets SET published_at = ?1, returned = ?2 WHERE id = ?3 AND published_at IS NULL",
+                        "UPDATE reply_targets SET published_at = ?1, returned = ?2 \
+                         WHERE id = ?3 AND published_at IS NULL \
+                         AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = reply_targets.job_id AND j.result = ?4)",
                     )?;
-                    for (id, returned) in targets {
-                        stmt.execute(params![now, returned as i64, id])?;
+                    for c in targets {
+                        // a reply is JSON text; anything else is no reply of the outbox
+                        let Ok(payload) = std::str::from_utf8(&c.payload) else {
+                            continue;
+                        };
+                        stmt.execute(params![now, c.returned as i64, c.target, payload])?;
                     }
                 }
             }

@@ -18,7 +18,7 @@ use midas_worker::command::{now_ms, Command, Op, Params};
 use midas_worker::config::{load_from, Settings};
 use midas_worker::job::JobState;
 use midas_worker::midas::{Answer, Api, Body, OutcomeClass};
-use midas_worker::outbox::writer::{AttemptRow, Record, Update};
+use midas_worker::outbox::writer::{AttemptRow, Confirmed, Record, Update};
 use midas_worker::outbox::{query, Intake, IntakeOutcome, OutgoingReply, Writer};
 use midas_worker::secret::Secret;
 
@@ -210,8 +210,13 @@ impl Jobber<'_> {
     fn confirm(&self, replies: &[OutgoingReply], returned: bool, now: i64) {
         let ids = replies
             .iter()
-            .filter_map(|r| r.target_id)
-            .map(|id| (id, returned))
+            .filter_map(|r| {
+                r.target_id.map(|target| Confirmed {
+                    target,
+                    returned,
+                    payload: r.payload.clone(),
+                })
+            })
             .collect();
         self.w.published(ids, now);
     }
@@ -449,6 +454,74 @@ pub(crate) async fn fixture() -> Fixture {
         path,
         settings,
     }
+}
+
+/// A confirm that reaches the writer after the job was re-opened (the game
+/// re-sent the command with a new session_key, same reply target) must not mark
+/// the target published: the job's next final reply is then still owed to it.
+#[tokio::test]
+async fn a_late_confirm_of_a_reopened_jobs_old_reply_leaves_the_new_one_owed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.sqlite");
+    let (w, join) = Writer::start(&path, None).expect("writer starts");
+    let j = Jobber { w: &w };
+    let t = now_ms();
+    let id = j.intake(Op::Pay, "B-LATE", "o-late", "c-late", t).await;
+    let old = j
+        .attempt(
+            id,
+            1,
+            t,
+            t,
+            answer(
+                Api::Pay,
+                OutcomeClass::Definitive,
+                Some(200),
+                Some(90010),
+                "session",
+            ),
+            Some(JobState::Failed),
+            reply("B-LATE", "failed", 90010, 1),
+        )
+        .await;
+    assert_eq!(old.len(), 1, "the failed reply is owed to its target");
+    // the re-send (new session_key, same target) re-opens the job first ...
+    let again = w
+        .intake(Intake {
+            command: Command {
+                params: params(Op::Pay, "B-LATE", "o-late"),
+                session_key: Some(Secret::new("SK-NEW")),
+            },
+            reply_to: "midas.results".into(),
+            correlation_id: "c-late".into(),
+            now: t + 10,
+        })
+        .await
+        .expect("intake");
+    assert!(matches!(again, IntakeOutcome::Reopened(_)), "{again:?}");
+    // ... then the broker's confirm of the old reply arrives
+    j.confirm(&old, false, t + 20);
+    w.flush().await.expect("flush");
+    let new = j
+        .attempt(
+            id,
+            2,
+            t,
+            t + 30,
+            answer(Api::Pay, OutcomeClass::Success, Some(200), Some(0), "ok"),
+            Some(JobState::Succeeded),
+            reply("B-LATE", "succeeded", 0, 2),
+        )
+        .await;
+    assert_eq!(
+        new.iter()
+            .map(|r| r.correlation_id.as_str())
+            .collect::<Vec<_>>(),
+        ["c-late"],
+        "the new final reply is published to the target"
+    );
+    drop(w);
+    join.join().expect("writer thread");
 }
 
 const JOBS: usize = 11;

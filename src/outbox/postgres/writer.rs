@@ -25,7 +25,9 @@ use super::writes::{mark, published, record};
 use crate::engine::job::Job;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
-use crate::outbox::writer::{decode_params, Intake, IntakeOutcome, OutgoingReply, Record};
+use crate::outbox::writer::{
+    decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply, Record,
+};
 use crate::outbox::OutboxError;
 use crate::secret::{Secret, SecretUrl};
 
@@ -86,7 +88,7 @@ enum Request {
         Vec<(i64, i64)>,
         oneshot::Sender<Result<Marked, OutboxError>>,
     ),
-    Published(Vec<(i64, bool)>, i64),
+    Published(Vec<Confirmed>, i64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -147,7 +149,7 @@ impl PgWriter {
         rx.await.map_err(|_| OutboxError::WriterGone)
     }
 
-    pub fn published(&self, targets: Vec<(i64, bool)>, now: i64) {
+    pub fn published(&self, targets: Vec<Confirmed>, now: i64) {
         let _ = self.tx.send(Request::Published(targets, now));
     }
 }

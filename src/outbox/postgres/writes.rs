@@ -9,24 +9,31 @@ use tokio_postgres::Transaction;
 
 use super::writer::{Fence, Stmts};
 use crate::outbox::handle::Marked;
-use crate::outbox::writer::{OutgoingReply, Record, Update};
+use crate::outbox::writer::{Confirmed, OutgoingReply, Record, Update};
 use crate::outbox::OutboxError;
 
 pub(super) async fn published(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
-    targets: &[(i64, bool)],
+    targets: &[Confirmed],
     now: i64,
 ) -> Result<(), OutboxError> {
+    // only while the published bytes are still the job's reply (see [`Confirmed`])
     let st = stmts
         .get(
             tx,
             "UPDATE reply_targets SET published_at = $1, returned = $2 \
-             WHERE id = $3 AND published_at IS NULL",
+             WHERE id = $3 AND published_at IS NULL \
+             AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = reply_targets.job_id AND j.result = $4)",
         )
         .await?;
-    for (id, returned) in targets {
-        tx.execute(&st, &[&now, &(*returned as i64), id]).await?;
+    for c in targets {
+        // a reply is JSON text; anything else is no reply of the outbox
+        let Ok(payload) = std::str::from_utf8(&c.payload) else {
+            continue;
+        };
+        tx.execute(&st, &[&now, &(c.returned as i64), &c.target, &payload])
+            .await?;
     }
     Ok(())
 }
