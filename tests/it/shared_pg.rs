@@ -462,3 +462,117 @@ async fn a_failing_request_does_not_fail_its_postgres_batch() {
     );
     assert_eq!(db.count("SELECT count(*) FROM attempts").await, 0);
 }
+
+/// The PostgreSQL twin of `audit_cli::a_late_confirm_of_a_reopened_jobs_old_reply_leaves_the_new_one_owed`:
+/// a confirm of a job's old reply that reaches the writer after a re-send with a
+/// new session_key re-opened the job (same target) must not hide the new reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
+    use midas_worker::midas::{Answer, Api, OutcomeClass};
+    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
+    use midas_worker::outbox::writer::{AttemptRow, Confirmed, Record, Update};
+    use midas_worker::outbox::IntakeOutcome;
+    let db = TestDb::new("splate").await;
+    let fence = Fence {
+        me: "test-worker".into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    };
+    let (w, task) = PgWriter::start(db.secret_url(), fence)
+        .await
+        .expect("writer");
+    let op = midas_worker::command::Op::Pay;
+    let job = match w
+        .intake(crate::outbox_schema::intake(
+            "wx1234567",
+            op,
+            "B-LATE",
+            Some("SK-1"),
+            "c-late",
+        ))
+        .await
+        .expect("intake")
+    {
+        IntakeOutcome::New(j) => j,
+        other => panic!("{other:?}"),
+    };
+    let finish = |n: u32, code: i64, class: OutcomeClass, state, reply: &str| Record {
+        job_id: job.id,
+        attempts_total: n,
+        first_attempt_at: Some(1),
+        uncertain: false,
+        rows: vec![AttemptRow {
+            n,
+            started_at: 1,
+            answer: Answer {
+                api: Api::Pay,
+                class,
+                http_status: Some(200),
+                errcode: Some(code),
+                errmsg: None,
+                body: Default::default(),
+                latency: Duration::ZERO,
+            },
+        }],
+        update: Update::Final {
+            state,
+            reply: reply.as_bytes().to_vec(),
+        },
+        now: 2,
+    };
+    use midas_worker::job::JobState;
+    let old = w
+        .record(finish(
+            1,
+            90010,
+            OutcomeClass::Definitive,
+            JobState::Failed,
+            r#"{"status":"failed"}"#,
+        ))
+        .await
+        .expect("record");
+    assert_eq!(old.len(), 1);
+    let again = w
+        .intake(crate::outbox_schema::intake(
+            "wx1234567",
+            op,
+            "B-LATE",
+            Some("SK-2"),
+            "c-late",
+        ))
+        .await
+        .expect("re-send");
+    assert!(matches!(again, IntakeOutcome::Reopened(_)), "{again:?}");
+    w.published(
+        old.iter()
+            .filter_map(|r| {
+                r.target_id.map(|target| Confirmed {
+                    target,
+                    returned: false,
+                    payload: r.payload.clone(),
+                })
+            })
+            .collect(),
+        3,
+    );
+    w.flush().await.expect("flush");
+    let new = w
+        .record(finish(
+            2,
+            0,
+            OutcomeClass::Success,
+            JobState::Succeeded,
+            r#"{"status":"succeeded"}"#,
+        ))
+        .await
+        .expect("record");
+    assert_eq!(
+        new.iter()
+            .map(|r| r.correlation_id.as_str())
+            .collect::<Vec<_>>(),
+        ["c-late"],
+        "the new final reply is published to the target"
+    );
+    drop(w);
+    task.await.expect("writer task");
+}

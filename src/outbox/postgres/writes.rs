@@ -12,6 +12,7 @@ use crate::outbox::handle::Marked;
 use crate::outbox::writer::{Confirmed, OutgoingReply, Record, Update};
 use crate::outbox::OutboxError;
 
+/// One statement for every confirm of the request (arrays, not a round trip each).
 pub(super) async fn published(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
@@ -22,18 +23,27 @@ pub(super) async fn published(
     let st = stmts
         .get(
             tx,
-            "UPDATE reply_targets SET published_at = $1, returned = $2 \
-             WHERE id = $3 AND published_at IS NULL \
-             AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = reply_targets.job_id AND j.result = $4)",
+            // `id = ANY` keeps the primary-key lookups whatever the planner thinks
+            // of the arrays; each row finds its own values by its place in them
+            "UPDATE reply_targets t SET published_at = $1, \
+             returned = ($3::bigint[])[array_position($2::bigint[], t.id)] \
+             WHERE t.id = ANY($2::bigint[]) AND t.published_at IS NULL \
+             AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id \
+             AND j.result = ($4::text[])[array_position($2::bigint[], t.id)])",
         )
         .await?;
+    let (mut ids, mut returned, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
     for c in targets {
         // a reply is JSON text; anything else is no reply of the outbox
         let Ok(payload) = std::str::from_utf8(&c.payload) else {
             continue;
         };
-        tx.execute(&st, &[&now, &(c.returned as i64), &c.target, &payload])
-            .await?;
+        ids.push(c.target);
+        returned.push(c.returned as i64);
+        payloads.push(payload);
+    }
+    if !ids.is_empty() {
+        tx.execute(&st, &[&now, &ids, &returned, &payloads]).await?;
     }
     Ok(())
 }
@@ -177,7 +187,8 @@ pub(super) async fn record(
 }
 
 /// Answers the ids whose fence failed, and when the fence was checked (this
-/// worker's clock, just before the first statement).
+/// worker's clock, just before the statement). One statement for every mark of the
+/// request.
 pub(super) async fn mark(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
@@ -188,26 +199,30 @@ pub(super) async fn mark(
         .get(
             tx,
             concat!(
-                "UPDATE jobs j SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, $2), \
-                 updated_at = $2 WHERE j.id = $1 AND j.state = 'pending' AND ",
+                // `id = ANY` keeps the primary-key lookups; each row finds its
+                // time by its place in the arrays
+                "UPDATE jobs j SET calls = calls + 1, \
+                 first_attempt_at = COALESCE(first_attempt_at, ($2::bigint[])[array_position($1::bigint[], j.id)]), \
+                 updated_at = ($2::bigint[])[array_position($1::bigint[], j.id)] \
+                 WHERE j.id = ANY($1::bigint[]) AND j.state = 'pending' AND ",
                 held_by!(
                     "$3",
                     " AND l.expires_at > (extract(epoch from clock_timestamp()) * 1000)::bigint + $4"
-                )
+                ),
+                " RETURNING j.id"
             ),
         )
         .await?;
     let me: &str = &fence.me;
+    let (ids, ats): (Vec<i64>, Vec<i64>) = marks.iter().copied().unzip();
     let checked_at = std::time::Instant::now();
-    let mut lost = Vec::new();
-    for (id, at) in marks {
-        let n = tx.execute(&st, &[id, at, &me, &fence.call_ms]).await?;
-        if n != 1 {
-            lost.push(*id);
-        }
+    let rows = tx.query(&st, &[&ids, &ats, &me, &fence.call_ms]).await?;
+    let mut landed = std::collections::HashSet::with_capacity(rows.len());
+    for r in rows {
+        landed.insert(r.try_get::<_, i64>(0)?);
     }
     Ok(Marked {
-        lost,
+        lost: ids.into_iter().filter(|id| !landed.contains(id)).collect(),
         checked_at: Some(checked_at),
     })
 }
