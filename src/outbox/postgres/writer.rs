@@ -308,7 +308,10 @@ async fn commit_without_savepoints(
         match d {
             Ok(d) => done.push(d),
             // dropping the transaction rolls it back
-            Err(_) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
+                return None;
+            }
         }
     }
     tx.commit().await.ok()?;
