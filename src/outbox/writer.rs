@@ -205,6 +205,7 @@ impl Writer {
 fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     let mut checkpoints = super::Checkpointer::default();
+    let mut intake_blocked = false;
     while let Some(first) = rx.blocking_recv() {
         if matches!(first, Request::Tick) {
             if rx.is_empty() {
@@ -220,8 +221,23 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
             }
         }
         let n = batch.len();
+        let has_intake = batch.iter().any(|r| matches!(r, Request::Intake(..)));
         let result = commit_batch(&mut conn, &mut batch);
-        healthy.store(result.is_ok(), Ordering::Relaxed);
+        // Ready means commands can be taken. A full size budget can fail the
+        // inserts of intake and still let the rest of the batch commit: then the
+        // outbox is down until an intake succeeds again, whatever else commits.
+        let ok = match &result {
+            Err(_) => {
+                intake_blocked = has_intake;
+                false
+            }
+            Ok(Some(all_taken)) => {
+                intake_blocked = !all_taken;
+                *all_taken
+            }
+            Ok(None) => !intake_blocked,
+        };
+        healthy.store(ok, Ordering::Relaxed);
         if let Err(e) = &result {
             tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
         } else {
@@ -253,8 +269,13 @@ enum Pending {
     Flush(oneshot::Sender<()>),
 }
 
-fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), OutboxError> {
+/// Committed: `Some(every intake of the batch succeeded)`, `None` when it held none.
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Request>,
+) -> Result<Option<bool>, OutboxError> {
     let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
+    let mut intakes_ok: Option<bool> = None;
     // The first request error: when SQLite rolls the whole transaction back (disk or
     // size budget full), later statements only say "no transaction is active".
     let mut first_err: Option<String> = None;
@@ -264,6 +285,7 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
             match req {
                 Request::Intake(i, resp) => {
                     let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
+                    intakes_ok = Some(intakes_ok.unwrap_or(true) && r.is_ok());
                     if let (Err(e), None) = (&r, &first_err) {
                         first_err = Some(e.to_string());
                     }
@@ -322,7 +344,7 @@ fn commit_batch(conn: &mut Connection, batch: &mut Vec<Request>) -> Result<(), O
                     }
                 }
             }
-            Ok(())
+            Ok(intakes_ok)
         }
         Err(e) => {
             let msg = match &first_err {
