@@ -576,3 +576,50 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
     drop(w);
     task.await.expect("writer task");
 }
+
+/// SIGTERM while the worker is still starting (here: waiting for the schema lock
+/// another session holds) is kept, not answered by the signal's default action:
+/// once started, the worker stops cleanly and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_start_up_stops_the_worker_cleanly() {
+    let mut env = TestEnv::new("spterm");
+    let db = TestDb::new("spterm").await;
+    env.share_outbox(&db);
+    let sim = env.simulator(Faults::default()).await;
+    // hold the lock the worker applies its schema under: its start-up waits
+    let mut holder = db.client().await;
+    let tx = holder.transaction().await.expect("transaction");
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1)",
+        &[&0x6d69_6461_735f_7762_i64],
+    )
+    .await
+    .expect("schema lock");
+    let mut child = env.spawn_child(&sim.base_url());
+    // well past the process's first milliseconds, well inside its 3 s lock_timeout
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the signal during start-up killed the worker"
+    );
+    tx.rollback().await.expect("release the lock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit 20 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.success(),
+        "exit after SIGTERM during start-up: {status}"
+    );
+}
