@@ -483,10 +483,17 @@ pub fn terminate(child: &mut std::process::Child, grace: Duration) -> bool {
     let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
+            if !status.success() {
+                eprintln!("terminate: pid {} ended with {status}", child.id());
+            }
             return status.success();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    eprintln!(
+        "terminate: pid {} did not exit within {grace:?} of SIGTERM; killed",
+        child.id()
+    );
     let _ = std::process::Command::new("kill")
         .args(["-KILL", &child.id().to_string()])
         .status();

@@ -705,7 +705,14 @@ async fn kill5(shared: Option<&crate::common::pg::TestDb>) {
         "SIGTERM exits 0"
     );
     for o in others.iter_mut().flatten() {
-        assert!(terminate(o, Duration::from_secs(20)), "SIGTERM exits 0");
+        if !terminate(o, Duration::from_secs(20)) {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            panic!(
+                "SIGTERM exits 0 (another worker); the workers' log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
     let ledger = sim.ledger();
     assert_eq!(

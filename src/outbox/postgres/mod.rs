@@ -146,6 +146,11 @@ fn tls_config() -> Result<rustls::ClientConfig, OutboxError> {
 /// workers starting together do not race) and check its version.
 pub async fn prepare(client: &mut Client) -> Result<(), OutboxError> {
     let tx = client.transaction().await?;
+    // The session's lock_timeout (a few seconds, so a stuck worker never holds rows
+    // long) is too short here: a worker that died holding the schema lock keeps it
+    // until the server ends its session (idle_in_transaction_session_timeout), and
+    // the schema's statements wait for the running workers' batches. Start-up waits.
+    tx.batch_execute("SET LOCAL lock_timeout = '60s'").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await?;
     tx.batch_execute(SCHEMA).await?;
