@@ -700,19 +700,22 @@ async fn kill5(shared: Option<&crate::common::pg::TestDb>) {
     collect_more(&mut c, &sent, &mut got, Duration::from_secs(90)).await;
     // let it finish starting (signal handlers) before asking it to stop
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let log_tail = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
     assert!(
         terminate(&mut child, Duration::from_secs(20)),
-        "SIGTERM exits 0"
+        "SIGTERM exits 0; the workers' log ends with:\n{}",
+        log_tail()
     );
     for o in others.iter_mut().flatten() {
-        if !terminate(o, Duration::from_secs(20)) {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            panic!(
-                "SIGTERM exits 0 (another worker); the workers' log ends with:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
+        assert!(
+            terminate(o, Duration::from_secs(20)),
+            "SIGTERM exits 0 (another worker); the workers' log ends with:\n{}",
+            log_tail()
+        );
     }
     let ledger = sim.ledger();
     assert_eq!(

@@ -153,12 +153,13 @@ pub async fn prepare(client: &mut Client) -> Result<(), OutboxError> {
     tx.batch_execute("SET LOCAL lock_timeout = '60s'").await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await?;
-    tx.batch_execute(SCHEMA).await?;
-    let version: Option<String> = tx
-        .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
-        .await?
-        .map(|r| r.try_get(0))
-        .transpose()?;
+    // An outbox already at this version is left alone: the schema's `CREATE INDEX
+    // IF NOT EXISTS` locks each table before it finds the index there, and taking
+    // those locks one by one while other workers write can deadlock with them.
+    if schema_version(&tx).await?.as_deref() != Some("2") {
+        tx.batch_execute(SCHEMA).await?;
+    }
+    let version = schema_version(&tx).await?;
     tx.commit().await?;
     match version.as_deref() {
         Some("2") => Ok(()),
@@ -166,6 +167,24 @@ pub async fn prepare(client: &mut Client) -> Result<(), OutboxError> {
             "the PostgreSQL outbox has schema version {other:?}; this release knows version 2"
         ))),
     }
+}
+
+/// The outbox's schema version; `None` when there is no outbox yet.
+async fn schema_version(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<Option<String>, OutboxError> {
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    Ok(tx
+        .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+        .await?
+        .map(|r| r.try_get(0))
+        .transpose()?)
 }
 
 /// Connect and apply the schema.
