@@ -275,15 +275,11 @@ impl PublisherQueue {
                 if returned {
                     tracing::warn!(reply_to = %req.reply.reply_to, "reply unroutable: no such queue (marked returned)");
                 }
-                if let Some(id) = req.reply.target_id {
+                if let Some(c) = Confirmed::of(&req.reply, returned) {
                     // keep it a while: the relay must not re-send it before the
                     // mark below is committed (stale entries are dropped by the relay)
-                    lock(&self.inflight).insert(id, Stage::Sent(Instant::now()));
-                    marks.push(Confirmed {
-                        target: id,
-                        returned,
-                        payload: req.reply.payload.clone(),
-                    });
+                    lock(&self.inflight).insert(c.target, Stage::Sent(Instant::now()));
+                    marks.push(c);
                 }
                 if let Some(d) = req.done {
                     let _ = d.send(true);

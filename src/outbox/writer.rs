@@ -42,6 +42,18 @@ pub struct Confirmed {
     pub payload: Arc<[u8]>,
 }
 
+impl Confirmed {
+    /// The broker confirmed `reply` (`returned`: unroutable); `None` for a reply
+    /// with no outbox row.
+    pub fn of(reply: &OutgoingReply, returned: bool) -> Option<Confirmed> {
+        reply.target_id.map(|target| Confirmed {
+            target,
+            returned,
+            payload: reply.payload.clone(),
+        })
+    }
+}
+
 /// A valid command to record.
 #[derive(Clone)]
 pub struct Intake {

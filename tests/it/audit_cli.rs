@@ -210,13 +210,7 @@ impl Jobber<'_> {
     fn confirm(&self, replies: &[OutgoingReply], returned: bool, now: i64) {
         let ids = replies
             .iter()
-            .filter_map(|r| {
-                r.target_id.map(|target| Confirmed {
-                    target,
-                    returned,
-                    payload: r.payload.clone(),
-                })
-            })
+            .filter_map(|r| Confirmed::of(r, returned))
             .collect();
         self.w.published(ids, now);
     }

@@ -544,15 +544,7 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
         .expect("re-send");
     assert!(matches!(again, IntakeOutcome::Reopened(_)), "{again:?}");
     w.published(
-        old.iter()
-            .filter_map(|r| {
-                r.target_id.map(|target| Confirmed {
-                    target,
-                    returned: false,
-                    payload: r.payload.clone(),
-                })
-            })
-            .collect(),
+        old.iter().filter_map(|r| Confirmed::of(r, false)).collect(),
         3,
     );
     w.flush().await.expect("flush");
@@ -596,16 +588,31 @@ async fn sigterm_during_start_up_stops_the_worker_cleanly() {
     .await
     .expect("schema lock");
     let mut child = env.spawn_child(&sim.base_url());
-    // well past the process's first milliseconds, well inside its 3 s lock_timeout
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // the worker is in its start-up once its session waits for the lock (its
+    // signal handlers are installed before that)
+    let watcher = db.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .expect("pg_locks")
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never waited for the schema lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        child.try_wait().expect("try_wait").is_none(),
-        "the signal during start-up killed the worker"
-    );
     tx.rollback().await.expect("release the lock");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let status = loop {

@@ -32,6 +32,17 @@ pub(super) struct ChildWorker {
     log: PathBuf,
 }
 
+impl ChildWorker {
+    /// The child's Prometheus exposition.
+    async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(&self.metrics_url)
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+}
+
 impl Workers {
     /// The counters before any worker of the case starts.
     pub(super) fn totals_before(mode: WorkerMode) -> Totals {
@@ -84,34 +95,20 @@ impl Workers {
         }
     }
 
-    /// The counters now (a child's from its `/metrics`).
     /// Seconds spent in Midas calls and the calls timed, so far (in-process: the
     /// whole process's, so the case's are a difference of two readings).
     pub(super) async fn call_time(&self) -> anyhow::Result<(f64, u64)> {
         match self {
             Workers::InProc(_) => Ok(METRICS.call_time()),
-            Workers::Child(c) => {
-                let text = reqwest::get(&c.metrics_url)
-                    .await?
-                    .error_for_status()?
-                    .text()
-                    .await?;
-                Ok(parse_call_time(&text))
-            }
+            Workers::Child(c) => Ok(parse_call_time(&c.metrics().await?)),
         }
     }
 
+    /// The counters now (a child's from its `/metrics`).
     pub(super) async fn totals(&self) -> anyhow::Result<Totals> {
         match self {
             Workers::InProc(_) => Ok(METRICS.totals()),
-            Workers::Child(c) => {
-                let text = reqwest::get(&c.metrics_url)
-                    .await?
-                    .error_for_status()?
-                    .text()
-                    .await?;
-                Ok(parse_totals(&text))
-            }
+            Workers::Child(c) => Ok(parse_totals(&c.metrics().await?)),
         }
     }
 
