@@ -29,7 +29,7 @@ pub enum ClientError {
     Broker(#[from] BrokerError),
     #[error("broker: {0}")]
     Amqp(#[from] lapin::Error),
-    #[error("the broker did not confirm the command")]
+    #[error("the broker did not confirm the command (nacked {NACK_ATTEMPTS} times)")]
     NotConfirmed,
     #[error("no queue named {0} on this broker (the command was returned, not queued)")]
     NoQueue(String),
@@ -62,6 +62,11 @@ pub struct Received {
     pub reply: Reply,
     pub raw: Vec<u8>,
 }
+
+/// How many times a nacked command is published before [`ClientError::NotConfirmed`].
+pub const NACK_ATTEMPTS: u32 = 6;
+/// Pause after the first nack; doubled after each (0.1+0.2+0.4+0.8+1.6 s in all).
+const NACK_FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 pub struct GameClient {
     pub conn: Connection,
@@ -152,31 +157,49 @@ impl GameClient {
         if let Some(r) = reply_to {
             props = props.with_reply_to(r.into());
         }
-        let confirm = self
-            .ch
-            .basic_publish(
-                "".into(),
-                self.command_queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                props,
-            )
-            .await?
-            .await?;
-        let acked = confirm.is_ack();
-        match confirm.take_message() {
-            // 312 NO_ROUTE: nothing bound under that name on the default exchange
-            Some(r) if r.reply_code == 312 => Err(ClientError::NoQueue(self.command_queue.clone())),
-            Some(r) => Err(ClientError::Returned {
-                code: r.reply_code,
-                text: r.reply_text.to_string(),
-            }),
-            None if acked => Ok(()),
-            None => Err(ClientError::NotConfirmed),
+        // A nack means the broker did not take the command (a quorum queue whose
+        // leader is being elected, e.g. just after it was declared or while a node
+        // restarts): publish it again, as docs/clients.md tells every game server to.
+        // The same bytes are re-sent, so the worker sees at most one command.
+        let mut pause = NACK_FIRST_PAUSE;
+        for attempt in 1..=NACK_ATTEMPTS {
+            let confirm = self
+                .ch
+                .basic_publish(
+                    "".into(),
+                    self.command_queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    props.clone(),
+                )
+                .await?
+                .await?;
+            let acked = confirm.is_ack();
+            match confirm.take_message() {
+                // 312 NO_ROUTE: nothing bound under that name on the default exchange
+                Some(r) if r.reply_code == 312 => {
+                    return Err(ClientError::NoQueue(self.command_queue.clone()))
+                }
+                Some(r) => {
+                    return Err(ClientError::Returned {
+                        code: r.reply_code,
+                        text: r.reply_text.to_string(),
+                    })
+                }
+                None if acked => return Ok(()),
+                None => {
+                    tracing::debug!(attempt, "the broker nacked a command; publishing it again");
+                    if attempt < NACK_ATTEMPTS {
+                        tokio::time::sleep(pause).await;
+                        pause = pause.saturating_mul(2);
+                    }
+                }
+            }
         }
+        Err(ClientError::NotConfirmed)
     }
 
     /// The next reply on our queue, whatever its correlation_id.

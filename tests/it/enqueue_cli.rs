@@ -254,3 +254,93 @@ async fn an_amqps_url_fails_cleanly_with_the_one_crypto_provider() {
     assert!(err.contains("cannot reach the broker"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A command the broker nacks (here a full queue that rejects publishes; in
+/// production a quorum queue electing its leader) is published again, as
+/// docs/clients.md tells game servers to do, and lands once the broker takes it;
+/// a broker that keeps nacking ends in `NotConfirmed`, never a silent success.
+#[tokio::test]
+async fn a_nacked_command_is_published_again_until_the_broker_takes_it() {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use midas_worker::client::{ClientError, GameClient};
+
+    let env = TestEnv::new("enq-nack");
+    let mut broker = env.settings().config.broker;
+    broker.command_queue = format!("t-{}.full", env.tag);
+    let conn = midas_worker::broker::connect(crate::common::BROKER, "test full queue")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(
+        broker.command_queue.as_str().into(),
+        QueueDeclareOptions {
+            auto_delete: false,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .expect("declare the one-message queue");
+    let client = GameClient::attach(&broker, false).await.expect("attach");
+    client
+        .publish(b"filler", "filler")
+        .await
+        .expect("room for one");
+
+    // full and nobody drains it: every attempt is nacked
+    let t0 = std::time::Instant::now();
+    let e = client.publish(b"first", "first").await;
+    assert!(matches!(e, Err(ClientError::NotConfirmed)), "{e:?}");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(2),
+        "it tried again"
+    );
+
+    // room appears a little after the first nack: the command lands, once
+    let drain = {
+        let ch = conn.create_channel().await.expect("channel");
+        let q = broker.command_queue.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            let m = ch
+                .basic_get(q.as_str().into(), BasicGetOptions::default())
+                .await
+                .expect("get")
+                .expect("the filler");
+            m.ack(BasicAckOptions::default()).await.expect("ack");
+            m.data.clone()
+        })
+    };
+    client
+        .publish(b"second", "second")
+        .await
+        .expect("lands after a nack");
+    assert_eq!(drain.await.expect("drain"), b"filler");
+    let m = ch
+        .basic_get(
+            broker.command_queue.as_str().into(),
+            BasicGetOptions::default(),
+        )
+        .await
+        .expect("get")
+        .expect("the command");
+    assert_eq!(m.data, b"second");
+    assert!(ch
+        .basic_get(
+            broker.command_queue.as_str().into(),
+            BasicGetOptions::default()
+        )
+        .await
+        .expect("get")
+        .is_none());
+    let _ = ch
+        .queue_delete(broker.command_queue.as_str().into(), Default::default())
+        .await;
+}
