@@ -82,6 +82,18 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
             })
             .collect(),
         simulated: c.midas.environment == Environment::Simulator,
+        mark_ahead: mark_ahead(c.midas.max_in_flight.max(1), c.outbox.url.is_some()),
+    }
+}
+
+/// How many jobs the engine marks beyond the free call slots: a quarter of
+/// `max_in_flight` on a SQLite outbox (enough to cover a group commit at the rates
+/// those slots allow), none on a shared outbox (see [`EngineConfig::mark_ahead`]).
+pub fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
+    if shared {
+        0
+    } else {
+        max_in_flight / 4
     }
 }
 

@@ -158,6 +158,7 @@ impl Sim {
             max_rps: [1, 5, 500][rng.random_range(0..3)],
             apps: vec![("wx1".into(), errcode::MidasApi::V1)],
             simulated: false,
+            mark_ahead: rng.random_range(0..3),
         };
         let fault_rate = [0.0, 0.1, 0.3, 0.6][rng.random_range(0..4)];
         let engine = Engine::new(cfg.clone(), seed);
@@ -748,6 +749,7 @@ impl Sim {
 
     fn check(&self) -> Check {
         self.engine.check_wakeups()?;
+        self.engine.check_slots()?;
         for (&id, r) in &self.rows {
             if r.state == JobState::Pending
                 && !self.engine.holds(id)

@@ -11,8 +11,10 @@
 //!
 //! One job's life: wait until due and head of its player's queue → `Mark` (the
 //! call count and the bill_no window start are durable before anything can reach
-//! Midas) → `Call` → decide ([`job::decide`]) → `Record` (retry time or final reply,
-//! durable) → the player is free for its next job.
+//! Midas) → a free call slot (at once, or after waiting for one when marks run
+//! ahead of the slots, [`EngineConfig::mark_ahead`]) → `Call` → decide
+//! ([`job::decide`]) → `Record` (retry time or final reply, durable) → the player
+//! is free for its next job.
 
 pub mod job;
 pub mod scheduler;
@@ -109,6 +111,11 @@ pub struct EngineConfig {
     /// the config is not called).
     pub apps: Vec<(String, MidasApi)>,
     pub simulated: bool,
+    /// How many jobs may be marked beyond the free call slots. A slot that frees
+    /// then goes to a job already marked instead of idling through a mark's
+    /// commit. 0 for a shared outbox: its lease fence requires the call to start
+    /// within `LEASE_CALL_MARGIN` of the mark, and waiting for a slot could exceed it.
+    pub mark_ahead: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +124,8 @@ enum Phase {
     Waiting,
     /// The pre-call mark is being written.
     Marking,
+    /// Marked; waiting for a free call slot.
+    AwaitSlot,
     /// A call is out.
     Calling,
     /// Fetching the balance after a duplicate answer.
@@ -164,6 +173,8 @@ pub struct Engine {
     cfg: EngineConfig,
     entries: HashMap<i64, Entry>,
     sched: Scheduler,
+    /// Marked jobs waiting for a call slot, first come first served.
+    awaiting: VecDeque<i64>,
     /// Highest outbox id seen (orders balance commands among rows).
     last_row: i64,
     seq: u32,
@@ -208,10 +219,12 @@ impl View for Entries<'_> {
 
 impl Engine {
     pub fn new(cfg: EngineConfig, seed: u64) -> Engine {
+        let sched = Scheduler::with_ahead(cfg.mark_ahead);
         Engine {
             cfg,
             entries: HashMap::new(),
-            sched: Scheduler::default(),
+            sched,
+            awaiting: VecDeque::new(),
             last_row: 0,
             seq: 0,
             next_balance_id: -1,
@@ -254,6 +267,29 @@ impl Engine {
     /// Every idle player whose next job waits has a wake-up (simulation check).
     pub fn check_wakeups(&self) -> Result<(), String> {
         self.sched.check_wakeups(&Entries(&self.entries))
+    }
+
+    /// The scheduler's slot counts agree with the jobs' phases, and no more than
+    /// `max_in_flight` calls are out (simulation check).
+    pub fn check_slots(&self) -> Result<(), String> {
+        let count = |f: fn(Phase) -> bool| self.entries.values().filter(|e| f(e.phase)).count();
+        let calling = count(|p| matches!(p, Phase::Calling | Phase::Fetching));
+        let pending = count(|p| matches!(p, Phase::Marking | Phase::AwaitSlot));
+        let (calls, picked) = (self.sched.calls(), self.sched.pending());
+        if (calls, picked) != (calling, pending) {
+            return Err(format!(
+                "scheduler counts {calls} calls and {picked} pending; jobs: {calling} calling, {pending} marking or waiting for a slot"
+            ));
+        }
+        if calls > self.cfg.max_in_flight
+            || calls + picked > self.cfg.max_in_flight + self.cfg.mark_ahead
+        {
+            return Err(format!(
+                "{calls} calls and {picked} pending with max_in_flight {} and mark_ahead {}",
+                self.cfg.max_in_flight, self.cfg.mark_ahead
+            ));
+        }
+        Ok(())
     }
 
     fn api_of(&self, appid: &str) -> Option<MidasApi> {
@@ -383,8 +419,8 @@ impl Engine {
         };
         let player = (e.job.params.appid.clone(), e.job.params.openid.clone());
         match e.phase {
-            // the call slot taken for the call that will not be made
-            Phase::Marking => self.sched.no_call(),
+            // picked for a call that will not be made
+            Phase::Marking | Phase::AwaitSlot => self.sched.no_call(),
             Phase::Recording(_) => {}
             // not the end of a step: handled like a lost player
             _ => {
@@ -424,8 +460,32 @@ impl Engine {
         self.draining = true;
     }
 
-    /// Start every step that may start now.
+    /// Start every step that may start now: first the calls of marked jobs that
+    /// waited for a slot (also while draining: their steps are under way), then
+    /// new picks.
     pub fn poll(&mut self, now: i64, out: &mut Vec<Action>) {
+        while let Some(&id) = self.awaiting.front() {
+            let Some(e) = self
+                .entries
+                .get(&id)
+                .filter(|e| e.phase == Phase::AwaitSlot)
+            else {
+                // stale (the job's step ended another way)
+                self.awaiting.pop_front();
+                continue;
+            };
+            if e.lost {
+                // the player's lease is gone: no call (whoever holds it now runs it)
+                self.awaiting.pop_front();
+                self.lease_lost(id);
+                continue;
+            }
+            if !self.sched.try_call(self.cfg.max_in_flight) {
+                break;
+            }
+            self.awaiting.pop_front();
+            self.call_now(id, out);
+        }
         while !self.draining {
             let view = Entries(&self.entries);
             let Some(id) = self
@@ -511,9 +571,7 @@ impl Engine {
         };
         if e.target.is_some() {
             // balance: no outbox row, no mark
-            e.phase = Phase::Calling;
-            e.call_gen = e.key_gen;
-            out.push(call(e, Api::GetBalance, false));
+            self.begin_call(id, out);
             return;
         }
         let end = if !known {
@@ -542,13 +600,41 @@ impl Engine {
     }
 
     fn marked(&mut self, id: i64, out: &mut Vec<Action>) {
-        if let Some(e) = self.entries.get_mut(&id) {
-            if e.phase == Phase::Marking {
-                e.phase = Phase::Calling;
-                e.call_gen = e.key_gen;
-                out.push(call(e, Api::for_op(e.job.params.op), false));
-            }
+        if self
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.phase == Phase::Marking)
+        {
+            self.begin_call(id, out);
         }
+    }
+
+    /// A picked job (marked, or a balance) calls now if a call slot is free, or
+    /// waits for one.
+    fn begin_call(&mut self, id: i64, out: &mut Vec<Action>) {
+        if self.sched.try_call(self.cfg.max_in_flight) {
+            self.call_now(id, out);
+        } else if let Some(e) = self.entries.get_mut(&id) {
+            e.phase = Phase::AwaitSlot;
+            self.awaiting.push_back(id);
+        } else {
+            self.sched.no_call();
+        }
+    }
+
+    /// Job `id` has taken a call slot: call.
+    fn call_now(&mut self, id: i64, out: &mut Vec<Action>) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            self.sched.call_returned();
+            return;
+        };
+        e.phase = Phase::Calling;
+        e.call_gen = e.key_gen;
+        let api = match e.target {
+            Some(_) => Api::GetBalance,
+            None => Api::for_op(e.job.params.op),
+        };
+        out.push(call(e, api, false));
     }
 
     fn answered(&mut self, id: i64, answer: Answer, now: i64, out: &mut Vec<Action>) {
@@ -559,7 +645,6 @@ impl Engine {
         if e.phase != Phase::Calling {
             return;
         }
-        self.sched.call_returned();
         let appid = e.job.params.appid.as_str();
         let streak = self.transient_streak.get_mut(appid);
         let recovered = match (answer.class, streak) {
@@ -600,6 +685,7 @@ impl Engine {
             api: api_of(&self.cfg, &e.job.params.appid).unwrap_or(MidasApi::V1),
         };
         if e.target.is_some() {
+            self.sched.call_returned();
             self.balance_answered(id, answer, now, jitter, out);
             return;
         }
@@ -610,6 +696,7 @@ impl Engine {
         };
         match job::decide(&e.job, &answer, now, &self.cfg.retry, ctx, jitter) {
             Decision::Retry { at } => {
+                self.sched.call_returned();
                 e.job.next_attempt_at = at;
                 e.phase = Phase::Recording(Some(at));
                 out.push(Action::Record(record(
@@ -622,6 +709,7 @@ impl Engine {
                 )));
             }
             Decision::Final { state, reply } => {
+                self.sched.call_returned();
                 e.phase = Phase::Recording(None);
                 out.push(Action::Record(record(
                     &e.job,
@@ -633,7 +721,8 @@ impl Engine {
             Decision::Duplicate => {
                 e.phase = Phase::Fetching;
                 e.duplicate_of = Some(answer);
-                // a read: no mark, no call slot of its own (the player stays busy)
+                // a read: no mark; it keeps the call's slot (Midas sees at most
+                // max_in_flight calls) and the player stays busy
                 out.push(call(e, Api::GetBalance, true));
             }
         }
@@ -650,6 +739,7 @@ impl Engine {
         if e.phase != Phase::Fetching {
             return;
         }
+        self.sched.call_returned();
         let Some(dup) = e.duplicate_of.take() else {
             return;
         };

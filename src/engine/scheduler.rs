@@ -7,7 +7,12 @@
 //! - a job waits for its `next_attempt_at`: a wake-up is kept for the head of every
 //!   idle queue, and re-armed whenever a queue's head or busy flag changes, so a job
 //!   that joins at the front of a busy player's queue is never left without one;
-//! - at most `max_in_flight` calls at once, at most `max_rps` calls a second per app.
+//! - at most `max_in_flight` calls at once, at most `max_rps` calls a second per app;
+//! - a picked job first makes its pre-call mark durable and only then calls. With
+//!   `ahead` > 0, up to that many jobs may be picked beyond the free call slots, so
+//!   marks are written while other calls are out and a slot that frees goes
+//!   straight to a marked job ([`Scheduler::try_call`]) instead of first waiting
+//!   for a mark's commit. With `ahead` = 0 a pick always finds its slot free.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -41,7 +46,12 @@ pub struct Scheduler {
     timers: BinaryHeap<Reverse<(i64, i64)>>,
     /// Jobs whose time has come, waiting for a call slot or a rate token.
     ready: VecDeque<i64>,
+    /// Call slots taken (calls out, and the balance fetch after a duplicate).
     calls: usize,
+    /// Picked jobs not calling yet: marking, or marked and waiting for a slot.
+    pending: usize,
+    /// How many picks may run ahead of the free call slots.
+    ahead: usize,
     buckets: HashMap<String, Bucket>,
 }
 
@@ -55,6 +65,14 @@ pub trait View {
 }
 
 impl Scheduler {
+    /// A scheduler whose picks may run `ahead` of the free call slots.
+    pub fn with_ahead(ahead: usize) -> Scheduler {
+        Scheduler {
+            ahead,
+            ..Scheduler::default()
+        }
+    }
+
     /// Add a job to its player's queue and arm a wake-up if it is now the head.
     pub fn insert(&mut self, id: i64, order: Order, openid: &str, at: i64) {
         let q = self.queues.entry(openid.to_string()).or_default();
@@ -85,6 +103,17 @@ impl Scheduler {
         self.calls = self.calls.saturating_sub(1);
     }
 
+    /// A picked job is ready to call: it takes a call slot if one is free (`false`:
+    /// it waits for [`Scheduler::call_returned`]).
+    pub fn try_call(&mut self, max_in_flight: usize) -> bool {
+        if self.calls >= max_in_flight {
+            return false;
+        }
+        self.pending = self.pending.saturating_sub(1);
+        self.calls += 1;
+        true
+    }
+
     /// Re-arm the wake-up of `openid`'s head (after its head or its time changed).
     pub fn arm_head(&mut self, openid: &str, view: &impl View) {
         if self.busy.contains(openid) {
@@ -105,6 +134,11 @@ impl Scheduler {
         self.calls
     }
 
+    /// Picked jobs not calling yet.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
     fn is_head(&self, id: i64, openid: &str) -> bool {
         self.queues
             .get(openid)
@@ -113,9 +147,10 @@ impl Scheduler {
     }
 
     /// Pick the next job allowed to start now, if any: it is the head of an idle
-    /// player, due, and a call slot and a rate token are free. The player is busy
-    /// from here until [`Scheduler::release`]; `takes_slot` is false for a step that
-    /// makes no call (ending a job past its deadline), which then takes no slot.
+    /// player, due, a rate token is free, and a call slot is free or (with `ahead`)
+    /// will be soon. The player is busy from here until [`Scheduler::release`]; the
+    /// job is pending until [`Scheduler::try_call`] gives it a slot or
+    /// [`Scheduler::no_call`] says it makes no call.
     pub fn next(
         &mut self,
         now: i64,
@@ -132,7 +167,7 @@ impl Scheduler {
                 self.ready.push_back(id);
             }
         }
-        while self.calls < max_in_flight {
+        while self.calls + self.pending < max_in_flight + self.ahead {
             let &id = self.ready.front()?;
             let (Some(openid), Some(appid)) = (view.openid(id), view.appid(id)) else {
                 self.ready.pop_front();
@@ -161,15 +196,16 @@ impl Scheduler {
             b.tokens -= 1.0;
             self.ready.pop_front();
             self.busy.insert(openid.to_string());
-            self.calls += 1;
+            self.pending += 1;
             return Some(id);
         }
         None
     }
 
-    /// A picked job made no call after all (it ended at its deadline): give the slot back.
+    /// A picked job makes no call after all (it ended at its deadline, or its mark
+    /// was fenced out): it is no longer pending.
     pub fn no_call(&mut self) {
-        self.call_returned();
+        self.pending = self.pending.saturating_sub(1);
     }
 
     /// The earliest wake-up, if any (stale ones included: waking early is harmless).
@@ -246,6 +282,7 @@ mod tests {
         v.0.insert(5, ("p".into(), Some(0)));
         s.insert(5, Order::row(5), "p", 0);
         assert_eq!(s.next(0, 8, 100, &v), Some(5));
+        assert!(s.try_call(8));
         // job 5 is calling; job 3 (re-opened) joins at the front
         v.0.insert(5, ("p".into(), None));
         v.0.insert(3, ("p".into(), Some(0)));
@@ -257,6 +294,7 @@ mod tests {
         s.release("p", &v);
         s.check_wakeups(&v).expect("the head has a wake-up");
         assert_eq!(s.next(1, 8, 100, &v), Some(3), "the earlier job goes first");
+        assert!(s.try_call(8));
         v.0.insert(3, ("p".into(), None));
         s.call_returned();
         s.remove(Order::row(3), "p");
@@ -278,7 +316,31 @@ mod tests {
         assert!(s.next(0, 2, 100, &v).is_some());
         assert!(s.next(0, 2, 100, &v).is_some());
         assert_eq!(s.next(0, 2, 100, &v), None, "two slots");
+        assert!(s.try_call(2) && s.try_call(2));
         s.call_returned();
         assert!(s.next(0, 2, 1, &v).is_none() || s.calls() <= 2);
+    }
+
+    #[test]
+    fn picks_run_ahead_of_the_slots_by_at_most_ahead_and_calls_never_exceed_the_slots() {
+        let mut s = Scheduler::with_ahead(2);
+        let mut v = V::default();
+        for id in 1..=10 {
+            let o = format!("p{id}");
+            v.0.insert(id, (o.clone(), Some(0)));
+            s.insert(id, Order::row(id), &o, 0);
+        }
+        let picked: Vec<i64> = std::iter::from_fn(|| s.next(0, 3, 100, &v)).collect();
+        assert_eq!(picked.len(), 5, "3 slots + 2 ahead");
+        // all five marked: three call, two wait for a slot
+        let calling = (0..5).filter(|_| s.try_call(3)).count();
+        assert_eq!((calling, s.calls(), s.pending()), (3, 3, 2));
+        assert_eq!(s.next(0, 3, 100, &v), None, "nothing more is picked");
+        // a call returns: its slot goes to a marked job, not to a new pick
+        s.call_returned();
+        assert!(s.try_call(3));
+        assert_eq!((s.calls(), s.pending()), (3, 1));
+        assert!(s.next(0, 3, 100, &v).is_some(), "room ahead again");
+        assert!(!s.try_call(3), "no slot for it yet");
     }
 }

@@ -18,6 +18,7 @@ fn cfg() -> EngineConfig {
         max_rps: 100,
         apps: vec![("wx".into(), crate::midas::errcode::MidasApi::V1)],
         simulated: false,
+        mark_ahead: 0,
     }
 }
 
@@ -372,4 +373,67 @@ fn a_job_answered_transient_retries_until_its_deadline_and_ends_there() {
         }
     }
     panic!("never ended");
+}
+
+#[test]
+fn marks_run_ahead_and_a_freed_slot_goes_straight_to_a_marked_job() {
+    let mut c = cfg();
+    c.max_in_flight = 1;
+    c.mark_ahead = 1;
+    let mut e = Engine::new(c, 1);
+    let mut out = Vec::new();
+    for id in 1..=3 {
+        let mut j = job(id, "wx");
+        j.params.openid = format!("p{id}");
+        e.handle(Event::Accepted(j), 0, &mut out);
+    }
+    assert_eq!(marks(&out), vec![1, 2], "one slot + one ahead");
+    out.clear();
+    // job 2's mark lands first: the slot is free, it calls
+    e.handle(Event::Marked(2), 1, &mut out);
+    assert_eq!(calls(&out), vec![2]);
+    out.clear();
+    // job 1 is marked but the one slot is taken: it waits, and nothing new starts
+    e.handle(Event::Marked(1), 2, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    e.check_slots().expect("counts agree");
+    // job 2's answer frees the slot: job 1 calls in the same step, job 3 is marked
+    e.handle(
+        Event::Answered(2, ans(OutcomeClass::Definitive, 0)),
+        3,
+        &mut out,
+    );
+    assert_eq!(calls(&out), vec![1]);
+    assert_eq!(marks(&out), vec![3]);
+    e.check_slots().expect("counts agree");
+}
+
+#[test]
+fn the_balance_fetch_after_a_duplicate_keeps_the_calls_slot() {
+    let mut c = cfg();
+    c.max_in_flight = 1;
+    let mut e = Engine::new(c, 1);
+    let mut out = Vec::new();
+    for id in 1..=2 {
+        let mut j = job(id, "wx");
+        j.params.openid = format!("p{id}");
+        e.handle(Event::Accepted(j), 0, &mut out);
+    }
+    e.handle(Event::Marked(1), 1, &mut out);
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Duplicate, 90012)),
+        2,
+        &mut out,
+    );
+    // the fetch is the only call Midas sees: job 2 is not started beside it
+    assert_eq!(calls(&out), vec![1]);
+    assert!(marks(&out).is_empty(), "{out:?}");
+    out.clear();
+    e.handle(
+        Event::BalanceFetched(1, ans(OutcomeClass::Definitive, 0)),
+        3,
+        &mut out,
+    );
+    assert_eq!(marks(&out), vec![2]);
 }
