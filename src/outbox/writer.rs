@@ -216,11 +216,18 @@ impl Writer {
 
 fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    // Published marks waiting to share the next commit (see `defers`)
+    let mut deferred: Vec<Request> = Vec::new();
     let mut checkpoints = super::Checkpointer::default();
     let mut intake_blocked = false;
     while let Some(first) = rx.blocking_recv() {
         if matches!(first, Request::Tick) {
-            if rx.is_empty() {
+            if !deferred.is_empty() {
+                // a quiet writer: the marks held back wait no longer
+                std::mem::swap(&mut batch, &mut deferred);
+                commit(&mut conn, &mut batch, &mut intake_blocked, &healthy);
+                checkpoints.committed(&conn, rx.is_empty());
+            } else if rx.is_empty() {
                 checkpoints.idle(&conn);
             }
             continue;
@@ -232,34 +239,71 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
                 Err(_) => break,
             }
         }
-        let n = batch.len();
-        let has_intake = batch.iter().any(|r| matches!(r, Request::Intake(..)));
-        let result = commit_batch(&mut conn, &mut batch);
-        // Ready means commands can be taken. A full size budget can fail the
-        // inserts of intake and still let the rest of the batch commit: then the
-        // outbox is down until an intake succeeds again, whatever else commits.
-        let ok = match &result {
-            Err(_) => {
-                intake_blocked = has_intake;
-                false
-            }
-            Ok(Some(all_taken)) => {
-                intake_blocked = !all_taken;
-                *all_taken
-            }
-            Ok(None) => !intake_blocked,
-        };
-        healthy.store(ok, Ordering::Relaxed);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
-        } else {
-            METRICS.outbox_commit(n);
+        if defers(&batch, deferred.len()) {
+            deferred.append(&mut batch);
+            continue;
+        }
+        batch.append(&mut deferred);
+        if commit(&mut conn, &mut batch, &mut intake_blocked, &healthy) {
             checkpoints.committed(&conn, rx.is_empty());
         }
-        batch.clear();
+    }
+    if !deferred.is_empty() {
+        commit(&mut conn, &mut deferred, &mut intake_blocked, &healthy);
     }
     checkpoints.finish(&conn);
     tracing::debug!("outbox writer stopped");
+}
+
+/// Whether `batch` may wait for the next commit instead of committing alone: it
+/// holds only published marks (nobody waits for them, and until they land the
+/// publisher keeps the relay from sending those replies again), and fewer than
+/// [`MAX_BATCH`] are held already. At low rates this saves a commit and its fsync
+/// per job; held marks commit with the next request, or at the next tick
+/// ([`super::CHECKPOINT_IDLE`]), or when the writer stops.
+fn defers(batch: &[Request], held: usize) -> bool {
+    held + batch.len() < MAX_BATCH
+        && batch
+            .iter()
+            .all(|r| matches!(r, Request::Published(..) | Request::Tick))
+}
+
+/// Commit `batch` (drained) and set the readiness flag; `true` when it committed.
+fn commit(
+    conn: &mut Connection,
+    batch: &mut Vec<Request>,
+    intake_blocked: &mut bool,
+    healthy: &AtomicBool,
+) -> bool {
+    let n = batch.len();
+    let has_intake = batch.iter().any(|r| matches!(r, Request::Intake(..)));
+    let result = commit_batch(conn, batch);
+    // Ready means commands can be taken. A full size budget can fail the
+    // inserts of intake and still let the rest of the batch commit: then the
+    // outbox is down until an intake succeeds again, whatever else commits.
+    let ok = match &result {
+        Err(_) => {
+            *intake_blocked = has_intake;
+            false
+        }
+        Ok(Some(all_taken)) => {
+            *intake_blocked = !all_taken;
+            *all_taken
+        }
+        Ok(None) => !*intake_blocked,
+    };
+    healthy.store(ok, Ordering::Relaxed);
+    batch.clear();
+    match result {
+        Err(e) => {
+            tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
+            false
+        }
+        Ok(_) => {
+            METRICS.outbox_commit(n);
+            true
+        }
+    }
 }
 
 /// Answers held until the commit decides them.

@@ -518,6 +518,64 @@ async fn a_late_confirm_of_a_reopened_jobs_old_reply_leaves_the_new_one_owed() {
     join.join().expect("writer thread");
 }
 
+/// Published marks alone wait to share a commit with the next request (a commit and
+/// an fsync fewer per job at low rates), but are never lost: a quiet writer commits
+/// them at its next tick, and a stopping writer before it ends.
+#[tokio::test]
+async fn published_marks_held_for_a_shared_commit_land_when_quiet_and_at_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outbox.sqlite");
+    let (w, join) = Writer::start(&path, None).expect("writer starts");
+    let j = Jobber { w: &w };
+    let t = now_ms();
+    let mut owed = Vec::new();
+    for (i, bill) in ["B-Q1", "B-Q2"].into_iter().enumerate() {
+        let id = j.intake(Op::Pay, bill, &format!("o-{i}"), bill, t).await;
+        let ok = answer(Api::Pay, OutcomeClass::Success, Some(200), Some(0), "ok");
+        owed.push(
+            j.attempt(
+                id,
+                1,
+                t,
+                t,
+                ok,
+                Some(JobState::Succeeded),
+                reply(bill, "succeeded", 0, 1),
+            )
+            .await,
+        );
+    }
+    let unpublished = |bill: &str| -> i64 {
+        Connection::open(&path)
+            .expect("open")
+            .query_row(
+                "SELECT COUNT(*) FROM reply_targets t JOIN jobs j ON j.id = t.job_id \
+                 WHERE j.bill_no = ?1 AND t.published_at IS NULL",
+                [bill],
+                |r| r.get(0),
+            )
+            .expect("count")
+    };
+    // nothing else comes: the tick (1 s) commits the held mark
+    j.confirm(&owed[0], false, t + 1);
+    let landed =
+        crate::common::eventually(Duration::from_secs(5), || unpublished("B-Q1") == 0).await;
+    assert!(
+        landed,
+        "a held published mark of a quiet writer was never committed"
+    );
+    // the writer stops right after: the held mark is committed before it ends
+    j.confirm(&owed[1], false, t + 2);
+    drop(j);
+    drop(w);
+    join.join().expect("writer thread");
+    assert_eq!(
+        unpublished("B-Q2"),
+        0,
+        "a held published mark was lost at stop"
+    );
+}
+
 const JOBS: usize = 11;
 
 #[tokio::test]
