@@ -566,7 +566,6 @@ async fn published_marks_held_for_a_shared_commit_land_when_quiet_and_at_stop() 
     );
     // the writer stops right after: the held mark is committed before it ends
     j.confirm(&owed[1], false, t + 2);
-    drop(j);
     drop(w);
     join.join().expect("writer thread");
     assert_eq!(
