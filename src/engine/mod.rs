@@ -16,12 +16,17 @@
 //! ([`job::decide`]) → `Record` (retry time or final reply, durable) → the player
 //! is free for its next job.
 
+mod balance;
+mod event;
 pub mod job;
+mod lease;
 pub mod scheduler;
+
+pub use event::{Action, BalanceCmd, Event};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::command::{Op, Params};
+use crate::command::Op;
 use crate::config::RetryConfig;
 use crate::midas::errcode::MidasApi;
 use crate::midas::{Answer, Api, OutcomeClass};
@@ -29,77 +34,6 @@ use crate::outbox::writer::{AttemptRow, Record, Update};
 use crate::secret::Secret;
 use job::{Context, Decision, Job, JobState};
 use scheduler::{Order, Scheduler, View};
-
-/// What the engine is told.
-#[derive(Debug)]
-pub enum Event {
-    /// Pending jobs read from the outbox at start (in arrival order).
-    Loaded(Vec<Job>),
-    /// A new job is durable in the outbox.
-    Accepted(Job),
-    /// A command joined a pending job (a redelivery, or a re-send that may carry a
-    /// newer session_key): scheduled unless already held.
-    Joined(Job),
-    /// A final job was re-opened (a re-send with a new session_key, `outbox retry`).
-    Reopened(Job),
-    /// A `balance` command: no outbox row; answered from memory.
-    Balance(Box<BalanceCmd>),
-    /// The pre-call mark of job `id` is durable.
-    Marked(i64),
-    /// Midas answered a call of job `id` (or the call failed: a transient answer).
-    Answered(i64, Box<Answer>),
-    /// The getbalance after a duplicate answer.
-    BalanceFetched(i64, Box<Answer>),
-    /// The outcome of job `id` is durable (and its replies handed to the publisher).
-    Recorded(i64),
-    /// Shared outbox: pending jobs of players this worker holds the lease of, read
-    /// from the outbox (taken over from another worker, recorded by another
-    /// worker, or re-opened). The outbox says they are pending: each is held
-    /// (or, if already held, takes a newer session_key).
-    Claimed(Vec<Job>),
-    /// Shared outbox: this worker's lease on these players (appid, openid) ran
-    /// out and another worker may hold them: their jobs are dropped (a step under
-    /// way finishes first; its outcome write is fenced by the outbox).
-    PlayersLost(Vec<(String, String)>),
-    /// Shared outbox: the pre-call mark or the outcome of job `id` was fenced out
-    /// (its player's lease is gone or too short for a call). No call is made; the
-    /// job and its player's other jobs are dropped.
-    LeaseLost(i64),
-}
-
-/// A `balance` command as intake hands it over.
-#[derive(Debug)]
-pub struct BalanceCmd {
-    pub params: Params,
-    pub session_key: Option<Secret>,
-    pub reply_to: String,
-    pub correlation_id: String,
-    pub received_at: i64,
-}
-
-/// What the shell must do.
-#[derive(Debug)]
-pub enum Action {
-    /// Make durable that a call of job `id` may go out now (calls + 1, window start).
-    Mark { id: i64, at: i64 },
-    /// Call Midas; answer with [`Event::Answered`] (or [`Event::BalanceFetched`] when
-    /// `then_finish` is set).
-    Call {
-        id: i64,
-        api: Api,
-        params: Params,
-        session_key: Option<Secret>,
-        balance_after_duplicate: bool,
-    },
-    /// Write this outcome; answer with [`Event::Recorded`] once durable.
-    Record(Record),
-    /// Publish a reply that has no outbox row (balance).
-    Reply {
-        reply_to: String,
-        correlation_id: String,
-        payload: Vec<u8>,
-    },
-}
 
 /// The settings the engine decides with.
 #[derive(Debug, Clone)]
@@ -360,81 +294,6 @@ impl Engine {
         self.poll(now, out);
     }
 
-    /// The players (appid, openid) the engine holds jobs of (balance commands aside).
-    pub fn players(&self) -> Vec<(String, String)> {
-        let set: HashSet<(&str, &str)> = self
-            .entries
-            .values()
-            .filter(|e| e.target.is_none())
-            .map(|e| (e.job.params.appid.as_str(), e.job.params.openid.as_str()))
-            .collect();
-        set.into_iter()
-            .map(|(a, o)| (a.to_string(), o.to_string()))
-            .collect()
-    }
-
-    /// The player (appid, openid) of a held job.
-    pub fn player_of(&self, id: i64) -> Option<(String, String)> {
-        self.entries
-            .get(&id)
-            .map(|e| (e.job.params.appid.clone(), e.job.params.openid.clone()))
-    }
-
-    /// Drop the jobs of these players: waiting ones now, one under way when its
-    /// step ends.
-    fn drop_players(&mut self, players: &HashSet<(String, String)>) {
-        let hit: Vec<i64> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| {
-                e.target.is_none()
-                    && players.contains(&(e.job.params.appid.clone(), e.job.params.openid.clone()))
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        let mut openids = HashSet::new();
-        for id in hit {
-            let Some(e) = self.entries.get_mut(&id) else {
-                continue;
-            };
-            if e.phase == Phase::Waiting {
-                let (order, openid) = (e.order, e.job.params.openid.clone());
-                self.entries.remove(&id);
-                self.sched.remove(order, &openid);
-                openids.insert(openid);
-            } else {
-                e.lost = true;
-                e.reopen = None;
-            }
-        }
-        for o in openids {
-            self.sched.arm_head(&o, &Entries(&self.entries));
-        }
-    }
-
-    /// A fenced pre-call mark or outcome: the step of `id` ended without effect.
-    fn lease_lost(&mut self, id: i64) {
-        let Some(e) = self.entries.get(&id) else {
-            return;
-        };
-        let player = (e.job.params.appid.clone(), e.job.params.openid.clone());
-        match e.phase {
-            // picked for a call that will not be made
-            Phase::Marking | Phase::AwaitSlot => self.sched.no_call(),
-            Phase::Recording(_) => {}
-            // not the end of a step: handled like a lost player
-            _ => {
-                self.drop_players(&HashSet::from([player]));
-                return;
-            }
-        }
-        let (order, openid) = (e.order, player.1.clone());
-        self.entries.remove(&id);
-        self.sched.remove(order, &openid);
-        self.drop_players(&HashSet::from([player]));
-        self.sched.release(&openid, &Entries(&self.entries));
-    }
-
     /// Midas answers again after an outage: the app's jobs waiting out a retry
     /// backoff are due now (in their players' order, paced by the scheduler).
     fn end_backoffs(&mut self, appid: &str, now: i64) {
@@ -537,24 +396,6 @@ impl Engine {
             }
             Some(e) => e.reopen = Some(job),
         }
-    }
-
-    fn add_balance(&mut self, b: BalanceCmd, now: i64) {
-        let id = self.next_balance_id;
-        self.next_balance_id -= 1;
-        self.seq = self.seq.wrapping_add(1);
-        let order = Order {
-            row: self.last_row,
-            seq: self.seq.max(1),
-        };
-        let mut job = Job::new(id, b.params, b.session_key, b.received_at);
-        job.next_attempt_at = now;
-        let openid = job.params.openid.clone();
-        self.entries.insert(
-            id,
-            Entry::waiting(job, order, Some((b.reply_to, b.correlation_id))),
-        );
-        self.sched.insert(id, order, &openid, now);
     }
 
     /// The job was picked: the player is busy and a call slot is taken.
@@ -726,96 +567,6 @@ impl Engine {
                 out.push(call(e, Api::GetBalance, true));
             }
         }
-    }
-
-    fn balance_fetched(&mut self, id: i64, bal: Answer, now: i64, out: &mut Vec<Action>) {
-        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
-            return;
-        };
-        let ctx = self.context(&appid, false);
-        let Some(e) = self.entries.get_mut(&id) else {
-            return;
-        };
-        if e.phase != Phase::Fetching {
-            return;
-        }
-        self.sched.call_returned();
-        let Some(dup) = e.duplicate_of.take() else {
-            return;
-        };
-        let reply = job::finish_duplicate(&e.job, &dup, Some(&bal), now, ctx);
-        let rows = vec![
-            AttemptRow {
-                n: e.job.attempts,
-                started_at: now - dup.latency.as_millis() as i64 - bal.latency.as_millis() as i64,
-                answer: dup,
-            },
-            AttemptRow {
-                n: e.job.attempts,
-                started_at: now - bal.latency.as_millis() as i64,
-                answer: bal,
-            },
-        ];
-        e.phase = Phase::Recording(None);
-        out.push(Action::Record(record(
-            &e.job,
-            rows,
-            final_update(JobState::Succeeded, &reply),
-            now,
-        )));
-    }
-
-    fn balance_answered(
-        &mut self,
-        id: i64,
-        answer: Answer,
-        now: i64,
-        jitter: f64,
-        out: &mut Vec<Action>,
-    ) {
-        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
-            return;
-        };
-        let ctx = self.context(&appid, false);
-        let retry = &self.cfg.retry;
-        let Some(e) = self.entries.get_mut(&id) else {
-            return;
-        };
-        let limit = e.job.received_at + retry.balance_give_up_after.0.as_millis() as i64;
-        let retry_at = match answer.class {
-            OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
-                let at = if answer.class == OutcomeClass::TokenInvalid && e.job.token_retries <= 1 {
-                    now
-                } else {
-                    now + job::backoff_delay(retry, e.job.attempts, jitter).as_millis() as i64
-                };
-                // retried until the give-up time, the last call at the latest
-                // then: `unknown` only after it (never one backoff early)
-                (now < limit).then_some(at.min(limit))
-            }
-            _ => None,
-        };
-        let openid = e.job.params.openid.clone();
-        match retry_at {
-            Some(at) => {
-                e.job.next_attempt_at = at;
-                e.phase = Phase::Waiting;
-            }
-            None => {
-                let reply = job::balance_reply(&e.job, &answer, now, ctx);
-                if let Some((reply_to, correlation_id)) = e.target.take() {
-                    out.push(Action::Reply {
-                        reply_to,
-                        correlation_id,
-                        payload: reply.to_bytes(),
-                    });
-                }
-                let order = e.order;
-                self.entries.remove(&id);
-                self.sched.remove(order, &openid);
-            }
-        }
-        self.sched.release(&openid, &Entries(&self.entries));
     }
 
     fn recorded(&mut self, id: i64) {

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::command::Params;
 use crate::config::Dur;
 use crate::midas::Body;
 

@@ -1,0 +1,126 @@
+//! Balances: `balance` commands (no outbox row; retried until
+//! `retry.balance_give_up_after`, answered from memory) and the getbalance that
+//! follows a duplicate answer (the reply of a repeated bill_no carries the
+//! current balance).
+
+use super::job::{self, Job, JobState};
+use super::scheduler::Order;
+use super::{final_update, record, Action, BalanceCmd, Engine, Entries, Entry, Phase};
+use crate::midas::{Answer, OutcomeClass};
+use crate::outbox::writer::AttemptRow;
+
+impl Engine {
+    pub(super) fn add_balance(&mut self, b: BalanceCmd, now: i64) {
+        let id = self.next_balance_id;
+        self.next_balance_id -= 1;
+        self.seq = self.seq.wrapping_add(1);
+        let order = Order {
+            row: self.last_row,
+            seq: self.seq.max(1),
+        };
+        let mut job = Job::new(id, b.params, b.session_key, b.received_at);
+        job.next_attempt_at = now;
+        let openid = job.params.openid.clone();
+        self.entries.insert(
+            id,
+            Entry::waiting(job, order, Some((b.reply_to, b.correlation_id))),
+        );
+        self.sched.insert(id, order, &openid, now);
+    }
+
+    pub(super) fn balance_answered(
+        &mut self,
+        id: i64,
+        answer: Answer,
+        now: i64,
+        jitter: f64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
+            return;
+        };
+        let ctx = self.context(&appid, false);
+        let retry = &self.cfg.retry;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let limit = e.job.received_at + retry.balance_give_up_after.0.as_millis() as i64;
+        let retry_at = match answer.class {
+            OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
+                let at = if answer.class == OutcomeClass::TokenInvalid && e.job.token_retries <= 1 {
+                    now
+                } else {
+                    now + job::backoff_delay(retry, e.job.attempts, jitter).as_millis() as i64
+                };
+                // retried until the give-up time, the last call at the latest
+                // then: `unknown` only after it (never one backoff early)
+                (now < limit).then_some(at.min(limit))
+            }
+            _ => None,
+        };
+        let openid = e.job.params.openid.clone();
+        match retry_at {
+            Some(at) => {
+                e.job.next_attempt_at = at;
+                e.phase = Phase::Waiting;
+            }
+            None => {
+                let reply = job::balance_reply(&e.job, &answer, now, ctx);
+                if let Some((reply_to, correlation_id)) = e.target.take() {
+                    out.push(Action::Reply {
+                        reply_to,
+                        correlation_id,
+                        payload: reply.to_bytes(),
+                    });
+                }
+                let order = e.order;
+                self.entries.remove(&id);
+                self.sched.remove(order, &openid);
+            }
+        }
+        self.sched.release(&openid, &Entries(&self.entries));
+    }
+
+    pub(super) fn balance_fetched(
+        &mut self,
+        id: i64,
+        bal: Answer,
+        now: i64,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
+            return;
+        };
+        let ctx = self.context(&appid, false);
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if e.phase != Phase::Fetching {
+            return;
+        }
+        self.sched.call_returned();
+        let Some(dup) = e.duplicate_of.take() else {
+            return;
+        };
+        let reply = job::finish_duplicate(&e.job, &dup, Some(&bal), now, ctx);
+        let rows = vec![
+            AttemptRow {
+                n: e.job.attempts,
+                started_at: now - dup.latency.as_millis() as i64 - bal.latency.as_millis() as i64,
+                answer: dup,
+            },
+            AttemptRow {
+                n: e.job.attempts,
+                started_at: now - bal.latency.as_millis() as i64,
+                answer: bal,
+            },
+        ];
+        e.phase = Phase::Recording(None);
+        out.push(Action::Record(record(
+            &e.job,
+            rows,
+            final_update(JobState::Succeeded, &reply),
+            now,
+        )));
+    }
+}

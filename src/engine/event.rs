@@ -1,0 +1,80 @@
+//! What the engine is told ([`Event`]) and what it asks the shell to do
+//! ([`Action`]): the whole interface between the pure engine and the async shell.
+
+use crate::command::Params;
+use crate::midas::{Answer, Api};
+use crate::outbox::writer::Record;
+use crate::secret::Secret;
+
+use super::job::Job;
+
+/// What the engine is told.
+#[derive(Debug)]
+pub enum Event {
+    /// Pending jobs read from the outbox at start (in arrival order).
+    Loaded(Vec<Job>),
+    /// A new job is durable in the outbox.
+    Accepted(Job),
+    /// A command joined a pending job (a redelivery, or a re-send that may carry a
+    /// newer session_key): scheduled unless already held.
+    Joined(Job),
+    /// A final job was re-opened (a re-send with a new session_key, `outbox retry`).
+    Reopened(Job),
+    /// A `balance` command: no outbox row; answered from memory.
+    Balance(Box<BalanceCmd>),
+    /// The pre-call mark of job `id` is durable.
+    Marked(i64),
+    /// Midas answered a call of job `id` (or the call failed: a transient answer).
+    Answered(i64, Box<Answer>),
+    /// The getbalance after a duplicate answer.
+    BalanceFetched(i64, Box<Answer>),
+    /// The outcome of job `id` is durable (and its replies handed to the publisher).
+    Recorded(i64),
+    /// Shared outbox: pending jobs of players this worker holds the lease of, read
+    /// from the outbox (taken over from another worker, recorded by another
+    /// worker, or re-opened). The outbox says they are pending: each is held
+    /// (or, if already held, takes a newer session_key).
+    Claimed(Vec<Job>),
+    /// Shared outbox: this worker's lease on these players (appid, openid) ran
+    /// out and another worker may hold them: their jobs are dropped (a step under
+    /// way finishes first; its outcome write is fenced by the outbox).
+    PlayersLost(Vec<(String, String)>),
+    /// Shared outbox: the pre-call mark or the outcome of job `id` was fenced out
+    /// (its player's lease is gone or too short for a call). No call is made; the
+    /// job and its player's other jobs are dropped.
+    LeaseLost(i64),
+}
+
+/// A `balance` command as intake hands it over.
+#[derive(Debug)]
+pub struct BalanceCmd {
+    pub params: Params,
+    pub session_key: Option<Secret>,
+    pub reply_to: String,
+    pub correlation_id: String,
+    pub received_at: i64,
+}
+
+/// What the shell must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Make durable that a call of job `id` may go out now (calls + 1, window start).
+    Mark { id: i64, at: i64 },
+    /// Call Midas; answer with [`Event::Answered`] (or [`Event::BalanceFetched`] when
+    /// `then_finish` is set).
+    Call {
+        id: i64,
+        api: Api,
+        params: Params,
+        session_key: Option<Secret>,
+        balance_after_duplicate: bool,
+    },
+    /// Write this outcome; answer with [`Event::Recorded`] once durable.
+    Record(Record),
+    /// Publish a reply that has no outbox row (balance).
+    Reply {
+        reply_to: String,
+        correlation_id: String,
+        payload: Vec<u8>,
+    },
+}
