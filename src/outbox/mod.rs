@@ -21,6 +21,7 @@ pub mod query;
 pub mod schema;
 pub mod store;
 pub mod writer;
+mod writes;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
