@@ -9,9 +9,15 @@
 //! function and the process exits without criterion; run it under
 //! `valgrind --tool=callgrind` and divide each `count_*` function's inclusive
 //! instruction count by N (docs/bench.md has the command).
+//!
+//! Allocations (what malloc/free cost the worker, ~11 % of its CPU samples): with
+//! `HOT_PATHS_ALLOCS=N` each path runs N times under a counting allocator and the
+//! heap allocations and bytes per run are printed.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{criterion_group, Criterion};
 
@@ -25,6 +31,37 @@ use midas_worker::midas::errcode::classify;
 use midas_worker::midas::sign::{mp_sig, sig, Param};
 use midas_worker::midas::{Answer, Body, OutcomeClass};
 use midas_worker::secret::Secret;
+
+/// The system allocator, counting allocations (and reallocations) and bytes asked
+/// for. Only this benchmark binary uses it.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static BYTES: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counters
+// are plain atomics and allocate nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` through this allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BYTES.fetch_add(new_size as u64, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` through this allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// The Midas 1.0 signature check values (docs/midas-v1.md).
 const KEY: &str = "zNLgAGgqsEWJOg1nFVaO5r7fAlIQxr1u";
@@ -243,10 +280,47 @@ fn callgrind_mode() -> bool {
     true
 }
 
+/// `HOT_PATHS_ALLOCS=N`: heap allocations and bytes per run of each path.
+fn allocs_mode() -> bool {
+    let Some(n) = std::env::var("HOT_PATHS_ALLOCS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+    else {
+        return false;
+    };
+    let s = settings();
+    let paths: [(&str, &dyn Fn()); 4] = [
+        ("sign/sig", &|| count_sign(n)),
+        ("command/decode valid pay", &|| count_decode(n, &s)),
+        ("midas/build_body pay (sig)", &|| count_build_body(n, &s)),
+        ("engine/one job accepted → recorded", &|| {
+            count_engine(n, &s)
+        }),
+    ];
+    for (name, run) in paths {
+        let (a0, b0) = (
+            ALLOCS.load(Ordering::Relaxed),
+            BYTES.load(Ordering::Relaxed),
+        );
+        run();
+        let (a1, b1) = (
+            ALLOCS.load(Ordering::Relaxed),
+            BYTES.load(Ordering::Relaxed),
+        );
+        println!(
+            "{name:<40} {:>6.1} allocations {:>8.0} bytes per run",
+            (a1 - a0) as f64 / n as f64,
+            (b1 - b0) as f64 / n as f64
+        );
+    }
+    true
+}
+
 criterion_group!(benches, signing, decoding, classification, body, engine);
 
 fn main() {
-    if callgrind_mode() {
+    if callgrind_mode() || allocs_mode() {
         return;
     }
     benches();
