@@ -219,6 +219,20 @@ impl Sim {
                     if busy {
                         return Err(format!("two calls in flight for {}", params.openid));
                     }
+                    // Midas never sees more than max_in_flight calls at once
+                    let out = self
+                        .tasks
+                        .iter()
+                        .filter(|t| matches!(t, Task::Call { .. }))
+                        .count();
+                    if out >= self.cfg.max_in_flight {
+                        return Err(format!(
+                            "call {} would be call {} at once with max_in_flight {}",
+                            id,
+                            out + 1,
+                            self.cfg.max_in_flight
+                        ));
+                    }
                     self.tasks.push(Task::Call {
                         id,
                         api,

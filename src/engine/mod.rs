@@ -33,7 +33,7 @@ use crate::midas::{Answer, Api, OutcomeClass};
 use crate::outbox::writer::{AttemptRow, Record, Update};
 use crate::secret::Secret;
 use job::{Context, Decision, Job, JobState};
-use scheduler::{Order, Scheduler, View};
+use scheduler::{Limits, Order, Scheduler, View};
 
 /// The settings the engine decides with.
 #[derive(Debug, Clone)]
@@ -153,11 +153,10 @@ impl View for Entries<'_> {
 
 impl Engine {
     pub fn new(cfg: EngineConfig, seed: u64) -> Engine {
-        let sched = Scheduler::with_ahead(cfg.mark_ahead);
         Engine {
             cfg,
             entries: HashMap::new(),
-            sched,
+            sched: Scheduler::default(),
             awaiting: VecDeque::new(),
             last_row: 0,
             seq: 0,
@@ -339,7 +338,7 @@ impl Engine {
                 self.lease_lost(id);
                 continue;
             }
-            if !self.sched.try_call(self.cfg.max_in_flight) {
+            if !self.sched.try_call(&limits(&self.cfg)) {
                 break;
             }
             self.awaiting.pop_front();
@@ -347,10 +346,7 @@ impl Engine {
         }
         while !self.draining {
             let view = Entries(&self.entries);
-            let Some(id) = self
-                .sched
-                .next(now, self.cfg.max_in_flight, self.cfg.max_rps, &view)
-            else {
+            let Some(id) = self.sched.next(now, &limits(&self.cfg), &view) else {
                 break;
             };
             self.start(id, now, out);
@@ -453,7 +449,7 @@ impl Engine {
     /// A picked job (marked, or a balance) calls now if a call slot is free, or
     /// waits for one.
     fn begin_call(&mut self, id: i64, out: &mut Vec<Action>) {
-        if self.sched.try_call(self.cfg.max_in_flight) {
+        if self.sched.try_call(&limits(&self.cfg)) {
             self.call_now(id, out);
         } else if let Some(e) = self.entries.get_mut(&id) {
             e.phase = Phase::AwaitSlot;
@@ -625,6 +621,15 @@ fn resumed(mut j: Job) -> Job {
         j.uncertain = true;
     }
     j
+}
+
+/// The scheduler's limits from the config.
+fn limits(cfg: &EngineConfig) -> Limits {
+    Limits {
+        max_in_flight: cfg.max_in_flight,
+        ahead: cfg.mark_ahead,
+        max_rps: cfg.max_rps,
+    }
 }
 
 /// The API of a configured app (`None`: the app is not configured any more).

@@ -13,6 +13,9 @@
 //!   marks are written while other calls are out and a slot that frees goes
 //!   straight to a marked job ([`Scheduler::try_call`]) instead of first waiting
 //!   for a mark's commit. With `ahead` = 0 a pick always finds its slot free.
+//!
+//! The limits come with each call ([`Limits`], from the engine's config); the
+//! scheduler keeps only what it counts.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -50,9 +53,18 @@ pub struct Scheduler {
     calls: usize,
     /// Picked jobs not calling yet: marking, or marked and waiting for a slot.
     pending: usize,
-    /// How many picks may run ahead of the free call slots.
-    ahead: usize,
     buckets: HashMap<String, Bucket>,
+}
+
+/// The limits the scheduler applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Calls out at once.
+    pub max_in_flight: usize,
+    /// Picks allowed beyond the free call slots (their marks written ahead).
+    pub ahead: usize,
+    /// Calls a second per appid.
+    pub max_rps: u32,
 }
 
 /// What the scheduler needs to know about a job it holds.
@@ -65,14 +77,6 @@ pub trait View {
 }
 
 impl Scheduler {
-    /// A scheduler whose picks may run `ahead` of the free call slots.
-    pub fn with_ahead(ahead: usize) -> Scheduler {
-        Scheduler {
-            ahead,
-            ..Scheduler::default()
-        }
-    }
-
     /// Add a job to its player's queue and arm a wake-up if it is now the head.
     pub fn insert(&mut self, id: i64, order: Order, openid: &str, at: i64) {
         let q = self.queues.entry(openid.to_string()).or_default();
@@ -105,8 +109,8 @@ impl Scheduler {
 
     /// A picked job is ready to call: it takes a call slot if one is free (`false`:
     /// it waits for [`Scheduler::call_returned`]).
-    pub fn try_call(&mut self, max_in_flight: usize) -> bool {
-        if self.calls >= max_in_flight {
+    pub fn try_call(&mut self, limits: &Limits) -> bool {
+        if self.calls >= limits.max_in_flight {
             return false;
         }
         self.pending = self.pending.saturating_sub(1);
@@ -151,13 +155,7 @@ impl Scheduler {
     /// will be soon. The player is busy from here until [`Scheduler::release`]; the
     /// job is pending until [`Scheduler::try_call`] gives it a slot or
     /// [`Scheduler::no_call`] says it makes no call.
-    pub fn next(
-        &mut self,
-        now: i64,
-        max_in_flight: usize,
-        max_rps: u32,
-        view: &impl View,
-    ) -> Option<i64> {
+    pub fn next(&mut self, now: i64, limits: &Limits, view: &impl View) -> Option<i64> {
         while let Some(&Reverse((at, id))) = self.timers.peek() {
             if at > now {
                 break;
@@ -167,7 +165,7 @@ impl Scheduler {
                 self.ready.push_back(id);
             }
         }
-        while self.calls + self.pending < max_in_flight + self.ahead {
+        while self.calls + self.pending < limits.max_in_flight + limits.ahead {
             let &id = self.ready.front()?;
             let (Some(openid), Some(appid)) = (view.openid(id), view.appid(id)) else {
                 self.ready.pop_front();
@@ -179,7 +177,7 @@ impl Scheduler {
                 self.ready.pop_front();
                 continue;
             }
-            let rate = f64::from(max_rps.max(1));
+            let rate = f64::from(limits.max_rps.max(1));
             let b = self.buckets.entry(appid.to_string()).or_insert(Bucket {
                 tokens: rate,
                 last: now,
@@ -260,6 +258,14 @@ impl Scheduler {
 mod tests {
     use super::*;
 
+    fn lim(max_in_flight: usize, ahead: usize, max_rps: u32) -> Limits {
+        Limits {
+            max_in_flight,
+            ahead,
+            max_rps,
+        }
+    }
+
     #[derive(Default)]
     struct V(HashMap<i64, (String, Option<i64>)>);
 
@@ -281,27 +287,31 @@ mod tests {
         let mut v = V::default();
         v.0.insert(5, ("p".into(), Some(0)));
         s.insert(5, Order::row(5), "p", 0);
-        assert_eq!(s.next(0, 8, 100, &v), Some(5));
-        assert!(s.try_call(8));
+        assert_eq!(s.next(0, &lim(8, 0, 100), &v), Some(5));
+        assert!(s.try_call(&lim(8, 0, 100)));
         // job 5 is calling; job 3 (re-opened) joins at the front
         v.0.insert(5, ("p".into(), None));
         v.0.insert(3, ("p".into(), Some(0)));
         s.insert(3, Order::row(3), "p", 0);
-        assert_eq!(s.next(0, 8, 100, &v), None, "the player is busy");
+        assert_eq!(s.next(0, &lim(8, 0, 100), &v), None, "the player is busy");
         // job 5's call ends with a retry in 100 ms
         s.call_returned();
         v.0.insert(5, ("p".into(), Some(100)));
         s.release("p", &v);
         s.check_wakeups(&v).expect("the head has a wake-up");
-        assert_eq!(s.next(1, 8, 100, &v), Some(3), "the earlier job goes first");
-        assert!(s.try_call(8));
+        assert_eq!(
+            s.next(1, &lim(8, 0, 100), &v),
+            Some(3),
+            "the earlier job goes first"
+        );
+        assert!(s.try_call(&lim(8, 0, 100)));
         v.0.insert(3, ("p".into(), None));
         s.call_returned();
         s.remove(Order::row(3), "p");
         v.0.remove(&3);
         s.release("p", &v);
         s.check_wakeups(&v).expect("job 5 has a wake-up again");
-        assert_eq!(s.next(100, 8, 100, &v), Some(5));
+        assert_eq!(s.next(100, &lim(8, 0, 100), &v), Some(5));
     }
 
     #[test]
@@ -313,34 +323,35 @@ mod tests {
             v.0.insert(id, (o.clone(), Some(0)));
             s.insert(id, Order::row(id), &o, 0);
         }
-        assert!(s.next(0, 2, 100, &v).is_some());
-        assert!(s.next(0, 2, 100, &v).is_some());
-        assert_eq!(s.next(0, 2, 100, &v), None, "two slots");
-        assert!(s.try_call(2) && s.try_call(2));
+        assert!(s.next(0, &lim(2, 0, 100), &v).is_some());
+        assert!(s.next(0, &lim(2, 0, 100), &v).is_some());
+        assert_eq!(s.next(0, &lim(2, 0, 100), &v), None, "two slots");
+        assert!(s.try_call(&lim(2, 0, 100)) && s.try_call(&lim(2, 0, 100)));
         s.call_returned();
-        assert!(s.next(0, 2, 1, &v).is_none() || s.calls() <= 2);
+        assert!(s.next(0, &lim(2, 0, 1), &v).is_none() || s.calls() <= 2);
     }
 
     #[test]
     fn picks_run_ahead_of_the_slots_by_at_most_ahead_and_calls_never_exceed_the_slots() {
-        let mut s = Scheduler::with_ahead(2);
+        let mut s = Scheduler::default();
+        let l = lim(3, 2, 100);
         let mut v = V::default();
         for id in 1..=10 {
             let o = format!("p{id}");
             v.0.insert(id, (o.clone(), Some(0)));
             s.insert(id, Order::row(id), &o, 0);
         }
-        let picked: Vec<i64> = std::iter::from_fn(|| s.next(0, 3, 100, &v)).collect();
+        let picked: Vec<i64> = std::iter::from_fn(|| s.next(0, &l, &v)).collect();
         assert_eq!(picked.len(), 5, "3 slots + 2 ahead");
         // all five marked: three call, two wait for a slot
-        let calling = (0..5).filter(|_| s.try_call(3)).count();
+        let calling = (0..5).filter(|_| s.try_call(&l)).count();
         assert_eq!((calling, s.calls(), s.pending()), (3, 3, 2));
-        assert_eq!(s.next(0, 3, 100, &v), None, "nothing more is picked");
+        assert_eq!(s.next(0, &l, &v), None, "nothing more is picked");
         // a call returns: its slot goes to a marked job, not to a new pick
         s.call_returned();
-        assert!(s.try_call(3));
+        assert!(s.try_call(&l));
         assert_eq!((s.calls(), s.pending()), (3, 1));
-        assert!(s.next(0, 3, 100, &v).is_some(), "room ahead again");
-        assert!(!s.try_call(3), "no slot for it yet");
+        assert!(s.next(0, &l, &v).is_some(), "room ahead again");
+        assert!(!s.try_call(&l), "no slot for it yet");
     }
 }
