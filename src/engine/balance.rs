@@ -5,7 +5,7 @@
 
 use super::job::{self, Job, JobState};
 use super::scheduler::Order;
-use super::{final_update, record, Action, BalanceCmd, Engine, Entries, Entry, Phase};
+use super::{context, final_update, record, Action, BalanceCmd, Engine, Entries, Entry, Phase};
 use crate::midas::{Answer, OutcomeClass};
 use crate::outbox::writer::AttemptRow;
 
@@ -36,14 +36,12 @@ impl Engine {
         jitter: f64,
         out: &mut Vec<Action>,
     ) {
-        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
-            return;
-        };
-        let ctx = self.context(&appid, false);
-        let retry = &self.cfg.retry;
+        let cfg = &self.cfg;
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
+        let ctx = context(cfg, &e.job.params.appid, false);
+        let retry = &cfg.retry;
         let limit = e.job.received_at + retry.balance_give_up_after.0.as_millis() as i64;
         let retry_at = match answer.class {
             OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
@@ -88,16 +86,13 @@ impl Engine {
         now: i64,
         out: &mut Vec<Action>,
     ) {
-        let Some(appid) = self.entries.get(&id).map(|e| e.job.params.appid.clone()) else {
-            return;
-        };
-        let ctx = self.context(&appid, false);
         let Some(e) = self.entries.get_mut(&id) else {
             return;
         };
         if e.phase != Phase::Fetching {
             return;
         }
+        let ctx = context(&self.cfg, &e.job.params.appid, false);
         self.sched.call_returned();
         let Some(dup) = e.duplicate_of.take() else {
             return;

@@ -225,18 +225,6 @@ impl Engine {
         Ok(())
     }
 
-    fn api_of(&self, appid: &str) -> Option<MidasApi> {
-        api_of(&self.cfg, appid)
-    }
-
-    fn context(&self, appid: &str, newer_session_key: bool) -> Context {
-        Context {
-            newer_session_key,
-            simulated: self.cfg.simulated,
-            api: self.api_of(appid).unwrap_or(MidasApi::V1),
-        }
-    }
-
     fn jitter(&mut self) -> f64 {
         // xorshift64*: replayable from the seed, no global RNG
         let mut x = self.rng;
@@ -394,18 +382,17 @@ impl Engine {
         }
     }
 
-    /// The job was picked: the player is busy and a call slot is taken.
+    /// The job was picked: the player is busy and the job is pending (it marks, or
+    /// ends here without a call).
     fn start(&mut self, id: i64, now: i64, out: &mut Vec<Action>) {
-        let Some(e) = self.entries.get(&id) else {
+        let cfg = &self.cfg;
+        let Some(e) = self.entries.get_mut(&id) else {
             self.sched.no_call();
             return;
         };
-        let known = self.api_of(&e.job.params.appid).is_some();
-        let ctx = self.context(&e.job.params.appid, false);
-        let past = job::deadline(&e.job, &self.cfg.retry).is_some_and(|d| now >= d);
-        let Some(e) = self.entries.get_mut(&id) else {
-            return;
-        };
+        let known = api_of(cfg, &e.job.params.appid).is_some();
+        let ctx = context(cfg, &e.job.params.appid, false);
+        let past = job::deadline(&e.job, &cfg.retry).is_some_and(|d| now >= d);
         if e.target.is_some() {
             // balance: no outbox row, no mark
             self.begin_call(id, out);
@@ -515,12 +502,7 @@ impl Engine {
         }
         j.last_errcode = answer.errcode;
         j.last_error = answer.errmsg.clone();
-        let newer = e.key_gen > e.call_gen;
-        let ctx = Context {
-            newer_session_key: newer,
-            simulated: self.cfg.simulated,
-            api: api_of(&self.cfg, &e.job.params.appid).unwrap_or(MidasApi::V1),
-        };
+        let ctx = context(&self.cfg, &e.job.params.appid, e.key_gen > e.call_gen);
         if e.target.is_some() {
             self.sched.call_returned();
             self.balance_answered(id, answer, now, jitter, out);
@@ -629,6 +611,16 @@ fn limits(cfg: &EngineConfig) -> Limits {
         max_in_flight: cfg.max_in_flight,
         ahead: cfg.mark_ahead,
         max_rps: cfg.max_rps,
+    }
+}
+
+/// What `job::decide` needs to know beyond the job (an app removed from the
+/// config is judged as 1.0; such a job is never called).
+fn context(cfg: &EngineConfig, appid: &str, newer_session_key: bool) -> Context {
+    Context {
+        newer_session_key,
+        simulated: cfg.simulated,
+        api: api_of(cfg, appid).unwrap_or(MidasApi::V1),
     }
 }
 
