@@ -63,6 +63,19 @@ pub struct Intake {
     pub now: i64,
 }
 
+impl Intake {
+    /// The job's stored final reply, owed again to this command's sender (reply
+    /// target `target`): a re-sent command of a finished job gets it at once.
+    pub fn reply_owed(&self, target: i64, payload: String) -> OutgoingReply {
+        OutgoingReply {
+            target_id: Some(target),
+            reply_to: self.reply_to.clone(),
+            correlation_id: self.correlation_id.clone(),
+            payload: Arc::from(payload.into_bytes()),
+        }
+    }
+}
+
 /// What the outbox did with a command.
 #[derive(Debug)]
 pub enum IntakeOutcome {
@@ -112,6 +125,17 @@ pub struct Record {
     pub rows: Vec<AttemptRow>,
     pub update: Update,
     pub now: i64,
+}
+
+impl Record {
+    /// The errcode and errmsg of the latest answer recorded (the job's last error).
+    pub fn last_error(&self) -> (Option<i64>, Option<&str>) {
+        let last = self.rows.first().map(|a| &a.answer);
+        (
+            last.and_then(|a| a.errcode),
+            last.and_then(|a| a.errmsg.as_deref()),
+        )
+    }
 }
 
 // One per command, moved a few times: boxing would add an allocation per job.

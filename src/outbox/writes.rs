@@ -134,15 +134,9 @@ pub(super) fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, Outbox
         }));
     }
     let target = add_target(c, id, i, state.is_final())?;
-    let reply = match (state.is_final(), result) {
-        (true, Some(payload)) => Some(OutgoingReply {
-            target_id: Some(target),
-            reply_to: i.reply_to.clone(),
-            correlation_id: i.correlation_id.clone(),
-            payload: Arc::from(payload.into_bytes()),
-        }),
-        _ => None,
-    };
+    let reply = result
+        .filter(|_| state.is_final())
+        .map(|payload| i.reply_owed(target, payload));
     // A re-sent command with a newer session_key: a pending job uses it from now on.
     let mut stored_key = stored_key;
     if !state.is_final() {
@@ -217,11 +211,7 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
             ])?;
         }
     }
-    let last = r.rows.first().map(|a| &a.answer);
-    let (errcode, error) = (
-        last.and_then(|a| a.errcode),
-        last.and_then(|a| a.errmsg.clone()),
-    );
+    let (errcode, error) = r.last_error();
     match &r.update {
         Update::Retry { next_attempt_at } => {
             c.prepare_cached(

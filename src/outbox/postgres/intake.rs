@@ -7,13 +7,11 @@
 //! other pending job of that player; otherwise it is left unclaimed for the lease
 //! holder, which loads the player's jobs in arrival order.
 
-use std::sync::Arc;
-
 use tokio_postgres::Transaction;
 
 use super::writer::{job_from_row, Fence, Stmts};
 use crate::engine::job::{Job, JobState};
-use crate::outbox::writer::{Intake, IntakeOutcome, OutgoingReply};
+use crate::outbox::writer::{Intake, IntakeOutcome};
 use crate::outbox::OutboxError;
 use crate::secret::Secret;
 
@@ -105,15 +103,9 @@ pub(super) async fn intake(
         return Ok(IntakeOutcome::Elsewhere { job_id: id });
     }
     let target = add_target(tx, stmts, id, i, state.is_final()).await?;
-    let reply = match (state.is_final(), result) {
-        (true, Some(payload)) => Some(OutgoingReply {
-            target_id: Some(target),
-            reply_to: i.reply_to.clone(),
-            correlation_id: i.correlation_id.clone(),
-            payload: Arc::from(payload.into_bytes()),
-        }),
-        _ => None,
-    };
+    let reply = result
+        .filter(|_| state.is_final())
+        .map(|payload| i.reply_owed(target, payload));
     let mut pending = None;
     if !state.is_final() {
         let mine = claimed_by.as_deref() == Some(&*fence.me);

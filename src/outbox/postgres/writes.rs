@@ -93,11 +93,7 @@ pub(super) async fn record(
         )
         .await?;
     }
-    let last = r.rows.first().map(|a| &a.answer);
-    let (errcode, error) = (
-        last.and_then(|a| a.errcode),
-        last.and_then(|a| a.errmsg.clone()),
-    );
+    let (errcode, error) = r.last_error();
     match &r.update {
         Update::Retry { next_attempt_at } => {
             let st = stmts
