@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -64,9 +65,15 @@ pub struct Received {
 }
 
 /// How many times a nacked command is published before [`ClientError::NotConfirmed`].
-pub const NACK_ATTEMPTS: u32 = 6;
-/// Pause after the first nack; doubled after each (0.1+0.2+0.4+0.8+1.6 s in all).
-const NACK_FIRST_PAUSE: Duration = Duration::from_millis(100);
+pub const NACK_ATTEMPTS: usize = 6;
+
+/// Pauses between publishes of a nacked command: 0.1 s doubling, about 3 s in all.
+fn nack_pauses() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_times(NACK_ATTEMPTS - 1)
+        .build()
+}
 
 pub struct GameClient {
     pub conn: Connection,
@@ -161,8 +168,8 @@ impl GameClient {
         // leader is being elected, e.g. just after it was declared or while a node
         // restarts): publish it again, as docs/clients.md tells every game server to.
         // The same bytes are re-sent, so the worker sees at most one command.
-        let mut pause = NACK_FIRST_PAUSE;
-        for attempt in 1..=NACK_ATTEMPTS {
+        let mut pauses = nack_pauses();
+        for attempt in 1.. {
             let confirm = self
                 .ch
                 .basic_publish(
@@ -190,13 +197,16 @@ impl GameClient {
                     })
                 }
                 None if acked => return Ok(()),
-                None => {
-                    tracing::debug!(attempt, "the broker nacked a command; publishing it again");
-                    if attempt < NACK_ATTEMPTS {
+                None => match pauses.next() {
+                    Some(pause) => {
+                        tracing::debug!(
+                            attempt,
+                            "the broker nacked a command; publishing it again"
+                        );
                         tokio::time::sleep(pause).await;
-                        pause = pause.saturating_mul(2);
                     }
-                }
+                    None => break,
+                },
             }
         }
         Err(ClientError::NotConfirmed)
