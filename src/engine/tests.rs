@@ -376,6 +376,19 @@ fn a_job_answered_transient_retries_until_its_deadline_and_ends_there() {
     panic!("never ended");
 }
 
+/// Jobs `ids` accepted at time 0, each of its own player `p{id}`.
+fn accept_one_per_player(
+    e: &mut Engine,
+    ids: std::ops::RangeInclusive<i64>,
+    out: &mut Vec<Action>,
+) {
+    for id in ids {
+        let mut j = job(id, "wx");
+        j.params.openid = format!("p{id}");
+        e.handle(Event::Accepted(j), 0, out);
+    }
+}
+
 #[test]
 fn marks_run_ahead_and_a_freed_slot_goes_straight_to_a_marked_job() {
     let mut c = cfg();
@@ -383,11 +396,7 @@ fn marks_run_ahead_and_a_freed_slot_goes_straight_to_a_marked_job() {
     c.mark_ahead = 1;
     let mut e = Engine::new(c, 1);
     let mut out = Vec::new();
-    for id in 1..=3 {
-        let mut j = job(id, "wx");
-        j.params.openid = format!("p{id}");
-        e.handle(Event::Accepted(j), 0, &mut out);
-    }
+    accept_one_per_player(&mut e, 1..=3, &mut out);
     assert_eq!(marks(&out), vec![1, 2], "one slot + one ahead");
     out.clear();
     // job 2's mark lands first: the slot is free, it calls
@@ -415,11 +424,7 @@ fn the_balance_fetch_after_a_duplicate_keeps_the_calls_slot() {
     c.max_in_flight = 1;
     let mut e = Engine::new(c, 1);
     let mut out = Vec::new();
-    for id in 1..=2 {
-        let mut j = job(id, "wx");
-        j.params.openid = format!("p{id}");
-        e.handle(Event::Accepted(j), 0, &mut out);
-    }
+    accept_one_per_player(&mut e, 1..=2, &mut out);
     e.handle(Event::Marked(1), 1, &mut out);
     out.clear();
     e.handle(
