@@ -255,17 +255,39 @@ async fn an_amqps_url_fails_cleanly_with_the_one_crypto_provider() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// Counts the client's "nacked; publishing it again" events (the test's own
+/// subscriber, on the test's thread), so the test waits on nacks, not on time.
+struct Nacks(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Nacks {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let m = event.metadata();
+        if m.target() == "midas_worker::client" && m.fields().field("attempt").is_some() {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 /// A command the broker nacks (here a full queue that rejects publishes; in
 /// production a quorum queue electing its leader) is published again, as
 /// docs/clients.md tells game servers to do, and lands once the broker takes it;
 /// a broker that keeps nacking ends in `NotConfirmed`, never a silent success.
 #[tokio::test]
 async fn a_nacked_command_is_published_again_until_the_broker_takes_it() {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
     use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
-    use midas_worker::client::{ClientError, GameClient};
+    use midas_worker::client::{ClientError, GameClient, NACK_ATTEMPTS};
+    use tracing_subscriber::layer::SubscriberExt;
 
     let env = TestEnv::new("enq-nack");
+    // a current-thread runtime: every poll of this test, the spawned task
+    // included, runs on this thread under this subscriber
+    let nacks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let _sub =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(Nacks(nacks.clone())));
     let mut broker = env.settings().config.broker;
     broker.command_queue = format!("t-{}.full", env.tag);
     let conn = midas_worker::broker::connect(crate::common::BROKER, "test full queue")
@@ -280,10 +302,7 @@ async fn a_nacked_command_is_published_again_until_the_broker_takes_it() {
     );
     ch.queue_declare(
         broker.command_queue.as_str().into(),
-        QueueDeclareOptions {
-            auto_delete: false,
-            ..Default::default()
-        },
+        QueueDeclareOptions::default(),
         args,
     )
     .await
@@ -293,22 +312,31 @@ async fn a_nacked_command_is_published_again_until_the_broker_takes_it() {
         .publish(b"filler", "filler")
         .await
         .expect("room for one");
+    assert_eq!(nacks.load(Ordering::SeqCst), 0);
 
-    // full and nobody drains it: every attempt is nacked
-    let t0 = std::time::Instant::now();
+    // full and nobody drains it: every attempt is nacked, then NotConfirmed
     let e = client.publish(b"first", "first").await;
     assert!(matches!(e, Err(ClientError::NotConfirmed)), "{e:?}");
-    assert!(
-        t0.elapsed() >= std::time::Duration::from_secs(2),
-        "it tried again"
+    assert_eq!(
+        nacks.load(Ordering::SeqCst),
+        NACK_ATTEMPTS - 1,
+        "published again after every nack but the last"
     );
 
-    // room appears a little after the first nack: the command lands, once
+    // room appears only once the next command has been nacked: it then lands, once
+    let base = nacks.load(Ordering::SeqCst);
     let drain = {
         let ch = conn.create_channel().await.expect("channel");
         let q = broker.command_queue.clone();
+        let nacks = nacks.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            let waited = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                while nacks.load(Ordering::SeqCst) == base {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            })
+            .await;
+            assert!(waited.is_ok(), "the second command was never nacked");
             let m = ch
                 .basic_get(q.as_str().into(), BasicGetOptions::default())
                 .await
