@@ -85,6 +85,8 @@ struct Sim {
     /// Shared outbox: players whose lease this worker lost (another worker holds
     /// them; this worker's writes for them are fenced out until it takes them back).
     lost: HashSet<String>,
+    /// When this process's recent calls went out (the last second), for `max_rps`.
+    calls_at: std::collections::VecDeque<i64>,
 }
 
 type Check = Result<(), String>;
@@ -179,6 +181,7 @@ impl Sim {
             fault_rate,
             outage: false,
             lost: HashSet::new(),
+            calls_at: Default::default(),
         }
     }
 
@@ -218,6 +221,28 @@ impl Sim {
                     );
                     if busy {
                         return Err(format!("two calls in flight for {}", params.openid));
+                    }
+                    // max_rps: a token bucket of max_rps allows 2 × max_rps calls in
+                    // a second; calls picked earlier and sent later (after their
+                    // mark, or a wait for a slot) add at most the slots and the
+                    // marks ahead
+                    // (the getbalance after a duplicate answer is not paced: it
+                    // follows a paced call of its job; docs/config.md says so)
+                    if !balance_after_duplicate {
+                        self.calls_at.push_back(self.now);
+                    }
+                    while self.calls_at.front().is_some_and(|&t| t <= self.now - 1000) {
+                        self.calls_at.pop_front();
+                    }
+                    let bound = 2 * self.cfg.max_rps as usize
+                        + self.cfg.max_in_flight
+                        + self.cfg.mark_ahead;
+                    if self.calls_at.len() > bound {
+                        return Err(format!(
+                            "{} calls within a second with max_rps {} (bound {bound})",
+                            self.calls_at.len(),
+                            self.cfg.max_rps
+                        ));
                     }
                     // Midas never sees more than max_in_flight calls at once
                     let out = self
@@ -706,6 +731,8 @@ impl Sim {
     /// SIGKILL: in-flight work may or may not have happened; memory is gone.
     fn crash(&mut self) -> Check {
         self.log(|| "crash".into());
+        // a new process: its rate limiter starts afresh
+        self.calls_at.clear();
         let tasks = std::mem::take(&mut self.tasks);
         for t in tasks {
             match t {
