@@ -89,7 +89,7 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
 /// How many jobs the engine marks beyond the free call slots: a quarter of
 /// `max_in_flight` on a SQLite outbox (enough to cover a group commit at the rates
 /// those slots allow), none on a shared outbox (see [`EngineConfig::mark_ahead`]).
-pub fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
+fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
     if shared {
         0
     } else {

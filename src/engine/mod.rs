@@ -182,11 +182,6 @@ impl Engine {
             .count()
     }
 
-    /// Calls out now.
-    pub fn calls(&self) -> usize {
-        self.sched.calls()
-    }
-
     /// Whether the engine holds job `id`.
     pub fn holds(&self, id: i64) -> bool {
         self.entries.contains_key(&id)
