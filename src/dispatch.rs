@@ -457,7 +457,10 @@ where
             }
             Err(e) => {
                 tries += 1;
-                if tries == 1 || tries % 10 == 0 {
+                if e.trouble().is_some() {
+                    // the writer logs the episode once (outbox::health)
+                    tracing::debug!(error = %e, "the outbox cannot write; retrying the write");
+                } else if tries == 1 || tries % 10 == 0 {
                     tracing::error!(error = %e, "cannot write to the outbox; retrying the write");
                 }
                 tokio::select! {

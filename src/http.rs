@@ -250,8 +250,12 @@ impl AsyncWrite for Guarded {
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let broker = s.health.broker_connected();
-    let outbox = s.writer.healthy();
-    let body = format!("broker: {}\noutbox: {}\n", up(broker), up(outbox));
+    let w = s.writer.write_status();
+    let outbox = w.writable;
+    let body = match w.why.filter(|_| !outbox) {
+        Some(why) => format!("broker: {}\noutbox: down ({})\n", up(broker), why.as_str()),
+        None => format!("broker: {}\noutbox: {}\n", up(broker), up(outbox)),
+    };
     if broker && outbox {
         (StatusCode::OK, body)
     } else {
@@ -271,6 +275,6 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let snap = s.gauges.snapshot(&s.db).await;
     (
         [("content-type", "text/plain; version=0.0.4")],
-        METRICS.render(&snap, &s.health),
+        METRICS.render(&snap, &s.health, &s.writer.write_status()),
     )
 }

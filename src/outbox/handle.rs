@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use super::health::WriteStatus;
 use super::postgres::writer::PgWriter;
 use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Writer};
 use super::OutboxError;
@@ -64,6 +65,14 @@ impl Outbox {
         match self {
             Outbox::Sqlite(w) => w.healthy(),
             Outbox::Postgres(w) => w.healthy(),
+        }
+    }
+
+    /// Whether it can write now, and the episodes when it could not.
+    pub fn write_status(&self) -> WriteStatus {
+        match self {
+            Outbox::Sqlite(w) => w.health().status(),
+            Outbox::Postgres(w) => w.health().status(),
         }
     }
 

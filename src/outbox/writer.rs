@@ -5,12 +5,12 @@
 //! request cannot fail its batch; a failed commit fails every request of the batch.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::{WriteHealth, WriteTrouble};
 use super::writes::{in_savepoint, intake, mark, record};
 use super::OutboxError;
 use crate::command::{Command, Params};
@@ -159,7 +159,7 @@ enum Request {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Request>,
-    healthy: Arc<AtomicBool>,
+    health: WriteHealth,
 }
 
 impl Writer {
@@ -171,8 +171,8 @@ impl Writer {
     ) -> Result<(Writer, std::thread::JoinHandle<()>), OutboxError> {
         let conn = super::open_rw(path, max_size_mb)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let h = healthy.clone();
+        let health = WriteHealth::default();
+        let h = health.clone();
         let join = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || run(conn, rx, h))?;
@@ -187,12 +187,17 @@ impl Writer {
                     _ => break,
                 }
             })?;
-        Ok((Writer { tx, healthy }, join))
+        Ok((Writer { tx, health }, join))
     }
 
     /// Whether the last commit succeeded (for `/readyz`).
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.writable()
+    }
+
+    /// Whether it can write, and the episodes when it could not (`/metrics`).
+    pub fn health(&self) -> &WriteHealth {
+        &self.health
     }
 
     pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
@@ -238,7 +243,7 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
+fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, health: WriteHealth) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     // Published marks waiting to share the next commit (see `defers`)
     let mut deferred: Vec<Request> = Vec::new();
@@ -249,7 +254,7 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
             if !deferred.is_empty() {
                 // a quiet writer: the marks held back wait no longer
                 std::mem::swap(&mut batch, &mut deferred);
-                commit(&mut conn, &mut batch, &mut intake_blocked, &healthy);
+                commit(&mut conn, &mut batch, &mut intake_blocked, &health);
                 checkpoints.committed(&conn, rx.is_empty());
             } else if rx.is_empty() {
                 checkpoints.idle(&conn);
@@ -268,12 +273,12 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
             continue;
         }
         batch.append(&mut deferred);
-        if commit(&mut conn, &mut batch, &mut intake_blocked, &healthy) {
+        if commit(&mut conn, &mut batch, &mut intake_blocked, &health) {
             checkpoints.committed(&conn, rx.is_empty());
         }
     }
     if !deferred.is_empty() {
-        commit(&mut conn, &mut deferred, &mut intake_blocked, &healthy);
+        commit(&mut conn, &mut deferred, &mut intake_blocked, &health);
     }
     checkpoints.finish(&conn);
     tracing::debug!("outbox writer stopped");
@@ -292,39 +297,40 @@ fn defers(batch: &[Request], held: usize) -> bool {
             .all(|r| matches!(r, Request::Published(..) | Request::Tick))
 }
 
-/// Commit `batch` (drained) and set the readiness flag; `true` when it committed.
+/// Commit `batch` (drained) and report to `health`; `true` when it committed.
+/// Ready means commands can be taken: a full size budget can fail the inserts of
+/// intake and still let the rest of the batch commit; then the outbox stays down
+/// until an intake succeeds again, whatever else commits.
 fn commit(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
     intake_blocked: &mut bool,
-    healthy: &AtomicBool,
+    health: &WriteHealth,
 ) -> bool {
     let n = batch.len();
     let has_intake = batch.iter().any(|r| matches!(r, Request::Intake(..)));
     let result = commit_batch(conn, batch);
-    // Ready means commands can be taken. A full size budget can fail the
-    // inserts of intake and still let the rest of the batch commit: then the
-    // outbox is down until an intake succeeds again, whatever else commits.
-    let ok = match &result {
-        Err(_) => {
-            *intake_blocked = has_intake;
-            false
-        }
-        Ok(Some(all_taken)) => {
-            *intake_blocked = !all_taken;
-            *all_taken
-        }
-        Ok(None) => !*intake_blocked,
-    };
-    healthy.store(ok, Ordering::Relaxed);
     batch.clear();
     match result {
         Err(e) => {
-            tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
+            *intake_blocked = has_intake;
+            health.failed(&e, n);
             false
         }
-        Ok(_) => {
+        Ok(intakes) => {
             METRICS.outbox_commit(n);
+            match intakes {
+                Some(Err(e)) => {
+                    *intake_blocked = true;
+                    health.failed(&e, n);
+                }
+                Some(Ok(())) => {
+                    *intake_blocked = false;
+                    health.ok();
+                }
+                None if !*intake_blocked => health.ok(),
+                None => {}
+            }
             true
         }
     }
@@ -349,32 +355,40 @@ enum Pending {
     Flush(oneshot::Sender<()>),
 }
 
-/// Committed: `Some(every intake of the batch succeeded)`, `None` when it held none.
+/// Committed: `Some(Ok)` when every intake of the batch succeeded, `Some(Err)`
+/// with the first intake's error otherwise, `None` when it held none.
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
-) -> Result<Option<bool>, OutboxError> {
+) -> Result<Option<Result<(), OutboxError>>, OutboxError> {
     let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
-    let mut intakes_ok: Option<bool> = None;
+    let mut intakes: Option<Result<(), OutboxError>> = None;
     // The first request error: when SQLite rolls the whole transaction back (disk or
     // size budget full), later statements only say "no transaction is active".
-    let mut first_err: Option<String> = None;
+    let mut first_err: Option<(String, Option<WriteTrouble>)> = None;
     let outcome = (|| -> Result<(), rusqlite::Error> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for req in batch.drain(..) {
             match req {
                 Request::Intake(i, resp) => {
                     let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
-                    intakes_ok = Some(intakes_ok.unwrap_or(true) && r.is_ok());
+                    match (&r, &intakes) {
+                        (Err(e), None | Some(Ok(()))) => {
+                            intakes =
+                                Some(Err(OutboxError::batch_failed(e.trouble(), &e.to_string())));
+                        }
+                        (Ok(_), None) => intakes = Some(Ok(())),
+                        _ => {}
+                    }
                     if let (Err(e), None) = (&r, &first_err) {
-                        first_err = Some(e.to_string());
+                        first_err = Some((e.to_string(), e.trouble()));
                     }
                     answers.push(Pending::Intake(resp, r));
                 }
                 Request::Record(r, resp) => {
                     let out = in_savepoint(&mut tx, |sp| record(sp, &r));
                     if let (Err(e), None) = (&out, &first_err) {
-                        first_err = Some(e.to_string());
+                        first_err = Some((e.to_string(), e.trouble()));
                     }
                     answers.push(Pending::Record(resp, out));
                 }
@@ -384,7 +398,7 @@ fn commit_batch(
                 Request::Mark(marks, resp) => {
                     let out = in_savepoint(&mut tx, |sp| mark(sp, &marks));
                     if let (Err(e), None) = (&out, &first_err) {
-                        first_err = Some(e.to_string());
+                        first_err = Some((e.to_string(), e.trouble()));
                     }
                     answers.push(Pending::Mark(resp, out));
                 }
@@ -424,15 +438,18 @@ fn commit_batch(
                     }
                 }
             }
-            Ok(intakes_ok)
+            Ok(intakes)
         }
         Err(e) => {
-            let msg = match &first_err {
-                Some(first) => format!("{first} (then: {e})"),
-                None => e.to_string(),
+            let (msg, trouble) = match &first_err {
+                Some((first, t)) => (
+                    format!("{first} (then: {e})"),
+                    t.or(WriteTrouble::of_sqlite(&e)),
+                ),
+                None => (e.to_string(), WriteTrouble::of_sqlite(&e)),
             };
             for a in answers {
-                let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+                let err = || OutboxError::batch_failed(trouble, &msg);
                 match a {
                     Pending::Intake(s, _) => {
                         let _ = s.send(Err(err()));
@@ -446,7 +463,7 @@ fn commit_batch(
                     Pending::Flush(_) => {}
                 }
             }
-            Err(OutboxError::Sqlite(e))
+            Err(OutboxError::batch_failed(trouble, &msg))
         }
     }
 }

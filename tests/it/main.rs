@@ -25,6 +25,7 @@ mod http_limits;
 mod midas_http_hardening;
 mod ops;
 mod outbox_schema;
+mod outbox_unwritable;
 mod pg_ops;
 mod pipeline;
 mod reliability;

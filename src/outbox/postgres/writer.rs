@@ -13,7 +13,6 @@
 //! [`OutboxError::LeaseLost`] and the caller drops the player.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +20,7 @@ use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::intake::intake;
 use super::writes::{mark, published, record};
+use crate::outbox::health::{WriteHealth, WriteTrouble};
 
 use crate::engine::job::Job;
 use crate::metrics::METRICS;
@@ -96,7 +96,7 @@ enum Request {
 #[derive(Clone)]
 pub struct PgWriter {
     tx: mpsc::UnboundedSender<Request>,
-    healthy: Arc<AtomicBool>,
+    health: WriteHealth,
 }
 
 impl PgWriter {
@@ -107,13 +107,18 @@ impl PgWriter {
     ) -> Result<(PgWriter, tokio::task::JoinHandle<()>), OutboxError> {
         let client = super::open(&url).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(run(url, Some(client), fence, rx, healthy.clone()));
-        Ok((PgWriter { tx, healthy }, task))
+        let health = WriteHealth::default();
+        let task = tokio::spawn(run(url, Some(client), fence, rx, health.clone()));
+        Ok((PgWriter { tx, health }, task))
     }
 
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.writable()
+    }
+
+    /// Whether it can write, and the episodes when it could not (`/metrics`).
+    pub fn health(&self) -> &WriteHealth {
+        &self.health
     }
 
     pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
@@ -178,7 +183,7 @@ async fn run(
     mut client: Option<Client>,
     fence: Fence,
     mut rx: mpsc::UnboundedReceiver<Request>,
-    healthy: Arc<AtomicBool>,
+    health: WriteHealth,
 ) {
     let mut stmts = Stmts::default();
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
@@ -195,9 +200,8 @@ async fn run(
             client = match super::connect(&url).await {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot reach the PostgreSQL outbox; nothing in this batch is acknowledged");
-                    healthy.store(false, Ordering::Relaxed);
-                    fail_all(&mut batch, &e.to_string());
+                    health.failed(&e, batch.len());
+                    fail_all(&mut batch, &e);
                     continue;
                 }
             };
@@ -206,13 +210,12 @@ async fn run(
         let n = batch.len();
         match commit_batch(c, &mut stmts, &fence, &mut batch).await {
             Ok(()) => {
-                healthy.store(true, Ordering::Relaxed);
+                health.ok();
                 METRICS.outbox_commit(n);
             }
             Err(e) => {
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
-                fail_all(&mut batch, &e.to_string());
+                health.failed(&e, n);
+                fail_all(&mut batch, &e);
                 // a broken connection is replaced at the next batch; statements
                 // prepared on it are gone with it
                 if c.is_closed() {
@@ -224,8 +227,9 @@ async fn run(
     tracing::debug!("PostgreSQL outbox writer stopped");
 }
 
-fn fail_all(batch: &mut Vec<Request>, msg: &str) {
-    let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+fn fail_all(batch: &mut Vec<Request>, e: &OutboxError) {
+    let (trouble, msg) = (e.trouble(), e.to_string());
+    let err = || OutboxError::batch_failed(trouble, &msg);
     for r in batch.drain(..) {
         match r {
             Request::Intake(_, s) => drop(s.send(Err(err()))),
@@ -342,23 +346,27 @@ async fn commit_batch(
         return Ok(());
     }
     if c.is_closed() {
-        fail_all(batch, "the connection to PostgreSQL closed");
-        return Err(OutboxError::Corrupt(
-            "the connection to PostgreSQL closed".into(),
-        ));
+        let e = OutboxError::Unwritable {
+            why: WriteTrouble::Unreachable,
+            detail: "the connection to PostgreSQL closed".into(),
+        };
+        fail_all(batch, &e);
+        return Err(e);
     }
     // Every request is answered whatever happens: a dropped answer would read as
     // "the writer is gone".
     let tx = match c.transaction().await {
         Ok(tx) => tx,
         Err(e) => {
-            fail_all(batch, &e.to_string());
-            return Err(e.into());
+            let e = e.into();
+            fail_all(batch, &e);
+            return Err(e);
         }
     };
     if let Err(e) = tx.batch_execute("SAVEPOINT r").await {
-        fail_all(batch, &e.to_string());
-        return Err(e.into());
+        let e = e.into();
+        fail_all(batch, &e);
+        return Err(e);
     }
     // A request that loses a deadlock is run again at once (its savepoint rolled
     // back, its locks freed); one that fails is undone alone.
