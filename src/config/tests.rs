@@ -530,19 +530,28 @@ fn simulator_mode_refuses_a_shared_broker() {
 }
 
 #[test]
-fn the_image_requires_an_explicit_environment() {
-    let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "1")]);
-    let s = load_from(MINIMAL, &env(&[]), "t").unwrap();
-    let e = run_preflight(&s, false, &require).unwrap_err().to_string();
-    assert!(e.contains("MIDAS_WORKER__MIDAS__ENVIRONMENT"), "{e}");
+fn run_requires_an_explicit_environment() {
+    // the apps alone: complete for the other verbs, not for `run`
+    let apps_only = &MINIMAL[MINIMAL.find("[[apps]]").unwrap()..];
+    let s = load_from(apps_only, &env(&[]), "t").unwrap();
+    let e = run_preflight(&s, false, &env(&[])).unwrap_err().to_string();
+    assert!(
+        e.contains("midas.environment") && e.contains("run") && !e.contains('\n'),
+        "{e}"
+    );
+    // whatever the image's variable says
+    let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "0")]);
+    assert!(run_preflight(&s, false, &require).is_err());
     let s = load_from(
-        MINIMAL,
+        apps_only,
         &env(&[("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator")]),
         "t",
     )
     .unwrap();
-    assert!(run_preflight(&s, false, &require).is_ok());
-    // a file that says it is explicit too
-    let s = load_from(SHIPPED, &env(&[]), "t").unwrap();
-    assert!(run_preflight(&s, false, &require).is_ok());
+    assert!(run_preflight(&s, false, &env(&[])).is_ok());
+    // the shipped file and the minimal example say it
+    for file in [SHIPPED, MINIMAL] {
+        let s = load_from(file, &env(&[]), "t").unwrap();
+        assert!(run_preflight(&s, false, &env(&[])).is_ok());
+    }
 }

@@ -238,6 +238,10 @@ fn bad_configs_stop_with_one_line_and_status_2() {
     let minimal = std::fs::read_to_string(MINIMAL).expect("minimal.toml");
     std::fs::write(&file, format!("{minimal}\n[broker]\nprefech = 10\n")).expect("write");
     let path = file.display().to_string();
+    let apps_file = dir.path().join("apps-only.toml");
+    let apps_at = minimal.find("[[apps]]").expect("minimal.toml has an app");
+    std::fs::write(&apps_file, &minimal[apps_at..]).expect("write");
+    let apps_only = apps_file.display().to_string();
     let cases: [(&Path, BTreeMap<String, String>, &str); 3] = [
         (Path::new(&path), env(&[]), "prefech"),
         (
@@ -246,10 +250,10 @@ fn bad_configs_stop_with_one_line_and_status_2() {
             "out of range",
         ),
         (
-            Path::new(MINIMAL),
-            // what the container image sets: the environment must be chosen
-            env(&[("MIDAS_WORKER_REQUIRE_ENVIRONMENT", "1")]),
-            "MIDAS_WORKER__MIDAS__ENVIRONMENT",
+            Path::new(&apps_only),
+            // `run` needs midas.environment (no variable required)
+            env(&[]),
+            "midas.environment",
         ),
     ];
     for (config, env, needle) in cases {
