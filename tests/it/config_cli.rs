@@ -91,6 +91,8 @@ async fn a_config_of_only_apps_runs_answers_readyz_and_stops_on_sigterm() {
             &format!("t-{tag}.dead"),
         ),
         ("MIDAS_WORKER__HTTP__LISTEN", &format!("127.0.0.1:{port}")),
+        // the one key `run` needs besides the apps
+        ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator"),
     ]);
     let mut child = worker(&["run", "--config", MINIMAL], &env)
         .stdout(Stdio::null())
@@ -215,6 +217,7 @@ fn simulator_mode_refuses_a_shared_broker_before_connecting() {
         ),
         ("MIDAS_WORKER__OUTBOX__PATH", &outbox.display().to_string()),
         ("MIDAS_WORKER__HTTP__LISTEN", "127.0.0.1:0"),
+        ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator"),
     ]);
     let out = finish(
         worker(&["run", "--config", MINIMAL], &base),
@@ -238,10 +241,6 @@ fn bad_configs_stop_with_one_line_and_status_2() {
     let minimal = std::fs::read_to_string(MINIMAL).expect("minimal.toml");
     std::fs::write(&file, format!("{minimal}\n[broker]\nprefech = 10\n")).expect("write");
     let path = file.display().to_string();
-    let apps_file = dir.path().join("apps-only.toml");
-    let apps_at = minimal.find("[[apps]]").expect("minimal.toml has an app");
-    std::fs::write(&apps_file, &minimal[apps_at..]).expect("write");
-    let apps_only = apps_file.display().to_string();
     let cases: [(&Path, BTreeMap<String, String>, &str); 3] = [
         (Path::new(&path), env(&[]), "prefech"),
         (
@@ -250,8 +249,8 @@ fn bad_configs_stop_with_one_line_and_status_2() {
             "out of range",
         ),
         (
-            Path::new(&apps_only),
-            // `run` needs midas.environment (no variable required)
+            Path::new(MINIMAL),
+            // `run` needs midas.environment (no other variable required)
             env(&[]),
             "midas.environment",
         ),
