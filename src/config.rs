@@ -2,8 +2,9 @@
 //! `MIDAS_WORKER_CONFIG`), then `MIDAS_WORKER__SECTION__KEY` environment overrides,
 //! then validation.
 //!
-//! Every key but `[[apps]]` has a default, so a file holding only `[[apps]]` entries
-//! is a complete config. Unknown keys are errors (a misspelt key must not silently
+//! Every key but `[[apps]]` and `midas.environment` has a default (`simulator`
+//! stands in for the environment in every verb but `run`, which refuses it
+//! unset), so a file holding the environment and `[[apps]]` is a complete config. Unknown keys are errors (a misspelt key must not silently
 //! become a default). Secrets are never in the file: each app names the environment
 //! variables that hold its AppKey and app secret, and they are read into [`Secret`]s
 //! here; URLs that may carry a password are [`SecretUrl`]s. Every error is one line
@@ -35,7 +36,7 @@ pub const ENV_CONFIG_PATH: &str = "MIDAS_WORKER_CONFIG";
 /// `1`: `run` may use the simulator with a broker that is not on this machine (the
 /// same as `run --allow-simulator-on-shared-broker`).
 pub const ENV_ALLOW_SIMULATOR: &str = "MIDAS_WORKER_ALLOW_SIMULATOR";
-/// `1` (set in the container image): `run` refuses to start unless
+/// Set in the container image. Implied now: `run` always refuses to start unless
 /// `midas.environment` was chosen explicitly (file or environment), not defaulted.
 pub const ENV_REQUIRE_ENVIRONMENT: &str = "MIDAS_WORKER_REQUIRE_ENVIRONMENT";
 /// The bill_no window is 48 h; retries must stop well before it.

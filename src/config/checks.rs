@@ -1,6 +1,6 @@
 //! Checks on a parsed config: `validate` (ranges, formats, apps; run on every
 //! load) and the refusals made before anything connects (`unavailable`,
-//! `run_preflight`: the PostgreSQL outbox of a later release, the image's
+//! `run_preflight`: the PostgreSQL outbox of a later release, `run`'s
 //! explicit-environment rule, and the simulator fail-safe on a shared broker).
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use super::{
     invalid, Config, ConfigError, Environment, Settings, Source, ENV_ALLOW_SIMULATOR,
-    ENV_REQUIRE_ENVIRONMENT, MAX_COMMAND_BYTES_LIMIT, MAX_GIVE_UP_AFTER,
+    MAX_COMMAND_BYTES_LIMIT, MAX_GIVE_UP_AFTER,
 };
 
 pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
@@ -158,8 +158,8 @@ pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// What `run` checks before it connects anywhere: features this release lacks, an
-/// environment the image requires to be explicit, and the simulator fail-safe (no
+/// What `run` checks before it connects anywhere: features this release lacks,
+/// `midas.environment` chosen explicitly (file or environment, never defaulted), and the simulator fail-safe (no
 /// simulated answers on a broker that real game servers may share).
 pub fn run_preflight(
     s: &Settings,
@@ -167,16 +167,14 @@ pub fn run_preflight(
     env: &BTreeMap<String, String>,
 ) -> Result<(), ConfigError> {
     unavailable(s)?;
-    if truthy(env.get(ENV_REQUIRE_ENVIRONMENT))
-        && s.provenance.source_of("midas.environment") == Source::Default
-    {
+    // Required for `run` whatever the environment says: a default would let an
+    // install answer real game servers from the simulator by accident.
+    // (`MIDAS_WORKER_REQUIRE_ENVIRONMENT`, which the image sets, is now implied.)
+    if s.provenance.source_of("midas.environment") == Source::Default {
         return Err(invalid(
             "midas.environment",
-            format!(
-                "not set, and {ENV_REQUIRE_ENVIRONMENT}=1 requires it: set \
-                 MIDAS_WORKER__MIDAS__ENVIRONMENT=simulator|sandbox|production \
-                 (or midas.environment in the config file)"
-            ),
+            "not set; `run` requires it: set midas.environment = \"simulator\"|\"sandbox\"|\"production\" \
+             in the config file (or MIDAS_WORKER__MIDAS__ENVIRONMENT)",
         ));
     }
     if s.config.midas.environment == Environment::Simulator

@@ -477,8 +477,13 @@ fn check_config_shows_values_as_written_with_their_sources() {
 
 #[test]
 fn simulator_mode_refuses_a_shared_broker() {
-    let with =
-        |url: &str| load_from(MINIMAL, &env(&[("MIDAS_WORKER__BROKER__URL", url)]), "t").unwrap();
+    let with = |url: &str| {
+        let e = env(&[
+            ("MIDAS_WORKER__BROKER__URL", url),
+            ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator"),
+        ]);
+        load_from(MINIMAL, &e, "t").unwrap()
+    };
     let shared = with("amqp://u:p4ss@10.255.255.1:5672/%2f");
     let e = run_preflight(&shared, false, &env(&[]))
         .unwrap_err()
@@ -530,19 +535,26 @@ fn simulator_mode_refuses_a_shared_broker() {
 }
 
 #[test]
-fn the_image_requires_an_explicit_environment() {
-    let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "1")]);
-    let s = load_from(MINIMAL, &env(&[]), "t").unwrap();
-    let e = run_preflight(&s, false, &require).unwrap_err().to_string();
-    assert!(e.contains("MIDAS_WORKER__MIDAS__ENVIRONMENT"), "{e}");
+fn run_requires_an_explicit_environment() {
+    // the apps alone: complete for the other verbs, not for `run`
+    let apps_only = MINIMAL;
+    let s = load_from(apps_only, &env(&[]), "t").unwrap();
+    let e = run_preflight(&s, false, &env(&[])).unwrap_err().to_string();
+    assert!(
+        e.contains("midas.environment") && e.contains("run") && !e.contains('\n'),
+        "{e}"
+    );
+    // whatever the image's variable says
+    let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "0")]);
+    assert!(run_preflight(&s, false, &require).is_err());
     let s = load_from(
-        MINIMAL,
+        apps_only,
         &env(&[("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator")]),
         "t",
     )
     .unwrap();
-    assert!(run_preflight(&s, false, &require).is_ok());
-    // a file that says it is explicit too
+    assert!(run_preflight(&s, false, &env(&[])).is_ok());
+    // the shipped file says it
     let s = load_from(SHIPPED, &env(&[]), "t").unwrap();
-    assert!(run_preflight(&s, false, &require).is_ok());
+    assert!(run_preflight(&s, false, &env(&[])).is_ok());
 }

@@ -447,6 +447,16 @@ impl TestEnv {
         midas_url: &str,
         log: &std::path::Path,
     ) -> std::process::Child {
+        self.spawn_child_logged_at(midas_url, log, "warn")
+    }
+
+    /// [`TestEnv::spawn_child_logged`] with the child's `RUST_LOG` given.
+    pub fn spawn_child_logged_at(
+        &self,
+        midas_url: &str,
+        log: &std::path::Path,
+        rust_log: &str,
+    ) -> std::process::Child {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -458,7 +468,7 @@ impl TestEnv {
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
             .envs(&self.env)
             .env("MIDAS_WORKER__MIDAS__BASE_URL", midas_url)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
             .stderr(file);

@@ -22,6 +22,7 @@ mod engine_e2e;
 mod enqueue_cli;
 mod hardening;
 mod http_limits;
+mod log_secrets;
 mod midas_http_hardening;
 mod ops;
 mod outbox_schema;
