@@ -27,6 +27,7 @@ mod midas_http_hardening;
 mod ops;
 mod outbox_schema;
 mod pg_ops;
+mod pg_tls;
 mod pipeline;
 mod reliability;
 mod schema_examples;
