@@ -51,6 +51,9 @@ pub enum OutboxError {
     Schema(String),
     #[error("PostgreSQL outbox: {}", postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// `sslmode`/`sslrootcert` of `outbox.url` refused, or TLS could not be set up.
+    #[error("{0}")]
+    Tls(#[from] postgres::tls::TlsError),
     /// A write fenced out: another worker holds the job's player now.
     #[error("this worker no longer holds the player's lease")]
     LeaseLost,

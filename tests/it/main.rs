@@ -28,6 +28,7 @@ mod ops;
 mod outbox_schema;
 mod outbox_unwritable;
 mod pg_ops;
+mod pg_tls;
 mod pipeline;
 mod reliability;
 mod schema_examples;

@@ -3,9 +3,11 @@
 //! An operator who re-opens a hundred jobs must see first what will happen, so the
 //! set forms never act on their own: they print how many jobs match and what each
 //! would get (re-opened, re-published, or skipped and why); `--dry-run` stops there,
-//! and without `--yes` they stop there too, with exit status 2. With `--yes` the plan
-//! is made again inside the write transaction (so it is exactly what is done), acted
-//! on, and recorded once per job in `operator_actions`. Text and `--json` are two
+//! and without `--yes` they stop there too, with exit status 2. `--yes` needs
+//! `--expect N`, the count the operator saw: the plan is made again inside the
+//! write transaction (so it is exactly what is done), refused unless N jobs match,
+//! acted on, and recorded once per job in `operator_actions`. A filter with an empty
+//! value (which would match everything) is refused. Text and `--json` are two
 //! renderings of the same [`BulkView`].
 
 use std::io::{self, Write};
@@ -276,6 +278,10 @@ pub fn run(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
+    let now = now_ms();
+    // empty values refused before anything else: `--bill-no-prefix ""` is a filter
+    // on paper and every job in fact
+    job_filter(f, now, bill_no)?;
     if bill_no.is_none() && describe(f, None).is_empty() {
         return Err(AuditError::Usage(format!(
             "{} needs a BILL_NO or filters (--status, --since, --appid, --bill-no-prefix, --errcode, ...)",
@@ -288,7 +294,11 @@ pub fn run(
         ));
     }
     let filter = describe(f, bill_no);
-    let now = now_ms();
+    if confirm.yes && confirm.expect.is_none() {
+        return Err(AuditError::Usage(
+            "--yes needs --expect N: the number of jobs the plan (printed without --yes) showed matching".into(),
+        ));
+    }
     if confirm.dry_run || !(confirm.yes || bill_no.is_some()) {
         // validate the filters before touching the database
         job_filter(f, now, bill_no)?;
@@ -311,7 +321,8 @@ pub fn run(
             n => format!("these {n} jobs"),
         };
         return Err(AuditError::Usage(format!(
-            "nothing changed: add --yes to {verb} {these}"
+            "nothing changed: add --yes --expect {} to {verb} {these}",
+            v.matched
         )));
     }
 
@@ -319,6 +330,14 @@ pub fn run(
     let mut store = open_write(settings)?;
     let tx = store.write()?;
     let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
+    if let Some(expected) = confirm.expect {
+        if planned.len() != expected {
+            return Err(AuditError::Refused(format!(
+                "nothing changed: {} match {filter} now, not the {expected} expected (--expect); look again without --yes",
+                plural(planned.len(), "job", "jobs")
+            )));
+        }
+    }
     let actor = actor_name(who);
     let mut targets = 0usize;
     {

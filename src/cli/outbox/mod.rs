@@ -197,8 +197,13 @@ pub struct Confirm {
     #[arg(long, conflicts_with = "yes")]
     pub dry_run: bool,
     /// Act on the jobs the filters select (without it, a set is only shown, exit 2).
-    #[arg(long)]
+    /// Needs `--expect N`.
+    #[arg(long, requires = "expect")]
     pub yes: bool,
+    /// With `--yes`: how many jobs the operator saw match (in the plan printed
+    /// without `--yes`); anything else changes nothing (exit 2).
+    #[arg(long, value_name = "N")]
+    pub expect: Option<usize>,
     /// Print the plan or the result as one JSON object.
     #[arg(long)]
     pub json: bool,
