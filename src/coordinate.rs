@@ -26,13 +26,21 @@ const RELAY_AFTER_MS: i64 = 10_000;
 /// How often a worker looks for players and jobs to take.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
 
+/// A player to give back after a write of lease generation `gen` was fenced out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GiveBack {
+    pub appid: String,
+    pub openid: String,
+    pub gen: i64,
+}
+
 /// Run until `shutdown`; answers the coordinator so the caller can give the
 /// leases back once the steps under way are recorded.
 pub async fn run(
     mut coord: Coordinator,
     lease: Duration,
     dispatcher: mpsc::UnboundedSender<DispatchMsg>,
-    mut give_back: mpsc::UnboundedReceiver<(String, String)>,
+    mut give_back: mpsc::UnboundedReceiver<GiveBack>,
     publisher: Publisher,
     health: Health,
     mut shutdown: watch::Receiver<bool>,

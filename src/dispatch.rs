@@ -50,8 +50,9 @@ pub enum DispatchMsg {
 pub struct Dispatcher {
     settings: Arc<Settings>,
     writer: Outbox,
-    /// Shared outbox: players to give back after a fenced write.
-    release: Option<mpsc::UnboundedSender<(String, String)>>,
+    /// Shared outbox: players to give back after a fenced write, with the lease
+    /// generation the write was made under.
+    release: Option<mpsc::UnboundedSender<crate::coordinate::GiveBack>>,
     /// Shared outbox: the longest a call (token fetch included) may take.
     call_budget: Option<Duration>,
     publisher: Publisher,
@@ -83,6 +84,11 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
             .collect(),
         simulated: c.midas.environment == Environment::Simulator,
         mark_ahead: mark_ahead(c.midas.max_in_flight.max(1), c.outbox.url.is_some()),
+        fence_margin_ms: c
+            .outbox
+            .url
+            .is_some()
+            .then(|| crate::config::LEASE_CALL_MARGIN.as_millis() as i64),
     }
 }
 
@@ -150,7 +156,7 @@ impl Dispatcher {
         publisher: Publisher,
         midas: Arc<MidasClient>,
         stop: watch::Receiver<bool>,
-        release: Option<mpsc::UnboundedSender<(String, String)>>,
+        release: Option<mpsc::UnboundedSender<crate::coordinate::GiveBack>>,
     ) -> Dispatcher {
         let db_path = settings.config.outbox.path.clone();
         let call_budget = writer
@@ -232,10 +238,7 @@ impl Dispatcher {
                     }
                     None => break,
                 },
-                Some(ev) = events.recv() => {
-                    self.give_back(&engine, &ev);
-                    engine.handle(ev, now_ms(), &mut actions)
-                }
+                Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
                 _ = tokio::time::sleep(sleep_for) => engine.poll(now_ms(), &mut actions),
             }
         }
@@ -249,7 +252,6 @@ impl Dispatcher {
         while engine.busy() > 0 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(ev)) => {
-                    self.give_back(&engine, &ev);
                     engine.handle(ev, now_ms(), &mut actions);
                     self.perform(&mut actions, &tx);
                 }
@@ -257,16 +259,6 @@ impl Dispatcher {
                     tracing::warn!(under_way = engine.busy(), "steps did not finish in time; they resume at the next start with the same bill_no");
                     break;
                 }
-            }
-        }
-    }
-
-    /// A fenced write: the player goes back to the outbox for whoever holds it.
-    fn give_back(&self, engine: &Engine, ev: &Event) {
-        if let (Event::LeaseLost(id), Some(release)) = (ev, &self.release) {
-            if let Some(player) = engine.player_of(*id) {
-                tracing::warn!(appid = %player.0, openid = %player.1, "lease on the player lost; its jobs go to the worker holding it");
-                let _ = release.send(player);
             }
         }
     }
@@ -289,7 +281,13 @@ impl Dispatcher {
         let mut marks = Vec::new();
         for a in actions.drain(..) {
             match a {
-                Action::Mark { id, at } => marks.push((id, at)),
+                Action::Mark { id, at, gen } => marks.push((id, at, gen)),
+                Action::GiveBack { appid, openid, gen } => {
+                    if let Some(release) = &self.release {
+                        tracing::warn!(%appid, %openid, "lease on the player lost; its jobs go to the worker holding it");
+                        let _ = release.send(crate::coordinate::GiveBack { appid, openid, gen });
+                    }
+                }
                 Action::Call {
                     id,
                     api,
@@ -356,31 +354,26 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_marks(&self, marks: Vec<(i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
+    fn spawn_marks(&self, marks: Vec<(i64, i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<i64> = marks.iter().map(|(id, _, _)| *id).collect();
             if let WriteEnd::Done(marked) =
                 write_until_done(|| writer.mark_calls(marks.clone()), stop).await
             {
-                let mut lost = marked.lost;
                 // A shared outbox checked, on its clock, that each lease outlives a
-                // call started within LEASE_CALL_MARGIN of the check. A confirmation
-                // that took longer (a stalled link) may arrive after the lease ran
-                // out: no call then; the job stays counted as possibly called.
-                let late = marked
-                    .checked_at
-                    .is_some_and(|t| t.elapsed() >= crate::config::LEASE_CALL_MARGIN);
-                if late {
-                    tracing::warn!(jobs = ids.len(), "pre-call marks confirmed too late to call under the lease; leaving the jobs to whoever holds their players");
-                    lost = ids.clone();
-                }
+                // call started within LEASE_CALL_MARGIN of the check; the engine
+                // judges whether the call still starts in time (on this worker's
+                // clock: the instant of the check, in unix ms).
+                let checked_at = marked.checked_at.map(|t| {
+                    now_ms() - i64::try_from(t.elapsed().as_millis()).unwrap_or(i64::MAX / 2)
+                });
                 for id in ids {
-                    let _ = tx.send(if lost.contains(&id) {
+                    let _ = tx.send(if marked.lost.contains(&id) {
                         Event::LeaseLost(id)
                     } else {
-                        Event::Marked(id)
+                        Event::Marked(id, checked_at)
                     });
                 }
             }

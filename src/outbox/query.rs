@@ -65,6 +65,7 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             last_errcode,
             last_error,
             reopened_at,
+            lease_gen: 0,
         });
     }
     Ok(out)

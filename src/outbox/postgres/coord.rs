@@ -153,7 +153,9 @@ impl Coordinator {
                            INSERT INTO player_leases (appid, openid, owner, expires_at) \
                            SELECT appid, openid, $1, {NOW_MS} + $3 FROM cand \
                            ON CONFLICT (appid, openid) DO UPDATE \
-                             SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+                             SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, \
+                             generation = CASE WHEN player_leases.owner = EXCLUDED.owner \
+                               THEN player_leases.generation ELSE EXCLUDED.generation END \
                              WHERE player_leases.expires_at <= {NOW_MS} \
                            RETURNING appid, openid), \
                          unclaimed AS ( \
@@ -175,39 +177,63 @@ impl Coordinator {
             }
         }
         if room > 0 {
+            // a claim names the lease generation it was made under: the engine
+            // runs the jobs under it, and a newer one means a take (see
+            // `engine::lease`)
             let rows = c
                 .query(
                     &format!(
-                        "UPDATE jobs SET claimed_by = $1 WHERE id IN ( \
+                        "UPDATE jobs SET claimed_by = $1 FROM player_leases l WHERE jobs.id IN ( \
                            SELECT j.id FROM jobs j JOIN player_leases l \
                              ON l.appid = j.appid AND l.openid = j.openid \
                            WHERE j.state = 'pending' AND j.claimed_by IS NULL AND l.owner = $1 \
                            ORDER BY j.id LIMIT $2 FOR UPDATE OF j SKIP LOCKED) \
-                         RETURNING {}",
+                         AND l.appid = jobs.appid AND l.openid = jobs.openid AND l.owner = $1 \
+                         RETURNING {}, l.generation",
                         super::writer::JOB_COLS
                     ),
                     &[&&*me, &room],
                 )
                 .await?;
             for r in &rows {
-                out.jobs.push(job_from_row(r)?);
+                let mut job = job_from_row(r)?;
+                job.lease_gen = r.try_get(12)?;
+                out.jobs.push(job);
             }
             out.jobs.sort_by_key(|j| j.id);
         }
         Ok(out)
     }
 
-    /// Give players back (a fenced write showed this worker lost them): their
-    /// jobs are loaded again by whoever takes them.
-    pub async fn release(&mut self, players: &[(String, String)]) -> Result<(), OutboxError> {
+    /// Give players back (a write of the given lease generation was fenced out):
+    /// their jobs are loaded again by whoever takes them. Fenced by generation:
+    /// a player this worker holds at another (newer) generation is kept, with its
+    /// claims.
+    pub async fn release(
+        &mut self,
+        players: &[crate::coordinate::GiveBack],
+    ) -> Result<(), OutboxError> {
         let me = self.fence.me.clone();
         let c = self.client().await?;
-        release_claims(c, &me, players).await?;
-        let (apps, openids): (Vec<String>, Vec<String>) = players.iter().cloned().unzip();
+        let apps: Vec<&str> = players.iter().map(|p| p.appid.as_str()).collect();
+        let openids: Vec<&str> = players.iter().map(|p| p.openid.as_str()).collect();
+        let gens: Vec<i64> = players.iter().map(|p| p.gen).collect();
         c.execute(
-            "DELETE FROM player_leases l USING unnest($2::text[], $3::text[]) AS p(appid, openid) \
-             WHERE l.owner = $1 AND l.appid = p.appid AND l.openid = p.openid",
-            &[&&*me, &apps, &openids],
+            "UPDATE jobs j SET claimed_by = NULL \
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
+             WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' \
+             AND j.claimed_by = $1 AND NOT EXISTS (SELECT 1 FROM player_leases l \
+               WHERE l.appid = p.appid AND l.openid = p.openid AND l.owner = $1 \
+               AND l.generation <> p.gen)",
+            &[&&*me, &apps, &openids, &gens],
+        )
+        .await?;
+        c.execute(
+            "DELETE FROM player_leases l \
+             USING unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
+             WHERE l.owner = $1 AND l.appid = p.appid AND l.openid = p.openid \
+             AND l.generation = p.gen",
+            &[&&*me, &apps, &openids, &gens],
         )
         .await?;
         Ok(())
