@@ -103,6 +103,9 @@ fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
     }
 }
 
+/// How soon a failed load of operator re-opens is tried again.
+const RELOAD_RETRY: Duration = Duration::from_secs(1);
+
 /// Sends a transient answer if a call task ends without reporting.
 struct CallGuard {
     tx: Option<mpsc::UnboundedSender<Event>>,
@@ -207,25 +210,34 @@ impl Dispatcher {
                 tracing::error!(error = %e, "cannot load pending jobs; they resume at the next start")
             }
         }
+        // An operator re-open whose reload failed: kept (the earliest action) and
+        // tried again until it loads — the relay has already moved past it.
+        let mut reload: Option<i64> = None;
+        let mut reload_next = tokio::time::Instant::now();
         loop {
+            if reload.is_some() && tokio::time::Instant::now() >= reload_next {
+                reload_next = tokio::time::Instant::now() + RELOAD_RETRY;
+                self.reload(&mut reload, &mut engine, &mut actions).await;
+            }
             self.perform(&mut actions, &tx);
             self.held.store(engine.held(), Ordering::Relaxed);
             if *shutdown.borrow() {
                 break;
             }
             let now = now_ms();
-            let sleep_for = engine.next_wake().map_or(Duration::from_secs(3600), |at| {
+            let mut sleep_for = engine.next_wake().map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
             });
+            if reload.is_some() {
+                sleep_for = sleep_for.min(RELOAD_RETRY);
+            }
             tokio::select! {
                 _ = shutdown.changed() => {}
                 msg = rx.recv() => match msg {
-                    Some(DispatchMsg::Reload { after_action }) => match self.load(Some(after_action)).await {
-                        Ok(jobs) => for j in jobs {
-                            engine.handle(Event::Reopened(j), now_ms(), &mut actions);
-                        },
-                        Err(e) => tracing::error!(error = %e, "cannot load re-opened jobs"),
-                    },
+                    Some(DispatchMsg::Reload { after_action }) => {
+                        reload = Some(reload.map_or(after_action, |r| r.min(after_action)));
+                        reload_next = tokio::time::Instant::now();
+                    }
                     Some(DispatchMsg::Job(j)) => engine.handle(Event::Accepted(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Reopened(j)) => engine.handle(Event::Reopened(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Rejoin(j)) => engine.handle(Event::Joined(j), now_ms(), &mut actions),
@@ -259,6 +271,28 @@ impl Dispatcher {
                     tracing::warn!(under_way = engine.busy(), "steps did not finish in time; they resume at the next start with the same bill_no");
                     break;
                 }
+            }
+        }
+    }
+
+    /// Load the jobs re-opened by operator actions after `pending` (cleared once
+    /// they are loaded; kept for the next try when the outbox cannot be read).
+    async fn reload(
+        &self,
+        pending: &mut Option<i64>,
+        engine: &mut Engine,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(after) = *pending else { return };
+        match self.load(Some(after)).await {
+            Ok(jobs) => {
+                *pending = None;
+                for j in jobs {
+                    engine.handle(Event::Reopened(j), now_ms(), actions);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load re-opened jobs yet; trying again")
             }
         }
     }

@@ -259,3 +259,26 @@ fn a_joined_job_with_an_unanswered_call_is_uncertain() {
         Some(JobState::Unknown)
     );
 }
+
+/// Defect 2's race: a refused mark drops the player; a cancel taken in by this
+/// worker's intake under the same generation, before the give-back lands, must
+/// not run ahead of its pay (both are loaded in order under the next take).
+#[test]
+fn a_job_of_a_generation_given_back_is_not_run_here() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 2)), 0, &mut out);
+    out.clear();
+    e.handle(Event::LeaseLost(1), 1, &mut out);
+    assert_eq!(gave_back(&out), vec![2]);
+    out.clear();
+    e.handle(Event::Accepted(at_gen(2, 2)), 2, &mut out);
+    assert!(!e.holds(2) && out.is_empty(), "{out:?}");
+    // the next take loads both, in order
+    e.handle(
+        Event::Claimed(vec![at_gen(1, 6), at_gen(2, 6)]),
+        3,
+        &mut out,
+    );
+    assert_eq!(mark_gens(&out), vec![(1, 6)]);
+}

@@ -50,6 +50,12 @@ impl Engine {
     /// starts a new tenure: the older generation's in-memory steps are dropped.
     pub(super) fn admit(&mut self, job: &Job) -> bool {
         let key = (job.params.appid.clone(), job.params.openid.clone());
+        if self.released.get(&key).is_some_and(|&g| job.lease_gen <= g) {
+            // dropped at this generation: its jobs go to whoever takes the
+            // player next (a new generation), in arrival order
+            return false;
+        }
+        self.released.remove(&key);
         match self.gens.get(&key).copied() {
             Some(g) if job.lease_gen < g => false,
             Some(g) if job.lease_gen == g => true,
@@ -111,16 +117,24 @@ impl Engine {
     /// Forget the generations of players the engine holds nothing of (bounded
     /// memory; a stale delivery for such a player is fenced by the outbox).
     pub(super) fn prune_gens(&mut self) {
-        if self.gens.len() <= 1024 || self.gens.len() <= 2 * self.entries.len() {
+        let known = self.gens.len().max(self.released.len());
+        if known <= 1024 || known <= 2 * self.entries.len() {
             return;
         }
         let held: HashSet<(String, String)> = self.players().into_iter().collect();
         self.gens.retain(|k, _| held.contains(k));
+        self.released.retain(|k, _| held.contains(k));
     }
 
     /// Drop the jobs of these players: waiting ones now, one under way when its
     /// step ends.
     pub(super) fn drop_players(&mut self, players: &HashSet<(String, String)>) {
+        for p in players {
+            if let Some(&g) = self.gens.get(p) {
+                let r = self.released.entry(p.clone()).or_insert(g);
+                *r = (*r).max(g);
+            }
+        }
         let hit: Vec<i64> = self
             .entries
             .iter()

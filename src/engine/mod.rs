@@ -142,6 +142,10 @@ pub struct Engine {
     transient_streak: HashMap<String, u32>,
     /// Shared outbox: the newest lease generation seen per player (appid, openid).
     gens: HashMap<(String, String), i64>,
+    /// Shared outbox: players dropped here (lease lost or given back) and the
+    /// generation they were dropped at: a job of that generation or an older
+    /// one that arrives later (intake racing the give-back) is not run here.
+    released: HashMap<(String, String), i64>,
 }
 
 /// This many transient answers in a row from one app's Midas calls is an outage:
@@ -186,6 +190,7 @@ impl Engine {
             finished_order: VecDeque::new(),
             transient_streak: HashMap::new(),
             gens: HashMap::new(),
+            released: HashMap::new(),
             draining: false,
         }
     }

@@ -233,11 +233,15 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
     out.clear();
     e.handle(Event::Recorded(1), 4, &mut out);
     assert!(!e.holds(1) && out.is_empty(), "no retry here: {out:?}");
-    // taken back: the outbox's view of both jobs is loaded, in order
+    // taken back (a new lease generation): the outbox's view of both jobs is
+    // loaded, in order
     let mut j1 = job(1, "wx");
     j1.calls = 1;
     j1.attempts = 1;
-    e.handle(Event::Claimed(vec![j1, job(2, "wx")]), 5, &mut out);
+    j1.lease_gen = 1;
+    let mut j2 = job(2, "wx");
+    j2.lease_gen = 1;
+    e.handle(Event::Claimed(vec![j1, j2]), 5, &mut out);
     assert!(e.holds(1) && e.holds(2));
     assert_eq!(marks(&out), vec![1], "the earlier job first");
 }

@@ -278,7 +278,7 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
         ledger.overlapping_calls, 0,
         "two calls for one player at once"
     );
-    // docs/scaling.md promises 4/3 × lease (6.7 s here); the bound leaves a loaded
+    // docs/scaling.md promises 4/3 × lease (9.3 s here); the bound leaves a loaded
     // CI machine four times that
     assert!(
         took < Duration::from_secs(30),

@@ -58,20 +58,23 @@ impl Coordinator {
     }
 
     /// One look. `held`: the players the engine holds jobs of; `room`: how many
-    /// more jobs the engine may take; `renew`: renew the leases this time.
+    /// more jobs the engine may take; `renew`: renew the leases this time;
+    /// `relay`: this worker can publish (its broker connection is up) — a worker
+    /// that cannot gives the relay lease up, so another worker relays.
     pub async fn tick(
         &mut self,
         held: &[(String, String)],
         room: usize,
         renew: bool,
+        relay: bool,
     ) -> Result<Tick, OutboxError> {
         let me = self.fence.me.clone();
         let lease = self.fence.lease_ms;
         let c = self.client().await?;
         // The relay lease first: every statement after a claim must not be able to
         // fail, or the claimed jobs would be dropped with the error.
-        let relay = c
-            .query_opt(
+        let relay = if relay {
+            c.query_opt(
                 &format!(
                     "INSERT INTO leases (name, owner, expires_at) VALUES ('relay', $1, {NOW_MS} + $2) \
                      ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
@@ -81,7 +84,15 @@ impl Coordinator {
                 &[&&*me, &lease],
             )
             .await?
-            .is_some();
+            .is_some()
+        } else {
+            c.execute(
+                "DELETE FROM leases WHERE name = 'relay' AND owner = $1",
+                &[&&*me],
+            )
+            .await?;
+            false
+        };
         let mut out = Tick {
             relay,
             ..Tick::default()
@@ -259,8 +270,10 @@ impl Coordinator {
     /// Reply targets of final jobs whose reply is not confirmed yet, finished and
     /// asked for before `before` (unix ms): a reply another worker is publishing
     /// right now is left to it, not published a second time by the relay.
+    /// Read from reply target `after` on (see [`crate::outbox::query::RelayCursor`]).
     pub async fn unpublished_replies(
         &mut self,
+        after: i64,
         limit: usize,
         before: i64,
     ) -> Result<Vec<OutgoingReply>, OutboxError> {
@@ -270,9 +283,9 @@ impl Coordinator {
                 "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
                  JOIN jobs j ON j.id = t.job_id \
                  WHERE t.published_at IS NULL AND j.result IS NOT NULL \
-                 AND t.added_at < $2 AND COALESCE(j.finished_at, 0) < $2 \
+                 AND t.added_at < $2 AND COALESCE(j.finished_at, 0) < $2 AND t.id > $3 \
                  ORDER BY t.id LIMIT $1",
-                &[&i64::try_from(limit).unwrap_or(i64::MAX), &before],
+                &[&i64::try_from(limit).unwrap_or(i64::MAX), &before, &after],
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());
