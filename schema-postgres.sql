@@ -95,13 +95,25 @@ CREATE TABLE IF NOT EXISTS meta (
 -- outbox.lease / 3 and makes a call only when its lease outlives the call's
 -- timeout; a worker that stops renewing (killed, cut off) loses its players when
 -- the lease runs out, and another worker takes them with their jobs.
+--
+-- `generation` is the lease's fencing token: every take by a worker that is not
+-- the row's owner (or of a player with no row) draws a new, higher value from
+-- `player_lease_generation` (a sequence, so it keeps growing across give-backs);
+-- a renewal keeps it. Every fenced write (pre-call mark, outcome, claim,
+-- give-back) names the generation it was decided under and lands only while
+-- (owner, generation) is still the row's.
+CREATE SEQUENCE IF NOT EXISTS player_lease_generation;
 CREATE TABLE IF NOT EXISTS player_leases (
     appid      TEXT   NOT NULL,
     openid     TEXT   NOT NULL,
     owner      TEXT   NOT NULL,
     expires_at BIGINT NOT NULL,
+    generation BIGINT NOT NULL DEFAULT nextval('player_lease_generation'),
     PRIMARY KEY (appid, openid)
 );
+-- version 2 → 3, in place: the fencing token
+ALTER TABLE player_leases ADD COLUMN IF NOT EXISTS generation BIGINT NOT NULL
+    DEFAULT nextval('player_lease_generation');
 CREATE INDEX IF NOT EXISTS player_leases_owner ON player_leases (owner);
 
 -- Named leases for work one worker does for all (the reply relay).
@@ -111,4 +123,5 @@ CREATE TABLE IF NOT EXISTS leases (
     expires_at BIGINT NOT NULL
 );
 
-INSERT INTO meta (key, value) VALUES ('schema_version', '2') ON CONFLICT (key) DO NOTHING;
+INSERT INTO meta (key, value) VALUES ('schema_version', '3')
+    ON CONFLICT (key) DO UPDATE SET value = '3' WHERE meta.value = '2';

@@ -25,7 +25,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::{Secret, SecretUrl};
 
-pub use checks::{broker_is_loopback, run_preflight, unavailable, LEASE_CALL_MARGIN};
+pub use checks::{
+    broker_is_loopback, min_lease, run_preflight, unavailable, LEASE_CALL_MARGIN, LEASE_RENEW_DELAY,
+};
 pub use dur::{fmt_duration, Dur};
 pub use overrides::{Provenance, Source, MAX_ENV_INDEX};
 

@@ -320,18 +320,27 @@ async fn relay_loop(
     health: Health,
 ) {
     let mut last_action: Option<i64> = Some(first_action);
+    let mut cursor = query::RelayCursor::default();
+    let page = crate::coordinate::RELAY_PAGE;
     loop {
         let path = db.clone();
+        let after = cursor.after;
         let found = tokio::task::spawn_blocking(move || {
             let c = crate::outbox::open_ro(&path)?;
             Ok::<_, crate::outbox::OutboxError>((
-                query::unpublished_replies(&c, 2000, crate::command::now_ms() - RELAY_MIN_AGE_MS)?,
+                query::unpublished_replies_after(
+                    &c,
+                    after,
+                    page,
+                    crate::command::now_ms() - RELAY_MIN_AGE_MS,
+                )?,
                 query::last_operator_action(&c)?,
             ))
         })
         .await;
         match found {
             Ok(Ok((replies, action))) => {
+                cursor.advance(&replies, page);
                 // while the broker is away, replies wait in the outbox, not in memory
                 let n = if health.broker_connected() {
                     publisher.relay_once(replies)

@@ -137,20 +137,35 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
 /// when a call starts (shared outbox).
 pub const LEASE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Settings that cannot work together at run time. A shared outbox's lease is
-/// renewed every lease / 3, so what is left of it after a missed renewal (2/3 of
-/// it) must still cover a call: lease ≥ 1.5 × (request_timeout + 2 s).
+/// How late a lease renewal may come after `outbox.lease / 3`: the coordinator
+/// looks every 0.5 s ([`crate::coordinate::LOOK_EVERY`]) and one look may take
+/// up to 1 s more before its renewal statement runs.
+pub const LEASE_RENEW_DELAY: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// The shortest `outbox.lease` that works with `request_timeout`: a pre-call mark
+/// needs the lease to outlive `request_timeout` + [`LEASE_CALL_MARGIN`], and just
+/// before the latest renewal (lease / 3 + [`LEASE_RENEW_DELAY`] after the last
+/// one) two thirds of the lease minus that delay are left. So
+/// lease × 2/3 ≥ request_timeout + 2 s + 1.5 s, i.e.
+/// lease ≥ 1.5 × (request_timeout + 3.5 s): marks are then never refused while
+/// renewals come on time.
+pub fn min_lease(request_timeout: std::time::Duration) -> std::time::Duration {
+    (request_timeout + LEASE_CALL_MARGIN + LEASE_RENEW_DELAY) * 3 / 2
+}
+
+/// Settings that cannot work together at run time: a shared outbox's lease
+/// shorter than [`min_lease`].
 pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
     let c = &s.config;
     if c.outbox.url.is_some() {
-        let need = (c.midas.request_timeout.0 + LEASE_CALL_MARGIN) * 3 / 2;
+        let need = min_lease(c.midas.request_timeout.0);
         if c.outbox.lease.0 < need {
             return Err(invalid(
                 "outbox.lease",
                 format!(
-                    "must be at least 1.5 × (midas.request_timeout + 2s) = {}s, so a call \
-                     always fits inside a renewed lease",
-                    need.as_secs_f64().ceil()
+                    "must be at least 1.5 × (midas.request_timeout + 3.5s) = {}ms, so the lease \
+                     left before each renewal still covers a call and its margin",
+                    need.as_millis()
                 ),
             ));
         }

@@ -97,9 +97,13 @@ impl Outbox {
     /// Make durable that a call of each job may go out now. Answers the jobs NOT
     /// marked because this worker's lease on their player is gone or too short to
     /// cover a call (always none with SQLite): those calls must not be made.
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Marked, OutboxError> {
+    /// Each mark is (job id, time, lease generation the call was decided under).
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64, i64)>) -> Result<Marked, OutboxError> {
         match self {
-            Outbox::Sqlite(w) => w.mark_calls(marks).await.map(|()| Marked::default()),
+            Outbox::Sqlite(w) => {
+                let marks = marks.into_iter().map(|(id, at, _)| (id, at)).collect();
+                w.mark_calls(marks).await.map(|()| Marked::default())
+            }
             Outbox::Postgres(w) => w.mark_calls(marks).await,
         }
     }

@@ -125,6 +125,10 @@ pub struct Record {
     pub rows: Vec<AttemptRow>,
     pub update: Update,
     pub now: i64,
+    /// Shared outbox: the generation of the player's lease the outcome was
+    /// decided under; it lands only while the lease is still this worker's at
+    /// that generation (ignored by SQLite).
+    pub lease_gen: i64,
 }
 
 impl Record {

@@ -78,11 +78,12 @@ impl TestEnv {
             .expect("test config")
     }
 
-    /// Use the shared PostgreSQL outbox `db` (with a 5 s lease, so take-overs are
+    /// Use the shared PostgreSQL outbox `db` (with a 7 s lease, the shortest the
+    /// config accepts for the tests' 1 s request timeout, so take-overs are
     /// quick) instead of the SQLite file.
     pub fn share_outbox(&mut self, db: &pg::TestDb) -> &mut Self {
         self.set("OUTBOX__URL", &db.url);
-        self.set("OUTBOX__LEASE", "5s")
+        self.set("OUTBOX__LEASE", "7s")
     }
 
     /// `outbox retry BILL` as an operator would run it, against this test's outbox.

@@ -202,6 +202,7 @@ impl Jobber<'_> {
                 }],
                 update,
                 now: at + 42,
+                lease_gen: 0,
             })
             .await
             .expect("record")

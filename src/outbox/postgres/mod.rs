@@ -30,6 +30,10 @@ use crate::secret::SecretUrl;
 /// The schema, applied at every start (idempotent).
 pub const SCHEMA: &str = include_str!("../../../schema-postgres.sql");
 
+/// The schema version `schema-postgres.sql` brings an outbox to (version 2
+/// outboxes are migrated in place when a worker starts: the lease generation).
+pub const SCHEMA_VERSION: &str = "3";
+
 /// "Now" on the database's clock, unix milliseconds (leases are judged by it).
 pub const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
@@ -157,15 +161,15 @@ pub async fn prepare(client: &mut Client) -> Result<(), OutboxError> {
     // An outbox already at this version is left alone: the schema's `CREATE INDEX
     // IF NOT EXISTS` locks each table before it finds the index there, and taking
     // those locks one by one while other workers write can deadlock with them.
-    if schema_version(&tx).await?.as_deref() != Some("2") {
+    if schema_version(&tx).await?.as_deref() != Some(SCHEMA_VERSION) {
         tx.batch_execute(SCHEMA).await?;
     }
     let version = schema_version(&tx).await?;
     tx.commit().await?;
     match version.as_deref() {
-        Some("2") => Ok(()),
+        Some(SCHEMA_VERSION) => Ok(()),
         other => Err(OutboxError::Schema(format!(
-            "the PostgreSQL outbox has schema version {other:?}; this release knows version 2"
+            "the PostgreSQL outbox has schema version {other:?}; this release knows version {SCHEMA_VERSION}"
         ))),
     }
 }

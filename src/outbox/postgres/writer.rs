@@ -7,10 +7,12 @@
 //! What differs is the lease fence. Intake runs a job here only when this worker
 //! holds its player's lease and has loaded every earlier pending job of that
 //! player; otherwise the job is recorded for the lease holder ([`IntakeOutcome::Elsewhere`]).
-//! A pre-call mark lands only while this worker's lease outlives the call
-//! (`request_timeout` + a margin, on the database's clock), and an outcome only
-//! while the lease is still this worker's: a fenced write answers
-//! [`OutboxError::LeaseLost`] and the caller drops the player.
+//! A pre-call mark lands only while this worker's lease, at the generation the
+//! job was loaded under, outlives the call (`request_timeout` + a margin, on the
+//! database's clock), and an outcome only while the lease is still this worker's
+//! at that generation: a fenced write answers [`OutboxError::LeaseLost`] and the
+//! engine drops the job (and gives the player back unless it holds a newer
+//! generation of it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,6 +59,7 @@ pub fn job_from_row(r: &Row) -> Result<Job, OutboxError> {
         last_errcode: r.try_get(7)?,
         last_error: r.try_get(8)?,
         reopened_at: r.try_get(9)?,
+        lease_gen: 0,
     })
 }
 
@@ -85,7 +88,7 @@ enum Request {
         oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
     ),
     Mark(
-        Vec<(i64, i64)>,
+        Vec<(i64, i64, i64)>,
         oneshot::Sender<Result<Marked, OutboxError>>,
     ),
     Published(Vec<Confirmed>, i64),
@@ -138,7 +141,7 @@ impl PgWriter {
     }
 
     /// Pre-call marks; answers the ids whose lease fence failed (not marked).
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Marked, OutboxError> {
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64, i64)>) -> Result<Marked, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Mark(marks, tx))
