@@ -372,7 +372,7 @@ async fn three_workers_ride_out_a_postgresql_restart_and_a_stop_losing_nothing()
     let pg = PrivatePg::start();
     let mut env = TestEnv::new("pgdown");
     env.set("OUTBOX__URL", &pg.url());
-    env.set("OUTBOX__LEASE", "5s");
+    env.set("OUTBOX__LEASE", "7s");
     let sim = env.simulator(Faults::default()).await;
     let logs = tempfile::tempdir().expect("tempdir");
     let mut workers: Vec<(Child, u16, PathBuf)> = (0..3)
@@ -394,6 +394,13 @@ async fn three_workers_ride_out_a_postgresql_restart_and_a_stop_losing_nothing()
 
     send(&c, &mut sent, "G", 30).await;
     collect_more(&mut c, &sent, &mut got, Duration::from_secs(60)).await;
+    for (w, _, log) in workers.iter_mut() {
+        assert!(
+            alive(w),
+            "a worker started on the private cluster: {}",
+            std::fs::read_to_string(&*log).unwrap_or_default()
+        );
+    }
     assert_eq!(got.len(), 30, "answered before any trouble");
 
     // a restart while commands arrive
