@@ -97,6 +97,9 @@ fn add_v2_app(settings: &mut Settings) {
         default_user_ip: Some("203.0.113.10".into()),
         app_key: crate::config::App::simulator_key(DEMO_V2_APPID),
         app_secret: crate::config::App::simulator_secret(DEMO_V2_APPID),
+        sandbox_app_key: None,
+        push_token: Some(crate::config::App::simulator_push_token(DEMO_V2_APPID)),
+        push_aes_key: None,
     });
 }
 

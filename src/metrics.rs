@@ -367,6 +367,7 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE {p}_replies_pending gauge");
         let _ = writeln!(out, "{p}_replies_pending {}", snap.replies_pending);
+        crate::push::metrics::render(&mut out);
         out
     }
 }

@@ -17,6 +17,7 @@ pub mod handle;
 pub mod migrate;
 pub mod operator;
 pub mod postgres;
+pub mod pushes;
 pub mod query;
 pub mod schema;
 pub mod store;
