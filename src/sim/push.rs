@@ -46,7 +46,9 @@ pub struct PushKeys {
 #[derive(Clone, Debug)]
 pub struct PushSetup {
     /// The worker's push URL without the appid, e.g. `http://127.0.0.1:9480/wechat/push`.
-    pub url: String,
+    /// Several: each try goes to one of them at random (a load balancer in front
+    /// of several workers).
+    pub urls: Vec<String>,
     pub apps: Vec<PushKeys>,
     pub safe_mode: bool,
     /// WeChat's schedule is divided by this (100: the 15 s repeat comes after 150 ms).
@@ -326,7 +328,16 @@ impl Pusher {
 
     /// One POST; whether the answer was success.
     async fn post(&self, appid: &str, p: &SignedPush) -> bool {
-        let url = format!("{}/{appid}?{}", self.setup.url, p.query);
+        let base = {
+            let mut st = self.lock();
+            let n = self.setup.urls.len();
+            if n == 0 {
+                return false;
+            }
+            let i = st.rng.random_range(0..n);
+            self.setup.urls.get(i).cloned().unwrap_or_default()
+        };
+        let url = format!("{base}/{appid}?{}", p.query);
         let Ok(r) = self
             .http
             .post(url)

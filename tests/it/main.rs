@@ -27,6 +27,7 @@ mod ops;
 mod outbox_schema;
 mod pg_ops;
 mod pipeline;
+mod push_e2e;
 mod push_receiver;
 mod reliability;
 mod schema_examples;
