@@ -328,6 +328,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         filters: crate::audit::Filters::default(),
         limit: 50,
         json: false,
+        kind: None,
     });
     if let Err(e) = crate::audit::run(&list, &settings, &mut out) {
         println!("(cannot list the outbox: {e})");

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::common::proxy::Proxy;
 use crate::common::push::*;
 use crate::common::*;
+use midas_worker::audit::{ExportFormat, ListArgs, OutboxCmd};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -120,7 +121,63 @@ async fn a_push_is_stored_once_answered_and_published_once_and_refusals_store_no
         assert!(metrics.contains(line), "{line} in /metrics");
     }
     assert!(!metrics.contains(TOKEN) && !metrics.contains(AES_KEY));
+
+    // the audit verbs
+    let list = audit(&env, list_cmd(Some("pushes"), false));
+    assert!(
+        list.contains(&no) && list.contains("goods_delivered"),
+        "{list}"
+    );
+    assert!(audit(&env, list_cmd(Some("refunded"), false)).contains("no pushes match"));
+    let both = audit(&env, list_cmd(None, false));
+    assert!(
+        both.contains("no jobs match") && both.contains(&no),
+        "{both}"
+    );
+    let show = audit(
+        &env,
+        OutboxCmd::Show {
+            bill_no: no.clone(),
+            appid: None,
+            json: false,
+        },
+    );
+    assert!(
+        show.contains(&msg["event_id"].as_str().unwrap().to_string()),
+        "{show}"
+    );
+    assert!(show.contains("repeats       3"), "{show}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&audit(&env, OutboxCmd::Stats { json: true })).unwrap();
+    assert_eq!(stats["pushes"][0]["kind"], "goods_delivered");
+    assert_eq!(stats["pushes"][0]["events_confirmed"], 1);
+    let export = audit(
+        &env,
+        OutboxCmd::Export {
+            filters: Default::default(),
+            kind: Some("goods_delivered".into()),
+            format: ExportFormat::Jsonl,
+        },
+    );
+    let line: serde_json::Value = serde_json::from_str(export.trim()).unwrap();
+    assert_eq!(line["dedup_key"], no.as_str());
+    assert_eq!(line["message"]["event_id"], msg["event_id"]);
     w.stop().await;
+}
+
+fn list_cmd(kind: Option<&str>, json: bool) -> OutboxCmd {
+    OutboxCmd::List(ListArgs {
+        filters: Default::default(),
+        limit: 50,
+        json,
+        kind: kind.map(str::to_string),
+    })
+}
+
+fn audit(env: &TestEnv, cmd: OutboxCmd) -> String {
+    let mut out = Vec::new();
+    midas_worker::audit::run(&cmd, &env.settings(), &mut out).expect("the verb runs");
+    String::from_utf8(out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
