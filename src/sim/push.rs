@@ -36,8 +36,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct PushKeys {
     pub appid: String,
     pub token: Secret,
-    /// EncodingAESKey (43 characters): safe mode when set and `safe_mode` is on.
-    pub aes_key: Option<Secret>,
+    /// The decoded EncodingAESKey: safe mode when set and `safe_mode` is on.
+    pub aes_key: Option<AesKey>,
     pub app_key: Secret,
     pub sandbox_key: Option<Secret>,
 }
@@ -189,13 +189,9 @@ pub fn sign_push(
     let ts = (crate::command::now_ms() / 1000).to_string();
     let nonce = rng.random_range(100_000_000u64..1_000_000_000).to_string();
     let signature = verify::url_signature(keys.token.expose(), &ts, &nonce);
-    let aes = keys
-        .aes_key
-        .as_ref()
-        .and_then(|k| AesKey::from_encoding_key(k.expose()).ok());
-    match (safe, aes) {
+    match (safe, keys.aes_key.as_ref()) {
         (true, Some(aes)) => {
-            let enc = encrypt(&aes, envelope.as_bytes(), &keys.appid, rng.random());
+            let enc = encrypt(aes, envelope.as_bytes(), &keys.appid, rng.random());
             let msg_sig = verify::msg_signature(keys.token.expose(), &ts, &nonce, &enc);
             SignedPush {
                 query: format!(

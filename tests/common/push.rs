@@ -54,7 +54,9 @@ pub fn keys() -> PushKeys {
     PushKeys {
         appid: APPID.into(),
         token: Secret::new(TOKEN),
-        aes_key: Some(Secret::new(AES_KEY)),
+        aes_key: Some(
+            midas_worker::push::decrypt::AesKey::from_encoding_key(AES_KEY).expect("key"),
+        ),
         app_key: Secret::new(V2_KEY),
         sandbox_key: Some(Secret::new(SANDBOX_KEY)),
     }
