@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod midas;
 pub mod outbox;
+pub mod push;
 pub mod secret;
 pub mod sim;
 pub mod telemetry;

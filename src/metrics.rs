@@ -394,6 +394,7 @@ impl Metrics {
             "{p}_outbox_unwritable_episodes_total {}",
             outbox.episodes
         );
+        crate::push::metrics::render(&mut out);
         out
     }
 }

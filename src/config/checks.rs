@@ -30,6 +30,15 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
             "must be at least 1 (or absent: unlimited)",
         ));
     }
+    if c.push.event_queue.is_empty() || c.push.event_queue.len() > 255 {
+        return Err(invalid("push.event_queue", "must be 1..=255 characters"));
+    }
+    if c.push.max_body_bytes < 1024 || c.push.max_body_bytes > MAX_COMMAND_BYTES_LIMIT {
+        return Err(invalid(
+            "push.max_body_bytes",
+            format!("must be between 1024 and {MAX_COMMAND_BYTES_LIMIT}"),
+        ));
+    }
     if c.broker.prefetch == 0 {
         return Err(invalid("broker.prefetch", "must be at least 1"));
     }

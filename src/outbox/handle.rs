@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use super::health::WriteStatus;
 use super::postgres::writer::PgWriter;
+use super::pushes::{NewPush, PushStored, UnpublishedEvent};
 use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Writer};
 use super::OutboxError;
 use crate::config::OutboxConfig;
@@ -113,6 +114,36 @@ impl Outbox {
         match self {
             Outbox::Sqlite(w) => w.flush().await,
             Outbox::Postgres(w) => w.flush().await,
+        }
+    }
+
+    /// Store a verified push once per (appid, kind, dedup key); durable when this
+    /// returns. A repeat is counted and answered [`PushStored::Repeat`].
+    pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.store_push(p).await,
+            Outbox::Postgres(w) => w.store_push(p).await,
+        }
+    }
+
+    /// Push events the broker confirmed (fire and forget).
+    pub fn push_published(&self, ids: Vec<i64>, now: i64) {
+        match self {
+            Outbox::Sqlite(w) => w.push_published(ids, now),
+            Outbox::Postgres(w) => w.push_published(ids, now),
+        }
+    }
+
+    /// Push events not confirmed yet (committed rows received before `before`),
+    /// oldest first, at most `limit`.
+    pub async fn unpublished_events(
+        &self,
+        limit: i64,
+        before: i64,
+    ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.unpublished_events(limit, before).await,
+            Outbox::Postgres(w) => w.unpublished_events(limit, before).await,
         }
     }
 

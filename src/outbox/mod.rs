@@ -18,6 +18,7 @@ pub mod health;
 pub mod migrate;
 pub mod operator;
 pub mod postgres;
+pub mod pushes;
 pub mod query;
 pub mod schema;
 pub mod store;

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::health::{WriteHealth, WriteTrouble};
+use super::pushes::{self, NewPush, PushStored, UnpublishedEvent};
 use super::writes::{in_savepoint, intake, mark, record};
 use super::OutboxError;
 use crate::command::{Command, Params};
@@ -154,6 +155,16 @@ enum Request {
     /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
     Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
     Flush(oneshot::Sender<()>),
+    /// A verified push to store once per key.
+    Push(NewPush, oneshot::Sender<Result<PushStored, OutboxError>>),
+    /// Push events the broker confirmed: (ids, time).
+    PushPublished(Vec<i64>, i64),
+    /// Unconfirmed push events: (limit, received before, answer).
+    Unpublished(
+        i64,
+        i64,
+        oneshot::Sender<Result<Vec<UnpublishedEvent>, OutboxError>>,
+    ),
     /// Once a second from the ticker: an idle writer checkpoints what it committed,
     /// so erased session_keys leave the WAL even when no other request comes.
     Tick,
@@ -240,6 +251,34 @@ impl Writer {
         rx.await.map_err(|_| OutboxError::WriterGone)
     }
 
+    /// Store a verified push (durable when this returns).
+    pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Push(p, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    /// Push events the broker confirmed (fire and forget: an unmarked event is
+    /// published again, which its event_id makes harmless).
+    pub fn push_published(&self, ids: Vec<i64>, now: i64) {
+        let _ = self.tx.send(Request::PushPublished(ids, now));
+    }
+
+    /// Push events not confirmed yet, received before `before`, oldest first.
+    pub async fn unpublished_events(
+        &self,
+        limit: i64,
+        before: i64,
+    ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Unpublished(limit, before, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
     /// Mark reply targets confirmed by the broker (`returned`: confirmed but unroutable).
     /// Fire and forget: an unmarked target is re-published later, which is harmless.
     pub fn published(&self, targets: Vec<Confirmed>, now: i64) {
@@ -312,7 +351,9 @@ fn commit(
     health: &WriteHealth,
 ) -> bool {
     let n = batch.len();
-    let has_intake = batch.iter().any(|r| matches!(r, Request::Intake(..)));
+    let has_intake = batch
+        .iter()
+        .any(|r| matches!(r, Request::Intake(..) | Request::Push(..)));
     let result = commit_batch(conn, batch);
     batch.clear();
     match result {
@@ -357,6 +398,10 @@ enum Pending {
         Result<(), OutboxError>,
     ),
     Flush(oneshot::Sender<()>),
+    Push(
+        oneshot::Sender<Result<PushStored, OutboxError>>,
+        Result<PushStored, OutboxError>,
+    ),
 }
 
 /// Committed: `Some(Ok)` when every intake of the batch succeeded, `Some(Err)`
@@ -370,20 +415,14 @@ fn commit_batch(
     // The first request error: when SQLite rolls the whole transaction back (disk or
     // size budget full), later statements only say "no transaction is active".
     let mut first_err: Option<(String, Option<WriteTrouble>)> = None;
+    let mut reads = Vec::new();
     let outcome = (|| -> Result<(), rusqlite::Error> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for req in batch.drain(..) {
             match req {
                 Request::Intake(i, resp) => {
                     let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
-                    match (&r, &intakes) {
-                        (Err(e), None | Some(Ok(()))) => {
-                            intakes =
-                                Some(Err(OutboxError::batch_failed(e.trouble(), &e.to_string())));
-                        }
-                        (Ok(_), None) => intakes = Some(Ok(())),
-                        _ => {}
-                    }
+                    taken(&mut intakes, r.as_ref().err());
                     if let (Err(e), None) = (&r, &first_err) {
                         first_err = Some((e.to_string(), e.trouble()));
                     }
@@ -397,6 +436,23 @@ fn commit_batch(
                     answers.push(Pending::Record(resp, out));
                 }
                 Request::Flush(resp) => answers.push(Pending::Flush(resp)),
+                Request::Push(p, resp) => {
+                    let r = in_savepoint(&mut tx, |sp| pushes::store(sp, &p));
+                    taken(&mut intakes, r.as_ref().err());
+                    if let (Err(e), None) = (&r, &first_err) {
+                        first_err = Some((e.to_string(), e.trouble()));
+                    }
+                    answers.push(Pending::Push(resp, r));
+                }
+                Request::PushPublished(ids, now) => {
+                    if let Err(e) =
+                        in_savepoint(&mut tx, |sp| pushes::mark_published(sp, &ids, now))
+                    {
+                        tracing::debug!(error = %e, "cannot mark push events confirmed; they may be published again");
+                    }
+                }
+                // a read: answered after the commit, from committed rows only
+                Request::Unpublished(limit, before, resp) => reads.push((limit, before, resp)),
                 // a tick that arrived with real requests: the commit follows anyway
                 Request::Tick => {}
                 Request::Mark(marks, resp) => {
@@ -424,6 +480,9 @@ fn commit_batch(
         }
         tx.commit()
     })();
+    for (limit, before, resp) in reads {
+        let _ = resp.send(pushes::unpublished(conn, limit, before));
+    }
     match outcome {
         Ok(()) => {
             for a in answers {
@@ -439,6 +498,9 @@ fn commit_batch(
                     }
                     Pending::Flush(s) => {
                         let _ = s.send(());
+                    }
+                    Pending::Push(s, r) => {
+                        let _ = s.send(r);
                     }
                 }
             }
@@ -464,11 +526,25 @@ fn commit_batch(
                     Pending::Mark(s, _) => {
                         let _ = s.send(Err(err()));
                     }
+                    Pending::Push(s, _) => {
+                        let _ = s.send(Err(err()));
+                    }
                     Pending::Flush(_) => {}
                 }
             }
             Err(OutboxError::batch_failed(trouble, &msg))
         }
+    }
+}
+
+/// Count one intake (a command or a push) of a batch: the first failure is kept.
+fn taken(intakes: &mut Option<Result<(), OutboxError>>, err: Option<&OutboxError>) {
+    match (err, &*intakes) {
+        (Some(e), None | Some(Ok(()))) => {
+            *intakes = Some(Err(OutboxError::batch_failed(e.trouble(), &e.to_string())));
+        }
+        (None, None) => *intakes = Some(Ok(())),
+        _ => {}
     }
 }
 

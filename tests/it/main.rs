@@ -30,6 +30,8 @@ mod outbox_unwritable;
 mod pg_ops;
 mod pg_tls;
 mod pipeline;
+mod push_e2e;
+mod push_receiver;
 mod reliability;
 mod schema_examples;
 mod shared_pg;

@@ -15,6 +15,7 @@
 pub mod coord;
 mod intake;
 pub mod ops;
+mod pushes;
 pub mod tls;
 pub mod writer;
 mod writes;

@@ -21,12 +21,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::intake::intake;
+use super::pushes;
 use super::writes::{mark, published, record};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
 use crate::engine::job::Job;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
+use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
 use crate::outbox::writer::{
     decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply, Record,
 };
@@ -93,6 +95,13 @@ enum Request {
     ),
     Published(Vec<Confirmed>, i64),
     Flush(oneshot::Sender<()>),
+    Push(NewPush, oneshot::Sender<Result<PushStored, OutboxError>>),
+    PushPublished(Vec<i64>, i64),
+    Unpublished(
+        i64,
+        i64,
+        oneshot::Sender<Result<Vec<UnpublishedEvent>, OutboxError>>,
+    ),
 }
 
 /// Handle to the writer task. Cheap to clone.
@@ -160,6 +169,30 @@ impl PgWriter {
     pub fn published(&self, targets: Vec<Confirmed>, now: i64) {
         let _ = self.tx.send(Request::Published(targets, now));
     }
+
+    pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Push(p, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    pub fn push_published(&self, ids: Vec<i64>, now: i64) {
+        let _ = self.tx.send(Request::PushPublished(ids, now));
+    }
+
+    pub async fn unpublished_events(
+        &self,
+        limit: i64,
+        before: i64,
+    ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Unpublished(limit, before, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
 }
 
 /// Prepared statements of the current connection.
@@ -210,8 +243,23 @@ async fn run(
             };
         }
         let Some(c) = client.as_mut() else { continue };
+        // reads of committed rows: answered after the batch's commit
+        let (reads, rest): (Vec<Request>, Vec<Request>) = batch
+            .drain(..)
+            .partition(|r| matches!(r, Request::Unpublished(..)));
+        batch = rest;
         let n = batch.len();
-        match commit_batch(c, &mut stmts, &fence, &mut batch).await {
+        let committed = if batch.is_empty() {
+            Ok(())
+        } else {
+            commit_batch(c, &mut stmts, &fence, &mut batch).await
+        };
+        for r in reads {
+            if let Request::Unpublished(limit, before, resp) = r {
+                let _ = resp.send(pushes::unpublished(c, limit, before).await);
+            }
+        }
+        match committed {
             Ok(()) => {
                 health.ok();
                 METRICS.outbox_commit(n);
@@ -238,7 +286,9 @@ fn fail_all(batch: &mut Vec<Request>, e: &OutboxError) {
             Request::Intake(_, s) => drop(s.send(Err(err()))),
             Request::Record(_, s) => drop(s.send(Err(err()))),
             Request::Mark(_, s) => drop(s.send(Err(err()))),
-            Request::Published(..) | Request::Flush(_) => {}
+            Request::Push(_, s) => drop(s.send(Err(err()))),
+            Request::Unpublished(_, _, s) => drop(s.send(Err(err()))),
+            Request::Published(..) | Request::Flush(_) | Request::PushPublished(..) => {}
         }
     }
 }
@@ -258,6 +308,10 @@ enum Pending {
         Result<Marked, OutboxError>,
     ),
     Flush(oneshot::Sender<()>),
+    Push(
+        oneshot::Sender<Result<PushStored, OutboxError>>,
+        Result<PushStored, OutboxError>,
+    ),
 }
 
 /// Run one request under the batch's savepoint `r`: an error rolls back that
@@ -286,6 +340,7 @@ enum Done {
     Intake(IntakeOutcome),
     Record(Option<Vec<OutgoingReply>>),
     Mark(Marked),
+    Push(PushStored),
     Nothing,
 }
 
@@ -310,7 +365,11 @@ async fn commit_without_savepoints(
             Request::Published(targets, now) => published(&tx, stmts, targets, *now)
                 .await
                 .map(|_| Done::Nothing),
-            Request::Flush(_) => Ok(Done::Nothing),
+            Request::Push(p, _) => pushes::store(&tx, stmts, p).await.map(Done::Push),
+            Request::PushPublished(ids, now) => pushes::mark_published(&tx, stmts, ids, *now)
+                .await
+                .map(|_| Done::Nothing),
+            Request::Flush(_) | Request::Unpublished(..) => Ok(Done::Nothing),
         };
         match d {
             Ok(d) => done.push(d),
@@ -342,6 +401,7 @@ async fn commit_batch(
                     drop(s.send(o.ok_or(OutboxError::LeaseLost)))
                 }
                 (Request::Mark(_, s), Done::Mark(m)) => drop(s.send(Ok(m))),
+                (Request::Push(_, s), Done::Push(p)) => drop(s.send(Ok(p))),
                 (Request::Flush(s), _) => drop(s.send(())),
                 _ => {}
             }
@@ -413,6 +473,23 @@ async fn commit_batch(
                 }
             }
             Request::Flush(s) => answers.push(Pending::Flush(s)),
+            Request::Push(p, s) => {
+                let mut r = in_savepoint!(tx, pushes::store(&tx, stmts, &p));
+                for _ in 0..RETRIES {
+                    if !is_transient(&r) {
+                        break;
+                    }
+                    r = in_savepoint!(tx, pushes::store(&tx, stmts, &p));
+                }
+                answers.push(Pending::Push(s, r));
+            }
+            Request::PushPublished(ids, now) => {
+                let r = in_savepoint!(tx, pushes::mark_published(&tx, stmts, &ids, now));
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "cannot mark push events confirmed; they may be published again");
+                }
+            }
+            Request::Unpublished(_, _, s) => drop(s.send(Ok(Vec::new()))),
         }
     }
     match tx.commit().await {
@@ -425,6 +502,7 @@ async fn commit_batch(
                     }
                     Pending::Mark(s, r) => drop(s.send(r)),
                     Pending::Flush(s) => drop(s.send(())),
+                    Pending::Push(s, r) => drop(s.send(r)),
                 }
             }
             Ok(())
@@ -437,6 +515,7 @@ async fn commit_batch(
                     Pending::Intake(s, _) => drop(s.send(Err(err()))),
                     Pending::Record(s, _) => drop(s.send(Err(err()))),
                     Pending::Mark(s, _) => drop(s.send(Err(err()))),
+                    Pending::Push(s, _) => drop(s.send(Err(err()))),
                     Pending::Flush(_) => {}
                 }
             }
