@@ -100,7 +100,18 @@ pub async fn serve(
     Ok((bound, h))
 }
 
-async fn request_timeout(req: Request, next: Next) -> Response {
+/// A listener with this port's connection limit and read/write deadlines, for the
+/// other HTTP surfaces that must not be a way to hurt the worker (the operator
+/// console, `crate::console`).
+pub(crate) fn limited(inner: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    Limited {
+        inner,
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    }
+}
+
+/// Answer 503 when a handler takes longer than [`REQUEST_TIMEOUT`].
+pub(crate) async fn request_timeout(req: Request, next: Next) -> Response {
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "timed out\n").into_response(),

@@ -5,6 +5,7 @@
 
 pub mod pg;
 pub mod proxy;
+pub mod webdriver;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -13,6 +13,7 @@ use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
 use crate::midas::errcode::{MP_SIG_WRONG, NO_PERMISSION, SESSION_EXPIRED, SIG_WRONG};
 use crate::outbox::operator::{ActionRow, CallRow, JobRow, TargetRow};
+use crate::outbox::store::Store;
 
 fn target_status(t: &TargetRow, job_final: bool) -> String {
     match (t.published_at, t.returned) {
@@ -99,7 +100,7 @@ pub struct TargetView {
     pub returned: bool,
     /// The "confirmed at" cell of the report.
     #[serde(skip)]
-    status: String,
+    pub(crate) status: String,
 }
 
 /// One call to Midas.
@@ -143,12 +144,12 @@ pub struct JobView {
     pub history: Vec<CallView>,
     /// The stored JSON as text, for the report (verbatim unless scrubbed).
     #[serde(skip)]
-    request_text: String,
+    pub(crate) request_text: String,
     #[serde(skip)]
-    result_text: Option<String>,
+    pub(crate) result_text: Option<String>,
     /// "in 3s" / "due 2s ago" for the next attempt.
     #[serde(skip)]
-    next_in: Option<String>,
+    pub(crate) next_in: Option<String>,
 }
 
 /// One operator action on the bill_no.
@@ -160,7 +161,7 @@ pub struct ActionView {
     pub target: String,
     pub detail: Json,
     #[serde(skip)]
-    detail_text: String,
+    pub(crate) detail_text: String,
 }
 
 /// `outbox show`: the `--json` document, and what the report is rendered from.
@@ -245,22 +246,7 @@ pub(super) fn show(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let mut store = open_read(settings)?;
-    let tx = store.read()?; // one consistent snapshot
-    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
-    select(&jobs, bill_no, None, appid)?;
-    let now = now_ms();
-    let mut views = Vec::with_capacity(jobs.len());
-    for j in jobs {
-        let (targets, calls) = (tx.targets_of(j.id)?, tx.calls_of(j.id)?);
-        views.push(job_view(j, targets, calls, settings, now));
-    }
-    let actions = tx.actions_on(bill_no, appid)?;
-    drop(tx);
-    let view = ShowView {
-        bill_no: bill_no.to_string(),
-        jobs: views,
-        operator_actions: actions.into_iter().map(action_view).collect(),
-    };
+    let view = view(&mut store, bill_no, appid, settings, now_ms())?;
     if as_json {
         serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
         writeln!(out)?;
@@ -268,6 +254,32 @@ pub(super) fn show(
     }
     render_text(&view, out)?;
     Ok(())
+}
+
+/// What `outbox show` reports on `bill_no` (of one app when `appid` is given), read
+/// in one snapshot; the console's job page shows the same view.
+pub(crate) fn view(
+    store: &mut Store,
+    bill_no: &str,
+    appid: Option<&str>,
+    settings: &Settings,
+    now: i64,
+) -> Result<ShowView, AuditError> {
+    let tx = store.read()?; // one consistent snapshot
+    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
+    select(&jobs, bill_no, None, appid)?;
+    let mut views = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let (targets, calls) = (tx.targets_of(j.id)?, tx.calls_of(j.id)?);
+        views.push(job_view(j, targets, calls, settings, now));
+    }
+    let actions = tx.actions_on(bill_no, appid)?;
+    drop(tx);
+    Ok(ShowView {
+        bill_no: bill_no.to_string(),
+        jobs: views,
+        operator_actions: actions.into_iter().map(action_view).collect(),
+    })
 }
 
 fn render_text(v: &ShowView, out: &mut dyn Write) -> io::Result<()> {
