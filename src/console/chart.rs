@@ -147,7 +147,7 @@ pub fn render(slices: &[Slice], since: i64, slice_ms: i64) -> Markup {
                 polyline points=(points.join(" ")) fill="none" stroke="#b42318" stroke-width="2" {}
             }
             @for (x, y) in &dots {
-                circle cx=(format!("{x:.1}")) cy=(format!("{y:.1}")) r="3" fill="#b42318" {}
+                circle cx=(format!("{x:.1}")) cy=(format!("{y:.1}")) r="4" fill="#b42318" stroke="#fff" stroke-width="1.5" {}
             }
             @for i in [0i64, SLICES / 2, SLICES] {
                 @let x = LEFT + step * i as f64;
