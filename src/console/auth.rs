@@ -295,17 +295,24 @@ impl Who {
     }
 }
 
-/// Refuse a request whose `Origin` names another site than its `Host`.
+/// Refuse a request whose `Origin` names another host than its `Host` (or, behind
+/// a reverse proxy that rewrites `Host`, its `X-Forwarded-Host`: a page on another
+/// site cannot make a browser send either header with a value of its choosing).
 pub fn same_origin(headers: &HeaderMap) -> Result<(), PageError> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return Ok(());
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
     let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
-    if !host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+    let matches = [header::HOST.as_str(), "x-forwarded-host"].iter().any(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .is_some_and(|host| {
+                !host.trim().is_empty() && origin_host.eq_ignore_ascii_case(host.trim())
+            })
+    });
+    if matches {
         Ok(())
     } else {
         Err(PageError::forbidden("cross-origin request refused"))
@@ -476,5 +483,16 @@ mod tests {
         assert!(same_origin(&h).is_err());
         h.insert(header::ORIGIN, "null".parse().expect("header"));
         assert!(same_origin(&h).is_err());
+        // behind a proxy that rewrites Host
+        h.insert(
+            header::ORIGIN,
+            "https://console.example".parse().expect("header"),
+        );
+        assert!(same_origin(&h).is_err());
+        h.insert(
+            "x-forwarded-host",
+            "console.example".parse().expect("header"),
+        );
+        assert!(same_origin(&h).is_ok());
     }
 }

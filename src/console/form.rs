@@ -206,4 +206,17 @@ mod tests {
         assert_eq!(ok.errcode, Some(-1));
         assert_eq!(ok.since, Some(10_000_000 - 7_200_000));
     }
+
+    #[test]
+    fn a_time_fixed_by_the_confirm_step_reads_back_to_the_same_millisecond() {
+        let at = 1_796_529_737_698;
+        let f = SearchForm {
+            since: crate::command::rfc3339_ms(at),
+            until: crate::command::rfc3339_ms(at + 1),
+            ..SearchForm::default()
+        }
+        .job_filter(0)
+        .expect("valid");
+        assert_eq!((f.since, f.until), (Some(at), Some(at + 1)));
+    }
 }

@@ -110,7 +110,9 @@ async fn shoot(b: &Browser, name: &str) {
 }
 
 async fn story(mut env: TestEnv, screenshots: bool) {
-    env.set("RETRY__GIVE_UP_AFTER", "2s");
+    // long enough for the worker to notice an operator's retry (it looks every 2 s;
+    // a job re-opened longer ago than this would end `unknown` again uncalled)
+    env.set("RETRY__GIVE_UP_AFTER", "5s");
     let sim = env
         .simulator(Faults {
             busy_rate: 1.0,
@@ -347,7 +349,13 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     // (replies are at least once: a second copy of the earlier `unknown` may come first)
     let mut r = c.reply_for("a", T).await.unwrap().reply;
     while r.status == Some(Status::Unknown) {
-        r = c.reply_for("a", T).await.unwrap().reply;
+        r = match c.reply_for("a", T).await {
+            Ok(r) => r.reply,
+            Err(e) => panic!(
+                "no reply after the retry ({e}); the job: {:?}",
+                job(&settings, &a)
+            ),
+        };
     }
     assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
     assert_eq!(orders_for(&sim.ledger(), &a).len(), 1, "charged once");

@@ -150,6 +150,9 @@ pub struct JobView {
     /// "in 3s" / "due 2s ago" for the next attempt.
     #[serde(skip)]
     pub(crate) next_in: Option<String>,
+    /// Whether `outbox retry` would re-open it (the console offers "Retry…" then).
+    #[serde(skip)]
+    pub(crate) retryable: bool,
 }
 
 /// One operator action on the bill_no.
@@ -180,6 +183,7 @@ fn job_view(
     now: i64,
 ) -> JobView {
     let hint = hint(&j, &targets, settings, now);
+    let retryable = super::retry::retry_refusal(&j, now).is_none();
     let is_final = j.is_final();
     let next_in = (!is_final).then(|| {
         let when = j.next_attempt_at - now;
@@ -204,6 +208,7 @@ fn job_view(
         first_attempt_at: j.first_attempt_at.map(rfc3339_ms),
         next_attempt_at: (!is_final).then(|| rfc3339_ms(j.next_attempt_at)),
         next_in,
+        retryable,
         last_errcode: j.last_errcode,
         last_error: j.last_error.as_deref().map(|e| redact(e).into_owned()),
         received_at: rfc3339_ms(j.received_at),

@@ -37,7 +37,7 @@ fn job(who: &Who, j: &JobView) -> Markup {
             p.meaning { strong { "What it means: " } (clean(&j.hint)) }
             @if who.role == Role::Operator {
                 p.actions {
-                    @if j.state == "unknown" || j.state == "failed" {
+                    @if j.retryable {
                         a.button.warn href=(act_href("retry", j)) { "Retry…" }
                     }
                     @if j.state != "pending" {
