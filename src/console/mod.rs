@@ -82,6 +82,10 @@ impl PageError {
         self.status
     }
 
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub fn forbidden(message: impl Into<String>) -> PageError {
         PageError::new(StatusCode::FORBIDDEN, message)
     }

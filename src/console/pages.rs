@@ -99,6 +99,15 @@ pub(super) fn show_href(bill_no: &str, appid: Option<&str>) -> String {
 }
 
 pub(super) fn error(status: StatusCode, message: &str) -> Html<String> {
+    error_with(status, message, None)
+}
+
+/// An error page, with a link to try again (`(href, label)`) when there is one.
+pub(super) fn error_with(
+    status: StatusCode,
+    message: &str,
+    again: Option<(&str, &str)>,
+) -> Html<String> {
     let auth = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
     layout(
         status.canonical_reason().unwrap_or("Error"),
@@ -107,6 +116,9 @@ pub(super) fn error(status: StatusCode, message: &str) -> Html<String> {
         html! {
             h1 { (status.as_u16()) " " (status.canonical_reason().unwrap_or("Error")) }
             p.message { (clean(message)) }
+            @if let Some((href, label)) = again {
+                p { a.button href=(href) { (label) } }
+            }
             p {
                 a href="/" { "Overview" }
                 @if auth { " · " a href="/login" { "Sign in" } }
@@ -329,8 +341,11 @@ pub(super) fn search(who: &Who, r: &Results<'_>) -> Html<String> {
         }
         @if who.role == Role::Operator && r.total > 0 {
             p.actions {
-                a.button href=(format!("/confirm?{}", with("action=retry"))) { "Retry these…" }
-                a.button href=(format!("/confirm?{}", with("action=republish"))) { "Republish these…" }
+                // an action needs a filter (as `outbox retry` does): not on "every job"
+                @if !r.form.is_empty() {
+                    a.button href=(format!("/confirm?{}", with("action=retry"))) { "Retry these…" }
+                    a.button href=(format!("/confirm?{}", with("action=republish"))) { "Republish these…" }
+                }
                 a.button.plain href=(format!("/export?{}", with("format=csv"))) { "Export CSV" }
                 a.button.plain href=(format!("/export?{}", with("format=jsonl"))) { "Export JSON lines" }
             }

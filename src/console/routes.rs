@@ -288,7 +288,7 @@ async fn act(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
     Form(f): Form<ActForm>,
-) -> Result<Html<String>, PageError> {
+) -> Result<Response, PageError> {
     who.check_post(&headers, Some(f.csrf.as_str()).filter(|c| !c.is_empty()))?;
     who.operator()?;
     let action = action_of(&f.action)?;
@@ -305,6 +305,7 @@ async fn act(
     let reason: Option<String> =
         Some(f.reason.trim().chars().take(200).collect::<String>()).filter(|r| !r.is_empty());
     let (actor, want) = (who.actor.clone(), f.digest.trim().to_string());
+    let again = format!("/confirm?action={}&{}", action.name(), f.form.query());
     let v = with_store(&st, true, move |s, _| {
         bulk::apply(
             s,
@@ -327,7 +328,23 @@ async fn act(
             },
         )
     })
-    .await?;
+    .await;
+    let v = match v {
+        Ok(v) => v,
+        // refused (the set changed, or a job changed under the action): look again
+        Err(e) if e.status() == StatusCode::CONFLICT => {
+            return Ok((
+                StatusCode::CONFLICT,
+                pages::error_with(
+                    StatusCode::CONFLICT,
+                    e.message(),
+                    Some((&again, "Look again")),
+                ),
+            )
+                .into_response())
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!(
         actor = %who.actor,
         action = action.name(),
@@ -335,7 +352,7 @@ async fn act(
         jobs = v.acting,
         "console: operator action"
     );
-    Ok(pages::story::done(&who, &f.form, &v))
+    Ok(pages::story::done(&who, &f.form, &v).into_response())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -209,6 +209,7 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     );
     assert!(html.contains(">-1<"), "the calls' errcode -1");
     assert!(html.contains("transient"), "the calls' outcome");
+    assert!(!html.contains("Retry…"), "a viewer is offered no retry");
 
     // --- the viewer's forged POSTs are refused by the server
     let viewer_cookie = browser
@@ -330,6 +331,10 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         "a stale count is refused: {refused}"
     );
     assert!(refused.contains("the set changed since you confirmed it"));
+    assert!(
+        refused.contains("Look again"),
+        "a link to a fresh confirm step"
+    );
     assert!(html.contains(&b));
     // A: found by the filter, confirmed with its fresh count, retried
     browser
@@ -388,7 +393,11 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         browser.resize(1100, 900).await;
     }
     browser.goto(&format!("{base}/show?bill_no={s}")).await;
-    seen.page(&browser).await;
+    let html = seen.page(&browser).await;
+    assert!(
+        html.contains("Retry…"),
+        "an operator is offered a retry of an unknown job"
+    );
 
     // --- export of the filter, for the operator (bearer token, as a script would)
     let r = http
