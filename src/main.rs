@@ -250,15 +250,22 @@ async fn run(settings: Settings, console: ConsoleOn) -> anyhow::Result<()> {
     // listening from before the start: a SIGTERM during start-up stops it cleanly
     let stop = shutdown_signal();
     let settings = Arc::new(settings);
-    let running = worker::start(settings.clone(), None).await?;
+    // the console's port first: a taken port stops start-up before the worker runs
     let (console_stop, console_rx) = tokio::sync::watch::channel(false);
     let console = match console {
         Some((addr, tokens)) => Some(
-            console::serve(addr, settings, tokens, console_rx)
+            console::serve(addr, settings.clone(), tokens, console_rx)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (console.listen): {e}"))?,
         ),
         None => None,
+    };
+    let running = match worker::start(settings, None).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = console_stop.send(true);
+            return Err(e.into());
+        }
     };
     running.run_until(stop).await;
     let _ = console_stop.send(true);
