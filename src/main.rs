@@ -250,22 +250,25 @@ async fn run(settings: Settings, console: ConsoleOn) -> anyhow::Result<()> {
     // listening from before the start: a SIGTERM during start-up stops it cleanly
     let stop = shutdown_signal();
     let settings = Arc::new(settings);
-    // the console's port first: a taken port stops start-up before the worker runs
-    let (console_stop, console_rx) = tokio::sync::watch::channel(false);
+    // the console's port is bound first (a taken port stops start-up before the
+    // worker runs) and served once the worker has opened the outbox
     let console = match console {
-        Some((addr, tokens)) => Some(
-            console::serve(addr, settings.clone(), tokens, console_rx)
+        Some((addr, tokens)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (console.listen): {e}"))?,
-        ),
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (console.listen): {e}"))?;
+            Some((listener, tokens))
+        }
         None => None,
     };
-    let running = match worker::start(settings, None).await {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = console_stop.send(true);
-            return Err(e.into());
-        }
+    let running = worker::start(settings.clone(), None).await?;
+    let (console_stop, console_rx) = tokio::sync::watch::channel(false);
+    let console = match console {
+        Some((listener, tokens)) => Some(
+            console::serve_on(listener, settings, tokens, console_rx)
+                .map_err(|e| anyhow::anyhow!("cannot serve the console: {e}"))?,
+        ),
+        None => None,
     };
     running.run_until(stop).await;
     let _ = console_stop.send(true);

@@ -217,9 +217,20 @@ pub async fn serve(
     addr: SocketAddr,
     settings: Arc<Settings>,
     tokens: Tokens,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_on(TcpListener::bind(addr).await?, settings, tokens, shutdown)
+}
+
+/// Serve the console on a bound listener (`run` binds the console's port before
+/// the worker starts, so a taken port stops start-up early, and serves once the
+/// outbox is open); returns the bound address.
+pub fn serve_on(
+    listener: TcpListener,
+    settings: Arc<Settings>,
+    tokens: Tokens,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = router(settings, tokens);
     let listener = crate::http::limited(listener);

@@ -20,6 +20,9 @@ use crate::cli::outbox::stats::StatsView;
 use crate::cli::outbox::{OPS, STATES};
 use crate::command::now_ms;
 
+/// The newest `unknown` jobs listed on the overview.
+pub const RECONCILE_LISTED: u32 = 10;
+
 /// The overview reloads itself this often (seconds).
 pub const REFRESH_SECS: u32 = 30;
 
@@ -179,6 +182,8 @@ pub(super) struct Overview<'a> {
     pub since: i64,
     pub slice_ms: i64,
     pub hours: u32,
+    /// The newest `unknown` jobs (at most [`RECONCILE_LISTED`]).
+    pub to_reconcile: &'a [ListItem],
 }
 
 pub(super) fn overview(who: &Who, o: &Overview<'_>) -> Html<String> {
@@ -204,6 +209,26 @@ pub(super) fn overview(who: &Who, o: &Overview<'_>) -> Html<String> {
                 p {
                     strong { (s.unknown) } " job" @if s.unknown != 1 { "s" } " ended " (badge("unknown"))
                     ": Midas never answered definitively. Check them with Midas, or retry them with the same bill_no inside the 48 h window."
+                }
+                div.scroll {
+                    table.jobs {
+                        thead { tr { th { "received (UTC)" } th { "op" } th { "bill_no" } th { "openid" } th { "attempts" } th { "last errcode" } } }
+                        tbody {
+                            @for j in o.to_reconcile {
+                                tr {
+                                    td.nowrap { (rfc3339_s(j.received_at_ms)) }
+                                    td { (j.op) }
+                                    td { a href=(show_href(&j.bill_no, Some(&j.appid))) { (clean(&j.bill_no)) } }
+                                    td { (clean(&j.openid)) }
+                                    td.num { (j.attempts) }
+                                    td.num { (dash(j.last_errcode)) }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if s.unknown > o.to_reconcile.len() as i64 {
+                    p.hint { "The newest " (o.to_reconcile.len()) " of " (s.unknown) "." }
                 }
                 p.actions {
                     a.button href="/search?status=unknown" { "List them" }

@@ -27,6 +27,7 @@ use crate::cli::outbox::list::ListItem;
 use crate::cli::outbox::stats::StatsView;
 use crate::cli::outbox::{show, AuditError, ExportFormat};
 use crate::command::{now_ms, rfc3339_ms};
+use crate::outbox::operator::JobFilter;
 
 /// Jobs per search page.
 pub const PAGE: u32 = 50;
@@ -80,10 +81,19 @@ async fn overview(
     // slices on whole multiples of their length: the bars do not shift on refresh
     let end = (now / slice_ms + 1) * slice_ms;
     let since = end - window;
-    let (stats, rows) = with_store(&st, false, move |s, _| {
-        Ok((s.stats()?, s.timeline(since, slice_ms)?))
+    let unknown = JobFilter {
+        status: Some("unknown".into()),
+        ..JobFilter::default()
+    };
+    let (stats, rows, to_reconcile) = with_store(&st, false, move |s, _| {
+        Ok((
+            s.stats()?,
+            s.timeline(since, slice_ms)?,
+            s.list(&unknown, Some(pages::RECONCILE_LISTED))?,
+        ))
     })
     .await?;
+    let to_reconcile: Vec<ListItem> = to_reconcile.into_iter().map(ListItem::from).collect();
     let stats = StatsView::new(stats, now);
     let slices = chart::slices(&rows);
     Ok(pages::overview(
@@ -94,6 +104,7 @@ async fn overview(
             since,
             slice_ms,
             hours,
+            to_reconcile: &to_reconcile,
         },
     ))
 }

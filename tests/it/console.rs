@@ -231,7 +231,12 @@ async fn story(mut env: TestEnv, screenshots: bool) {
             "({token:?}): {html}"
         );
     }
-    let http = reqwest::Client::new();
+    // no kept-alive connections: the console drops one idle for 5 s (the ops port's
+    // limit), and a request racing that close would fail for the wrong reason
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     for token in [None, Some(csrf.as_str())] {
         let mut form = vec![
             ("action", "retry"),
@@ -447,4 +452,70 @@ async fn console_in_a_browser_on_postgres() {
     let mut env = TestEnv::new("console-pg");
     env.share_outbox(&db);
     story(env, false).await;
+}
+
+/// `run` serves the console beside the worker when `[console] listen` is set (here
+/// with the viewer token only), and stops it with the worker on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_the_console_when_listen_is_set() {
+    let mut env = TestEnv::new("console-run");
+    let port = free_port();
+    env.set("CONSOLE__LISTEN", &format!("127.0.0.1:{port}"));
+    env.env
+        .insert("MIDAS_CONSOLE_VIEWER_TOKEN".into(), VIEWER.into());
+    let sim = env.simulator(Faults::default()).await;
+    let mut child = env.spawn_child(&sim.base_url());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + T;
+    let page = loop {
+        if let Ok(r) = http
+            .get(format!("{base}/"))
+            .bearer_auth(VIEWER)
+            .send()
+            .await
+        {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the console never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = page.status();
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    let html = page.text().await.unwrap();
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("<h1>Overview</h1>"));
+    let r = http.get(format!("{base}/search")).send().await.unwrap();
+    assert_eq!(r.status(), 303, "no token: to the login form");
+    let r = http
+        .get(format!("{base}/"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "no operator token is configured");
+    assert!(
+        terminate(&mut child, Duration::from_secs(20)),
+        "exit 0 on SIGTERM"
+    );
+    assert!(
+        http.get(format!("{base}/")).send().await.is_err(),
+        "the console stopped with the worker"
+    );
+    let c = env.client().await;
+    env.cleanup(&c).await;
 }
