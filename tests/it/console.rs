@@ -291,7 +291,7 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     let html = seen.page(&browser).await;
     assert!(html.contains("Retry all unknown"));
     if screenshots {
-        browser.resize(1100, 1500).await;
+        browser.resize(1100, 1650).await;
         shoot(&browser, "overview.png").await;
     }
     browser.goto(&format!("{base}/search")).await;
