@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README "Testing"; .ci/run calls it).
-# Needs two servers on this machine, and for each one: uses it when it answers,
-# starts an installed one that is stopped, installs one with apt-get when missing
-# (as root), or fails with one clear line:
+# Needs two servers on this machine and a browser, and for each one: uses it when
+# it answers (is installed), starts an installed server that is stopped, installs
+# it with apt-get when missing (as root), or fails with one clear line:
 #   - RabbitMQ at 127.0.0.1:5672 (guest/guest);
 #   - PostgreSQL at 127.0.0.1:5432 where user postgres logs in without a password
 #     (`psql "postgres://postgres@127.0.0.1:5432/postgres"`), for the tests of the
@@ -10,6 +10,9 @@
 #     for a password; as root the script then puts
 #     `host all postgres 127.0.0.1/32 trust` at the top of its pg_hba.conf (that
 #     one user, loopback only) and reloads it.
+#   - Chromium and its WebDriver (Debian's chromium and chromium-driver:
+#     /usr/bin/chromium, /usr/bin/chromedriver; CHROMIUM / CHROMEDRIVER name others),
+#     for the operator console's tests in a real headless browser.
 # The tests read the PostgreSQL URL from MIDAS_TEST_PG_URL; it is exported as the
 # URL above unless already set. When it is set, the script only checks that psql can
 # log in with it and leaves the local server alone.
@@ -178,10 +181,29 @@ ensure_postgres() {
 }
 # --- end PostgreSQL -------------------------------------------------------------------
 
+# --- Chromium (the console's browser tests) -------------------------------------------
+ensure_chromium() {
+  local browser=${CHROMIUM:-/usr/bin/chromium} driver=${CHROMEDRIVER:-/usr/bin/chromedriver}
+  if [ -x "$browser" ] && [ -x "$driver" ]; then return 0; fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing chromium and chromium-driver with apt-get…"
+    if { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } &&
+      [ -x "$browser" ] && [ -x "$driver" ]; then
+      return 0
+    fi
+    echo "error: the console's browser tests need $browser and $driver, and apt-get could not install chromium chromium-driver" >&2
+    exit 1
+  fi
+  echo "error: the console's browser tests need $browser and $driver (Debian: apt-get install chromium chromium-driver; needs root here), or CHROMIUM/CHROMEDRIVER naming them" >&2
+  exit 1
+}
+
 ensure_rabbitmq
 echo "test.sh: RabbitMQ answers at 127.0.0.1:5672"
 ensure_postgres
 echo "test.sh: PostgreSQL answers at $(sed -E 's#(://[^:/@]*:)[^@/]*@#\1***@#' <<<"$MIDAS_TEST_PG_URL") (MIDAS_TEST_PG_URL)"
+ensure_chromium
+echo "test.sh: $("${CHROMEDRIVER:-/usr/bin/chromedriver}" --version | head -n1)"
 bash scripts/check-links.sh
 
 cargo fmt --all -- --check

@@ -105,6 +105,9 @@ pub struct Config {
     pub midas: MidasConfig,
     pub retry: RetryConfig,
     pub http: HttpConfig,
+    /// The operator console (`[console]`); off unless `listen` is set.
+    #[serde(default)]
+    pub console: ConsoleConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -233,6 +236,29 @@ pub struct RetryConfig {
 pub struct HttpConfig {
     #[serde(default = "d_http_listen")]
     pub listen: SocketAddr,
+}
+
+/// `[console]`: the operator console (`crate::console`). The tokens are read from
+/// the named environment variables when the console starts, never from the file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Where the console listens; `None`: `run` serves no console.
+    pub listen: Option<SocketAddr>,
+    /// The environment variable holding the read-only (viewer) token.
+    pub viewer_token_env: String,
+    /// The environment variable holding the operator token (may also retry / republish).
+    pub operator_token_env: String,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            listen: None,
+            viewer_token_env: "MIDAS_CONSOLE_VIEWER_TOKEN".into(),
+            operator_token_env: "MIDAS_CONSOLE_OPERATOR_TOKEN".into(),
+        }
+    }
 }
 
 // The defaults of CONTRACT-level keys, one function each (serde wants a path).

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod command;
 pub mod config;
+pub mod console;
 pub mod coordinate;
 pub mod demo;
 pub mod dispatch;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use midas_worker::config::{self, LogFormat, Settings};
-use midas_worker::{audit, bench, demo, enqueue, sim, telemetry, worker};
+use midas_worker::{audit, bench, console, demo, enqueue, sim, telemetry, worker};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,6 +46,15 @@ enum Verb {
     /// Validate the config and environment; print each effective value and where it
     /// came from (default, file or environment variable), secrets masked.
     CheckConfig(CheckConfigArgs),
+    /// The operator console (web) on its own, over the outbox the `outbox` verbs read.
+    Console(ConsoleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ConsoleArgs {
+    /// Where to listen, e.g. 127.0.0.1:9465 (default: `[console] listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -87,6 +96,29 @@ fn main() -> ExitCode {
         eprintln!("{e}");
         return ExitCode::from(2);
     }
+    // The console's address and tokens, checked before anything starts.
+    let console_listen = match &cli.verb {
+        Verb::Console(args) => args.listen.or(settings.config.console.listen),
+        Verb::Run(_) => settings.config.console.listen,
+        _ => None,
+    };
+    let console = match (&cli.verb, console_listen) {
+        (Verb::Console(_), None) => {
+            eprintln!("{}", console::ConsoleError::NoListen);
+            return ExitCode::from(2);
+        }
+        (_, Some(addr)) => {
+            let env: BTreeMap<String, String> = std::env::vars().collect();
+            match console::Tokens::from_env(&settings.config.console, &env) {
+                Ok(tokens) => Some((addr, tokens)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (_, None) => None,
+    };
     let format = match cli.log_format.as_deref() {
         None => settings.config.log.format,
         Some("auto") => LogFormat::Auto,
@@ -159,14 +191,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            rt.block_on(async_main(verb, settings))
+            rt.block_on(async_main(verb, settings, console))
         }
     }
 }
 
-async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
+/// Where the console listens, and its tokens (`None`: no console).
+type ConsoleOn = Option<(std::net::SocketAddr, console::Tokens)>;
+
+async fn async_main(verb: Verb, settings: Settings, console: ConsoleOn) -> ExitCode {
     let result: anyhow::Result<()> = match verb {
-        Verb::Run(_) => run(settings).await,
+        Verb::Run(_) => run(settings, console).await,
+        Verb::Console(_) => serve_console(settings, console).await,
         Verb::Simulate(args) => sim::cli::simulate(args, &settings, shutdown_signal()).await,
         Verb::Demo(args) => demo::run(args, settings).await,
         // enqueue prints its own errors; its exit status tells the outcome (enqueue --help)
@@ -183,7 +219,24 @@ async fn async_main(verb: Verb, settings: Settings) -> ExitCode {
     }
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+/// `midas-worker console`: the console alone, until SIGTERM/SIGINT.
+async fn serve_console(settings: Settings, console: ConsoleOn) -> anyhow::Result<()> {
+    let Some((addr, tokens)) = console else {
+        anyhow::bail!("{}", console::ConsoleError::NoListen);
+    };
+    let stop = shutdown_signal();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let (bound, server) = console::serve(addr, Arc::new(settings), tokens, rx)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (console): {e}"))?;
+    eprintln!("operator console on http://{bound}/ (Ctrl-C stops it)");
+    stop.await;
+    let _ = tx.send(true);
+    let _ = server.await;
+    Ok(())
+}
+
+async fn run(settings: Settings, console: ConsoleOn) -> anyhow::Result<()> {
     if settings.config.midas.environment == config::Environment::Simulator
         && !config::broker_is_loopback(&settings.config.broker.url)
     {
@@ -196,8 +249,32 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     // listening from before the start: a SIGTERM during start-up stops it cleanly
     let stop = shutdown_signal();
-    let running = worker::start(Arc::new(settings), None).await?;
+    let settings = Arc::new(settings);
+    // the console's port is bound first (a taken port stops start-up before the
+    // worker runs) and served once the worker has opened the outbox
+    let console = match console {
+        Some((addr, tokens)) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (console.listen): {e}"))?;
+            Some((listener, tokens))
+        }
+        None => None,
+    };
+    let running = worker::start(settings.clone(), None).await?;
+    let (console_stop, console_rx) = tokio::sync::watch::channel(false);
+    let console = match console {
+        Some((listener, tokens)) => Some(
+            console::serve_on(listener, settings, tokens, console_rx)
+                .map_err(|e| anyhow::anyhow!("cannot serve the console: {e}"))?,
+        ),
+        None => None,
+    };
     running.run_until(stop).await;
+    let _ = console_stop.send(true);
+    if let Some((_, server)) = console {
+        let _ = server.await;
+    }
     Ok(())
 }
 

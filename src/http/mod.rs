@@ -77,7 +77,9 @@ pub async fn serve(
     Ok((bound, h))
 }
 
-async fn request_timeout(req: Request, next: Next) -> Response {
+/// Answer 503 when a handler takes longer than [`REQUEST_TIMEOUT`] (the ops
+/// routes, and the operator console's).
+pub(crate) async fn request_timeout(req: Request, next: Next) -> Response {
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
         Ok(r) => r,
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "timed out\n").into_response(),

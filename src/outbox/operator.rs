@@ -27,6 +27,8 @@ pub struct JobFilter {
     pub since: Option<i64>,
     /// Received before (unix ms).
     pub until: Option<i64>,
+    /// Only jobs with an id below this one: the next page of a newest-first list.
+    pub before_id: Option<i64>,
 }
 
 impl JobFilter {
@@ -62,6 +64,7 @@ impl JobFilter {
             ("j.last_errcode = ?", self.errcode),
             ("j.received_at >= ?", self.since),
             ("j.received_at < ?", self.until),
+            ("j.id < ?", self.before_id),
         ] {
             if let Some(v) = v {
                 clauses.push(clause);
@@ -192,6 +195,33 @@ pub fn list(
             confirmed: r.get(12)?,
             returned: r.get(13)?,
         })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// How many jobs the filter selects.
+pub fn count(c: &Connection, f: &JobFilter) -> Result<i64, OutboxError> {
+    let (filter, args) = f.sql();
+    Ok(c.query_row(
+        &format!("SELECT COUNT(*) FROM jobs j{filter}"),
+        params_from_iter(args.iter()),
+        |r| r.get(0),
+    )?)
+}
+
+/// Jobs received at or after `since`, counted per `bucket_ms` of their receipt
+/// and per state: (bucket index from `since`, state, jobs), by bucket.
+pub fn timeline(
+    c: &Connection,
+    since: i64,
+    bucket_ms: i64,
+) -> Result<Vec<(i64, String, i64)>, OutboxError> {
+    let mut stmt = c.prepare_cached(
+        "SELECT (received_at - ?1) / ?2 AS b, state, COUNT(*) FROM jobs \
+         WHERE received_at >= ?1 GROUP BY b, state ORDER BY b",
+    )?;
+    let rows = stmt.query_map(params![since, bucket_ms.max(1)], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }

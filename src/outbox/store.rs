@@ -76,6 +76,26 @@ impl Store {
         }
     }
 
+    /// How many jobs the filter selects.
+    pub fn count(&self, f: &JobFilter) -> Result<i64, OutboxError> {
+        match self {
+            Store::Sqlite(c) => operator::count(c, f),
+            Store::Postgres(p) => p.count(f),
+        }
+    }
+
+    /// Jobs received since `since` per `bucket_ms` and state: (bucket, state, jobs).
+    pub fn timeline(
+        &self,
+        since: i64,
+        bucket_ms: i64,
+    ) -> Result<Vec<(i64, String, i64)>, OutboxError> {
+        match self {
+            Store::Sqlite(c) => operator::timeline(c, since, bucket_ms),
+            Store::Postgres(p) => p.timeline(since, bucket_ms),
+        }
+    }
+
     /// Every job the filter selects, oldest first, streamed to `each`.
     pub fn export_each<E: From<OutboxError>>(
         &self,

@@ -6,6 +6,7 @@
 pub mod pg;
 pub mod proxy;
 pub mod push;
+pub mod webdriver;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

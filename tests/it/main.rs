@@ -14,6 +14,7 @@ mod common;
 
 mod audit_cli;
 mod config_cli;
+mod console;
 mod contract;
 mod crash;
 mod decode_bounds;

@@ -23,8 +23,8 @@ use super::{
 };
 use crate::command::now_ms;
 use crate::config::Settings;
-use crate::outbox::operator::JobRow;
-use crate::outbox::store::Tx;
+use crate::outbox::operator::{JobFilter, JobRow};
+use crate::outbox::store::{Store, Tx};
 
 /// Jobs listed one by one in the text rendering; `--json` lists them all.
 const TEXT_ROWS: usize = 20;
@@ -38,7 +38,7 @@ pub enum BulkAction {
 }
 
 impl BulkAction {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             BulkAction::Retry => "retry",
             BulkAction::Republish => "republish",
@@ -80,7 +80,7 @@ pub struct BulkView {
 }
 
 /// The filters as flags, for the summary and the recorded action.
-fn describe(f: &Filters, bill_no: Option<&str>) -> String {
+pub(crate) fn describe(f: &Filters, bill_no: Option<&str>) -> String {
     let mut parts: Vec<String> = Vec::new();
     if let Some(b) = bill_no {
         parts.push(clean(b));
@@ -99,15 +99,6 @@ fn describe(f: &Filters, bill_no: Option<&str>) -> String {
     push("since", f.since.clone());
     push("until", f.until.clone());
     parts.join(" ")
-}
-
-fn matching(
-    c: &Tx<'_>,
-    f: &Filters,
-    bill_no: Option<&str>,
-    now: i64,
-) -> Result<Vec<JobRow>, AuditError> {
-    Ok(c.jobs(&job_filter(f, now, bill_no)?)?)
 }
 
 fn plan(action: BulkAction, jobs: Vec<JobRow>, now: i64) -> Vec<(JobRow, Option<String>)> {
@@ -299,15 +290,12 @@ pub fn run(
             "--yes needs --expect N: the number of jobs the plan (printed without --yes) showed matching".into(),
         ));
     }
+    let now = now_ms();
+    let jf = job_filter(f, now, bill_no)?;
     if confirm.dry_run || !(confirm.yes || bill_no.is_some()) {
-        // validate the filters before touching the database
-        job_filter(f, now, bill_no)?;
         let mut store = open_read(settings)?;
-        let tx = store.read()?; // one snapshot for the jobs and their targets
-        let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
-        let targets = count_targets(&tx, &planned)?;
-        drop(tx);
-        let v = view(action, filter, planned, targets, confirm.dry_run, false);
+        let mut v = preview(&mut store, action, &jf, filter, now)?;
+        v.dry_run = confirm.dry_run;
         render(&v, confirm.json, out)?;
         if confirm.dry_run || v.acting == 0 {
             return Ok(());
@@ -325,48 +313,94 @@ pub fn run(
             v.matched
         )));
     }
-
-    job_filter(f, now, bill_no)?;
     let mut store = open_write(settings)?;
-    let tx = store.write()?;
-    let planned = plan(action, matching(&tx, f, bill_no, now)?, now);
-    if let Some(expected) = confirm.expect {
-        if planned.len() != expected {
-            return Err(AuditError::Refused(format!(
+    let expect = confirm.expect;
+    let v = apply(
+        &mut store,
+        action,
+        &jf,
+        filter.clone(),
+        &actor_name(who),
+        who.reason.as_deref(),
+        now,
+        |matched, _| {
+            match expect {
+            Some(expected) if matched != expected => Err(AuditError::Refused(format!(
                 "nothing changed: {} match {filter} now, not the {expected} expected (--expect); look again without --yes",
-                plural(planned.len(), "job", "jobs")
+                plural(matched, "job", "jobs")
+            ))),
+            _ => Ok(()),
+        }
+        },
+    )?;
+    render(&v, confirm.json, out)
+}
+
+/// The plan of a set operation on the jobs `f` selects, read in one snapshot: what
+/// `retry`/`republish` print before `--yes`, and the console's confirm step.
+pub(crate) fn preview(
+    store: &mut Store,
+    action: BulkAction,
+    f: &JobFilter,
+    filter: String,
+    now: i64,
+) -> Result<BulkView, AuditError> {
+    let tx = store.read()?; // one snapshot for the jobs and their targets
+    let planned = plan(action, tx.jobs(f)?, now);
+    let targets = count_targets(&tx, &planned)?;
+    drop(tx);
+    Ok(view(action, filter, planned, targets, false, false))
+}
+
+/// Act on the jobs `f` selects: the plan is made again inside the write
+/// transaction (so it is exactly what is done) and handed to `check` with the
+/// number of jobs matching and the ids of those it would act on (the console refuses a set that changed since its
+/// confirm step); then each job is acted on and recorded in `operator_actions`
+/// under `actor`, all in that one transaction.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply(
+    store: &mut Store,
+    action: BulkAction,
+    f: &JobFilter,
+    filter: String,
+    actor: &str,
+    reason: Option<&str>,
+    now: i64,
+    check: impl FnOnce(usize, &[i64]) -> Result<(), AuditError>,
+) -> Result<BulkView, AuditError> {
+    let tx = store.write()?;
+    let planned = plan(action, tx.jobs(f)?, now);
+    let acting: Vec<i64> = planned
+        .iter()
+        .filter(|(_, why)| why.is_none())
+        .map(|(j, _)| j.id)
+        .collect();
+    check(planned.len(), &acting)?;
+    let mut targets = 0usize;
+    for (j, why) in &planned {
+        if why.is_some() {
+            continue;
+        }
+        if action == BulkAction::Retry && !tx.reopen(j.id, now)? {
+            return Err(AuditError::Refused(format!(
+                "job {} changed while re-opening it; nothing was changed, look again with `outbox list`",
+                j.id
             )));
         }
-    }
-    let actor = actor_name(who);
-    let mut targets = 0usize;
-    {
-        for (j, why) in &planned {
-            if why.is_some() {
-                continue;
-            }
-            if action == BulkAction::Retry && !tx.reopen(j.id, now)? {
-                return Err(AuditError::Refused(format!(
-                    "job {} changed while re-opening it; nothing was changed, look again with `outbox list`",
-                    j.id
-                )));
-            }
-            let n = tx.requeue_replies(j.id, false)?;
-            targets += n;
-            let detail = json!({
-                "job_id": j.id,
-                "op": j.op,
-                "appid": j.appid,
-                "previous_state": j.state,
-                "last_errcode": j.last_errcode,
-                "targets": n,
-                "filter": filter,
-                "reason": who.reason,
-            });
-            record_action(&tx, now, &actor, action.name(), &j.bill_no, &detail)?;
-        }
+        let n = tx.requeue_replies(j.id, false)?;
+        targets += n;
+        let detail = json!({
+            "job_id": j.id,
+            "op": j.op,
+            "appid": j.appid,
+            "previous_state": j.state,
+            "last_errcode": j.last_errcode,
+            "targets": n,
+            "filter": filter,
+            "reason": reason,
+        });
+        record_action(&tx, now, actor, action.name(), &j.bill_no, &detail)?;
     }
     tx.commit()?;
-    let v = view(action, filter, planned, targets, false, true);
-    render(&v, confirm.json, out)
+    Ok(view(action, filter, planned, targets, false, true))
 }

@@ -10,7 +10,8 @@ use super::fmt::{csv_field, csv_text, opt_time, redact, stored_json, stored_json
 use super::{job_filter, open_read, AuditError, ExportFormat, Filters};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
-use crate::outbox::operator::ExportRow;
+use crate::outbox::operator::{ExportRow, JobFilter};
+use crate::outbox::store::Store;
 
 const EXPORT_COLS: [&str; 13] = [
     "id",
@@ -58,11 +59,22 @@ pub(super) fn export(
         w.flush()?;
         return Ok(());
     }
+    write_rows(&store, &filter, format, out)
+}
+
+/// Every job `filter` selects, oldest first, as JSON lines or CSV (with its header
+/// row) to `out`: `outbox export`, and the console's export of a search.
+pub(crate) fn write_rows(
+    store: &Store,
+    filter: &JobFilter,
+    format: ExportFormat,
+    out: &mut dyn Write,
+) -> Result<(), AuditError> {
     let mut w = BufWriter::with_capacity(64 * 1024, out);
     if format == ExportFormat::Csv {
         writeln!(w, "{}", EXPORT_COLS.join(","))?;
     }
-    store.export_each(&filter, |row| -> Result<(), AuditError> {
+    store.export_each(filter, |row| -> Result<(), AuditError> {
         let ExportRow {
             id,
             op,

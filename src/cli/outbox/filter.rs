@@ -86,7 +86,7 @@ fn split_offset(s: &str) -> Option<(&str, i64)> {
 
 /// The filters as the outbox's [`JobFilter`] (checked; times resolved against `now`);
 /// `bill_no`: exactly this one.
-pub(super) fn job_filter(
+pub(crate) fn job_filter(
     f: &Filters,
     now: i64,
     bill_no: Option<&str>,
@@ -142,6 +142,7 @@ pub(super) fn job_filter(
             .as_deref()
             .map(|u| parse_when("--until", u, now))
             .transpose()?,
+        before_id: None,
     })
 }
 

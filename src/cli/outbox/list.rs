@@ -35,7 +35,7 @@ pub struct ListItem {
     pub replies_returned: i64,
     /// For the table's second-precision column.
     #[serde(skip)]
-    received_at_ms: i64,
+    pub(crate) received_at_ms: i64,
 }
 
 impl From<ListRow> for ListItem {

@@ -20,19 +20,19 @@
 //! use stops and asks for `--appid`. `retry` and `republish` also act on a set chosen
 //! by filters ([`bulk`]), only after showing what they would do.
 
-mod bulk;
+pub(crate) mod bulk;
 mod error;
-mod export;
-mod filter;
-mod fmt;
-mod list;
+pub(crate) mod export;
+pub(crate) mod filter;
+pub(crate) mod fmt;
+pub(crate) mod list;
 mod migrate;
 mod prune;
 mod pushes;
 mod republish;
 mod retry;
-mod show;
-mod stats;
+pub(crate) mod show;
+pub(crate) mod stats;
 
 use std::io::{self, Write};
 use std::time::Duration;

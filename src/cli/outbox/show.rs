@@ -13,6 +13,7 @@ use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
 use crate::midas::errcode::{MP_SIG_WRONG, NO_PERMISSION, SESSION_EXPIRED, SIG_WRONG};
 use crate::outbox::operator::{ActionRow, CallRow, JobRow, TargetRow};
+use crate::outbox::store::Store;
 
 fn target_status(t: &TargetRow, job_final: bool) -> String {
     match (t.published_at, t.returned) {
@@ -99,7 +100,7 @@ pub struct TargetView {
     pub returned: bool,
     /// The "confirmed at" cell of the report.
     #[serde(skip)]
-    status: String,
+    pub(crate) status: String,
 }
 
 /// One call to Midas.
@@ -143,12 +144,15 @@ pub struct JobView {
     pub history: Vec<CallView>,
     /// The stored JSON as text, for the report (verbatim unless scrubbed).
     #[serde(skip)]
-    request_text: String,
+    pub(crate) request_text: String,
     #[serde(skip)]
-    result_text: Option<String>,
+    pub(crate) result_text: Option<String>,
     /// "in 3s" / "due 2s ago" for the next attempt.
     #[serde(skip)]
-    next_in: Option<String>,
+    pub(crate) next_in: Option<String>,
+    /// Whether `outbox retry` would re-open it (the console offers "Retry…" then).
+    #[serde(skip)]
+    pub(crate) retryable: bool,
 }
 
 /// One operator action on the bill_no.
@@ -160,7 +164,7 @@ pub struct ActionView {
     pub target: String,
     pub detail: Json,
     #[serde(skip)]
-    detail_text: String,
+    pub(crate) detail_text: String,
 }
 
 /// `outbox show`: the `--json` document, and what the report is rendered from.
@@ -182,6 +186,7 @@ fn job_view(
     now: i64,
 ) -> JobView {
     let hint = hint(&j, &targets, settings, now);
+    let retryable = super::retry::retry_refusal(&j, now).is_none();
     let is_final = j.is_final();
     let next_in = (!is_final).then(|| {
         let when = j.next_attempt_at - now;
@@ -206,6 +211,7 @@ fn job_view(
         first_attempt_at: j.first_attempt_at.map(rfc3339_ms),
         next_attempt_at: (!is_final).then(|| rfc3339_ms(j.next_attempt_at)),
         next_in,
+        retryable,
         last_errcode: j.last_errcode,
         last_error: j.last_error.as_deref().map(|e| redact(e).into_owned()),
         received_at: rfc3339_ms(j.received_at),
@@ -249,10 +255,7 @@ pub(super) fn show(
 ) -> Result<(), AuditError> {
     let mut store = open_read(settings)?;
     let pushes = store.pushes_by_key(bill_no, appid)?;
-    let tx = store.read()?; // one consistent snapshot
-    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
-    if jobs.is_empty() && !pushes.is_empty() {
-        drop(tx);
+    if !pushes.is_empty() && store.read()?.jobs_by_bill_no(bill_no, appid)?.is_empty() {
         if as_json {
             let view = ShowView {
                 bill_no: bill_no.to_string(),
@@ -274,21 +277,7 @@ pub(super) fn show(
         }
         return Ok(());
     }
-    select(&jobs, bill_no, None, appid)?;
-    let now = now_ms();
-    let mut views = Vec::with_capacity(jobs.len());
-    for j in jobs {
-        let (targets, calls) = (tx.targets_of(j.id)?, tx.calls_of(j.id)?);
-        views.push(job_view(j, targets, calls, settings, now));
-    }
-    let actions = tx.actions_on(bill_no, appid)?;
-    drop(tx);
-    let view = ShowView {
-        bill_no: bill_no.to_string(),
-        jobs: views,
-        operator_actions: actions.into_iter().map(action_view).collect(),
-        pushes: Vec::new(),
-    };
+    let view = view(&mut store, bill_no, appid, settings, now_ms())?;
     if as_json {
         let mut view = view;
         view.pushes = pushes.into_iter().map(Into::into).collect();
@@ -299,6 +288,33 @@ pub(super) fn show(
     render_text(&view, out)?;
     super::pushes::show_text(&pushes, out)?;
     Ok(())
+}
+
+/// What `outbox show` reports on `bill_no` (of one app when `appid` is given), read
+/// in one snapshot; the console's job page shows the same view.
+pub(crate) fn view(
+    store: &mut Store,
+    bill_no: &str,
+    appid: Option<&str>,
+    settings: &Settings,
+    now: i64,
+) -> Result<ShowView, AuditError> {
+    let tx = store.read()?; // one consistent snapshot
+    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
+    select(&jobs, bill_no, None, appid)?;
+    let mut views = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        let (targets, calls) = (tx.targets_of(j.id)?, tx.calls_of(j.id)?);
+        views.push(job_view(j, targets, calls, settings, now));
+    }
+    let actions = tx.actions_on(bill_no, appid)?;
+    drop(tx);
+    Ok(ShowView {
+        bill_no: bill_no.to_string(),
+        jobs: views,
+        operator_actions: actions.into_iter().map(action_view).collect(),
+        pushes: Vec::new(),
+    })
 }
 
 fn render_text(v: &ShowView, out: &mut dyn Write) -> io::Result<()> {

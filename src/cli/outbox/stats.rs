@@ -36,7 +36,7 @@ pub struct OldestPending {
     pub received_at: String,
     pub age_seconds: i64,
     #[serde(skip)]
-    received_at_ms: i64,
+    pub(crate) received_at_ms: i64,
 }
 
 /// Attempts per final job.
@@ -66,7 +66,7 @@ pub struct StatsView {
 }
 
 impl StatsView {
-    fn new(st: operator::Stats, now: i64) -> StatsView {
+    pub(crate) fn new(st: operator::Stats, now: i64) -> StatsView {
         let get =
             |v: &[(String, i64)], k: &str| v.iter().find(|(n, _)| n == k).map_or(0, |(_, c)| *c);
         let hist = &st.attempts_hist;

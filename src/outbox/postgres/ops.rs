@@ -312,6 +312,7 @@ pub(crate) fn filter_sql(f: &JobFilter, first: usize) -> (String, Vec<Arg>) {
         ("j.last_errcode = ?", f.errcode),
         ("j.received_at >= ?", f.since),
         ("j.received_at < ?", f.until),
+        ("j.id < ?", f.before_id),
     ] {
         if let Some(v) = v {
             push(clause, Box::new(v));

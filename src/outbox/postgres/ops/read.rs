@@ -148,6 +148,33 @@ impl PgStore {
         })
     }
 
+    /// As [`crate::outbox::operator::count`].
+    pub fn count(&self, f: &JobFilter) -> Result<i64, OutboxError> {
+        let (filter, args) = filter_sql(f, 0);
+        let rows = self.query(
+            &format!("SELECT COUNT(*) FROM jobs j{filter}"),
+            &refs(&args),
+        )?;
+        Ok(collect(rows, |r| r.try_get::<_, i64>(0))?
+            .first()
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// As [`crate::outbox::operator::timeline`].
+    pub fn timeline(
+        &self,
+        since: i64,
+        bucket_ms: i64,
+    ) -> Result<Vec<(i64, String, i64)>, OutboxError> {
+        let rows = self.query(
+            "SELECT (received_at - $1) / $2 AS b, state, COUNT(*) FROM jobs \
+             WHERE received_at >= $1 GROUP BY b, state ORDER BY b",
+            &[&since, &bucket_ms.max(1)],
+        )?;
+        collect(rows, |r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+    }
+
     /// Every job the filter selects, oldest first, handed to `each` row by row
     /// (fetched from a cursor [`EXPORT_BATCH`] at a time, in one snapshot).
     pub fn export_each<E: From<OutboxError>>(

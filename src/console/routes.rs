@@ -1,0 +1,563 @@
+//! The console's routes: what each URL reads or does, on behalf of whom.
+//!
+//! Every handler but sign-in and the stylesheet takes a [`Who`] first (no session
+//! or token: a redirect to the login form, or 401), every POST passes
+//! [`Who::check_post`] (CSRF) before anything else, and every action checks the
+//! operator role itself — the confirm step and export included.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::auth::{self, Who};
+use super::form::SearchForm;
+use super::{chart, open_store, pages, with_store, AppState, PageError};
+use crate::cli::outbox::bulk::{self, BulkAction};
+use crate::cli::outbox::export::write_rows;
+use crate::cli::outbox::list::ListItem;
+use crate::cli::outbox::stats::StatsView;
+use crate::cli::outbox::{show, AuditError, ExportFormat};
+use crate::command::{now_ms, rfc3339_ms};
+use crate::outbox::operator::JobFilter;
+
+/// Jobs per search page.
+pub const PAGE: u32 = 50;
+/// How long the login form's CSRF cookie lives.
+const LOGIN_FORM_TTL: Duration = Duration::from_secs(600);
+
+const CSS: &str = include_str!("console.css");
+
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/", get(overview))
+        .route("/search", get(search))
+        .route("/show", get(show_job))
+        .route("/confirm", get(confirm))
+        .route("/act", post(act))
+        .route("/export", get(export))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/static/console.css", get(css))
+}
+
+async fn css() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=86400"),
+        ],
+        CSS,
+    )
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct OverviewQuery {
+    hours: String,
+}
+
+async fn overview(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<OverviewQuery>,
+) -> Result<Html<String>, PageError> {
+    let hours: u32 = match q.hours.as_str() {
+        "1" => 1,
+        "24" => 24,
+        _ => 6,
+    };
+    let now = now_ms();
+    let window = i64::from(hours) * 3_600_000;
+    let slice_ms = window / chart::SLICES;
+    // slices on whole multiples of their length: the bars do not shift on refresh
+    let end = (now / slice_ms + 1) * slice_ms;
+    let since = end - window;
+    let unknown = JobFilter {
+        status: Some("unknown".into()),
+        ..JobFilter::default()
+    };
+    let (stats, rows, to_reconcile) = with_store(&st, false, move |s, _| {
+        Ok((
+            s.stats()?,
+            s.timeline(since, slice_ms)?,
+            s.list(&unknown, Some(pages::RECONCILE_LISTED))?,
+        ))
+    })
+    .await?;
+    let to_reconcile: Vec<ListItem> = to_reconcile.into_iter().map(ListItem::from).collect();
+    let stats = StatsView::new(stats, now);
+    let slices = chart::slices(&rows);
+    Ok(pages::overview(
+        &who,
+        &pages::Overview {
+            stats: &stats,
+            slices: &slices,
+            since,
+            slice_ms,
+            hours,
+            to_reconcile: &to_reconcile,
+        },
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SearchQuery {
+    #[serde(flatten)]
+    form: SearchForm,
+    /// The page cursor: jobs older than this id.
+    before: String,
+}
+
+async fn search(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<SearchQuery>,
+) -> Result<Html<String>, PageError> {
+    let all = q.form.job_filter(now_ms())?;
+    let mut page = all.clone();
+    page.before_id = match q.before.trim() {
+        "" => None,
+        b => Some(
+            b.parse::<i64>()
+                .map_err(|_| PageError::new(StatusCode::BAD_REQUEST, "before must be a job id"))?,
+        ),
+    };
+    let paged = page.before_id.is_some();
+    let (mut rows, total) = with_store(&st, false, move |s, _| {
+        Ok((s.list(&page, Some(PAGE + 1))?, s.count(&all)?))
+    })
+    .await?;
+    let more = rows.len() > PAGE as usize;
+    rows.truncate(PAGE as usize);
+    let older = if more {
+        rows.last().map(|r| r.id)
+    } else {
+        None
+    };
+    let items: Vec<ListItem> = rows.into_iter().map(ListItem::from).collect();
+    Ok(pages::search(
+        &who,
+        &pages::Results {
+            form: &q.form,
+            items: &items,
+            total,
+            older,
+            paged,
+        },
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ShowQuery {
+    bill_no: String,
+    appid: String,
+}
+
+async fn show_job(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<ShowQuery>,
+) -> Result<Response, PageError> {
+    let bill_no = q.bill_no.trim().to_string();
+    if bill_no.is_empty() || bill_no.len() > 256 {
+        return Ok(Redirect::to("/search").into_response());
+    }
+    let appid = Some(q.appid.trim().to_string()).filter(|a| !a.is_empty());
+    let b = bill_no.clone();
+    let r = with_store(&st, false, move |s, settings| {
+        show::view(s, &b, appid.as_deref(), settings, now_ms())
+    })
+    .await;
+    match r {
+        Ok(v) => Ok(pages::story::show(&who, &v).into_response()),
+        // several apps use this bill_no: list its jobs, each linking to its own page
+        Err(e) if e.status() == StatusCode::BAD_REQUEST => {
+            let mut query = String::new();
+            super::form::push_pair(&mut query, "bill_no", &bill_no);
+            Ok(Redirect::to(&format!("/search?{query}")).into_response())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn action_of(s: &str) -> Result<BulkAction, PageError> {
+    match s {
+        "retry" => Ok(BulkAction::Retry),
+        "republish" => Ok(BulkAction::Republish),
+        _ => Err(PageError::new(
+            StatusCode::BAD_REQUEST,
+            "action must be retry or republish",
+        )),
+    }
+}
+
+/// What the CLI refuses for a set, refused here too.
+fn check_set(action: BulkAction, form: &SearchForm) -> Result<(), PageError> {
+    if form.is_empty() {
+        return Err(PageError::new(
+            StatusCode::BAD_REQUEST,
+            "choose the jobs first: an action needs a filter (status, since, appid, bill_no, ...)",
+        ));
+    }
+    if action == BulkAction::Republish && form.status.trim() == "pending" {
+        return Err(AuditError::Refused(
+            "pending jobs are not final; their replies will be published when they are".into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A digest of the job ids an action would act on: the confirm step's set,
+/// compared with the set found again when the action runs.
+pub fn digest(ids: &[i64]) -> String {
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.to_string().as_bytes());
+        h.update(b",");
+    }
+    h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ConfirmQuery {
+    action: String,
+    #[serde(flatten)]
+    form: SearchForm,
+}
+
+async fn confirm(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<ConfirmQuery>,
+) -> Result<Html<String>, PageError> {
+    who.operator()?;
+    let action = action_of(&q.action)?;
+    check_set(action, &q.form)?;
+    let now = now_ms();
+    let jf = q.form.job_filter(now)?;
+    // "2h ago" would move between this page and the POST: carry the times it meant
+    let mut frozen = q.form.clone();
+    if let Some(s) = jf.since {
+        frozen.since = rfc3339_ms(s);
+    }
+    if let Some(u) = jf.until {
+        frozen.until = rfc3339_ms(u);
+    }
+    let desc = frozen.describe();
+    let v = with_store(&st, false, move |s, _| {
+        bulk::preview(s, action, &jf, desc, now)
+    })
+    .await?;
+    let ids: Vec<i64> = v
+        .jobs
+        .iter()
+        .filter(|j| j.reason.is_none())
+        .map(|j| j.id)
+        .collect();
+    Ok(pages::story::confirm(
+        &who,
+        action,
+        &frozen,
+        &v,
+        &digest(&ids),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ActForm {
+    csrf: String,
+    action: String,
+    /// How many jobs the confirm step showed would be acted on.
+    count: String,
+    /// [`digest`] of their ids.
+    digest: String,
+    reason: String,
+    #[serde(flatten)]
+    form: SearchForm,
+}
+
+async fn act(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Form(f): Form<ActForm>,
+) -> Result<Response, PageError> {
+    who.check_post(&headers, Some(f.csrf.as_str()).filter(|c| !c.is_empty()))?;
+    who.operator()?;
+    let action = action_of(&f.action)?;
+    check_set(action, &f.form)?;
+    let expected: usize = f.count.trim().parse().map_err(|_| {
+        PageError::new(
+            StatusCode::BAD_REQUEST,
+            "the form carries no count: start from the confirm step",
+        )
+    })?;
+    let now = now_ms();
+    let jf = f.form.job_filter(now)?;
+    let desc = f.form.describe();
+    let reason: Option<String> =
+        Some(f.reason.trim().chars().take(200).collect::<String>()).filter(|r| !r.is_empty());
+    let (actor, want) = (who.actor.clone(), f.digest.trim().to_string());
+    let again = format!("/confirm?action={}&{}", action.name(), f.form.query());
+    let v = with_store(&st, true, move |s, _| {
+        bulk::apply(
+            s,
+            action,
+            &jf,
+            desc,
+            &actor,
+            reason.as_deref(),
+            now,
+            |_, ids| {
+                if ids.len() == expected && digest(ids) == want {
+                    Ok(())
+                } else {
+                    Err(AuditError::Refused(format!(
+                        "the set changed since you confirmed it: {} job{} would be acted on now, you confirmed {expected}; nothing was changed — look again",
+                        ids.len(),
+                        if ids.len() == 1 { "" } else { "s" }
+                    )))
+                }
+            },
+        )
+    })
+    .await;
+    let v = match v {
+        Ok(v) => v,
+        // refused (the set changed, or a job changed under the action): look again
+        Err(e) if e.status() == StatusCode::CONFLICT => {
+            return Ok((
+                StatusCode::CONFLICT,
+                pages::error_with(
+                    StatusCode::CONFLICT,
+                    e.message(),
+                    Some((&again, "Look again")),
+                ),
+            )
+                .into_response())
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!(
+        actor = %who.actor,
+        action = action.name(),
+        filter = %f.form.describe(),
+        jobs = v.acting,
+        "console: operator action"
+    );
+    Ok(pages::story::done(&who, &f.form, &v).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ExportQuery {
+    format: String,
+    #[serde(flatten)]
+    form: SearchForm,
+}
+
+/// Chunks of the export, handed from the blocking writer to the response body.
+struct Chunks(tokio::sync::mpsc::Sender<Bytes>);
+
+impl Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .blocking_send(Bytes::copy_from_slice(buf))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader left"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn export(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<ExportQuery>,
+) -> Result<Response, PageError> {
+    who.operator()?;
+    let (format, ext, mime) = match q.format.as_str() {
+        "csv" => (ExportFormat::Csv, "csv", "text/csv; charset=utf-8"),
+        "" | "jsonl" => (
+            ExportFormat::Jsonl,
+            "jsonl",
+            "application/jsonl; charset=utf-8",
+        ),
+        _ => {
+            return Err(PageError::new(
+                StatusCode::BAD_REQUEST,
+                "format must be csv or jsonl",
+            ))
+        }
+    };
+    let jf = q.form.job_filter(now_ms())?;
+    // opened first, so a missing outbox is an error page, not an empty file
+    let (store, slot) = open_store(&st, false).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let filter = q.form.describe();
+    tracing::info!(actor = %who.actor, filter = %filter, format = ext, "console: export");
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let mut out = Chunks(tx);
+        match write_rows(&store, &jf, format, &mut out) {
+            Ok(()) => {}
+            Err(AuditError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {}
+            Err(e) => tracing::warn!(error = %e, "console: export stopped"),
+        }
+    });
+    let stream = futures_util::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|c| c.map(Ok::<_, io::Error>))
+    });
+    let name = format!("midas-jobs-{}.{ext}", now_ms() / 1000);
+    Ok((
+        [
+            (header::CONTENT_TYPE, mime.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{name}\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LoginQuery {
+    next: String,
+}
+
+/// The login form, with a CSRF token bound to a short-lived cookie.
+fn login_page(
+    headers: &HeaderMap,
+    next: &str,
+    problem: Option<&str>,
+    status: StatusCode,
+) -> Response {
+    let csrf = auth::random_token();
+    (
+        status,
+        AppendHeaders([(
+            header::SET_COOKIE,
+            auth::set_cookie(headers, auth::LOGIN_COOKIE, &csrf, "/login", LOGIN_FORM_TTL),
+        )]),
+        pages::login(&csrf, auth::safe_next(next), problem),
+    )
+        .into_response()
+}
+
+async fn login_form(headers: HeaderMap, Query(q): Query<LoginQuery>) -> Response {
+    login_page(&headers, &q.next, None, StatusCode::OK)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LoginForm {
+    csrf: String,
+    name: String,
+    token: String,
+    next: String,
+}
+
+async fn login(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Form(f): Form<LoginForm>,
+) -> Result<Response, PageError> {
+    auth::same_origin(&headers)?;
+    let bound = auth::cookie(&headers, auth::LOGIN_COOKIE).unwrap_or("");
+    if bound.is_empty() || f.csrf.is_empty() || bound != f.csrf {
+        return Ok(login_page(
+            &headers,
+            &f.next,
+            Some("The sign-in form expired; please sign in again."),
+            StatusCode::FORBIDDEN,
+        ));
+    }
+    let Some(role) = st.tokens.role_of(f.token.trim()) else {
+        tracing::warn!("console: sign-in refused (token not accepted)");
+        return Ok(login_page(
+            &headers,
+            &f.next,
+            Some("That token is not accepted."),
+            StatusCode::UNAUTHORIZED,
+        ));
+    };
+    let actor = auth::actor(&f.name, role);
+    let (id, _) = st.sessions.open(role, f.name.trim().to_string());
+    tracing::info!(actor = %actor, role = role.name(), "console: signed in");
+    Ok((
+        AppendHeaders([
+            (
+                header::SET_COOKIE,
+                auth::set_cookie(&headers, auth::SESSION_COOKIE, &id, "/", auth::SESSION_TTL),
+            ),
+            (
+                header::SET_COOKIE,
+                auth::set_cookie(&headers, auth::LOGIN_COOKIE, "", "/login", Duration::ZERO),
+            ),
+        ]),
+        Redirect::to(auth::safe_next(&f.next)),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CsrfForm {
+    csrf: String,
+}
+
+async fn logout(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Result<Response, PageError> {
+    who.check_post(&headers, Some(f.csrf.as_str()).filter(|c| !c.is_empty()))?;
+    if let Some(id) = &who.session {
+        st.sessions.close(id);
+    }
+    Ok((
+        AppendHeaders([(
+            header::SET_COOKIE,
+            auth::set_cookie(&headers, auth::SESSION_COOKIE, "", "/", Duration::ZERO),
+        )]),
+        Redirect::to("/login"),
+    )
+        .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_digest_depends_on_every_id_and_their_order() {
+        assert_eq!(digest(&[1, 2, 3]), digest(&[1, 2, 3]));
+        assert_ne!(digest(&[1, 2, 3]), digest(&[1, 2, 4]));
+        assert_ne!(digest(&[1, 23]), digest(&[12, 3]));
+        assert_eq!(digest(&[]).len(), 32);
+    }
+}
