@@ -48,6 +48,8 @@ type Inflight = Arc<Mutex<HashMap<i64, Stage>>>;
 struct Req {
     reply: OutgoingReply,
     done: Option<oneshot::Sender<bool>>,
+    /// Properties other than a reply's (a dead-letter copy's headers, expiration).
+    props: Option<BasicProperties>,
 }
 
 /// Handle used by intake and the dispatcher. Cheap to clone.
@@ -91,7 +93,11 @@ impl Publisher {
         if let Some(id) = reply.target_id {
             lock(&self.inflight).insert(id, Stage::Queued);
         }
-        let _ = self.tx.send(Req { reply, done: None });
+        let _ = self.tx.send(Req {
+            reply,
+            done: None,
+            props: None,
+        });
     }
 
     /// Publish a reply that has no outbox row and wait for the broker's confirm.
@@ -102,6 +108,36 @@ impl Publisher {
             .send(Req {
                 reply,
                 done: Some(tx),
+                props: None,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Publish `body` to `queue` with `props` (a dead-letter copy) and wait for the
+    /// broker's confirm.
+    pub async fn send_to_confirmed(
+        &self,
+        queue: &str,
+        body: Vec<u8>,
+        props: BasicProperties,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let reply = OutgoingReply {
+            target_id: None,
+            reply_to: queue.to_string(),
+            correlation_id: String::new(),
+            payload: Arc::from(body),
+        };
+        if self
+            .tx
+            .send(Req {
+                reply,
+                done: Some(tx),
+                props: Some(props),
             })
             .is_err()
         {
@@ -130,6 +166,7 @@ impl Publisher {
             let _ = self.tx.send(Req {
                 reply: r,
                 done: None,
+                props: None,
             });
             n += 1;
         }
@@ -151,10 +188,12 @@ async fn publish(
     confirms: &mut FuturesUnordered<Pending>,
     q: &PublisherQueue,
 ) -> Result<(), BrokerError> {
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_correlation_id(req.reply.correlation_id.as_str().into());
+    let props = req.props.clone().unwrap_or_else(|| {
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_correlation_id(req.reply.correlation_id.as_str().into())
+    });
     // Marked on its way out before the first await: if the session is dropped in
     // the middle of this publish, the mark is cleared with the session's other
     // unconfirmed publishes and the relay sends the reply again. (Left `Queued`, the

@@ -162,8 +162,38 @@ impl TestEnv {
             .await;
     }
 
+    /// The dead-letter queue's messages (taken off it), waiting up to `timeout`
+    /// for at least `n` of them: bodies only.
+    pub async fn dead_letters_until(&self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        self.dead_letter_messages_until(n, timeout)
+            .await
+            .into_iter()
+            .map(|m| m.body)
+            .collect()
+    }
+
+    /// [`TestEnv::dead_letters_until`] with each message's properties.
+    pub async fn dead_letter_messages_until(&self, n: usize, timeout: Duration) -> Vec<DeadLetter> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = self.dead_letter_messages().await;
+        while out.len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            out.extend(self.dead_letter_messages().await);
+        }
+        out
+    }
+
     /// How many messages sit in the dead-letter queue.
     pub async fn dead_letters(&self) -> Vec<Vec<u8>> {
+        self.dead_letter_messages()
+            .await
+            .into_iter()
+            .map(|m| m.body)
+            .collect()
+    }
+
+    /// The messages in the dead-letter queue, taken off it.
+    pub async fn dead_letter_messages(&self) -> Vec<DeadLetter> {
         use lapin::options::{BasicAckOptions, BasicGetOptions};
         let b = self.settings().config.broker;
         let conn = midas_worker::broker::connect(&b.url, "test dlq")
@@ -178,12 +208,47 @@ impl TestEnv {
             )
             .await
         {
-            out.push(m.delivery.data.clone());
+            let headers = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map(|h| {
+                    h.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(DeadLetter {
+                body: m.delivery.data.clone(),
+                headers,
+                expiration: m
+                    .delivery
+                    .properties
+                    .expiration()
+                    .as_ref()
+                    .map(|e| e.to_string()),
+            });
             let _ = m.delivery.acker.ack(BasicAckOptions::default()).await;
         }
         let _ = conn.close(200, "bye".into()).await;
         out
     }
+}
+
+/// A message of the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    pub expiration: Option<String>,
 }
 
 pub fn pay(bill: &str, openid: &str, amt: i64) -> String {

@@ -16,6 +16,7 @@ mod audit_cli;
 mod config_cli;
 mod contract;
 mod crash;
+mod dead_letter;
 mod decode_bounds;
 mod decoder_props;
 mod engine_e2e;
