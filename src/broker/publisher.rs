@@ -5,7 +5,9 @@
 //! pipelined: many publishes are outstanding at once and are awaited as they come.
 //! A reply target is marked published in the outbox only on the broker's ack; a
 //! reply whose queue does not exist comes back (basic.return) and is marked
-//! `returned` so it is not retried forever. Anything not confirmed — nack, broker
+//! `returned` so it is not retried forever. A stored reply target is checked
+//! against `broker.reply_to_allow` again on its way out (relay and `outbox
+//! republish` included); one outside it goes to the configured reply queue. Anything not confirmed — nack, broker
 //! down, crash — stays unpublished and the relay ([`Publisher::relay_once`]) sends
 //! it again from the outbox.
 
@@ -23,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::BrokerError;
 use crate::command::now_ms;
+use crate::config::BrokerConfig;
 use crate::metrics::METRICS;
 use crate::outbox::writer::Confirmed;
 use crate::outbox::{Outbox, OutgoingReply};
@@ -64,9 +67,13 @@ pub struct Publisher {
 pub struct PublisherQueue {
     rx: mpsc::UnboundedReceiver<Req>,
     inflight: Inflight,
+    /// `broker.reply_to_allow` and the reply queue: every stored reply target is
+    /// checked against them again when it is published.
+    broker: BrokerConfig,
 }
 
-pub fn channel() -> (Publisher, PublisherQueue) {
+/// The publisher of a worker whose broker config is `broker`.
+pub fn channel(broker: &BrokerConfig) -> (Publisher, PublisherQueue) {
     let (tx, rx) = mpsc::unbounded_channel();
     let inflight = Arc::new(Mutex::new(HashMap::new()));
     (
@@ -74,8 +81,30 @@ pub fn channel() -> (Publisher, PublisherQueue) {
             tx,
             inflight: inflight.clone(),
         },
-        PublisherQueue { rx, inflight },
+        PublisherQueue {
+            rx,
+            inflight,
+            broker: broker.clone(),
+        },
     )
+}
+
+/// A stored reply target outside `broker.reply_to_allow` (an allow-list tightened
+/// since the command came, or a row written by hand) goes to the configured reply
+/// queue instead: the worker never publishes into a queue the list does not name.
+fn checked_target(mut req: Req, broker: &BrokerConfig) -> Req {
+    if req.props.is_none()
+        && req.reply.target_id.is_some()
+        && !super::reply_to_allowed(broker, &req.reply.reply_to)
+    {
+        tracing::warn!(
+            reply_to = %req.reply.reply_to,
+            reply_queue = %broker.reply_queue,
+            "stored reply target is outside broker.reply_to_allow; publishing to the configured reply queue instead"
+        );
+        req.reply.reply_to = broker.reply_queue.clone();
+    }
+    req
 }
 
 fn lock(s: &Mutex<HashMap<i64, Stage>>) -> std::sync::MutexGuard<'_, HashMap<i64, Stage>> {
@@ -188,6 +217,7 @@ async fn publish(
     confirms: &mut FuturesUnordered<Pending>,
     q: &PublisherQueue,
 ) -> Result<(), BrokerError> {
+    let req = checked_target(req, &q.broker);
     let props = req.props.clone().unwrap_or_else(|| {
         BasicProperties::default()
             .with_delivery_mode(2)
