@@ -1568,3 +1568,35 @@ async fn bulk_actions_refuse_empty_filters_and_an_unexpected_count() {
     assert!(text.contains("re-opened 1 job"), "{text}");
     assert_eq!(pending(), before + 1);
 }
+
+/// A value holding bidi or invisible characters (an outbox written before the
+/// decoder refused them) is never printed raw by `outbox show`: the report escapes
+/// each (`\u{202e}`), and the JSON writes it as a `\u202e` escape that decodes back
+/// to the stored text.
+#[tokio::test]
+async fn show_escapes_bidi_and_invisible_characters() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let stored = "evil\u{202e}gpj.exe\u{200b}\u{2028}x\u{85}";
+    f.conn()
+        .execute(
+            "UPDATE jobs SET openid = ?1 WHERE bill_no = 'B-UNK'",
+            [stored],
+        )
+        .expect("update");
+    let hidden = ['\u{202e}', '\u{200b}', '\u{2028}', '\u{85}'];
+    let text = ok(s, &["show", "B-UNK"]);
+    assert!(!text.contains(hidden), "raw in the report:\n{text}");
+    assert!(
+        text.contains("evil\\u{202e}gpj.exe\\u{200b}\\u{2028}x"),
+        "{text}"
+    );
+    let doc = ok(s, &["show", "B-UNK", "--json"]);
+    assert!(!doc.contains(hidden), "raw in the JSON:\n{doc}");
+    assert!(doc.contains("\\u202e"), "{doc}");
+    let v: Value = serde_json::from_str(&doc).expect("valid JSON");
+    assert_eq!(
+        v["jobs"][0]["openid"], stored,
+        "the escape decodes to the stored text"
+    );
+}

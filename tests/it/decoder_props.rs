@@ -187,9 +187,9 @@ fn valid_command() -> impl Strategy<Value = Value> {
     (
         prop::sample::select(vec!["pay", "present", "cancel_pay", "balance"]),
         "[A-Za-z0-9_-]{1,63}",
-        "[^\\p{Cc}]{1,40}",
+        "[^\\p{Cc}\\p{Cf}\\p{Zl}\\p{Zp}]{1,40}",
         1..=MAX_AMOUNT,
-        prop::option::of("[^\\p{Cc}]{1,20}"),
+        prop::option::of("[^\\p{Cc}\\p{Cf}\\p{Zl}\\p{Zp}]{1,20}"),
         prop::option::of(Just("wx1234567")),
         prop::option::of("[0-9]{1,3}"),
     )

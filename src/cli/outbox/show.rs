@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use super::fmt::{age, clean, dash, redact, stored_json, stored_json_text, table};
+use super::fmt::{age, clean, dash, json_escaped, redact, stored_json, stored_json_text, table};
 use super::{open_read, select, AuditError, RETRY_WINDOW};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
@@ -262,8 +262,8 @@ pub(super) fn show(
         operator_actions: actions.into_iter().map(action_view).collect(),
     };
     if as_json {
-        serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
-        writeln!(out)?;
+        let doc = serde_json::to_string_pretty(&view).map_err(io::Error::from)?;
+        writeln!(out, "{}", json_escaped(doc))?;
         return Ok(());
     }
     render_text(&view, out)?;
