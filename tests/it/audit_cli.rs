@@ -752,7 +752,7 @@ async fn show_prints_every_attempt_reply_target_and_action() {
     // a multi-line errmsg stays on one line
     let text = ok(s, &["show", "B-BAL"]);
     assert!(
-        text.contains("insufficient balance, \\\"really\\\"\\nsecond line"),
+        text.contains("insufficient balance, \"really\"\\nsecond line"),
         "{text}"
     );
 
@@ -1232,7 +1232,7 @@ async fn list_and_export_filter_by_bill_no_prefix_and_errcode() {
 }
 
 #[tokio::test]
-async fn a_bill_no_used_by_two_apps_needs_appid() {
+async fn a_bill_no_used_by_two_apps_is_shown_whole_and_acted_on_with_appid() {
     let f = fixture().await;
     let s = &f.settings;
     let (w, join) = Writer::start(&f.path, None).expect("writer");
@@ -1265,8 +1265,33 @@ async fn a_bill_no_used_by_two_apps_needs_appid() {
         2
     );
 
+    // read-only: both jobs, each under its appid
+    let text = ok(s, &["show", "B-UNK"]);
+    assert!(
+        text.starts_with("bill_no B-UNK: 2 jobs of 2 apps (wx1234567, wx7654321)"),
+        "{text}"
+    );
+    let first = text
+        .find("== appid wx1234567 ==")
+        .expect("first app's heading");
+    let second = text
+        .find("== appid wx7654321 ==")
+        .expect("second app's heading");
+    let (o_unk, o_x) = (
+        text.find("o-unk").expect("first app's job"),
+        text.find("o-x").expect("second app's job"),
+    );
+    assert!(first < o_unk && o_unk < second && second < o_x, "{text}");
+    let doc: Value = serde_json::from_str(&ok(s, &["show", "B-UNK", "--json"])).expect("json");
+    let apps: Vec<&str> = doc["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["appid"].as_str())
+        .collect();
+    assert_eq!(apps, ["wx1234567", "wx7654321"]);
+    // acting verbs still need --appid
     for args in [
-        &["show", "B-UNK"][..],
         &["retry", "B-UNK"][..],
         &["retry", "B-UNK", "--op", "pay"][..],
         &["republish", "B-UNK"][..],
