@@ -322,16 +322,20 @@ pub fn check_ledger_ops(
 ) -> BTreeMap<String, midas_worker::command::Reply> {
     use midas_worker::command::Status;
     let mut last: BTreeMap<String, midas_worker::command::Reply> = BTreeMap::new();
+    let mut raw: BTreeMap<&str, &[u8]> = BTreeMap::new();
     for r in replies {
-        let s = r.reply.status.expect("status");
-        if let Some(prev) = last.get(&r.correlation_id) {
-            assert_eq!(
-                prev.status,
-                Some(s),
-                "a repeated reply agrees ({})",
-                r.correlation_id
+        let _ = r.reply.status.expect("status");
+        // a repeated reply is identical, byte for byte (contract guarantee 4)
+        if let Some(prev) = raw.get(r.correlation_id.as_str()) {
+            assert!(
+                *prev == r.raw.as_slice(),
+                "a repeated reply differs ({}):\n{}\n{}",
+                r.correlation_id,
+                String::from_utf8_lossy(prev),
+                String::from_utf8_lossy(&r.raw)
             );
         }
+        raw.insert(r.correlation_id.as_str(), r.raw.as_slice());
         last.insert(r.correlation_id.clone(), r.reply.clone());
     }
     let mut bills = std::collections::HashSet::new();

@@ -450,11 +450,17 @@ fn wrong_types_unknown_apps_and_ops() {
         let r = check(body.as_bytes(), one_app()).expect_err(body);
         assert_eq!(r.code, *code, "{body}: {r:?}");
     }
-    // with two apps, a missing appid is invalid, a known one fine
+    // with two apps, a missing appid is invalid_command (the contract: "no appid
+    // while several apps are configured"), an unknown one unknown_app, a known one fine
     let body = r#"{"op":"pay","bill_no":"B","openid":"o","amt":1}"#;
     assert_eq!(
         check(body.as_bytes(), two_apps()).unwrap_err().code,
         "invalid_command"
+    );
+    let body = r#"{"op":"pay","bill_no":"B","openid":"o","amt":1,"appid":"wxnope"}"#;
+    assert_eq!(
+        check(body.as_bytes(), two_apps()).unwrap_err().code,
+        "unknown_app"
     );
     let body = r#"{"op":"pay","bill_no":"B","openid":"o","amt":1,"appid":"wx7654321"}"#;
     assert_eq!(
