@@ -324,6 +324,25 @@ fn salvage(body: &[u8], r: &mut Rejection) {
     r.appid = s.appid;
 }
 
+/// Characters no text field may hold: control characters (C0, DEL, C1), and the
+/// invisible and bidirectional formatting characters that make a value print as
+/// something else (U+200B–U+200F, U+202A–U+202E, U+2066–U+2069, the line and
+/// paragraph separators U+2028/U+2029, U+FEFF, U+061C, U+180E).
+pub fn is_hidden_char(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{FEFF}'
+                | '\u{061C}'
+                | '\u{180E}'
+        )
+}
+
 fn text_field(
     name: &str,
     v: Option<String>,
@@ -337,9 +356,9 @@ fn text_field(
             "invalid_command",
             format!("`{name}` is longer than {MAX_TEXT} bytes"),
         )),
-        Some(s) if s.chars().any(|c| c.is_control()) => Err((
+        Some(s) if s.chars().any(is_hidden_char) => Err((
             "invalid_command",
-            format!("`{name}` contains control characters"),
+            format!("`{name}` contains control, invisible or bidirectional characters"),
         )),
         Some(s) => Ok(Some(s)),
     }
@@ -400,6 +419,15 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
     let zone_id = text_field("zone_id", w.zone_id, false)?.unwrap_or_else(|| app.zone_id.clone());
     let pf = text_field("pf", w.pf, false)?.unwrap_or_else(|| app.pf.clone());
     let user_ip = text_field("user_ip", w.user_ip, false)?;
+    if user_ip
+        .as_deref()
+        .is_some_and(|ip| ip.parse::<std::net::IpAddr>().is_err())
+    {
+        return Err((
+            "invalid_command",
+            "`user_ip` must be an IPv4 or IPv6 address".into(),
+        ));
+    }
     let pay_bill_no = if v2 {
         check_v2(
             op,

@@ -43,6 +43,8 @@ pub const ENV_ALLOW_SIMULATOR: &str = "MIDAS_WORKER_ALLOW_SIMULATOR";
 pub const ENV_REQUIRE_ENVIRONMENT: &str = "MIDAS_WORKER_REQUIRE_ENVIRONMENT";
 /// The bill_no window is 48 h; retries must stop well before it.
 pub const MAX_GIVE_UP_AFTER: Duration = Duration::from_secs(47 * 3600);
+/// Upper bound for `broker.dead_letter_ttl` (RabbitMQ's TTLs are 32-bit milliseconds).
+pub const MAX_DEAD_LETTER_TTL: Duration = Duration::from_secs(49 * 86_400);
 /// Upper bound for `broker.max_command_bytes`.
 pub const MAX_COMMAND_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 /// The sections every config has (filled from defaults when the file omits them).
@@ -163,6 +165,10 @@ pub struct BrokerConfig {
     pub reply_queue: String,
     #[serde(default = "d_dead_letter_queue")]
     pub dead_letter_queue: String,
+    /// How long a dead-lettered command stays in the dead-letter queue (the
+    /// queue's `x-message-ttl`, and each copy's expiration). 1s ..= 49d.
+    #[serde(default = "d_dead_letter_ttl")]
+    pub dead_letter_ttl: Dur,
     #[serde(default = "d_prefetch")]
     pub prefetch: u16,
     /// Larger command bodies are rejected (`invalid_command`) without being parsed.
@@ -273,6 +279,9 @@ fn d_reply_queue() -> String {
 }
 fn d_dead_letter_queue() -> String {
     "midas.commands.dead".into()
+}
+fn d_dead_letter_ttl() -> Dur {
+    Dur(Duration::from_secs(7 * 86_400))
 }
 fn d_prefetch() -> u16 {
     256

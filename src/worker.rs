@@ -143,7 +143,7 @@ pub async fn start(
     let midas = Arc::new(MidasClient::new(&settings, &midas_url)?);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (stop_pub_tx, stop_pub) = watch::channel(false);
-    let (pub_handle, pub_queue) = publisher::channel();
+    let (pub_handle, pub_queue) = publisher::channel(&settings.config.broker);
     let (dtx, drx) = mpsc::unbounded_channel();
     // this worker's readiness (not the process's: tests run several workers)
     let health = Health::new();

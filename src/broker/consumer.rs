@@ -4,8 +4,9 @@
 //! (`FuturesOrdered`), which lets consecutive acks go out as one `multiple` ack and
 //! hands new jobs to the dispatcher in arrival order. Nothing is acked before the
 //! outbox has committed it. Invalid and conflicting commands get a confirmed
-//! `rejected` reply and are then rejected without requeue (dead-lettered,
-//! unchanged). Storage trouble requeues the delivery after a pause.
+//! `rejected` reply; then a copy without the session_key, saying why, goes to the
+//! dead-letter queue ([`super::deadletter`]) and, once confirmed, the command is
+//! acked. Storage trouble requeues the delivery after a pause.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -13,9 +14,7 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use futures_util::FutureExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use tokio::sync::{mpsc, watch};
@@ -55,7 +54,8 @@ pub struct IntakeCtx {
 #[allow(clippy::large_enum_variant)]
 enum Disposition {
     Ack(Option<DispatchMsg>),
-    DeadLetter,
+    /// Rejected without requeue: the broker dead-letters it unchanged.
+    Reject,
     Requeue,
 }
 
@@ -140,22 +140,15 @@ async fn settle(
                         .await?;
                     acks = 0;
                 }
-                match other {
-                    Disposition::DeadLetter => {
-                        ch.basic_reject(tag, BasicRejectOptions { requeue: false })
-                            .await?
-                    }
-                    _ => {
-                        ch.basic_nack(
-                            tag,
-                            BasicNackOptions {
-                                multiple: false,
-                                requeue: true,
-                            },
-                        )
-                        .await?
-                    }
-                }
+                let requeue = matches!(other, Disposition::Requeue);
+                ch.basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        multiple: false,
+                        requeue,
+                    },
+                )
+                .await?
             }
         }
     }
@@ -204,9 +197,9 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
                 .as_ref()
                 .is_some_and(|s| !s.as_str().is_empty());
             if named_target || rej.bill_no.is_some() {
-                return reject(ctx, &rej, &props, now).await;
+                return reject(ctx, &rej, &body, &props, now).await;
             }
-            return Disposition::DeadLetter;
+            return dead_letter(ctx, rej.code, &body, &props).await;
         }
     };
     let op = cmd.params.op;
@@ -217,7 +210,7 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
             bill_no = rej.bill_no.as_deref().unwrap_or(""),
             "reply_to outside broker.reply_to_allow; dead-lettering the command"
         );
-        return reject(ctx, &rej, &props, now).await;
+        return reject(ctx, &rej, &body, &props, now).await;
     }
     if op == Op::Balance {
         return balance(ctx, cmd, &props, now);
@@ -276,7 +269,7 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
                 appid: None,
             };
             tracing::warn!(bill_no = bill_no.as_deref().unwrap_or(""), op = %op, "bill_no conflict; dead-lettering the command");
-            reject(ctx, &rej, &props, now).await
+            reject(ctx, &rej, &body, &props, now).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "shutting down with the outbox unavailable; the command stays in the queue");
@@ -306,45 +299,62 @@ fn storage_trouble(e: &crate::outbox::OutboxError) {
     }
 }
 
-/// Publish a confirmed `rejected` reply, then dead-letter the message.
+/// Publish a confirmed `rejected` reply, then dead-letter a copy of the message.
 async fn reject(
     ctx: &IntakeCtx,
     rej: &Rejection,
+    body: &[u8],
     props: &BasicProperties,
     now: i64,
 ) -> Disposition {
     let reply = Reply::rejected(rej, rfc3339_ms(now));
-    reply_then(
-        ctx,
-        props,
-        rej.bill_no.as_deref(),
-        &reply,
-        Disposition::DeadLetter,
-    )
-    .await
+    if reply_confirmed(ctx, props, rej.bill_no.as_deref(), &reply).await {
+        dead_letter(ctx, rej.code, body, props).await
+    } else {
+        Disposition::Requeue
+    }
 }
 
-/// Publish a reply that has no outbox row; settle the delivery as `then` once the
-/// broker confirmed it, or requeue it (to try again) when it did not.
-async fn reply_then(
+/// Publish a reply that has no outbox row; whether the broker confirmed it.
+async fn reply_confirmed(
     ctx: &IntakeCtx,
     props: &BasicProperties,
     bill_no: Option<&str>,
     reply: &Reply,
-    then: Disposition,
-) -> Disposition {
+) -> bool {
     let (reply_to, correlation_id) = target(props, ctx, bill_no);
-    let confirmed = ctx
-        .publisher
+    ctx.publisher
         .send_confirmed(OutgoingReply {
             target_id: None,
             reply_to,
             correlation_id,
             payload: Arc::from(reply.to_bytes()),
         })
-        .await;
-    if confirmed {
-        then
+        .await
+}
+
+/// Put a copy of a refused command, without its session_key and saying `reason`,
+/// in the dead-letter queue; ack the command once the broker confirmed the copy
+/// (requeue it to try again when it did not).
+async fn dead_letter(
+    ctx: &IntakeCtx,
+    reason: &str,
+    body: &[u8],
+    props: &BasicProperties,
+) -> Disposition {
+    let b = &ctx.settings.config.broker;
+    if super::deadletter::broker_may_keep(body, b.max_command_bytes) {
+        return Disposition::Reject;
+    }
+    let (copy, scrubbed) = super::deadletter::scrub(body, b.max_command_bytes);
+    let props =
+        super::deadletter::properties(props, reason, scrubbed, b.dead_letter_ttl.0.as_millis());
+    if ctx
+        .publisher
+        .send_to_confirmed(&b.dead_letter_queue, copy, props)
+        .await
+    {
+        Disposition::Ack(None)
     } else {
         Disposition::Requeue
     }

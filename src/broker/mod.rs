@@ -4,6 +4,7 @@
 //! ([`publisher`]). [`session`] keeps them alive across broker restarts.
 
 pub mod consumer;
+pub mod deadletter;
 pub mod publisher;
 pub mod session;
 
@@ -73,13 +74,8 @@ const PRECONDITION_FAILED: u16 = 406;
 /// with a policy (`SECURITY.md`, "Known limits").
 /// Each declaration uses a channel of its own, closed afterwards.
 pub async fn declare_topology(conn: &Connection, cfg: &BrokerConfig) -> Result<(), BrokerError> {
+    declare_dead_letter_queue(conn, cfg).await?;
     let ch = conn.create_channel().await?;
-    ch.queue_declare(
-        cfg.dead_letter_queue.as_str().into(),
-        durable(),
-        FieldTable::default(),
-    )
-    .await?;
     ch.queue_declare(cfg.reply_queue.as_str().into(), durable(), quorum())
         .await?;
     let limited = ch
@@ -109,6 +105,50 @@ pub async fn declare_topology(conn: &Connection, cfg: &BrokerConfig) -> Result<(
                 queue = %cfg.command_queue,
                 "command queue was declared without x-delivery-limit (by an older version): unless a policy sets delivery-limit, a message that crashes the worker is redelivered forever; set one with: rabbitmqctl set_policy midas-delivery-limit '^{}$' '{{\"delivery-limit\":{COMMAND_DELIVERY_LIMIT}}}' --apply-to queues",
                 regex_escape(&cfg.command_queue)
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// The dead-letter queue, with `x-message-ttl` = `broker.dead_letter_ttl`. One
+/// declared before the TTL existed (or with another TTL) cannot be re-declared with
+/// it: then it is declared as it is, on a fresh channel, and one warning per process
+/// gives the policy that sets the TTL. The copies the worker dead-letters carry the
+/// TTL as their own expiration in any case.
+async fn declare_dead_letter_queue(
+    conn: &Connection,
+    cfg: &BrokerConfig,
+) -> Result<(), BrokerError> {
+    let ttl_ms = i64::try_from(cfg.dead_letter_ttl.0.as_millis()).unwrap_or(i64::MAX);
+    let mut args = FieldTable::default();
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl_ms));
+    let ch = conn.create_channel().await?;
+    match ch
+        .queue_declare(cfg.dead_letter_queue.as_str().into(), durable(), args)
+        .await
+    {
+        Ok(_) => {
+            let _ = ch.close(200, "declared".into()).await;
+        }
+        Err(e) if is_precondition_failed(&e) => {
+            let ch = conn.create_channel().await?;
+            ch.queue_declare(
+                cfg.dead_letter_queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..durable()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            let _ = ch.close(200, "declared".into()).await;
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!(
+                queue = %cfg.dead_letter_queue,
+                "dead-letter queue was declared without this x-message-ttl (by an older version, or with another broker.dead_letter_ttl): the worker's copies still expire, messages the broker dead-letters itself do not; set the TTL with: rabbitmqctl set_policy midas-dead-letter-ttl '^{}$' '{{\"message-ttl\":{ttl_ms}}}' --apply-to queues",
+                regex_escape(&cfg.dead_letter_queue)
             ));
         }
         Err(e) => return Err(e.into()),

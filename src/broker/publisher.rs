@@ -5,7 +5,9 @@
 //! pipelined: many publishes are outstanding at once and are awaited as they come.
 //! A reply target is marked published in the outbox only on the broker's ack; a
 //! reply whose queue does not exist comes back (basic.return) and is marked
-//! `returned` so it is not retried forever. Anything not confirmed — nack, broker
+//! `returned` so it is not retried forever. A stored reply target is checked
+//! against `broker.reply_to_allow` again on its way out (relay and `outbox
+//! republish` included); one outside it goes to the configured reply queue. Anything not confirmed — nack, broker
 //! down, crash — stays unpublished and the relay ([`Publisher::relay_once`]) sends
 //! it again from the outbox.
 
@@ -23,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::BrokerError;
 use crate::command::now_ms;
+use crate::config::BrokerConfig;
 use crate::metrics::METRICS;
 use crate::outbox::writer::Confirmed;
 use crate::outbox::{Outbox, OutgoingReply};
@@ -48,6 +51,8 @@ type Inflight = Arc<Mutex<HashMap<i64, Stage>>>;
 struct Req {
     reply: OutgoingReply,
     done: Option<oneshot::Sender<bool>>,
+    /// Properties other than a reply's (a dead-letter copy's headers, expiration).
+    props: Option<BasicProperties>,
 }
 
 /// Handle used by intake and the dispatcher. Cheap to clone.
@@ -62,9 +67,13 @@ pub struct Publisher {
 pub struct PublisherQueue {
     rx: mpsc::UnboundedReceiver<Req>,
     inflight: Inflight,
+    /// `broker.reply_to_allow` and the reply queue: every stored reply target is
+    /// checked against them again when it is published.
+    broker: BrokerConfig,
 }
 
-pub fn channel() -> (Publisher, PublisherQueue) {
+/// The publisher of a worker whose broker config is `broker`.
+pub fn channel(broker: &BrokerConfig) -> (Publisher, PublisherQueue) {
     let (tx, rx) = mpsc::unbounded_channel();
     let inflight = Arc::new(Mutex::new(HashMap::new()));
     (
@@ -72,8 +81,30 @@ pub fn channel() -> (Publisher, PublisherQueue) {
             tx,
             inflight: inflight.clone(),
         },
-        PublisherQueue { rx, inflight },
+        PublisherQueue {
+            rx,
+            inflight,
+            broker: broker.clone(),
+        },
     )
+}
+
+/// A stored reply target outside `broker.reply_to_allow` (an allow-list tightened
+/// since the command came, or a row written by hand) goes to the configured reply
+/// queue instead: the worker never publishes into a queue the list does not name.
+fn checked_target(mut req: Req, broker: &BrokerConfig) -> Req {
+    if req.props.is_none()
+        && req.reply.target_id.is_some()
+        && !super::reply_to_allowed(broker, &req.reply.reply_to)
+    {
+        tracing::warn!(
+            reply_to = %req.reply.reply_to,
+            reply_queue = %broker.reply_queue,
+            "stored reply target is outside broker.reply_to_allow; publishing to the configured reply queue instead"
+        );
+        req.reply.reply_to = broker.reply_queue.clone();
+    }
+    req
 }
 
 fn lock(s: &Mutex<HashMap<i64, Stage>>) -> std::sync::MutexGuard<'_, HashMap<i64, Stage>> {
@@ -91,7 +122,11 @@ impl Publisher {
         if let Some(id) = reply.target_id {
             lock(&self.inflight).insert(id, Stage::Queued);
         }
-        let _ = self.tx.send(Req { reply, done: None });
+        let _ = self.tx.send(Req {
+            reply,
+            done: None,
+            props: None,
+        });
     }
 
     /// Publish a reply that has no outbox row and wait for the broker's confirm.
@@ -102,6 +137,36 @@ impl Publisher {
             .send(Req {
                 reply,
                 done: Some(tx),
+                props: None,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Publish `body` to `queue` with `props` (a dead-letter copy) and wait for the
+    /// broker's confirm.
+    pub async fn send_to_confirmed(
+        &self,
+        queue: &str,
+        body: Vec<u8>,
+        props: BasicProperties,
+    ) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let reply = OutgoingReply {
+            target_id: None,
+            reply_to: queue.to_string(),
+            correlation_id: String::new(),
+            payload: Arc::from(body),
+        };
+        if self
+            .tx
+            .send(Req {
+                reply,
+                done: Some(tx),
+                props: Some(props),
             })
             .is_err()
         {
@@ -130,6 +195,7 @@ impl Publisher {
             let _ = self.tx.send(Req {
                 reply: r,
                 done: None,
+                props: None,
             });
             n += 1;
         }
@@ -151,10 +217,13 @@ async fn publish(
     confirms: &mut FuturesUnordered<Pending>,
     q: &PublisherQueue,
 ) -> Result<(), BrokerError> {
-    let props = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_correlation_id(req.reply.correlation_id.as_str().into());
+    let req = checked_target(req, &q.broker);
+    let props = req.props.clone().unwrap_or_else(|| {
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_correlation_id(req.reply.correlation_id.as_str().into())
+    });
     // Marked on its way out before the first await: if the session is dropped in
     // the middle of this publish, the mark is cleared with the session's other
     // unconfirmed publishes and the relay sends the reply again. (Left `Queued`, the

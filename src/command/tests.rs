@@ -208,3 +208,56 @@ fn bill_no_bounds() {
     assert!(!valid_bill_no(""));
     assert!(!valid_bill_no("é"));
 }
+
+#[test]
+fn text_fields_refuse_control_invisible_and_bidi_characters() {
+    let hidden = [
+        '\u{0}', '\u{1b}', '\u{7f}', '\u{85}', '\u{9f}', '\u{200b}', '\u{200d}', '\u{200f}',
+        '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{2028}', '\u{2029}', '\u{feff}',
+        '\u{61c}',
+    ];
+    for c in hidden {
+        assert!(is_hidden_char(c), "{:?}", c);
+        for field in [
+            "openid",
+            "zone_id",
+            "pf",
+            "user_ip",
+            "pay_item",
+            "app_remark",
+            "session_key",
+        ] {
+            let value = format!("ab{c}cd");
+            let body = serde_json::json!({
+                "op": "pay", "bill_no": "B-1", "openid": "o1", "amt": 1, field: value,
+            });
+            let r = err(body.to_string().as_bytes());
+            assert_eq!(r.code, "invalid_command", "{field} {c:?}");
+            assert!(r.message.contains(field), "{field}: {}", r.message);
+        }
+    }
+    // ordinary text outside ASCII is fine
+    for ok_char in ['é', '中', '\u{1F600}', '\u{2030}', '\u{2065}'] {
+        assert!(!is_hidden_char(ok_char), "{ok_char:?}");
+    }
+    let c = ok(r#"{"op":"pay","bill_no":"B-1","openid":"玩家é","amt":1}"#);
+    assert_eq!(c.params.openid, "玩家é");
+}
+
+#[test]
+fn user_ip_must_be_an_ip_address() {
+    for ip in ["203.0.113.7", "2001:db8::1", "::1"] {
+        let c = ok(&format!(
+            r#"{{"op":"pay","bill_no":"B-1","openid":"o1","amt":1,"user_ip":"{ip}"}}"#
+        ));
+        assert_eq!(c.params.user_ip.as_deref(), Some(ip));
+    }
+    for bad in ["localhost", "1.2.3", "203.0.113.7:80", "203.0.113.7 ", "x"] {
+        let body = serde_json::json!({
+            "op": "pay", "bill_no": "B-1", "openid": "o1", "amt": 1, "user_ip": bad,
+        });
+        let r = err(body.to_string().as_bytes());
+        assert_eq!(r.code, "invalid_command", "{bad:?}");
+        assert!(r.message.contains("user_ip"), "{bad:?}: {}", r.message);
+    }
+}

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use super::{
     invalid, Config, ConfigError, Environment, Settings, Source, ENV_ALLOW_SIMULATOR,
-    MAX_COMMAND_BYTES_LIMIT, MAX_GIVE_UP_AFTER,
+    MAX_COMMAND_BYTES_LIMIT, MAX_DEAD_LETTER_TTL, MAX_GIVE_UP_AFTER,
 };
 
 pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
@@ -41,6 +41,13 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
     }
     if c.broker.prefetch == 0 {
         return Err(invalid("broker.prefetch", "must be at least 1"));
+    }
+    let ttl = c.broker.dead_letter_ttl.0;
+    if ttl < std::time::Duration::from_secs(1) || ttl > MAX_DEAD_LETTER_TTL {
+        return Err(invalid(
+            "broker.dead_letter_ttl",
+            format!("{} is out of range: 1s ..= 49d", super::fmt_duration(ttl)),
+        ));
     }
     if c.broker.max_command_bytes == 0 || c.broker.max_command_bytes > MAX_COMMAND_BYTES_LIMIT {
         return Err(invalid(

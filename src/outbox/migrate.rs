@@ -12,7 +12,10 @@
 //! NULL: the lease coordinator of whichever worker takes the player loads them.
 //!
 //! Unlike the operator queries, this copies `session_key` (a pending job needs it
-//! for its next call); it is never printed.
+//! for its next call); it is never printed. Once PostgreSQL has committed, the
+//! SQLite source is marked migrated (`meta.migrated_to`, the target URL masked:
+//! every writable open refuses it, saying where the jobs went) and its session_keys
+//! are erased.
 
 use rusqlite::types::Value;
 use rusqlite::{params, Connection, TransactionBehavior};
@@ -203,8 +206,26 @@ pub fn sqlite_to_postgres(
         &detail.to_string(),
     )?;
     tx.commit()?;
-    // the source transaction only read: let it go
-    src_tx.rollback().map_err(OutboxError::from)?;
+    // The source is marked (no worker or operator writes to it again: its pending
+    // jobs would run twice) and loses its session_keys (they live in PostgreSQL
+    // now); secure_delete zeroes the old cells, the checkpoint empties the WAL.
+    let at = crate::command::rfc3339_ms(who.at);
+    let mark = |key: &str, value: &str| {
+        src_tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )
+    };
+    mark(super::schema::MIGRATED_TO, &to.masked()).map_err(OutboxError::from)?;
+    mark(super::schema::MIGRATED_AT, &at).map_err(OutboxError::from)?;
+    src_tx
+        .execute(
+            "UPDATE jobs SET session_key = NULL WHERE session_key IS NOT NULL",
+            [],
+        )
+        .map_err(OutboxError::from)?;
+    src_tx.commit().map_err(OutboxError::from)?;
+    let _ = super::checkpoint(&src);
     Ok(Migrated { copied, pending })
 }
 

@@ -55,6 +55,10 @@ pub enum OutboxError {
     /// `sslmode`/`sslrootcert` of `outbox.url` refused, or TLS could not be set up.
     #[error("{0}")]
     Tls(#[from] postgres::tls::TlsError),
+    /// The SQLite file was moved to a PostgreSQL outbox by `outbox migrate`: no
+    /// worker or operator may write to it again (its jobs would run twice).
+    #[error("this SQLite outbox was migrated to {to} ({at}): its jobs are there now; set outbox.url to that outbox (outbox.path is only readable, for the audit verbs)")]
+    Migrated { to: String, at: String },
     /// A write fenced out: another worker holds the job's player now.
     #[error("this worker no longer holds the player's lease")]
     LeaseLost,
@@ -159,6 +163,7 @@ fn open_rw_unbudgeted(path: &Path) -> Result<Connection, OutboxError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     schema::prepare(&mut conn)?;
+    schema::check_not_migrated(&conn)?;
     restrict_files(path)?;
     Ok(conn)
 }
@@ -311,6 +316,8 @@ pub fn open_existing_rw(path: &Path) -> Result<Connection, OutboxError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     schema::prepare(&mut conn)?;
+    schema::check_not_migrated(&conn)?;
+    schema::check_not_migrated(&conn)?;
     restrict_files(path)?;
     Ok(conn)
 }

@@ -63,6 +63,28 @@ fn future(v: i64) -> OutboxError {
     ))
 }
 
+/// `meta` key set by `outbox migrate` on its source: where the jobs went.
+pub const MIGRATED_TO: &str = "migrated_to";
+/// `meta` key set with [`MIGRATED_TO`]: when (RFC 3339 UTC).
+pub const MIGRATED_AT: &str = "migrated_at";
+
+/// Refuse a file `outbox migrate` has moved to PostgreSQL.
+pub fn check_not_migrated(c: &Connection) -> Result<(), OutboxError> {
+    let get = |key: &str| -> Result<Option<String>, OutboxError> {
+        Ok(
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()?,
+        )
+    };
+    match get(MIGRATED_TO)? {
+        Some(to) => Err(OutboxError::Migrated {
+            to,
+            at: get(MIGRATED_AT)?.unwrap_or_default(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Apply `schema.sql`, migrating a version-1 file first. Called on every writable open.
 pub fn prepare(conn: &mut Connection) -> Result<(), OutboxError> {
     match stored_version(conn)? {

@@ -165,8 +165,38 @@ impl TestEnv {
             .await;
     }
 
+    /// The dead-letter queue's messages (taken off it), waiting up to `timeout`
+    /// for at least `n` of them: bodies only.
+    pub async fn dead_letters_until(&self, n: usize, timeout: Duration) -> Vec<Vec<u8>> {
+        self.dead_letter_messages_until(n, timeout)
+            .await
+            .into_iter()
+            .map(|m| m.body)
+            .collect()
+    }
+
+    /// [`TestEnv::dead_letters_until`] with each message's properties.
+    pub async fn dead_letter_messages_until(&self, n: usize, timeout: Duration) -> Vec<DeadLetter> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = self.dead_letter_messages().await;
+        while out.len() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            out.extend(self.dead_letter_messages().await);
+        }
+        out
+    }
+
     /// How many messages sit in the dead-letter queue.
     pub async fn dead_letters(&self) -> Vec<Vec<u8>> {
+        self.dead_letter_messages()
+            .await
+            .into_iter()
+            .map(|m| m.body)
+            .collect()
+    }
+
+    /// The messages in the dead-letter queue, taken off it.
+    pub async fn dead_letter_messages(&self) -> Vec<DeadLetter> {
         use lapin::options::{BasicAckOptions, BasicGetOptions};
         let b = self.settings().config.broker;
         let conn = midas_worker::broker::connect(&b.url, "test dlq")
@@ -181,12 +211,47 @@ impl TestEnv {
             )
             .await
         {
-            out.push(m.delivery.data.clone());
+            let headers = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .map(|h| {
+                    h.inner()
+                        .iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (k.to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(DeadLetter {
+                body: m.delivery.data.clone(),
+                headers,
+                expiration: m
+                    .delivery
+                    .properties
+                    .expiration()
+                    .as_ref()
+                    .map(|e| e.to_string()),
+            });
             let _ = m.delivery.acker.ack(BasicAckOptions::default()).await;
         }
         let _ = conn.close(200, "bye".into()).await;
         out
     }
+}
+
+/// A message of the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub headers: BTreeMap<String, String>,
+    pub expiration: Option<String>,
 }
 
 pub fn pay(bill: &str, openid: &str, amt: i64) -> String {
@@ -260,16 +325,20 @@ pub fn check_ledger_ops(
 ) -> BTreeMap<String, midas_worker::command::Reply> {
     use midas_worker::command::Status;
     let mut last: BTreeMap<String, midas_worker::command::Reply> = BTreeMap::new();
+    let mut raw: BTreeMap<&str, &[u8]> = BTreeMap::new();
     for r in replies {
-        let s = r.reply.status.expect("status");
-        if let Some(prev) = last.get(&r.correlation_id) {
-            assert_eq!(
-                prev.status,
-                Some(s),
-                "a repeated reply agrees ({})",
-                r.correlation_id
+        let _ = r.reply.status.expect("status");
+        // a repeated reply is identical, byte for byte (contract guarantee 4)
+        if let Some(prev) = raw.get(r.correlation_id.as_str()) {
+            assert!(
+                *prev == r.raw.as_slice(),
+                "a repeated reply differs ({}):\n{}\n{}",
+                r.correlation_id,
+                String::from_utf8_lossy(prev),
+                String::from_utf8_lossy(&r.raw)
             );
         }
+        raw.insert(r.correlation_id.as_str(), r.raw.as_slice());
         last.insert(r.correlation_id.clone(), r.reply.clone());
     }
     let mut bills = std::collections::HashSet::new();

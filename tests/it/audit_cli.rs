@@ -753,7 +753,7 @@ async fn show_prints_every_attempt_reply_target_and_action() {
     // a multi-line errmsg stays on one line
     let text = ok(s, &["show", "B-BAL"]);
     assert!(
-        text.contains("insufficient balance, \\\"really\\\"\\nsecond line"),
+        text.contains("insufficient balance, \"really\"\\nsecond line"),
         "{text}"
     );
 
@@ -1233,7 +1233,7 @@ async fn list_and_export_filter_by_bill_no_prefix_and_errcode() {
 }
 
 #[tokio::test]
-async fn a_bill_no_used_by_two_apps_needs_appid() {
+async fn a_bill_no_used_by_two_apps_is_shown_whole_and_acted_on_with_appid() {
     let f = fixture().await;
     let s = &f.settings;
     let (w, join) = Writer::start(&f.path, None).expect("writer");
@@ -1266,8 +1266,33 @@ async fn a_bill_no_used_by_two_apps_needs_appid() {
         2
     );
 
+    // read-only: both jobs, each under its appid
+    let text = ok(s, &["show", "B-UNK"]);
+    assert!(
+        text.starts_with("bill_no B-UNK: 2 jobs of 2 apps (wx1234567, wx7654321)"),
+        "{text}"
+    );
+    let first = text
+        .find("== appid wx1234567 ==")
+        .expect("first app's heading");
+    let second = text
+        .find("== appid wx7654321 ==")
+        .expect("second app's heading");
+    let (o_unk, o_x) = (
+        text.find("o-unk").expect("first app's job"),
+        text.find("o-x").expect("second app's job"),
+    );
+    assert!(first < o_unk && o_unk < second && second < o_x, "{text}");
+    let doc: Value = serde_json::from_str(&ok(s, &["show", "B-UNK", "--json"])).expect("json");
+    let apps: Vec<&str> = doc["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["appid"].as_str())
+        .collect();
+    assert_eq!(apps, ["wx1234567", "wx7654321"]);
+    // acting verbs still need --appid
     for args in [
-        &["show", "B-UNK"][..],
         &["retry", "B-UNK"][..],
         &["retry", "B-UNK", "--op", "pay"][..],
         &["republish", "B-UNK"][..],
@@ -1568,4 +1593,36 @@ async fn bulk_actions_refuse_empty_filters_and_an_unexpected_count() {
     );
     assert!(text.contains("re-opened 1 job"), "{text}");
     assert_eq!(pending(), before + 1);
+}
+
+/// A value holding bidi or invisible characters (an outbox written before the
+/// decoder refused them) is never printed raw by `outbox show`: the report escapes
+/// each (`\u{202e}`), and the JSON writes it as a `\u202e` escape that decodes back
+/// to the stored text.
+#[tokio::test]
+async fn show_escapes_bidi_and_invisible_characters() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let stored = "evil\u{202e}gpj.exe\u{200b}\u{2028}x\u{85}";
+    f.conn()
+        .execute(
+            "UPDATE jobs SET openid = ?1 WHERE bill_no = 'B-UNK'",
+            [stored],
+        )
+        .expect("update");
+    let hidden = ['\u{202e}', '\u{200b}', '\u{2028}', '\u{85}'];
+    let text = ok(s, &["show", "B-UNK"]);
+    assert!(!text.contains(hidden), "raw in the report:\n{text}");
+    assert!(
+        text.contains("evil\\u{202e}gpj.exe\\u{200b}\\u{2028}x"),
+        "{text}"
+    );
+    let doc = ok(s, &["show", "B-UNK", "--json"]);
+    assert!(!doc.contains(hidden), "raw in the JSON:\n{doc}");
+    assert!(doc.contains("\\u202e"), "{doc}");
+    let v: Value = serde_json::from_str(&doc).expect("valid JSON");
+    assert_eq!(
+        v["jobs"][0]["openid"], stored,
+        "the escape decodes to the stored text"
+    );
 }

@@ -357,3 +357,69 @@ async fn reply_to_outside_the_allow_list_is_rejected_to_the_reply_queue_and_neve
     let _ = conn.close(200, "bye".into()).await;
     env.cleanup(&own).await;
 }
+
+/// A stored reply target is checked against `broker.reply_to_allow` again when it
+/// is published: after the list was tightened, `outbox republish` (through the
+/// relay) sends the reply to the configured reply queue, not to the stored target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_reply_targets_are_checked_against_the_allow_list_when_republished() {
+    let mut env = TestEnv::new("restored");
+    env.set(
+        "BROKER__REPLY_TO_ALLOW",
+        &format!("t-{}.results, amq.gen-*", env.tag),
+    );
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bill = unique("RT");
+    c.publish(pay(&bill, "rt", 3).as_bytes(), "first")
+        .await
+        .expect("publish");
+    let first = c
+        .reply_for("first", Duration::from_secs(30))
+        .await
+        .expect("reply");
+    assert_eq!(first.reply.status, Some(Status::Succeeded));
+    worker.stop().await;
+
+    // the client's server-named queue is no longer allowed
+    env.set("BROKER__REPLY_TO_ALLOW", &format!("t-{}.results", env.tag));
+    let results = env.settings().config.broker.reply_queue;
+    let before = queue_depth(&results).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut out = Vec::new();
+    midas_worker::audit::run(
+        &midas_worker::audit::OutboxCmd::Republish {
+            bill_no: Some(bill.clone()),
+            filters: Default::default(),
+            confirm: Default::default(),
+            who: midas_worker::audit::Operator {
+                actor: Some("test".into()),
+                reason: None,
+            },
+        },
+        &env.settings(),
+        &mut out,
+    )
+    .expect("republish");
+    let mut depth = before;
+    for _ in 0..300 {
+        depth = queue_depth(&results).await;
+        if depth > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        depth,
+        before + 1,
+        "the reply went to the configured reply queue"
+    );
+    // one publish per target: it did not also reach the stored (disallowed) queue
+    assert!(
+        c.next_reply(Duration::from_millis(500)).await.is_err(),
+        "published to a queue outside broker.reply_to_allow"
+    );
+    worker.stop().await;
+    env.cleanup(&c).await;
+}

@@ -17,6 +17,7 @@ mod config_cli;
 mod console;
 mod contract;
 mod crash;
+mod dead_letter;
 mod decode_bounds;
 mod decoder_props;
 mod engine_e2e;

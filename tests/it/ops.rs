@@ -55,7 +55,23 @@ async fn metrics_are_scraped_and_move_and_readiness_follows_the_broker() {
         .unwrap();
     }
     c.publish(br#"{"op":"nope"}"#, "bad").await.unwrap();
-    let _ = replies(&mut c, 6, Duration::from_secs(30)).await;
+    let got = replies(&mut c, 6, Duration::from_secs(30)).await;
+    let status_of = |id: &str| {
+        got.iter()
+            .find(|r| r.correlation_id == id)
+            .and_then(|r| r.reply.status)
+    };
+    for i in 0..5 {
+        assert_eq!(
+            status_of(&format!("m{i}")),
+            Some(midas_worker::command::Status::Succeeded),
+            "m{i}"
+        );
+    }
+    assert_eq!(
+        status_of("bad"),
+        Some(midas_worker::command::Status::Rejected)
+    );
     // the outbox gauges are read at most once per GAUGE_TTL: scrape until they show
     // this outbox's jobs (counters are live)
     let mut after = String::new();

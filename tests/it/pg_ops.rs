@@ -30,12 +30,38 @@ fn pg_settings(url: &str) -> Settings {
     load_from(include_str!("../../config.toml"), &env, "t").expect("shipped config loads")
 }
 
-/// The SQLite fixture, migrated into a fresh database: (fixture, db, PG settings).
-async fn migrated(tag: &str) -> (Fixture, TestDb, Settings) {
+/// A copy of a SQLite outbox file (`VACUUM INTO`), with its settings.
+pub(crate) struct Copy {
+    _dir: tempfile::TempDir,
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) settings: Settings,
+}
+
+pub(crate) fn copy_of(path: &Path) -> Copy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let to = dir.path().join("source.sqlite");
+    Connection::open(path)
+        .expect("open")
+        .execute("VACUUM INTO ?1", [to.display().to_string()])
+        .expect("copy the outbox");
+    let settings = settings_for(&to);
+    Copy {
+        _dir: dir,
+        path: to,
+        settings,
+    }
+}
+
+/// The SQLite fixture, migrated into a fresh database: (fixture, db, PG settings,
+/// the migrated source). `outbox migrate` marks its source and erases its
+/// session_keys, so it migrates a copy and the fixture stays as it was, for the
+/// verbs to be compared on both.
+async fn migrated(tag: &str) -> (Fixture, TestDb, Settings, Copy) {
     let fx = fixture().await;
     let db = TestDb::new(tag).await;
+    let source = copy_of(&fx.path);
     let text = ok(
-        &fx.settings,
+        &source.settings,
         &[
             "migrate",
             "--to",
@@ -51,7 +77,7 @@ async fn migrated(tag: &str) -> (Fixture, TestDb, Settings) {
         "migrate output: {text}"
     );
     let pg = pg_settings(&plain(&db.url));
-    (fx, db, pg)
+    (fx, db, pg, source)
 }
 
 fn json(text: &str) -> Value {
@@ -142,7 +168,32 @@ const ATTEMPT_COLS: &str =
 
 #[tokio::test]
 async fn migrate_keeps_every_row_and_id_and_the_reads_are_the_same() {
-    let (fx, db, pg) = migrated("ops_reads").await;
+    let (fx, db, pg, source) = migrated("ops_reads").await;
+
+    // the source is marked: no worker (nor operator write) starts on it, the error
+    // says where the jobs went; its session_keys are gone; it can still be read
+    let keys = |p: &Path| -> i64 {
+        Connection::open(p)
+            .expect("open")
+            .query_row(
+                "SELECT count(*) FROM jobs WHERE session_key IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count")
+    };
+    assert!(keys(&fx.path) > 0, "the fixture has session_keys to erase");
+    assert_eq!(keys(&source.path), 0, "session_keys erased from the source");
+    match midas_worker::outbox::Writer::start(&source.path, None) {
+        Ok(_) => panic!("a worker started on a migrated SQLite outbox"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("migrated to") && e.contains(&db.name), "{e}");
+        }
+    }
+    let e = err(&source.settings, &["retry", "B-UNK", "--actor", "ops"]);
+    assert!(e.to_string().contains("migrated to"), "{e}");
+    assert!(ok(&source.settings, &["list"]).contains("B-UNK"));
 
     // every row, every column, every id
     for (table, cols) in [
@@ -261,7 +312,7 @@ fn sqlite_actions(path: &Path) -> Vec<(String, String, String, Value)> {
 
 #[tokio::test]
 async fn retry_republish_and_prune_act_the_same_and_hand_jobs_back_to_the_coordinator() {
-    let (fx, db, pg) = migrated("ops_writes").await;
+    let (fx, db, pg, _source) = migrated("ops_writes").await;
     // a worker held every job (as a lease holder would have)
     db.client()
         .await
@@ -409,10 +460,18 @@ async fn migrate_refuses_a_target_with_rows_and_masks_the_password() {
     // trust authentication ignores the password: it only has to stay unprinted
     let with_pw = plain(&db.url.replacen("postgres@", "postgres:pw-s3cret@", 1));
     assert_ne!(with_pw, db.url);
+    let again = copy_of(&fx.path);
     let first = ok(&fx.settings, &["migrate", "--to", &with_pw]);
     assert!(!first.contains("pw-s3cret"), "{first}");
     assert!(first.contains("***"), "{first}");
-    let (r, text) = outbox(&fx.settings, &["migrate", "--to", &with_pw]);
+    // the migrated file itself refuses a second migration (masked URL, too)
+    let e = err(&fx.settings, &["migrate", "--to", &with_pw]);
+    assert!(
+        e.to_string().contains("migrated to") && !e.to_string().contains("pw-s3cret"),
+        "{e}"
+    );
+    // an unmarked copy of it: the target is not empty
+    let (r, text) = outbox(&again.settings, &["migrate", "--to", &with_pw]);
     let e = r.expect_err("a second migration must be refused");
     assert!(text.is_empty(), "{text}");
     let msg = e.to_string();

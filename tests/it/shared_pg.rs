@@ -230,14 +230,18 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
     let db = TestDb::new("part").await;
     let env_a = pg_env("pgpa", &db).await;
     let env_b = pg_env("pgpb", &db).await;
-    // worker A reaches PostgreSQL through a proxy that will stall
-    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    // worker A reaches PostgreSQL through a proxy that will stall (whatever host
+    // and port MIDAS_TEST_PG_URL names: the URL's authority is swapped, and the test
+    // stops if it was not)
+    let (authority, server) = pg_authority(&db.url);
+    let proxy = Proxy::start(server).await;
     let mut env_a = env_a;
     let via_proxy = db.url.replacen(
-        "127.0.0.1:5432",
-        &proxy.url_http().replace("http://", ""),
+        &format!("@{authority}/"),
+        &format!("@{}/", proxy.url_http().replace("http://", "")),
         1,
     );
+    assert_ne!(via_proxy, db.url, "worker A's URL goes through the proxy");
     env_a.set("OUTBOX__URL", &via_proxy);
     let sim = env_a
         .simulator(Faults {
@@ -597,7 +601,9 @@ async fn sigterm_during_start_up_stops_the_worker_cleanly() {
     loop {
         let waiting: i64 = watcher
             .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                // this test's database only: other tests take the same lock at once
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 &[],
             )
             .await
@@ -675,4 +681,24 @@ async fn a_version_2_outbox_gets_lease_generations_in_place() {
         db.count("SELECT count(*) FROM player_leases WHERE openid = 'o2' AND generation > (SELECT generation FROM player_leases WHERE openid = 'o1')").await == 1,
         "a later take has a higher generation than {first}"
     );
+}
+
+/// The `host:port` of a `postgres://user[:pw]@host[:port]/db` URL and the server's
+/// socket address (port 5432 when absent).
+fn pg_authority(url: &str) -> (String, std::net::SocketAddr) {
+    use std::net::ToSocketAddrs;
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let after_user = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let authority = after_user.split('/').next().unwrap_or_default().to_string();
+    let with_port = if authority.contains(':') && !authority.ends_with(']') {
+        authority.clone()
+    } else {
+        format!("{authority}:5432")
+    };
+    let addr = with_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .unwrap_or_else(|| panic!("MIDAS_TEST_PG_URL host {authority:?} does not resolve"));
+    (authority, addr)
 }

@@ -7,15 +7,45 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value as Json;
 
-use crate::command::rfc3339_ms;
+use crate::command::{is_hidden_char, rfc3339_ms};
 
-/// One line, no control characters (values come from clients and Midas).
+/// One line, no control, invisible or bidirectional characters (values come from
+/// clients and Midas, and older outboxes took them): each is escaped (`\n`,
+/// `\u{202e}`), so a value is printed as what it is.
 pub(crate) fn one_line(s: &str) -> Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        Cow::Owned(s.chars().flat_map(char::escape_debug).collect())
+    if s.chars().any(is_hidden_char) {
+        let mut out = String::with_capacity(s.len() + 8);
+        for c in s.chars() {
+            if c.is_control() {
+                out.extend(c.escape_debug());
+            } else if is_hidden_char(c) {
+                out.extend(c.escape_unicode());
+            } else {
+                out.push(c);
+            }
+        }
+        Cow::Owned(out)
     } else {
         Cow::Borrowed(s)
     }
+}
+
+/// A JSON document with every hidden character of its strings written as a
+/// `\uXXXX` escape (serde_json writes them raw; they can only occur inside
+/// strings, and the escape decodes to the same text).
+pub(crate) fn json_escaped(doc: String) -> String {
+    if !doc.chars().any(is_hidden_char) {
+        return doc;
+    }
+    let mut out = String::with_capacity(doc.len() + 16);
+    for c in doc.chars() {
+        if is_hidden_char(c) && c != '\n' {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Mask anything that looks like a secret in free text (defence in depth: the

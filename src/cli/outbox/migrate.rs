@@ -62,7 +62,7 @@ pub(super) fn migrate(
     )?;
     writeln!(
         out,
-        "recorded in operator_actions (migrate); start the workers with outbox.url set to the new outbox; {} is left as it was",
+        "recorded in operator_actions (migrate); start the workers with outbox.url set to the new outbox; {} is marked migrated (no worker starts on it; its session_keys are erased; the audit verbs still read it)",
         from.display()
     )?;
     Ok(())

@@ -367,7 +367,7 @@ fn single<'a>(
 // ---------------------------------------------------------------------------------
 // Jobs of one bill_no, operator actions
 
-fn unknown_bill_no(bill_no: &str, op: Option<&str>, appid: Option<&str>) -> AuditError {
+pub(super) fn unknown_bill_no(bill_no: &str, op: Option<&str>, appid: Option<&str>) -> AuditError {
     AuditError::UnknownBillNo {
         bill_no: one_line(bill_no).into_owned(),
         op: op.map(str::to_string),

@@ -7,8 +7,8 @@ use std::io::{self, Write};
 use serde::Serialize;
 use serde_json::Value as Json;
 
-use super::fmt::{age, clean, dash, redact, stored_json, stored_json_text, table};
-use super::{open_read, select, AuditError, RETRY_WINDOW};
+use super::fmt::{age, clean, dash, json_escaped, redact, stored_json, stored_json_text, table};
+use super::{open_read, unknown_bill_no, AuditError, RETRY_WINDOW};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
 use crate::midas::errcode::{MP_SIG_WRONG, NO_PERMISSION, SESSION_EXPIRED, SIG_WRONG};
@@ -263,8 +263,8 @@ pub(super) fn show(
                 operator_actions: Vec::new(),
                 pushes: pushes.into_iter().map(Into::into).collect(),
             };
-            serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
-            writeln!(out)?;
+            let doc = serde_json::to_string_pretty(&view).map_err(io::Error::from)?;
+            writeln!(out, "{}", json_escaped(doc))?;
         } else {
             writeln!(
                 out,
@@ -281,8 +281,8 @@ pub(super) fn show(
     if as_json {
         let mut view = view;
         view.pushes = pushes.into_iter().map(Into::into).collect();
-        serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
-        writeln!(out)?;
+        let doc = serde_json::to_string_pretty(&view).map_err(io::Error::from)?;
+        writeln!(out, "{}", json_escaped(doc))?;
         return Ok(());
     }
     render_text(&view, out)?;
@@ -300,8 +300,13 @@ pub(crate) fn view(
     now: i64,
 ) -> Result<ShowView, AuditError> {
     let tx = store.read()?; // one consistent snapshot
-    let jobs = tx.jobs_by_bill_no(bill_no, appid)?;
-    select(&jobs, bill_no, None, appid)?;
+    let mut jobs = tx.jobs_by_bill_no(bill_no, appid)?;
+    // read-only: every job with the bill_no is shown, each under its appid (two apps
+    // may use one bill_no for different orders); only the acting verbs need --appid
+    if jobs.is_empty() {
+        return Err(unknown_bill_no(bill_no, None, appid));
+    }
+    jobs.sort_by(|a, b| a.appid.cmp(&b.appid).then(a.id.cmp(&b.id)));
     let mut views = Vec::with_capacity(jobs.len());
     for j in jobs {
         let (targets, calls) = (tx.targets_of(j.id)?, tx.calls_of(j.id)?);
@@ -318,15 +323,28 @@ pub(crate) fn view(
 }
 
 fn render_text(v: &ShowView, out: &mut dyn Write) -> io::Result<()> {
+    let mut apps: Vec<&str> = v.jobs.iter().map(|j| j.appid.as_str()).collect();
+    apps.dedup(); // the jobs are sorted by appid
+    let of_apps = if apps.len() > 1 {
+        format!(" of {} apps ({})", apps.len(), clean(&apps.join(", ")))
+    } else {
+        String::new()
+    };
     writeln!(
         out,
-        "bill_no {}: {} job{}",
+        "bill_no {}: {} job{}{of_apps}",
         clean(&v.bill_no),
         v.jobs.len(),
         if v.jobs.len() == 1 { "" } else { "s" }
     )?;
+    let mut current_app: Option<&str> = None;
     for j in &v.jobs {
         writeln!(out)?;
+        if apps.len() > 1 && current_app != Some(j.appid.as_str()) {
+            current_app = Some(j.appid.as_str());
+            writeln!(out, "== appid {} ==", clean(&j.appid))?;
+            writeln!(out)?;
+        }
         writeln!(out, "{} (job {}): {}", j.op, j.id, j.state.to_uppercase())?;
         let mut kv: Vec<(&str, String)> = vec![
             ("appid", clean(&j.appid)),
