@@ -621,7 +621,9 @@ async fn secrets_stay_out_of_every_output(format: &str) {
         "the worker stops on SIGTERM"
     );
     let logs = std::fs::read_to_string(&log).expect("worker log");
-    assert!(logs.contains("TRACE"), "the worker logged at trace level");
+    // RUST_LOG=trace: the worker's own modules log everything they have (its most
+    // detailed lines are at debug); every dependency stays capped at warn
+    assert!(logs.contains("DEBUG"), "the worker logged below info");
     assert!(
         logs.contains("fetched access token"),
         "the token fetches were logged"
