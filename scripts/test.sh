@@ -189,7 +189,12 @@ cargo clippy --locked --all-targets -- -D warnings
 # The deterministic simulation of the engine prints its summary line
 # ("simulation: N scenarios, 0 invariant violations"); a failure prints the seed
 # and the command that replays it.
+# The system simulation (2-3 workers on one shared model outbox) prints
+# "system simulation: N scenarios (2-3 workers), 0 invariant violations".
+# A SIM_SEED or SIM_SCENARIOS left in the environment would shrink both runs.
+unset SIM_SEED SIM_SCENARIOS
 cargo test --locked --test simulation -- --nocapture
+cargo test --locked --test system_simulation -- --nocapture
 cargo test --locked -- --test-threads 4 --skip simulation
 bash deploy/check.sh
 echo "test.sh: all checks passed"
