@@ -299,6 +299,14 @@ impl Sim {
         let Some(row) = self.ob.rows.get(&id) else {
             return Err(format!("call of an unknown job {id}"));
         };
+        // never past the job's deadline (give_up_after, and at most 47 h after its
+        // first call): judged on the worker's clock, off by at most 300 ms
+        let deadline = midas_worker::engine::job::deadline(&row.job(id, 0), &self.cfg.retry);
+        if let Some(d) = deadline {
+            if self.now > d + 300 {
+                return Err(format!("job {id} called {} ms past its deadline", self.now - d));
+            }
+        }
         for (&o, r) in self.ob.rows.range(..id) {
             if r.params.openid == p.openid
                 && r.params.appid == p.appid
