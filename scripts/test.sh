@@ -210,11 +210,15 @@ cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 # The deterministic simulation of the engine prints its summary line
 # ("simulation: N scenarios, 0 invariant violations"); a failure prints the seed
-# and the command that replays it. A SIM_SEED/SIM_SCENARIOS left in the caller's
-# environment would shrink it silently: the full run ignores them (replay a seed
-# by hand with the command a failure prints).
+# and the command that replays it. The system simulation (2-3 workers on one
+# shared model outbox) prints
+# "system simulation: N scenarios (2-3 workers), 0 invariant violations".
+# A SIM_SEED/SIM_SCENARIOS left in the caller's environment would shrink both runs
+# silently: the full run ignores them (replay a seed by hand with the command a
+# failure prints).
 unset SIM_SEED SIM_SCENARIOS
 cargo test --locked --test simulation -- --nocapture
+cargo test --locked --test system_simulation -- --nocapture
 # At most two tests at a time: the machine this runs on may have two cores, and a
 # starved scheduler turns a test's definitive Midas answer into a timeout.
 cargo test --locked -- --test-threads 2 --skip simulation
