@@ -79,6 +79,34 @@ CREATE TABLE IF NOT EXISTS operator_actions (
     detail  TEXT    NOT NULL
 );
 
+-- Verified WeChat payment pushes (src/push/): one row per (appid, kind, dedup key),
+-- however often WeChat repeats the push. The dedup key is the OutTradeNo (coins,
+-- items) or the RefundId (refunds). `message` is the events-queue message, JSON,
+-- verbatim: published until the broker confirms it (`published_at`). Added after
+-- version 2 without a version change: CREATE IF NOT EXISTS adds it to older files
+-- at their next writable open.
+CREATE TABLE IF NOT EXISTS pushes (
+    id               INTEGER PRIMARY KEY,        -- arrival order
+    appid            TEXT    NOT NULL,
+    kind             TEXT    NOT NULL
+                     CHECK (kind IN ('coins_delivered', 'goods_delivered', 'refunded')),
+    dedup_key        TEXT    NOT NULL,
+    event            TEXT    NOT NULL,           -- WeChat's Event name
+    event_id         TEXT    NOT NULL,           -- stable id of the event message
+    openid           TEXT,                       -- none on refunds
+    out_trade_no     TEXT,
+    env              INTEGER NOT NULL,           -- 0 production, 1 sandbox
+    message          TEXT    NOT NULL,
+    received_at      INTEGER NOT NULL,
+    last_received_at INTEGER NOT NULL,
+    repeats          INTEGER NOT NULL DEFAULT 0, -- later receipts, answered without a new event
+    published_at     INTEGER,                    -- set on the broker's confirm only
+    UNIQUE (appid, kind, dedup_key)
+);
+CREATE INDEX IF NOT EXISTS pushes_unpublished ON pushes (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS pushes_out_trade_no ON pushes (out_trade_no);
+CREATE INDEX IF NOT EXISTS pushes_received_at ON pushes (received_at);
+
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL

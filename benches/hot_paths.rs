@@ -177,7 +177,7 @@ fn engine_trip(e: &mut Engine, job: Job, out: &mut Vec<Action>) -> usize {
     let now = 1_000;
     out.clear();
     e.handle(Event::Accepted(job), now, out);
-    e.handle(Event::Marked(id), now, out);
+    e.handle(Event::Marked(id, None), now, out);
     let answer = Answer {
         api: Api::Pay,
         class: OutcomeClass::Success,

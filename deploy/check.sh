@@ -620,6 +620,9 @@ METRICS = {
     "midas_worker_broker_connected",
     "midas_worker_outbox_commit_batch_size",
     "midas_worker_outbox_commits_total",
+    "midas_worker_outbox_writable",
+    "midas_worker_outbox_write_failures_total",
+    "midas_worker_outbox_unwritable_episodes_total",
 }
 HISTOGRAMS = {"midas_worker_midas_call_duration_seconds", "midas_worker_outbox_commit_batch_size"}
 

@@ -2,8 +2,9 @@
 //! `MIDAS_WORKER_CONFIG`), then `MIDAS_WORKER__SECTION__KEY` environment overrides,
 //! then validation.
 //!
-//! Every key but `[[apps]]` has a default, so a file holding only `[[apps]]` entries
-//! is a complete config. Unknown keys are errors (a misspelt key must not silently
+//! Every key but `[[apps]]` and `midas.environment` has a default (`simulator`
+//! stands in for the environment in every verb but `run`, which refuses it
+//! unset), so a file holding the environment and `[[apps]]` is a complete config. Unknown keys are errors (a misspelt key must not silently
 //! become a default). Secrets are never in the file: each app names the environment
 //! variables that hold its AppKey and app secret, and they are read into [`Secret`]s
 //! here; URLs that may carry a password are [`SecretUrl`]s. Every error is one line
@@ -24,7 +25,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::secret::{Secret, SecretUrl};
 
-pub use checks::{broker_is_loopback, run_preflight, unavailable, LEASE_CALL_MARGIN};
+pub use checks::{
+    broker_is_loopback, min_lease, run_preflight, unavailable, LEASE_CALL_MARGIN, LEASE_RENEW_DELAY,
+};
 pub use dur::{fmt_duration, Dur};
 pub use overrides::{Provenance, Source, MAX_ENV_INDEX};
 
@@ -35,7 +38,7 @@ pub const ENV_CONFIG_PATH: &str = "MIDAS_WORKER_CONFIG";
 /// `1`: `run` may use the simulator with a broker that is not on this machine (the
 /// same as `run --allow-simulator-on-shared-broker`).
 pub const ENV_ALLOW_SIMULATOR: &str = "MIDAS_WORKER_ALLOW_SIMULATOR";
-/// `1` (set in the container image): `run` refuses to start unless
+/// Set in the container image. Implied now: `run` always refuses to start unless
 /// `midas.environment` was chosen explicitly (file or environment), not defaulted.
 pub const ENV_REQUIRE_ENVIRONMENT: &str = "MIDAS_WORKER_REQUIRE_ENVIRONMENT";
 /// The bill_no window is 48 h; retries must stop well before it.
@@ -43,7 +46,7 @@ pub const MAX_GIVE_UP_AFTER: Duration = Duration::from_secs(47 * 3600);
 /// Upper bound for `broker.max_command_bytes`.
 pub const MAX_COMMAND_BYTES_LIMIT: usize = 64 * 1024 * 1024;
 /// The sections every config has (filled from defaults when the file omits them).
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "broker",
     "outbox",
     "midas",
@@ -51,6 +54,7 @@ const SECTIONS: [&str; 7] = [
     "http",
     "log",
     "simulator",
+    "push",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +114,41 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     #[serde(default)]
     pub simulator: SimulatorConfig,
+    /// WeChat payment pushes (`src/push/`): off unless `listen` is set.
+    #[serde(default)]
+    pub push: PushConfig,
+}
+
+/// `[push]`: the receiver of WeChat payment pushes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// Where `GET`/`POST /wechat/push/{appid}` is served; absent: no receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// The durable quorum queue verified pushes are published to.
+    #[serde(default = "d_event_queue")]
+    pub event_queue: String,
+    /// Larger push bodies are refused unread.
+    #[serde(default = "d_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            listen: None,
+            event_queue: d_event_queue(),
+            max_body_bytes: d_max_body_bytes(),
+        }
+    }
+}
+
+fn d_event_queue() -> String {
+    "midas.events".into()
+}
+fn d_max_body_bytes() -> usize {
+    65536
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -330,6 +369,15 @@ pub struct AppConfig {
     /// v2: the `user_ip` sent when a command has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_user_ip: Option<String>,
+    /// v2: env var holding the sandbox AppKey (pushes whose `Env` is 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_app_key_env: Option<String>,
+    /// v2: env var holding the push Token; the app takes pushes when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_token_env: Option<String>,
+    /// v2: env var holding the EncodingAESKey (safe mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_aes_key_env: Option<String>,
 }
 
 /// The Midas API an app speaks: `"v1"` (Midas 1.0, `/cgi-bin/midas/*`) or `"v2"`
@@ -437,6 +485,12 @@ pub struct App {
     pub app_key: Secret,
     /// App secret, for `stable_token`.
     pub app_secret: Secret,
+    /// v2: the sandbox AppKey (`sandbox_app_key_env`).
+    pub sandbox_app_key: Option<Secret>,
+    /// v2: the push Token (`push_token_env`); `None`: the app takes no pushes.
+    pub push_token: Option<Secret>,
+    /// v2: the decoded EncodingAESKey (`push_aes_key_env`).
+    pub push_aes_key: Option<crate::push::decrypt::AesKey>,
 }
 
 impl App {
@@ -446,6 +500,19 @@ impl App {
     }
     pub fn simulator_secret(appid: &str) -> Secret {
         Secret::new(format!("simulator-secret-{appid}"))
+    }
+    /// Stand-in push Token with the simulator.
+    pub fn simulator_push_token(appid: &str) -> Secret {
+        Secret::new(format!("simulator-push-token-{appid}"))
+    }
+    /// Stand-in EncodingAESKey with the simulator: 43 characters of base64.
+    pub fn simulator_aes_key(appid: &str) -> Secret {
+        use base64::Engine;
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(format!("simulator-aes-{appid}").as_bytes());
+        let mut k = base64::engine::general_purpose::STANDARD.encode(d);
+        k.truncate(43);
+        Secret::new(k)
     }
 }
 
@@ -563,6 +630,31 @@ fn resolve_apps(
         };
         let app_key = read(&a.app_key_env, "app_key", App::simulator_key)?;
         let app_secret = read(&a.app_secret_env, "app_secret", App::simulator_secret)?;
+        let mut optional = |var: &Option<String>, field: &str, fallback: fn(&str) -> Secret| {
+            var.as_ref()
+                .map(|v| {
+                    if a.api != ApiVersion::V2 {
+                        return Err(invalid(
+                            format!("apps[{i}].{field}_env"),
+                            "pushes and the sandbox push key are for v2 apps (api = \"v2\")",
+                        ));
+                    }
+                    read(v, field, fallback)
+                })
+                .transpose()
+        };
+        let sandbox_app_key = optional(
+            &a.sandbox_app_key_env,
+            "sandbox_app_key",
+            App::simulator_key,
+        )?;
+        let push_token = optional(&a.push_token_env, "push_token", App::simulator_push_token)?;
+        let push_aes_key = optional(&a.push_aes_key_env, "push_aes_key", App::simulator_aes_key)?
+            .map(|k| {
+                crate::push::decrypt::AesKey::from_encoding_key(k.expose())
+                    .map_err(|e| invalid(format!("apps[{i}].push_aes_key_env"), e.to_string()))
+            })
+            .transpose()?;
         out.push(App {
             appid: a.appid.clone(),
             offer_id: a.offer_id.clone(),
@@ -572,6 +664,9 @@ fn resolve_apps(
             default_user_ip: a.default_user_ip.as_ref().map(|ip| ip.trim().to_string()),
             app_key,
             app_secret,
+            sandbox_app_key,
+            push_token,
+            push_aes_key,
         });
     }
     Ok(out)

@@ -23,8 +23,19 @@ use crate::outbox::postgres::coord::Coordinator;
 /// broker). The workers' clocks must agree to within this much.
 const RELAY_AFTER_MS: i64 = 10_000;
 
+/// Most unconfirmed replies one relay pass reads.
+pub const RELAY_PAGE: usize = 2000;
+
 /// How often a worker looks for players and jobs to take.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+/// A player to give back after a write of lease generation `gen` was fenced out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GiveBack {
+    pub appid: String,
+    pub openid: String,
+    pub gen: i64,
+}
 
 /// Run until `shutdown`; answers the coordinator so the caller can give the
 /// leases back once the steps under way are recorded.
@@ -32,7 +43,7 @@ pub async fn run(
     mut coord: Coordinator,
     lease: Duration,
     dispatcher: mpsc::UnboundedSender<DispatchMsg>,
-    mut give_back: mpsc::UnboundedReceiver<(String, String)>,
+    mut give_back: mpsc::UnboundedReceiver<GiveBack>,
     publisher: Publisher,
     health: Health,
     mut shutdown: watch::Receiver<bool>,
@@ -42,6 +53,7 @@ pub async fn run(
     let mut last_relay = Instant::now();
     let mut failing = 0u32;
     let mut back = Vec::new();
+    let mut cursor = crate::outbox::query::RelayCursor::default();
     loop {
         while let Ok(p) = give_back.try_recv() {
             back.push(p);
@@ -59,11 +71,17 @@ pub async fn run(
         }
         let Ok((held, room)) = rx.await else { break };
         let renew = last_renew.is_none_or(|t| t.elapsed() >= renew_every);
-        match coord.tick(&held, room, renew).await {
+        // a worker without a broker connection cannot relay: it leaves the relay
+        // lease to one that can
+        let can_relay = health.broker_connected();
+        // the next renewal is due lease / 3 after this one started, however long
+        // this look takes (docs/config.md's rule counts on it)
+        let started = Instant::now();
+        match coord.tick(&held, room, renew, can_relay).await {
             Ok(t) => {
                 failing = 0;
                 if renew {
-                    last_renew = Some(Instant::now());
+                    last_renew = Some(started);
                 }
                 if !t.lost.is_empty() {
                     tracing::warn!(
@@ -82,8 +100,12 @@ pub async fn run(
                 {
                     last_relay = Instant::now();
                     let before = crate::command::now_ms() - RELAY_AFTER_MS;
-                    match coord.unpublished_replies(2000, before).await {
+                    match coord
+                        .unpublished_replies(cursor.after, RELAY_PAGE, before)
+                        .await
+                    {
                         Ok(replies) => {
+                            cursor.advance(&replies, RELAY_PAGE);
                             let n = publisher.relay_once(replies);
                             if n > 0 {
                                 tracing::info!(

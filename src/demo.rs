@@ -97,6 +97,9 @@ fn add_v2_app(settings: &mut Settings) {
         default_user_ip: Some("203.0.113.10".into()),
         app_key: crate::config::App::simulator_key(DEMO_V2_APPID),
         app_secret: crate::config::App::simulator_secret(DEMO_V2_APPID),
+        sandbox_app_key: None,
+        push_token: Some(crate::config::App::simulator_push_token(DEMO_V2_APPID)),
+        push_aes_key: None,
     });
 }
 
@@ -135,6 +138,8 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         c.outbox.path = outbox.clone();
         c.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         c.retry.initial = crate::config::Dur(Duration::from_millis(100));
+        c.push.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        c.push.event_queue = format!("midas-demo-{tag}.events");
     }
     let v1_app = settings
         .apps
@@ -311,6 +316,11 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(addr) = running.push_addr {
+        if let Err(e) = show_item_purchase(&settings, addr).await {
+            println!("(no item purchase event: {e})");
+        }
+    }
     println!("\nOutbox (midas-worker outbox list):");
     running.stop().await;
     let mut out = std::io::stdout();
@@ -318,6 +328,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
         filters: crate::audit::Filters::default(),
         limit: 50,
         json: false,
+        kind: None,
     });
     if let Err(e) = crate::audit::run(&list, &settings, &mut out) {
         println!("(cannot list the outbox: {e})");
@@ -327,6 +338,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
             &settings.config.broker.command_queue,
             &settings.config.broker.reply_queue,
             &settings.config.broker.dead_letter_queue,
+            &settings.config.push.event_queue,
         ])
         .await;
     client.close().await;
@@ -335,6 +347,106 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
     }
     println!("\nThe invalid and the conflicting command were dead-lettered unchanged; the re-sent pay got the stored reply again without a second charge.");
     println!("Try `midas-worker outbox show BILL_NO --config ...` on a real outbox, or `midas-worker run` to start the worker.");
+    Ok(())
+}
+
+/// An item bought directly in the game (道具直购): the simulator pushes it to the
+/// worker as WeChat would (signed, safe mode off), and the event the game
+/// consumes arrives on the events queue.
+async fn show_item_purchase(settings: &Settings, push: std::net::SocketAddr) -> anyhow::Result<()> {
+    use crate::sim::push::{Purchase, PurchaseKind, PushKeys, PushSetup};
+    let keys: Vec<PushKeys> = settings
+        .apps
+        .iter()
+        .filter_map(|a| {
+            Some(PushKeys {
+                appid: a.appid.clone(),
+                token: a.push_token.clone()?,
+                aes_key: None,
+                app_key: a.app_key.clone(),
+                sandbox_key: a.sandbox_app_key.clone(),
+            })
+        })
+        .collect();
+    let sim = crate::sim::Simulator::new(
+        settings.config.simulator.clone(),
+        crate::sim::SimApp::from_settings(settings),
+    )
+    .with_pushes(PushSetup {
+        urls: vec![format!("http://{push}/wechat/push")],
+        apps: keys,
+        safe_mode: false,
+        time_factor: 100.0,
+        repeat_after_success_rate: 1.0,
+        mock_rate: 1.0,
+        seed: 1,
+    })
+    .start()
+    .await?;
+    let pusher = sim
+        .pusher()
+        .ok_or_else(|| anyhow::anyhow!("the simulator does not push"))?;
+    let no = pusher
+        .purchase(Purchase {
+            appid: DEMO_V2_APPID.into(),
+            openid: "player-D".into(),
+            kind: PurchaseKind::Goods,
+            out_trade_no: None,
+            product_id: Some("golden_sword".into()),
+            quantity: Some(1),
+            price: Some(600),
+            env: None,
+            attach: Some("from the demo".into()),
+        })
+        .map_err(anyhow::Error::msg)?;
+    println!("\nItem purchase (道具直购) {no}: WeChat's push, a repeat after success and a mock push go to the worker;");
+    println!(
+        "the game consumes one event from {}:",
+        settings.config.push.event_queue
+    );
+    let conn = crate::broker::connect(&settings.config.broker.url, "midas-worker demo").await?;
+    let ch = conn.create_channel().await?;
+    crate::push::relay::declare(&ch, &settings.config.push.event_queue).await?;
+    let mut event = None;
+    for _ in 0..100 {
+        if let Some(m) = ch
+            .basic_get(
+                settings.config.push.event_queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await?
+        {
+            event = Some(m.delivery.data);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the repeat and the mock are answered too; give them a moment
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = conn.close(200, "bye".into()).await;
+    let stats = pusher.stats();
+    sim.shutdown().await;
+    let Some(data) = event else {
+        anyhow::bail!("no event within 10 s");
+    };
+    let v: serde_json::Value = serde_json::from_slice(&data)?;
+    let keep = [
+        "event_id",
+        "kind",
+        "openid",
+        "out_trade_no",
+        "goods",
+        "wechat_pay",
+    ];
+    let shown: serde_json::Map<String, serde_json::Value> = keep
+        .iter()
+        .filter_map(|k| v.get(*k).map(|x| (k.to_string(), x.clone())))
+        .collect();
+    println!("  {}", serde_json::Value::Object(shown));
+    println!(
+        "  ({} pushes answered success, {} mock; one event: the game de-duplicates on event_id)",
+        stats.success_answers, stats.mock_success_answers
+    );
     Ok(())
 }
 

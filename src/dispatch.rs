@@ -50,8 +50,9 @@ pub enum DispatchMsg {
 pub struct Dispatcher {
     settings: Arc<Settings>,
     writer: Outbox,
-    /// Shared outbox: players to give back after a fenced write.
-    release: Option<mpsc::UnboundedSender<(String, String)>>,
+    /// Shared outbox: players to give back after a fenced write, with the lease
+    /// generation the write was made under.
+    release: Option<mpsc::UnboundedSender<crate::coordinate::GiveBack>>,
     /// Shared outbox: the longest a call (token fetch included) may take.
     call_budget: Option<Duration>,
     publisher: Publisher,
@@ -83,6 +84,11 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
             .collect(),
         simulated: c.midas.environment == Environment::Simulator,
         mark_ahead: mark_ahead(c.midas.max_in_flight.max(1), c.outbox.url.is_some()),
+        fence_margin_ms: c
+            .outbox
+            .url
+            .is_some()
+            .then(|| crate::config::LEASE_CALL_MARGIN.as_millis() as i64),
     }
 }
 
@@ -96,6 +102,9 @@ fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
         max_in_flight / 4
     }
 }
+
+/// How soon a failed load of operator re-opens is tried again.
+const RELOAD_RETRY: Duration = Duration::from_secs(1);
 
 /// Sends a transient answer if a call task ends without reporting.
 struct CallGuard {
@@ -150,7 +159,7 @@ impl Dispatcher {
         publisher: Publisher,
         midas: Arc<MidasClient>,
         stop: watch::Receiver<bool>,
-        release: Option<mpsc::UnboundedSender<(String, String)>>,
+        release: Option<mpsc::UnboundedSender<crate::coordinate::GiveBack>>,
     ) -> Dispatcher {
         let db_path = settings.config.outbox.path.clone();
         let call_budget = writer
@@ -201,25 +210,34 @@ impl Dispatcher {
                 tracing::error!(error = %e, "cannot load pending jobs; they resume at the next start")
             }
         }
+        // An operator re-open whose reload failed: kept (the earliest action) and
+        // tried again until it loads — the relay has already moved past it.
+        let mut reload: Option<i64> = None;
+        let mut reload_next = tokio::time::Instant::now();
         loop {
+            if reload.is_some() && tokio::time::Instant::now() >= reload_next {
+                reload_next = tokio::time::Instant::now() + RELOAD_RETRY;
+                self.reload(&mut reload, &mut engine, &mut actions).await;
+            }
             self.perform(&mut actions, &tx);
             self.held.store(engine.held(), Ordering::Relaxed);
             if *shutdown.borrow() {
                 break;
             }
             let now = now_ms();
-            let sleep_for = engine.next_wake().map_or(Duration::from_secs(3600), |at| {
+            let mut sleep_for = engine.next_wake().map_or(Duration::from_secs(3600), |at| {
                 Duration::from_millis((at - now).clamp(0, 3_600_000) as u64)
             });
+            if reload.is_some() {
+                sleep_for = sleep_for.min(RELOAD_RETRY);
+            }
             tokio::select! {
                 _ = shutdown.changed() => {}
                 msg = rx.recv() => match msg {
-                    Some(DispatchMsg::Reload { after_action }) => match self.load(Some(after_action)).await {
-                        Ok(jobs) => for j in jobs {
-                            engine.handle(Event::Reopened(j), now_ms(), &mut actions);
-                        },
-                        Err(e) => tracing::error!(error = %e, "cannot load re-opened jobs"),
-                    },
+                    Some(DispatchMsg::Reload { after_action }) => {
+                        reload = Some(reload.map_or(after_action, |r| r.min(after_action)));
+                        reload_next = tokio::time::Instant::now();
+                    }
                     Some(DispatchMsg::Job(j)) => engine.handle(Event::Accepted(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Reopened(j)) => engine.handle(Event::Reopened(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Rejoin(j)) => engine.handle(Event::Joined(j), now_ms(), &mut actions),
@@ -232,10 +250,7 @@ impl Dispatcher {
                     }
                     None => break,
                 },
-                Some(ev) = events.recv() => {
-                    self.give_back(&engine, &ev);
-                    engine.handle(ev, now_ms(), &mut actions)
-                }
+                Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
                 _ = tokio::time::sleep(sleep_for) => engine.poll(now_ms(), &mut actions),
             }
         }
@@ -249,7 +264,6 @@ impl Dispatcher {
         while engine.busy() > 0 {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(ev)) => {
-                    self.give_back(&engine, &ev);
                     engine.handle(ev, now_ms(), &mut actions);
                     self.perform(&mut actions, &tx);
                 }
@@ -261,12 +275,24 @@ impl Dispatcher {
         }
     }
 
-    /// A fenced write: the player goes back to the outbox for whoever holds it.
-    fn give_back(&self, engine: &Engine, ev: &Event) {
-        if let (Event::LeaseLost(id), Some(release)) = (ev, &self.release) {
-            if let Some(player) = engine.player_of(*id) {
-                tracing::warn!(appid = %player.0, openid = %player.1, "lease on the player lost; its jobs go to the worker holding it");
-                let _ = release.send(player);
+    /// Load the jobs re-opened by operator actions after `pending` (cleared once
+    /// they are loaded; kept for the next try when the outbox cannot be read).
+    async fn reload(
+        &self,
+        pending: &mut Option<i64>,
+        engine: &mut Engine,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(after) = *pending else { return };
+        match self.load(Some(after)).await {
+            Ok(jobs) => {
+                *pending = None;
+                for j in jobs {
+                    engine.handle(Event::Reopened(j), now_ms(), actions);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load re-opened jobs yet; trying again")
             }
         }
     }
@@ -289,7 +315,13 @@ impl Dispatcher {
         let mut marks = Vec::new();
         for a in actions.drain(..) {
             match a {
-                Action::Mark { id, at } => marks.push((id, at)),
+                Action::Mark { id, at, gen } => marks.push((id, at, gen)),
+                Action::GiveBack { appid, openid, gen } => {
+                    if let Some(release) = &self.release {
+                        tracing::warn!(%appid, %openid, "lease on the player lost; its jobs go to the worker holding it");
+                        let _ = release.send(crate::coordinate::GiveBack { appid, openid, gen });
+                    }
+                }
                 Action::Call {
                     id,
                     api,
@@ -356,31 +388,26 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_marks(&self, marks: Vec<(i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
+    fn spawn_marks(&self, marks: Vec<(i64, i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            let ids: Vec<i64> = marks.iter().map(|(id, _)| *id).collect();
+            let ids: Vec<i64> = marks.iter().map(|(id, _, _)| *id).collect();
             if let WriteEnd::Done(marked) =
                 write_until_done(|| writer.mark_calls(marks.clone()), stop).await
             {
-                let mut lost = marked.lost;
                 // A shared outbox checked, on its clock, that each lease outlives a
-                // call started within LEASE_CALL_MARGIN of the check. A confirmation
-                // that took longer (a stalled link) may arrive after the lease ran
-                // out: no call then; the job stays counted as possibly called.
-                let late = marked
-                    .checked_at
-                    .is_some_and(|t| t.elapsed() >= crate::config::LEASE_CALL_MARGIN);
-                if late {
-                    tracing::warn!(jobs = ids.len(), "pre-call marks confirmed too late to call under the lease; leaving the jobs to whoever holds their players");
-                    lost = ids.clone();
-                }
+                // call started within LEASE_CALL_MARGIN of the check; the engine
+                // judges whether the call still starts in time (on this worker's
+                // clock: the instant of the check, in unix ms).
+                let checked_at = marked.checked_at.map(|t| {
+                    now_ms() - i64::try_from(t.elapsed().as_millis()).unwrap_or(i64::MAX / 2)
+                });
                 for id in ids {
-                    let _ = tx.send(if lost.contains(&id) {
+                    let _ = tx.send(if marked.lost.contains(&id) {
                         Event::LeaseLost(id)
                     } else {
-                        Event::Marked(id)
+                        Event::Marked(id, checked_at)
                     });
                 }
             }
@@ -457,7 +484,10 @@ where
             }
             Err(e) => {
                 tries += 1;
-                if tries == 1 || tries % 10 == 0 {
+                if e.trouble().is_some() {
+                    // the writer logs the episode once (outbox::health)
+                    tracing::debug!(error = %e, "the outbox cannot write; retrying the write");
+                } else if tries == 1 || tries % 10 == 0 {
                     tracing::error!(error = %e, "cannot write to the outbox; retrying the write");
                 }
                 tokio::select! {

@@ -19,6 +19,7 @@ pub mod http;
 pub mod metrics;
 pub mod midas;
 pub mod outbox;
+pub mod push;
 pub mod secret;
 pub mod sim;
 pub mod telemetry;

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::command::now_ms;
+use crate::outbox::health::WriteStatus;
 
 /// Upper bounds of the Midas latency histogram, seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -276,7 +277,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition; `health` is the scraped worker's readiness.
-    pub fn render(&self, snap: &Snapshot, health: &Health) -> String {
+    pub fn render(&self, snap: &Snapshot, health: &Health, outbox: &WriteStatus) -> String {
         let mut out = String::with_capacity(8192);
         let p = "midas_worker";
         self.with(|i| {
@@ -367,6 +368,33 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE {p}_replies_pending gauge");
         let _ = writeln!(out, "{p}_replies_pending {}", snap.replies_pending);
+        let _ = writeln!(
+            out,
+            "# HELP {p}_outbox_writable 1 when the outbox can write (commands are taken); 0 while it cannot."
+        );
+        let _ = writeln!(out, "# TYPE {p}_outbox_writable gauge");
+        let _ = writeln!(out, "{p}_outbox_writable {}", u8::from(outbox.writable));
+        let _ = writeln!(
+            out,
+            "# HELP {p}_outbox_write_failures_total Outbox commits that failed on a storage condition (disk full, read-only, database away)."
+        );
+        let _ = writeln!(out, "# TYPE {p}_outbox_write_failures_total counter");
+        let _ = writeln!(
+            out,
+            "{p}_outbox_write_failures_total {}",
+            outbox.failed_commits
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {p}_outbox_unwritable_episodes_total Times the outbox stopped being able to write."
+        );
+        let _ = writeln!(out, "# TYPE {p}_outbox_unwritable_episodes_total counter");
+        let _ = writeln!(
+            out,
+            "{p}_outbox_unwritable_episodes_total {}",
+            outbox.episodes
+        );
+        crate::push::metrics::render(&mut out);
         out
     }
 }

@@ -2,11 +2,15 @@
 //! otherwise (or as `log.format` / `--log-format` says). `RUST_LOG` wins over
 //! `log.level`. Secrets are `Secret`s and print as `***` whatever the format.
 //!
-//! One exception to "RUST_LOG wins": the AMQP client (lapin and the amq-protocol
-//! crates) is capped at `warn` whatever either says, because at debug/trace it logs
-//! frames, and frames carry command bodies (with session_keys) and broker
-//! credentials. The cap is a second, global filter ([`CAPPED`]) that no `RUST_LOG`
-//! directive can loosen.
+//! One exception to "RUST_LOG wins": every dependency is capped at `warn` whatever
+//! either says; only the worker's own code ([`OWN`]) logs at debug/trace. At
+//! debug/trace the dependencies log values: tokio-postgres every statement's
+//! parameters (session_keys), lapin and amq-protocol frames (command bodies and
+//! broker credentials), rustls, hyper, h2 and reqwest handshakes, headers and
+//! bodies (access tokens, signed query strings). The cap is a second, global filter
+//! ([`cap`]) that no `RUST_LOG` directive can loosen; [`CAPPED`] lists the crates
+//! known to log such values (the cap covers every other crate too, so a new
+//! dependency cannot start leaking by being added).
 
 use std::io::IsTerminal;
 
@@ -20,9 +24,30 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
-/// Crates (target prefixes) that never log below `warn`: their debug/trace output
-/// contains message bodies and credentials.
-pub const CAPPED: [&str; 2] = ["lapin", "amq_protocol"];
+/// The targets that may log below `warn`: the worker's own modules.
+pub const OWN: &str = "midas_worker";
+
+/// Crates (target prefixes) known to log message bodies, SQL parameters or
+/// credentials at debug/trace. They never log below `warn` (nor does any other
+/// crate but [`OWN`]); the list is what the tests check by name.
+pub const CAPPED: [&str; 16] = [
+    "lapin",
+    "amq_protocol",
+    "tokio_postgres",
+    "postgres_protocol",
+    "postgres_types",
+    "tokio_postgres_rustls",
+    "rustls",
+    "rustls_platform_verifier",
+    "hyper",
+    "hyper_util",
+    "reqwest",
+    "h2",
+    "tower",
+    "tower_http",
+    "axum",
+    "rusqlite",
+];
 
 /// Install the global subscriber (once; later calls are no-ops). Logs go to stderr.
 pub fn init(format: LogFormat, level: &str) {
@@ -45,12 +70,16 @@ pub fn env_filter(level: &str, rust_log: Option<&str>) -> EnvFilter {
         .unwrap_or_else(|| EnvFilter::new("info,lapin=off"))
 }
 
-/// The cap of [`CAPPED`] crates at `warn`; everything else passes.
+/// The cap: every target at `warn` (the [`CAPPED`] crates named, every other
+/// crate by default), except the worker's own ([`OWN`]), which passes.
 pub fn cap() -> Targets {
-    CAPPED.iter().fold(
-        Targets::new().with_default(LevelFilter::TRACE),
-        |t, target| t.with_target(*target, LevelFilter::WARN),
-    )
+    CAPPED
+        .iter()
+        .fold(
+            Targets::new().with_default(LevelFilter::WARN),
+            |t, target| t.with_target(*target, LevelFilter::WARN),
+        )
+        .with_target(OWN, LevelFilter::TRACE)
 }
 
 /// The subscriber `init` installs, writing to `writer` (tests pass a buffer).
@@ -107,6 +136,32 @@ mod tests {
             tracing::trace!(target: "amq_protocol_types::parsing", "amq-trace");
             tracing::trace!(target: "amq_protocol::frame", "amq2-trace");
             tracing::trace!(target: "midas_worker::dispatch", "worker-trace");
+            // (targets must be literals) the capped crates as their modules log
+            macro_rules! deps {
+                ($($t:literal),*) => {$(
+                    tracing::trace!(target: $t, "dep-trace");
+                    tracing::debug!(target: $t, "dep-debug");
+                    tracing::info!(target: $t, "dep-info");
+                )*};
+            }
+            deps!(
+                "tokio_postgres::query",
+                "tokio_postgres::prepare",
+                "postgres_protocol::message",
+                "tokio_postgres_rustls",
+                "rustls::client::hs",
+                "rustls_platform_verifier::verification",
+                "hyper::proto::h1::io",
+                "hyper_util::client::legacy::pool",
+                "reqwest::connect",
+                "h2::codec::framed_write",
+                "tower::buffer",
+                "axum::serve",
+                "rusqlite",
+                "postgres_types"
+            );
+            tracing::debug!(target: "tokio_postgres::query", "executing statement s0 with parameters: [\"SK\"]");
+            tracing::trace!(target: "some_future_crate", "future-trace");
         });
         let v = buf.0.lock().map(|v| v.clone()).unwrap_or_default();
         String::from_utf8_lossy(&v).into_owned()
@@ -118,6 +173,8 @@ mod tests {
             "trace",
             "lapin=trace,amq_protocol_types=trace,amq_protocol=trace,trace",
             "lapin::channel=trace,lapin::io_loop=debug,trace",
+            "tokio_postgres=trace,postgres_protocol=trace,rustls=trace,hyper=trace,h2=trace,reqwest=trace,trace",
+            "tokio_postgres::query=debug,hyper_util::client=trace,trace",
         ] {
             for json in [false, true] {
                 let out = logged(json, "info", Some(rust_log));
@@ -133,6 +190,10 @@ mod tests {
                     "lapin-info",
                     "amq-trace",
                     "amq2-trace",
+                    "dep-trace",
+                    "dep-debug",
+                    "dep-info",
+                    "future-trace",
                 ] {
                     assert!(
                         !out.contains(hidden),
@@ -149,5 +210,7 @@ mod tests {
         assert!(out.contains("worker-trace"));
         assert!(!out.contains("lapin"), "{out}");
         assert!(!out.contains("amq-trace"), "{out}");
+        assert!(!out.contains("dep-"), "{out}");
+        assert!(!out.contains("SK"), "{out}");
     }
 }

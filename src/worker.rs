@@ -49,6 +49,11 @@ pub enum WorkerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} (push.listen): {source}")]
+    Push {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot build the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     #[error(transparent)]
@@ -58,6 +63,8 @@ pub enum WorkerError {
 /// A running worker.
 pub struct Running {
     pub http_addr: SocketAddr,
+    /// The push listener's address (`[push] listen` set).
+    pub push_addr: Option<SocketAddr>,
     pub midas_url: String,
     shutdown: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
@@ -232,6 +239,8 @@ pub async fn start(
         addr: http_addr,
         source,
     })?;
+    let push = start_push(&settings, &writer, shutdown.clone()).await?;
+    let push_addr = push.as_ref().map(|p| p.0);
     tracing::info!(http = %http_addr, outbox = %location.describe(), "worker started");
 
     let done = tokio::spawn(async move {
@@ -254,6 +263,10 @@ pub async fn start(
             tracing::warn!("broker session did not stop in time; closed it");
         }
         let _ = http.await;
+        if let Some((_, listener, relay)) = push {
+            let _ = listener.await;
+            let _ = relay.await;
+        }
         // 4. flush the writer: every earlier request is committed when this returns
         let _ = writer.flush().await;
         drop(writer);
@@ -277,11 +290,53 @@ pub async fn start(
     });
     Ok(Running {
         http_addr,
+        push_addr,
         midas_url,
         shutdown: shutdown_tx,
         done,
         _sim: sim,
     })
+}
+
+/// The push listener and the events publisher, when `[push] listen` is set.
+async fn start_push(
+    settings: &Settings,
+    writer: &Outbox,
+    shutdown: watch::Receiver<bool>,
+) -> Result<
+    Option<(
+        SocketAddr,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    WorkerError,
+> {
+    let c = &settings.config;
+    let Some(addr) = c.push.listen else {
+        return Ok(None);
+    };
+    let apps = crate::push::PushApp::from_settings(settings);
+    if apps.is_empty() {
+        tracing::warn!("push.listen is set but no app has push_token_env: every push is refused");
+    }
+    let (handover, relay) = crate::push::relay::start(
+        c.broker.url.expose().to_string(),
+        c.push.event_queue.clone(),
+        writer.clone(),
+        shutdown.clone(),
+    );
+    let service = crate::push::server::PushService {
+        apps,
+        outbox: writer.clone(),
+        relay: handover,
+        max_body_bytes: c.push.max_body_bytes,
+        simulated: c.midas.environment == Environment::Simulator,
+    };
+    let (bound, listener) = crate::push::server::serve(addr, service, shutdown)
+        .await
+        .map_err(|source| WorkerError::Push { addr, source })?;
+    tracing::info!(push = %bound, queue = %c.push.event_queue, "push listener started");
+    Ok(Some((bound, listener, relay)))
 }
 
 /// How the outbox writer is stopped.
@@ -320,18 +375,27 @@ async fn relay_loop(
     health: Health,
 ) {
     let mut last_action: Option<i64> = Some(first_action);
+    let mut cursor = query::RelayCursor::default();
+    let page = crate::coordinate::RELAY_PAGE;
     loop {
         let path = db.clone();
+        let after = cursor.after;
         let found = tokio::task::spawn_blocking(move || {
             let c = crate::outbox::open_ro(&path)?;
             Ok::<_, crate::outbox::OutboxError>((
-                query::unpublished_replies(&c, 2000, crate::command::now_ms() - RELAY_MIN_AGE_MS)?,
+                query::unpublished_replies_after(
+                    &c,
+                    after,
+                    page,
+                    crate::command::now_ms() - RELAY_MIN_AGE_MS,
+                )?,
                 query::last_operator_action(&c)?,
             ))
         })
         .await;
         match found {
             Ok(Ok((replies, action))) => {
+                cursor.advance(&replies, page);
                 // while the broker is away, replies wait in the outbox, not in memory
                 let n = if health.broker_connected() {
                     publisher.relay_once(replies)

@@ -53,7 +53,7 @@ struct Ledger {
 
 #[derive(Debug)]
 enum Task {
-    Mark(Vec<(i64, i64)>),
+    Mark(Vec<(i64, i64, i64)>),
     Call {
         id: i64,
         api: Api,
@@ -85,6 +85,9 @@ struct Sim {
     /// Shared outbox: players whose lease this worker lost (another worker holds
     /// them; this worker's writes for them are fenced out until it takes them back).
     lost: HashSet<String>,
+    /// Shared outbox: each player's lease generation (a loss to another worker
+    /// and a take back each draw a new one); a write of another one is fenced.
+    gens: HashMap<String, i64>,
     /// When this process's recent calls went out (the last second), for `max_rps`.
     calls_at: std::collections::VecDeque<i64>,
 }
@@ -161,6 +164,7 @@ impl Sim {
             apps: vec![("wx1".into(), errcode::MidasApi::V1)],
             simulated: false,
             mark_ahead: rng.random_range(0..3),
+            fence_margin_ms: None,
         };
         let fault_rate = [0.0, 0.1, 0.3, 0.6][rng.random_range(0..4)];
         let engine = Engine::new(cfg.clone(), seed);
@@ -181,8 +185,13 @@ impl Sim {
             fault_rate,
             outage: false,
             lost: HashSet::new(),
+            gens: HashMap::new(),
             calls_at: Default::default(),
         }
+    }
+
+    fn gen_of(&self, openid: &str) -> i64 {
+        self.gens.get(openid).copied().unwrap_or(0)
     }
 
     /// Trace lines are only built when replaying a seed (formatting is most of a
@@ -204,9 +213,9 @@ impl Sim {
         let mut marks = Vec::new();
         for a in out {
             match a {
-                Action::Mark { id, at } => {
+                Action::Mark { id, at, gen } => {
                     self.check_order(id)?;
-                    marks.push((id, at));
+                    marks.push((id, at, gen));
                 }
                 Action::Call {
                     id,
@@ -267,6 +276,8 @@ impl Sim {
                     });
                 }
                 Action::Record(r) => self.tasks.push(Task::Record(r)),
+                // the model's lease holder is whoever `lost` says
+                Action::GiveBack { .. } => {}
                 Action::Reply {
                     correlation_id,
                     payload,
@@ -378,7 +389,8 @@ impl Sim {
             // recorded for the worker holding the player
             return Ok(());
         }
-        let job = Job::new(id, p, Some(Secret::new(key)), self.now);
+        let mut job = Job::new(id, p, Some(Secret::new(key)), self.now);
+        job.lease_gen = self.gen_of(&openid);
         self.feed(Event::Accepted(job))
     }
 
@@ -401,7 +413,8 @@ impl Sim {
                 if r.key.as_deref() != Some(new_key.as_str()) {
                     r.key = Some(new_key);
                 }
-                let job = to_job(id, r);
+                let mut job = to_job(id, r);
+                job.lease_gen = self.gens.get(&job.params.openid).copied().unwrap_or(0);
                 self.log(|| format!("resend joins {id}"));
                 if elsewhere {
                     return Ok(());
@@ -422,7 +435,8 @@ impl Sim {
                 r.result = None;
                 r.reopened_at = Some(now);
                 r.next_attempt_at = now;
-                let job = to_job(id, r);
+                let mut job = to_job(id, r);
+                job.lease_gen = self.gens.get(&job.params.openid).copied().unwrap_or(0);
                 self.log(|| format!("resend re-opens {id}"));
                 if elsewhere {
                     return Ok(());
@@ -449,8 +463,9 @@ impl Sim {
         r.result = None;
         r.reopened_at = Some(now);
         r.next_attempt_at = now;
-        let job = to_job(id, r);
+        let mut job = to_job(id, r);
         let elsewhere = self.lost.contains(&r.params.openid);
+        job.lease_gen = self.gens.get(&job.params.openid).copied().unwrap_or(0);
         self.log(|| format!("operator retry {id}"));
         if elsewhere {
             return Ok(());
@@ -560,9 +575,10 @@ impl Sim {
         match task {
             Task::Mark(marks) => {
                 let mut fenced = HashSet::new();
-                for &(id, at) in &marks {
+                for &(id, at, gen) in &marks {
                     if let Some(r) = self.rows.get_mut(&id) {
-                        if self.lost.contains(&r.params.openid) {
+                        let current = self.gens.get(&r.params.openid).copied().unwrap_or(0);
+                        if self.lost.contains(&r.params.openid) || gen != current {
                             fenced.insert(id);
                             continue;
                         }
@@ -570,12 +586,12 @@ impl Sim {
                         r.first_attempt_at.get_or_insert(at);
                     }
                 }
-                for (id, _) in marks {
+                for (id, _, _) in marks {
                     if fenced.contains(&id) {
                         self.log(|| format!("mark of {id} fenced"));
                         self.feed(Event::LeaseLost(id))?;
                     } else {
-                        self.feed(Event::Marked(id))?;
+                        self.feed(Event::Marked(id, None))?;
                     }
                 }
                 Ok(())
@@ -602,10 +618,10 @@ impl Sim {
             }
             Task::Record(r) => {
                 let id = r.job_id;
-                let fenced = self
-                    .rows
-                    .get(&id)
-                    .is_some_and(|row| self.lost.contains(&row.params.openid));
+                let fenced = self.rows.get(&id).is_some_and(|row| {
+                    self.lost.contains(&row.params.openid)
+                        || self.gens.get(&row.params.openid).copied().unwrap_or(0) != r.lease_gen
+                });
                 if fenced {
                     // the calls are real (kept for the audit); the job is not touched
                     self.log(|| format!("record of {id} fenced"));
@@ -635,6 +651,7 @@ impl Sim {
             if !self.lost.insert(openid.clone()) {
                 return Ok(());
             }
+            *self.gens.entry(openid.clone()).or_default() += 1;
             self.log(|| format!("lease of {openid} lost"));
             self.feed(Event::PlayersLost(vec![("wx1".into(), openid)]))
         }
@@ -642,11 +659,20 @@ impl Sim {
 
     fn reclaim(&mut self, openid: &str) -> Check {
         self.lost.remove(openid);
+        let gen = {
+            let g = self.gens.entry(openid.to_string()).or_default();
+            *g += 1;
+            *g
+        };
         let jobs: Vec<Job> = self
             .rows
             .iter()
             .filter(|(_, r)| r.state == JobState::Pending && r.params.openid == openid)
-            .map(|(&id, r)| to_job(id, r))
+            .map(|(&id, r)| {
+                let mut j = to_job(id, r);
+                j.lease_gen = gen;
+                j
+            })
             .collect();
         self.log(|| format!("lease of {openid} taken back: {} jobs", jobs.len()));
         self.feed(Event::Claimed(jobs))
@@ -738,9 +764,10 @@ impl Sim {
             match t {
                 Task::Mark(marks) => {
                     if self.rng.random_bool(0.5) {
-                        for (id, at) in marks {
+                        for (id, at, gen) in marks {
                             if let Some(r) = self.rows.get_mut(&id) {
-                                if self.lost.contains(&r.params.openid) {
+                                let current = self.gens.get(&r.params.openid).copied().unwrap_or(0);
+                                if self.lost.contains(&r.params.openid) || gen != current {
                                     continue; // fenced
                                 }
                                 r.calls += 1;
@@ -766,10 +793,11 @@ impl Sim {
                     }
                 }
                 Task::Record(r) => {
-                    let fenced = self
-                        .rows
-                        .get(&r.job_id)
-                        .is_some_and(|row| self.lost.contains(&row.params.openid));
+                    let fenced = self.rows.get(&r.job_id).is_some_and(|row| {
+                        self.lost.contains(&row.params.openid)
+                            || self.gens.get(&row.params.openid).copied().unwrap_or(0)
+                                != r.lease_gen
+                    });
                     if !fenced && self.rng.random_bool(0.5) {
                         self.apply_record(&r)?;
                     }
@@ -783,7 +811,11 @@ impl Sim {
             .rows
             .iter()
             .filter(|(_, r)| r.state == JobState::Pending && !self.lost.contains(&r.params.openid))
-            .map(|(&id, r)| to_job(id, r))
+            .map(|(&id, r)| {
+                let mut j = to_job(id, r);
+                j.lease_gen = self.gens.get(&r.params.openid).copied().unwrap_or(0);
+                j
+            })
             .collect();
         self.feed(Event::Loaded(jobs))
     }

@@ -285,9 +285,15 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
     }
 }
 
-/// Log outbox trouble at most every 10 s (every stuck delivery retries each second).
+/// Log outbox trouble at most every 10 s (every stuck delivery retries each second);
+/// a storage condition (disk full, PostgreSQL away) not at all: the writer logs each
+/// episode once when it starts and once when it ends (`outbox::health`).
 fn storage_trouble(e: &crate::outbox::OutboxError) {
     use std::sync::atomic::AtomicI64;
+    if e.trouble().is_some() {
+        tracing::debug!(error = %e, "outbox cannot take this command yet");
+        return;
+    }
     static LAST: AtomicI64 = AtomicI64::new(0);
     let now = now_ms();
     let last = LAST.load(Ordering::Relaxed);

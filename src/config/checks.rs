@@ -1,6 +1,6 @@
 //! Checks on a parsed config: `validate` (ranges, formats, apps; run on every
 //! load) and the refusals made before anything connects (`unavailable`,
-//! `run_preflight`: the PostgreSQL outbox of a later release, the image's
+//! `run_preflight`: the PostgreSQL outbox of a later release, `run`'s
 //! explicit-environment rule, and the simulator fail-safe on a shared broker).
 
 use std::collections::BTreeMap;
@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use super::{
     invalid, Config, ConfigError, Environment, Settings, Source, ENV_ALLOW_SIMULATOR,
-    ENV_REQUIRE_ENVIRONMENT, MAX_COMMAND_BYTES_LIMIT, MAX_GIVE_UP_AFTER,
+    MAX_COMMAND_BYTES_LIMIT, MAX_GIVE_UP_AFTER,
 };
 
 pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
@@ -28,6 +28,15 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
         return Err(invalid(
             "outbox.max_size_mb",
             "must be at least 1 (or absent: unlimited)",
+        ));
+    }
+    if c.push.event_queue.is_empty() || c.push.event_queue.len() > 255 {
+        return Err(invalid("push.event_queue", "must be 1..=255 characters"));
+    }
+    if c.push.max_body_bytes < 1024 || c.push.max_body_bytes > MAX_COMMAND_BYTES_LIMIT {
+        return Err(invalid(
+            "push.max_body_bytes",
+            format!("must be between 1024 and {MAX_COMMAND_BYTES_LIMIT}"),
         ));
     }
     if c.broker.prefetch == 0 {
@@ -137,20 +146,35 @@ pub(super) fn validate(c: &Config) -> Result<(), ConfigError> {
 /// when a call starts (shared outbox).
 pub const LEASE_CALL_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Settings that cannot work together at run time. A shared outbox's lease is
-/// renewed every lease / 3, so what is left of it after a missed renewal (2/3 of
-/// it) must still cover a call: lease ≥ 1.5 × (request_timeout + 2 s).
+/// How late a lease renewal may come after `outbox.lease / 3`: the coordinator
+/// looks every 0.5 s ([`crate::coordinate::LOOK_EVERY`]) and one look may take
+/// up to 1 s more before its renewal statement runs.
+pub const LEASE_RENEW_DELAY: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// The shortest `outbox.lease` that works with `request_timeout`: a pre-call mark
+/// needs the lease to outlive `request_timeout` + [`LEASE_CALL_MARGIN`], and just
+/// before the latest renewal (lease / 3 + [`LEASE_RENEW_DELAY`] after the last
+/// one) two thirds of the lease minus that delay are left. So
+/// lease × 2/3 ≥ request_timeout + 2 s + 1.5 s, i.e.
+/// lease ≥ 1.5 × (request_timeout + 3.5 s): marks are then never refused while
+/// renewals come on time.
+pub fn min_lease(request_timeout: std::time::Duration) -> std::time::Duration {
+    (request_timeout + LEASE_CALL_MARGIN + LEASE_RENEW_DELAY) * 3 / 2
+}
+
+/// Settings that cannot work together at run time: a shared outbox's lease
+/// shorter than [`min_lease`].
 pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
     let c = &s.config;
     if c.outbox.url.is_some() {
-        let need = (c.midas.request_timeout.0 + LEASE_CALL_MARGIN) * 3 / 2;
+        let need = min_lease(c.midas.request_timeout.0);
         if c.outbox.lease.0 < need {
             return Err(invalid(
                 "outbox.lease",
                 format!(
-                    "must be at least 1.5 × (midas.request_timeout + 2s) = {}s, so a call \
-                     always fits inside a renewed lease",
-                    need.as_secs_f64().ceil()
+                    "must be at least 1.5 × (midas.request_timeout + 3.5s) = {}ms, so the lease \
+                     left before each renewal still covers a call and its margin",
+                    need.as_millis()
                 ),
             ));
         }
@@ -158,8 +182,8 @@ pub fn unavailable(s: &Settings) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// What `run` checks before it connects anywhere: features this release lacks, an
-/// environment the image requires to be explicit, and the simulator fail-safe (no
+/// What `run` checks before it connects anywhere: features this release lacks,
+/// `midas.environment` chosen explicitly (file or environment, never defaulted), and the simulator fail-safe (no
 /// simulated answers on a broker that real game servers may share).
 pub fn run_preflight(
     s: &Settings,
@@ -167,16 +191,14 @@ pub fn run_preflight(
     env: &BTreeMap<String, String>,
 ) -> Result<(), ConfigError> {
     unavailable(s)?;
-    if truthy(env.get(ENV_REQUIRE_ENVIRONMENT))
-        && s.provenance.source_of("midas.environment") == Source::Default
-    {
+    // Required for `run` whatever the environment says: a default would let an
+    // install answer real game servers from the simulator by accident.
+    // (`MIDAS_WORKER_REQUIRE_ENVIRONMENT`, which the image sets, is now implied.)
+    if s.provenance.source_of("midas.environment") == Source::Default {
         return Err(invalid(
             "midas.environment",
-            format!(
-                "not set, and {ENV_REQUIRE_ENVIRONMENT}=1 requires it: set \
-                 MIDAS_WORKER__MIDAS__ENVIRONMENT=simulator|sandbox|production \
-                 (or midas.environment in the config file)"
-            ),
+            "not set; `run` requires it: set midas.environment = \"simulator\"|\"sandbox\"|\"production\" \
+             in the config file (or MIDAS_WORKER__MIDAS__ENVIRONMENT)",
         ));
     }
     if s.config.midas.environment == Environment::Simulator

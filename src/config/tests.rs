@@ -425,6 +425,35 @@ fn a_postgres_outbox_needs_a_lease_that_covers_a_call() {
     assert!(run_preflight(&s, true, &env(&[])).is_err());
 }
 
+/// The rule in docs/config.md: lease ≥ 1.5 × (request_timeout + 3.5 s). The old
+/// minimum (1.5 × (request_timeout + 2 s)) left marks refused near the end of
+/// every renewal period, and is refused now.
+#[test]
+fn the_minimum_lease_leaves_the_fence_margin_after_the_latest_renewal() {
+    let lease_for = |timeout: &str, lease: &str| {
+        let mut e = secret_env();
+        e.insert(
+            "MIDAS_WORKER__MIDAS__REQUEST_TIMEOUT".into(),
+            timeout.into(),
+        );
+        e.insert("MIDAS_WORKER__OUTBOX__LEASE".into(), lease.into());
+        let s = load_from(SHIPPED, &e, "t").unwrap();
+        unavailable(&s).is_ok()
+    };
+    assert!(!lease_for("1s", "4500ms"), "the old minimum for 1 s");
+    assert!(!lease_for("1s", "6749ms"));
+    assert!(lease_for("1s", "6750ms"));
+    assert!(lease_for("5s", "12750ms") && !lease_for("5s", "12s"));
+    // whatever the timeout, the lease left just before the latest renewal covers
+    // a call and its margin
+    for t in [1u64, 2, 5, 10, 30] {
+        let t = Duration::from_secs(t);
+        let lease = min_lease(t);
+        let latest = lease / 3 + LEASE_RENEW_DELAY;
+        assert!(lease - latest >= t + LEASE_CALL_MARGIN, "{t:?}");
+    }
+}
+
 #[test]
 fn check_config_shows_values_as_written_with_their_sources() {
     let s = load_from(
@@ -477,8 +506,13 @@ fn check_config_shows_values_as_written_with_their_sources() {
 
 #[test]
 fn simulator_mode_refuses_a_shared_broker() {
-    let with =
-        |url: &str| load_from(MINIMAL, &env(&[("MIDAS_WORKER__BROKER__URL", url)]), "t").unwrap();
+    let with = |url: &str| {
+        let e = env(&[
+            ("MIDAS_WORKER__BROKER__URL", url),
+            ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator"),
+        ]);
+        load_from(MINIMAL, &e, "t").unwrap()
+    };
     let shared = with("amqp://u:p4ss@10.255.255.1:5672/%2f");
     let e = run_preflight(&shared, false, &env(&[]))
         .unwrap_err()
@@ -530,19 +564,26 @@ fn simulator_mode_refuses_a_shared_broker() {
 }
 
 #[test]
-fn the_image_requires_an_explicit_environment() {
-    let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "1")]);
-    let s = load_from(MINIMAL, &env(&[]), "t").unwrap();
-    let e = run_preflight(&s, false, &require).unwrap_err().to_string();
-    assert!(e.contains("MIDAS_WORKER__MIDAS__ENVIRONMENT"), "{e}");
+fn run_requires_an_explicit_environment() {
+    // the apps alone: complete for the other verbs, not for `run`
+    let apps_only = MINIMAL;
+    let s = load_from(apps_only, &env(&[]), "t").unwrap();
+    let e = run_preflight(&s, false, &env(&[])).unwrap_err().to_string();
+    assert!(
+        e.contains("midas.environment") && e.contains("run") && !e.contains('\n'),
+        "{e}"
+    );
+    // whatever the image's variable says
+    let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "0")]);
+    assert!(run_preflight(&s, false, &require).is_err());
     let s = load_from(
-        MINIMAL,
+        apps_only,
         &env(&[("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator")]),
         "t",
     )
     .unwrap();
-    assert!(run_preflight(&s, false, &require).is_ok());
-    // a file that says it is explicit too
+    assert!(run_preflight(&s, false, &env(&[])).is_ok());
+    // the shipped file says it
     let s = load_from(SHIPPED, &env(&[]), "t").unwrap();
-    assert!(run_preflight(&s, false, &require).is_ok());
+    assert!(run_preflight(&s, false, &env(&[])).is_ok());
 }

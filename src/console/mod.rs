@@ -229,26 +229,17 @@ pub fn serve_on(
     listener: TcpListener,
     settings: Arc<Settings>,
     tokens: Tokens,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let bound = listener.local_addr()?;
     let app = router(settings, tokens);
-    let listener = crate::http::limited(listener);
-    let h = tokio::spawn(async move {
-        let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "console server failed");
-        }
-    });
+    // the ops port's limits: no client can hold the console's connections
+    let h = tokio::spawn(crate::http::serve::serve(
+        listener,
+        app,
+        crate::http::serve::Limits::OPS,
+        shutdown,
+    ));
     tracing::info!(console = %bound, "operator console listening");
     Ok((bound, h))
 }

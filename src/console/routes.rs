@@ -326,7 +326,7 @@ async fn act(
             &actor,
             reason.as_deref(),
             now,
-            |ids| {
+            |_, ids| {
                 if ids.len() == expected && digest(ids) == want {
                     Ok(())
                 } else {

@@ -22,8 +22,10 @@ pub enum Event {
     Reopened(Job),
     /// A `balance` command: no outbox row; answered from memory.
     Balance(Box<BalanceCmd>),
-    /// The pre-call mark of job `id` is durable.
-    Marked(i64),
+    /// The pre-call mark of job `id` is durable. Shared outbox: `Some(t)`, when
+    /// the lease fence was checked (the engine's clock): the lease outlives a call
+    /// whose timeout starts within `fence_margin_ms` of `t`.
+    Marked(i64, Option<i64>),
     /// Midas answered a call of job `id` (or the call failed: a transient answer).
     Answered(i64, Box<Answer>),
     /// The getbalance after a duplicate answer.
@@ -40,8 +42,11 @@ pub enum Event {
     /// way finishes first; its outcome write is fenced by the outbox).
     PlayersLost(Vec<(String, String)>),
     /// Shared outbox: the pre-call mark or the outcome of job `id` was fenced out
-    /// (its player's lease is gone or too short for a call). No call is made; the
-    /// job and its player's other jobs are dropped.
+    /// (its player's lease is gone, of a newer generation, or too short for a
+    /// call). No call is made. When the job's generation is still the newest the
+    /// engine knows, the job and its player's other jobs are dropped and the
+    /// player is given back ([`Action::GiveBack`]); a step of an older generation
+    /// just ends (the newer generation's copy of the job takes its place).
     LeaseLost(i64),
 }
 
@@ -58,8 +63,10 @@ pub struct BalanceCmd {
 /// What the shell must do.
 #[derive(Debug)]
 pub enum Action {
-    /// Make durable that a call of job `id` may go out now (calls + 1, window start).
-    Mark { id: i64, at: i64 },
+    /// Make durable that a call of job `id` may go out now (calls + 1, window
+    /// start); on a shared outbox only while the player's lease is still at
+    /// generation `gen` and outlives the call.
+    Mark { id: i64, at: i64, gen: i64 },
     /// Call Midas; answer with [`Event::Answered`] (or [`Event::BalanceFetched`] when
     /// `then_finish` is set).
     Call {
@@ -71,6 +78,14 @@ pub enum Action {
     },
     /// Write this outcome; answer with [`Event::Recorded`] once durable.
     Record(Record),
+    /// Shared outbox: give the player (appid, openid) back, but only while its
+    /// lease is still this worker's at generation `gen` (a write of that
+    /// generation was fenced out).
+    GiveBack {
+        appid: String,
+        openid: String,
+        gen: i64,
+    },
     /// Publish a reply that has no outbox row (balance).
     Reply {
         reply_to: String,

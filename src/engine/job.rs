@@ -92,6 +92,9 @@ pub struct Job {
     pub last_error: Option<String>,
     /// When the job was last re-opened (its retry period starts again from there).
     pub reopened_at: Option<i64>,
+    /// Shared outbox: the generation of its player's lease this copy of the job
+    /// was loaded under (its fencing token); 0 on a SQLite outbox.
+    pub lease_gen: i64,
 }
 
 impl Job {
@@ -111,6 +114,7 @@ impl Job {
             last_errcode: None,
             last_error: None,
             reopened_at: None,
+            lease_gen: 0,
         }
     }
 }

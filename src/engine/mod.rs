@@ -50,7 +50,17 @@ pub struct EngineConfig {
     /// commit. 0 for a shared outbox: its lease fence requires the call to start
     /// within `LEASE_CALL_MARGIN` of the mark, and waiting for a slot could exceed it.
     pub mark_ahead: usize,
+    /// Shared outbox: `LEASE_CALL_MARGIN` in ms. A pre-call mark's fence promised
+    /// the lease outlives a call whose timeout starts within this much of the
+    /// check; a call (or the getbalance after a duplicate) that would start later
+    /// is not made. `None`: a SQLite outbox (no lease).
+    pub fence_margin_ms: Option<i64>,
 }
+
+/// A call is judged to start this long after the engine decides it (the shell
+/// spawns it at once; this covers a busy runtime), so a fence is never used up to
+/// its last millisecond.
+pub const FENCE_SLACK_MS: i64 = 250;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -84,6 +94,12 @@ struct Entry {
     target: Option<(String, String)>,
     /// The player's lease is gone: dropped when the step under way ends.
     lost: bool,
+    /// Shared outbox: the copy of this job loaded under a newer lease generation
+    /// while a step of an older one was under way; it takes this entry's place
+    /// when that step ends (its writes are fenced out).
+    successor: Option<Job>,
+    /// Shared outbox: when the fence of the current pre-call mark was checked.
+    fence_at: Option<i64>,
 }
 
 impl Entry {
@@ -98,6 +114,8 @@ impl Entry {
             duplicate_of: None,
             target,
             lost: false,
+            successor: None,
+            fence_at: None,
         }
     }
 }
@@ -122,6 +140,12 @@ pub struct Engine {
     /// Per app: transient answers in a row (an outage when it reaches
     /// [`OUTAGE_STREAK`]).
     transient_streak: HashMap<String, u32>,
+    /// Shared outbox: the newest lease generation seen per player (appid, openid).
+    gens: HashMap<(String, String), i64>,
+    /// Shared outbox: players dropped here (lease lost or given back) and the
+    /// generation they were dropped at: a job of that generation or an older
+    /// one that arrives later (intake racing the give-back) is not run here.
+    released: HashMap<(String, String), i64>,
 }
 
 /// This many transient answers in a row from one app's Midas calls is an outage:
@@ -165,6 +189,8 @@ impl Engine {
             finished: HashSet::new(),
             finished_order: VecDeque::new(),
             transient_streak: HashMap::new(),
+            gens: HashMap::new(),
+            released: HashMap::new(),
             draining: false,
         }
     }
@@ -239,40 +265,50 @@ impl Engine {
                 }
             }
             Event::Accepted(j) => {
-                if !self.finished.contains(&j.id) {
-                    self.add(j)
+                if !self.finished.contains(&j.id) && self.admit(&j) {
+                    if let Some(j) = self.supersede(j) {
+                        self.add(j)
+                    }
                 }
             }
             Event::Joined(j) => {
-                if !self.finished.contains(&j.id) {
-                    self.join(j)
+                if !self.finished.contains(&j.id) && self.admit(&j) {
+                    if let Some(j) = self.supersede(resumed(j)) {
+                        self.join(j)
+                    }
                 }
             }
             Event::Reopened(j) => {
-                self.finished.remove(&j.id);
-                self.reopen(j)
+                if self.admit(&j) {
+                    self.finished.remove(&j.id);
+                    if let Some(j) = self.supersede(resumed(j)) {
+                        self.reopen(j)
+                    }
+                }
             }
             Event::Balance(b) => self.add_balance(*b, now),
-            Event::Marked(id) => self.marked(id, out),
+            Event::Marked(id, checked_at) => self.marked(id, checked_at, now, out),
             Event::Answered(id, a) => self.answered(id, *a, now, out),
             Event::BalanceFetched(id, a) => self.balance_fetched(id, *a, now, out),
             Event::Recorded(id) => self.recorded(id),
             Event::Claimed(jobs) => {
                 for j in jobs {
-                    let j = resumed(j);
-                    self.finished.remove(&j.id);
-                    if let Some(e) = self.entries.get_mut(&j.id) {
-                        e.lost = false;
+                    if !self.admit(&j) {
+                        continue;
                     }
-                    self.join(j);
+                    self.finished.remove(&j.id);
+                    if let Some(j) = self.supersede(resumed(j)) {
+                        self.join(j);
+                    }
                 }
             }
             Event::PlayersLost(players) => {
                 let set: HashSet<(String, String)> = players.into_iter().collect();
                 self.drop_players(&set);
             }
-            Event::LeaseLost(id) => self.lease_lost(id),
+            Event::LeaseLost(id) => self.lease_lost(id, out),
         }
+        self.prune_gens();
         self.poll(now, out);
     }
 
@@ -318,14 +354,16 @@ impl Engine {
             if e.lost {
                 // the player's lease is gone: no call (whoever holds it now runs it)
                 self.awaiting.pop_front();
-                self.lease_lost(id);
+                self.lease_lost(id, out);
                 continue;
             }
-            if !self.sched.try_call(&limits(&self.cfg)) {
+            if self.sched.calls() >= self.cfg.max_in_flight {
                 break;
             }
             self.awaiting.pop_front();
-            self.call_now(id, out);
+            if self.may_call(id, now, out) && self.sched.try_call(&limits(&self.cfg)) {
+                self.call_now(id, out);
+            }
         }
         while !self.draining {
             let view = Entries(&self.entries);
@@ -415,17 +453,72 @@ impl Engine {
         e.phase = Phase::Marking;
         e.job.calls += 1;
         e.job.first_attempt_at.get_or_insert(now);
-        out.push(Action::Mark { id, at: now });
+        e.fence_at = None;
+        out.push(Action::Mark {
+            id,
+            at: now,
+            gen: e.job.lease_gen,
+        });
     }
 
-    fn marked(&mut self, id: i64, out: &mut Vec<Action>) {
-        if self
+    fn marked(&mut self, id: i64, checked_at: Option<i64>, now: i64, out: &mut Vec<Action>) {
+        let Some(e) = self
             .entries
-            .get(&id)
-            .is_some_and(|e| e.phase == Phase::Marking)
-        {
+            .get_mut(&id)
+            .filter(|e| e.phase == Phase::Marking)
+        else {
+            return;
+        };
+        e.fence_at = checked_at;
+        if e.lost {
+            // the player went to another worker (or a newer generation) meanwhile
+            self.lease_lost(id, out);
+            return;
+        }
+        if self.may_call(id, now, out) {
             self.begin_call(id, out);
         }
+    }
+
+    /// Just before a marked job's call starts: `false` when it must not start
+    /// after all (the step ended here). On a shared outbox the mark's fence covers
+    /// a call that starts within the margin of its check: a mark confirmed later
+    /// (a slow commit) is handled as a lost lease. And the bill_no window is
+    /// judged again: a mark retried through an outbox outage can land hours after
+    /// the job was picked, and no call may go out past the deadline.
+    fn may_call(&mut self, id: i64, now: i64, out: &mut Vec<Action>) -> bool {
+        let Some(e) = self.entries.get(&id) else {
+            return false;
+        };
+        if e.target.is_some() {
+            return true;
+        }
+        let late = match (e.fence_at, self.cfg.fence_margin_ms) {
+            (Some(t), Some(m)) => now + FENCE_SLACK_MS >= t + m,
+            _ => false,
+        };
+        if late {
+            self.lease_lost(id, out);
+            return false;
+        }
+        let cfg = &self.cfg;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        if job::deadline(&e.job, &cfg.retry).is_some_and(|d| now >= d) {
+            let ctx = context(cfg, &e.job.params.appid, false);
+            let reply = job::exhausted(&e.job, None, now, ctx);
+            self.sched.no_call();
+            e.phase = Phase::Recording(None);
+            out.push(Action::Record(record(
+                &e.job,
+                Vec::new(),
+                final_update(JobState::Unknown, &reply),
+                now,
+            )));
+            return false;
+        }
+        true
     }
 
     /// A picked job (marked, or a balance) calls now if a call slot is free, or
@@ -533,11 +626,32 @@ impl Engine {
                 )));
             }
             Decision::Duplicate => {
-                e.phase = Phase::Fetching;
-                e.duplicate_of = Some(answer);
-                // a read: no mark; it keeps the call's slot (Midas sees at most
-                // max_in_flight calls) and the player stays busy
-                out.push(call(e, Api::GetBalance, true));
+                // The getbalance is a call for the player too: on a shared outbox
+                // it goes out only while the mark's fence still covers a whole
+                // call, and never once the player is lost; otherwise the reply
+                // goes without the balance (best effort).
+                let covered = match (e.fence_at, self.cfg.fence_margin_ms) {
+                    (Some(t), Some(m)) => now + FENCE_SLACK_MS < t + m,
+                    (None, Some(_)) => false,
+                    (_, None) => true,
+                };
+                if covered && !e.lost {
+                    e.phase = Phase::Fetching;
+                    e.duplicate_of = Some(answer);
+                    // a read: no mark; it keeps the call's slot (Midas sees at most
+                    // max_in_flight calls) and the player stays busy
+                    out.push(call(e, Api::GetBalance, true));
+                } else {
+                    self.sched.call_returned();
+                    let reply = job::finish_duplicate(&e.job, &answer, None, now, ctx);
+                    e.phase = Phase::Recording(None);
+                    out.push(Action::Record(record(
+                        &e.job,
+                        vec![row],
+                        final_update(JobState::Succeeded, &reply),
+                        now,
+                    )));
+                }
             }
         }
     }
@@ -551,10 +665,9 @@ impl Engine {
         };
         let openid = e.job.params.openid.clone();
         if e.lost {
-            // the player's lease is gone: whoever holds it now runs its jobs
-            let order = e.order;
-            self.entries.remove(&id);
-            self.sched.remove(order, &openid);
+            // the player's lease is gone: whoever holds it now runs its jobs (a
+            // newer generation's copy of this job, if any, takes its place)
+            self.end_entry(id);
             self.sched.release(&openid, &Entries(&self.entries));
             return;
         }
@@ -653,6 +766,7 @@ fn record(job: &Job, rows: Vec<AttemptRow>, update: Update, now: i64) -> Record 
         rows,
         update,
         now,
+        lease_gen: job.lease_gen,
     }
 }
 
@@ -661,5 +775,7 @@ pub fn is_direct(op: Op) -> bool {
     op == Op::Balance
 }
 
+#[cfg(test)]
+mod fence_tests;
 #[cfg(test)]
 mod tests;

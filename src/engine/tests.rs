@@ -7,7 +7,7 @@ use crate::command::Params;
 use crate::config::Dur;
 use crate::midas::Body;
 
-fn cfg() -> EngineConfig {
+pub(super) fn cfg() -> EngineConfig {
     EngineConfig {
         retry: RetryConfig {
             initial: Dur(Duration::from_millis(100)),
@@ -20,10 +20,11 @@ fn cfg() -> EngineConfig {
         apps: vec![("wx".into(), crate::midas::errcode::MidasApi::V1)],
         simulated: false,
         mark_ahead: 0,
+        fence_margin_ms: None,
     }
 }
 
-fn job(id: i64, appid: &str) -> Job {
+pub(super) fn job(id: i64, appid: &str) -> Job {
     Job::new(
         id,
         Params {
@@ -45,7 +46,7 @@ fn job(id: i64, appid: &str) -> Job {
     )
 }
 
-fn ans(class: OutcomeClass, code: i64) -> Box<Answer> {
+pub(super) fn ans(class: OutcomeClass, code: i64) -> Box<Answer> {
     Box::new(Answer {
         api: Api::Pay,
         class,
@@ -74,7 +75,7 @@ fn a_reopen_during_the_final_write_runs_the_job_again_with_the_new_key() {
     e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
     assert!(matches!(out.as_slice(), [Action::Mark { id: 1, .. }]));
     out.clear();
-    e.handle(Event::Marked(1), 0, &mut out);
+    e.handle(Event::Marked(1, None), 0, &mut out);
     out.clear();
     e.handle(
         Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
@@ -99,7 +100,7 @@ fn a_reopen_during_the_final_write_runs_the_job_again_with_the_new_key() {
         other => panic!("{other:?}"),
     }
     out.clear();
-    e.handle(Event::Marked(1), 3, &mut out);
+    e.handle(Event::Marked(1, None), 3, &mut out);
     match out.as_slice() {
         [Action::Call { session_key, .. }] => {
             assert_eq!(session_key.as_ref().map(Secret::expose), Some("k2"))
@@ -131,7 +132,7 @@ fn a_stale_accept_of_a_finished_job_is_ignored() {
     let mut e = Engine::new(cfg(), 1);
     let mut out = Vec::new();
     e.handle(Event::Loaded(vec![job(1, "wx")]), 0, &mut out);
-    e.handle(Event::Marked(1), 0, &mut out);
+    e.handle(Event::Marked(1, None), 0, &mut out);
     e.handle(
         Event::Answered(1, ans(OutcomeClass::Success, 0)),
         0,
@@ -152,7 +153,7 @@ fn a_call_cut_off_by_a_crash_makes_the_job_uncertain() {
     j.calls = 1; // counted durably, never answered
     j.first_attempt_at = Some(0);
     e.handle(Event::Loaded(vec![j]), 0, &mut out);
-    e.handle(Event::Marked(1), 0, &mut out);
+    e.handle(Event::Marked(1, None), 0, &mut out);
     out.clear();
     e.handle(
         Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
@@ -207,7 +208,7 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
     let mut out = Vec::new();
     e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
     e.handle(Event::Accepted(job(2, "wx")), 0, &mut out);
-    e.handle(Event::Marked(1), 1, &mut out);
+    e.handle(Event::Marked(1, None), 1, &mut out);
     assert_eq!(calls(&out), vec![1]);
     out.clear();
     e.handle(
@@ -232,11 +233,15 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
     out.clear();
     e.handle(Event::Recorded(1), 4, &mut out);
     assert!(!e.holds(1) && out.is_empty(), "no retry here: {out:?}");
-    // taken back: the outbox's view of both jobs is loaded, in order
+    // taken back (a new lease generation): the outbox's view of both jobs is
+    // loaded, in order
     let mut j1 = job(1, "wx");
     j1.calls = 1;
     j1.attempts = 1;
-    e.handle(Event::Claimed(vec![j1, job(2, "wx")]), 5, &mut out);
+    j1.lease_gen = 1;
+    let mut j2 = job(2, "wx");
+    j2.lease_gen = 1;
+    e.handle(Event::Claimed(vec![j1, j2]), 5, &mut out);
     assert!(e.holds(1) && e.holds(2));
     assert_eq!(marks(&out), vec![1], "the earlier job first");
 }
@@ -256,7 +261,7 @@ fn the_first_answer_after_an_outage_ends_the_backoff_of_waiting_jobs() {
         e.handle(Event::Accepted(j), 0, &mut out);
     }
     for id in 1..=n + 1 {
-        e.handle(Event::Marked(id), 1, &mut out);
+        e.handle(Event::Marked(id, None), 1, &mut out);
     }
     out.clear();
     // the outage: every call but the last answers -1, several times over, so the
@@ -276,7 +281,7 @@ fn the_first_answer_after_an_outage_ends_the_backoff_of_waiting_jobs() {
             now = e.next_wake().unwrap_or(now).max(now) + 1;
             e.poll(now, &mut out);
             for id in 1..=n {
-                e.handle(Event::Marked(id), now, &mut out);
+                e.handle(Event::Marked(id, None), now, &mut out);
             }
             out.clear();
         }
@@ -307,7 +312,7 @@ fn a_few_busy_answers_are_no_outage() {
         let mut j = job(id, "wx");
         j.params.openid = format!("o{id}");
         e.handle(Event::Accepted(j), 0, &mut out);
-        e.handle(Event::Marked(id), 0, &mut out);
+        e.handle(Event::Marked(id, None), 0, &mut out);
     }
     for id in 1..=2 {
         e.handle(
@@ -341,7 +346,7 @@ fn a_job_answered_transient_retries_until_its_deadline_and_ends_there() {
         let mut next = Vec::new();
         for a in out.drain(..) {
             match a {
-                Action::Mark { id, .. } => e.handle(Event::Marked(id), now, &mut next),
+                Action::Mark { id, .. } => e.handle(Event::Marked(id, None), now, &mut next),
                 Action::Call { id, .. } => {
                     calls += 1;
                     last_call = now;
@@ -364,7 +369,7 @@ fn a_job_answered_transient_retries_until_its_deadline_and_ends_there() {
                     }
                     e.handle(Event::Recorded(r.job_id), now, &mut next);
                 }
-                Action::Reply { .. } => {}
+                Action::Reply { .. } | Action::GiveBack { .. } => {}
             }
         }
         out = next;
@@ -400,11 +405,11 @@ fn marks_run_ahead_and_a_freed_slot_goes_straight_to_a_marked_job() {
     assert_eq!(marks(&out), vec![1, 2], "one slot + one ahead");
     out.clear();
     // job 2's mark lands first: the slot is free, it calls
-    e.handle(Event::Marked(2), 1, &mut out);
+    e.handle(Event::Marked(2, None), 1, &mut out);
     assert_eq!(calls(&out), vec![2]);
     out.clear();
     // job 1 is marked but the one slot is taken: it waits, and nothing new starts
-    e.handle(Event::Marked(1), 2, &mut out);
+    e.handle(Event::Marked(1, None), 2, &mut out);
     assert!(out.is_empty(), "{out:?}");
     e.check_slots().expect("counts agree");
     // job 2's answer frees the slot: job 1 calls in the same step, job 3 is marked
@@ -425,7 +430,7 @@ fn the_balance_fetch_after_a_duplicate_keeps_the_calls_slot() {
     let mut e = Engine::new(c, 1);
     let mut out = Vec::new();
     accept_one_per_player(&mut e, 1..=2, &mut out);
-    e.handle(Event::Marked(1), 1, &mut out);
+    e.handle(Event::Marked(1, None), 1, &mut out);
     out.clear();
     e.handle(
         Event::Answered(1, ans(OutcomeClass::Duplicate, 90012)),

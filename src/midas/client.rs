@@ -531,6 +531,9 @@ mod tests {
             default_user_ip: None,
             app_key: Secret::new("zNLgAGgqsEWJOg1nFVaO5r7fAlIQxr1u"),
             app_secret: Secret::new("s"),
+            sandbox_app_key: None,
+            push_token: None,
+            push_aes_key: None,
         }
     }
 

@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
+use super::health::WriteStatus;
 use super::postgres::writer::PgWriter;
+use super::pushes::{NewPush, PushStored, UnpublishedEvent};
 use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Writer};
 use super::OutboxError;
 use crate::config::OutboxConfig;
@@ -67,6 +69,14 @@ impl Outbox {
         }
     }
 
+    /// Whether it can write now, and the episodes when it could not.
+    pub fn write_status(&self) -> WriteStatus {
+        match self {
+            Outbox::Sqlite(w) => w.health().status(),
+            Outbox::Postgres(w) => w.health().status(),
+        }
+    }
+
     /// Record a valid command (durable when this returns).
     pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
         match self {
@@ -88,9 +98,13 @@ impl Outbox {
     /// Make durable that a call of each job may go out now. Answers the jobs NOT
     /// marked because this worker's lease on their player is gone or too short to
     /// cover a call (always none with SQLite): those calls must not be made.
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Marked, OutboxError> {
+    /// Each mark is (job id, time, lease generation the call was decided under).
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64, i64)>) -> Result<Marked, OutboxError> {
         match self {
-            Outbox::Sqlite(w) => w.mark_calls(marks).await.map(|()| Marked::default()),
+            Outbox::Sqlite(w) => {
+                let marks = marks.into_iter().map(|(id, at, _)| (id, at)).collect();
+                w.mark_calls(marks).await.map(|()| Marked::default())
+            }
             Outbox::Postgres(w) => w.mark_calls(marks).await,
         }
     }
@@ -100,6 +114,36 @@ impl Outbox {
         match self {
             Outbox::Sqlite(w) => w.flush().await,
             Outbox::Postgres(w) => w.flush().await,
+        }
+    }
+
+    /// Store a verified push once per (appid, kind, dedup key); durable when this
+    /// returns. A repeat is counted and answered [`PushStored::Repeat`].
+    pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.store_push(p).await,
+            Outbox::Postgres(w) => w.store_push(p).await,
+        }
+    }
+
+    /// Push events the broker confirmed (fire and forget).
+    pub fn push_published(&self, ids: Vec<i64>, now: i64) {
+        match self {
+            Outbox::Sqlite(w) => w.push_published(ids, now),
+            Outbox::Postgres(w) => w.push_published(ids, now),
+        }
+    }
+
+    /// Push events not confirmed yet (committed rows received before `before`),
+    /// oldest first, at most `limit`.
+    pub async fn unpublished_events(
+        &self,
+        limit: i64,
+        before: i64,
+    ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+        match self {
+            Outbox::Sqlite(w) => w.unpublished_events(limit, before).await,
+            Outbox::Postgres(w) => w.unpublished_events(limit, before).await,
         }
     }
 

@@ -14,9 +14,11 @@
 //! WAL and shared-memory files 0600 on Unix).
 
 pub mod handle;
+pub mod health;
 pub mod migrate;
 pub mod operator;
 pub mod postgres;
+pub mod pushes;
 pub mod query;
 pub mod schema;
 pub mod store;
@@ -50,9 +52,44 @@ pub enum OutboxError {
     Schema(String),
     #[error("PostgreSQL outbox: {}", postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// `sslmode`/`sslrootcert` of `outbox.url` refused, or TLS could not be set up.
+    #[error("{0}")]
+    Tls(#[from] postgres::tls::TlsError),
     /// A write fenced out: another worker holds the job's player now.
     #[error("this worker no longer holds the player's lease")]
     LeaseLost,
+    /// The outbox cannot write now (disk full, read-only, PostgreSQL away): a
+    /// condition that clears by itself or by an operator, not a fault of the data.
+    #[error("the outbox cannot write ({}): {detail}", .why.as_str())]
+    Unwritable {
+        why: health::WriteTrouble,
+        detail: String,
+    },
+}
+
+impl OutboxError {
+    /// The storage condition behind this error, if it is one (guarantee 10: the
+    /// worker waits it out instead of failing anything).
+    pub fn trouble(&self) -> Option<health::WriteTrouble> {
+        match self {
+            OutboxError::Unwritable { why, .. } => Some(*why),
+            OutboxError::Sqlite(e) => health::WriteTrouble::of_sqlite(e),
+            OutboxError::Postgres(e) => health::WriteTrouble::of_postgres(e),
+            _ => None,
+        }
+    }
+
+    /// The error of a request whose batch did not commit: a storage condition
+    /// keeps its class, anything else is a failed commit.
+    pub fn batch_failed(trouble: Option<health::WriteTrouble>, detail: &str) -> OutboxError {
+        match trouble {
+            Some(why) => OutboxError::Unwritable {
+                why,
+                detail: detail.to_string(),
+            },
+            None => OutboxError::Corrupt(format!("commit failed: {detail}")),
+        }
+    }
 }
 
 /// The WAL is truncated back to this size after a checkpoint (bytes).

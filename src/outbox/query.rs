@@ -65,6 +65,7 @@ fn load_jobs(c: &Connection, filter: &str, arg: i64) -> Result<Vec<Job>, OutboxE
             last_errcode,
             last_error,
             reopened_at,
+            lease_gen: 0,
         });
     }
     Ok(out)
@@ -78,14 +79,24 @@ pub fn unpublished_replies(
     limit: usize,
     before: i64,
 ) -> Result<Vec<OutgoingReply>, OutboxError> {
+    unpublished_replies_after(c, 0, limit, before)
+}
+
+/// [`unpublished_replies`] from reply target `after` on (see [`RelayCursor`]).
+pub fn unpublished_replies_after(
+    c: &Connection,
+    after: i64,
+    limit: usize,
+    before: i64,
+) -> Result<Vec<OutgoingReply>, OutboxError> {
     let mut stmt = c.prepare_cached(
         "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
          JOIN jobs j ON j.id = t.job_id \
          WHERE t.published_at IS NULL AND j.result IS NOT NULL \
-         AND t.added_at < ?2 AND COALESCE(j.finished_at, 0) < ?2 \
+         AND t.added_at < ?2 AND COALESCE(j.finished_at, 0) < ?2 AND t.id > ?3 \
          ORDER BY t.id LIMIT ?1",
     )?;
-    let rows = stmt.query_map(params![limit as i64, before], |r| {
+    let rows = stmt.query_map(params![limit as i64, before, after], |r| {
         Ok(OutgoingReply {
             target_id: Some(r.get(0)?),
             reply_to: r.get(1)?,
@@ -94,6 +105,25 @@ pub fn unpublished_replies(
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Where the reply relay reads next. Each pass reads a bounded page of
+/// unconfirmed replies after the last one it read, and starts again from the
+/// first once a page comes back short: replies the broker refuses for ever (a
+/// nacking queue) cannot hide the ones after them, however many there are.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayCursor {
+    pub after: i64,
+}
+
+impl RelayCursor {
+    /// Move on past a page of `limit` asked for.
+    pub fn advance(&mut self, page: &[OutgoingReply], limit: usize) {
+        self.after = match page.last().and_then(|r| r.target_id) {
+            Some(last) if page.len() >= limit => last,
+            _ => 0,
+        };
+    }
 }
 
 /// The newest operator action id (the worker reloads pending jobs when it moves).
@@ -149,4 +179,33 @@ pub fn reopened_jobs(c: &Connection, after: i64) -> Result<Vec<Job>, OutboxError
         out.extend(load_jobs(c, "state = 'pending' AND id = ?1", id)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(ids: std::ops::RangeInclusive<i64>) -> Vec<OutgoingReply> {
+        ids.map(|id| OutgoingReply {
+            target_id: Some(id),
+            reply_to: "q".into(),
+            correlation_id: id.to_string(),
+            payload: Arc::from(&b"{}"[..]),
+        })
+        .collect()
+    }
+
+    /// Defect 5: a full page of replies the broker refuses for ever must not hide
+    /// the ones after it: the next pass reads on from where this one stopped, and
+    /// a short page starts again from the first.
+    #[test]
+    fn the_relay_reads_on_past_a_full_page_and_wraps_after_a_short_one() {
+        let mut c = RelayCursor::default();
+        c.advance(&page(1..=3), 3);
+        assert_eq!(c.after, 3);
+        c.advance(&page(4..=5), 3);
+        assert_eq!(c.after, 0);
+        c.advance(&[], 3);
+        assert_eq!(c.after, 0);
+    }
 }

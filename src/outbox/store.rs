@@ -15,6 +15,7 @@ use super::operator::{
     self, ActionRow, CallRow, ExportRow, JobFilter, JobRow, ListRow, Stats, TargetRow,
 };
 use super::postgres::ops::{PgStore, PgTx};
+use super::pushes::{self, PushCounts, PushFilter, PushRow};
 use super::{open_existing_rw, open_ro, Location, OutboxError};
 
 /// An operator's connection to the outbox.
@@ -112,6 +113,51 @@ impl Store {
         match self {
             Store::Sqlite(c) => operator::stats(c),
             Store::Postgres(p) => p.stats(),
+        }
+    }
+
+    /// The pushes `f` selects, newest first (or oldest first), at most `limit`
+    /// (`None`: all). An outbox written before pushes existed has none.
+    pub fn pushes(
+        &self,
+        f: &PushFilter,
+        limit: Option<u32>,
+        newest_first: bool,
+    ) -> Result<Vec<PushRow>, OutboxError> {
+        match self {
+            Store::Sqlite(c) => pushes::list(c, f, limit, newest_first),
+            Store::Postgres(p) => p.pushes(f, limit, newest_first),
+        }
+    }
+
+    /// The pushes of one OutTradeNo or RefundId (of one app when `appid` is
+    /// given), oldest first.
+    pub fn pushes_by_key(
+        &self,
+        key: &str,
+        appid: Option<&str>,
+    ) -> Result<Vec<PushRow>, OutboxError> {
+        let f = PushFilter {
+            key: Some(key.to_string()),
+            appid: appid.map(str::to_string),
+            ..PushFilter::default()
+        };
+        self.pushes(&f, None, false)
+    }
+
+    /// One push by its id.
+    pub fn push(&self, id: i64) -> Result<Option<PushRow>, OutboxError> {
+        match self {
+            Store::Sqlite(c) => pushes::by_id(c, id),
+            Store::Postgres(p) => p.push_by_id(id),
+        }
+    }
+
+    /// Push counts by kind and whether the event is confirmed.
+    pub fn push_counts(&self) -> Result<PushCounts, OutboxError> {
+        match self {
+            Store::Sqlite(c) => pushes::counts(c),
+            Store::Postgres(p) => p.push_counts(),
         }
     }
 

@@ -5,12 +5,13 @@
 //! request cannot fail its batch; a failed commit fails every request of the batch.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::health::{WriteHealth, WriteTrouble};
+use super::pushes::{self, NewPush, PushStored, UnpublishedEvent};
 use super::writes::{in_savepoint, intake, mark, record};
 use super::OutboxError;
 use crate::command::{Command, Params};
@@ -125,6 +126,10 @@ pub struct Record {
     pub rows: Vec<AttemptRow>,
     pub update: Update,
     pub now: i64,
+    /// Shared outbox: the generation of the player's lease the outcome was
+    /// decided under; it lands only while the lease is still this worker's at
+    /// that generation (ignored by SQLite).
+    pub lease_gen: i64,
 }
 
 impl Record {
@@ -150,6 +155,16 @@ enum Request {
     /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
     Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
     Flush(oneshot::Sender<()>),
+    /// A verified push to store once per key.
+    Push(NewPush, oneshot::Sender<Result<PushStored, OutboxError>>),
+    /// Push events the broker confirmed: (ids, time).
+    PushPublished(Vec<i64>, i64),
+    /// Unconfirmed push events: (limit, received before, answer).
+    Unpublished(
+        i64,
+        i64,
+        oneshot::Sender<Result<Vec<UnpublishedEvent>, OutboxError>>,
+    ),
     /// Once a second from the ticker: an idle writer checkpoints what it committed,
     /// so erased session_keys leave the WAL even when no other request comes.
     Tick,
@@ -159,7 +174,7 @@ enum Request {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Request>,
-    healthy: Arc<AtomicBool>,
+    health: WriteHealth,
 }
 
 impl Writer {
@@ -171,8 +186,8 @@ impl Writer {
     ) -> Result<(Writer, std::thread::JoinHandle<()>), OutboxError> {
         let conn = super::open_rw(path, max_size_mb)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let h = healthy.clone();
+        let health = WriteHealth::default();
+        let h = health.clone();
         let join = std::thread::Builder::new()
             .name("outbox-writer".into())
             .spawn(move || run(conn, rx, h))?;
@@ -187,12 +202,17 @@ impl Writer {
                     _ => break,
                 }
             })?;
-        Ok((Writer { tx, healthy }, join))
+        Ok((Writer { tx, health }, join))
     }
 
     /// Whether the last commit succeeded (for `/readyz`).
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.writable()
+    }
+
+    /// Whether it can write, and the episodes when it could not (`/metrics`).
+    pub fn health(&self) -> &WriteHealth {
+        &self.health
     }
 
     pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
@@ -231,6 +251,34 @@ impl Writer {
         rx.await.map_err(|_| OutboxError::WriterGone)
     }
 
+    /// Store a verified push (durable when this returns).
+    pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Push(p, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    /// Push events the broker confirmed (fire and forget: an unmarked event is
+    /// published again, which its event_id makes harmless).
+    pub fn push_published(&self, ids: Vec<i64>, now: i64) {
+        let _ = self.tx.send(Request::PushPublished(ids, now));
+    }
+
+    /// Push events not confirmed yet, received before `before`, oldest first.
+    pub async fn unpublished_events(
+        &self,
+        limit: i64,
+        before: i64,
+    ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Unpublished(limit, before, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
     /// Mark reply targets confirmed by the broker (`returned`: confirmed but unroutable).
     /// Fire and forget: an unmarked target is re-published later, which is harmless.
     pub fn published(&self, targets: Vec<Confirmed>, now: i64) {
@@ -238,7 +286,7 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: Arc<AtomicBool>) {
+fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, health: WriteHealth) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     // Published marks waiting to share the next commit (see `defers`)
     let mut deferred: Vec<Request> = Vec::new();
@@ -249,7 +297,7 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
             if !deferred.is_empty() {
                 // a quiet writer: the marks held back wait no longer
                 std::mem::swap(&mut batch, &mut deferred);
-                commit(&mut conn, &mut batch, &mut intake_blocked, &healthy);
+                commit(&mut conn, &mut batch, &mut intake_blocked, &health);
                 checkpoints.committed(&conn, rx.is_empty());
             } else if rx.is_empty() {
                 checkpoints.idle(&conn);
@@ -268,12 +316,12 @@ fn run(mut conn: Connection, mut rx: mpsc::UnboundedReceiver<Request>, healthy: 
             continue;
         }
         batch.append(&mut deferred);
-        if commit(&mut conn, &mut batch, &mut intake_blocked, &healthy) {
+        if commit(&mut conn, &mut batch, &mut intake_blocked, &health) {
             checkpoints.committed(&conn, rx.is_empty());
         }
     }
     if !deferred.is_empty() {
-        commit(&mut conn, &mut deferred, &mut intake_blocked, &healthy);
+        commit(&mut conn, &mut deferred, &mut intake_blocked, &health);
     }
     checkpoints.finish(&conn);
     tracing::debug!("outbox writer stopped");
@@ -292,39 +340,42 @@ fn defers(batch: &[Request], held: usize) -> bool {
             .all(|r| matches!(r, Request::Published(..) | Request::Tick))
 }
 
-/// Commit `batch` (drained) and set the readiness flag; `true` when it committed.
+/// Commit `batch` (drained) and report to `health`; `true` when it committed.
+/// Ready means commands can be taken: a full size budget can fail the inserts of
+/// intake and still let the rest of the batch commit; then the outbox stays down
+/// until an intake succeeds again, whatever else commits.
 fn commit(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
     intake_blocked: &mut bool,
-    healthy: &AtomicBool,
+    health: &WriteHealth,
 ) -> bool {
     let n = batch.len();
-    let has_intake = batch.iter().any(|r| matches!(r, Request::Intake(..)));
+    let has_intake = batch
+        .iter()
+        .any(|r| matches!(r, Request::Intake(..) | Request::Push(..)));
     let result = commit_batch(conn, batch);
-    // Ready means commands can be taken. A full size budget can fail the
-    // inserts of intake and still let the rest of the batch commit: then the
-    // outbox is down until an intake succeeds again, whatever else commits.
-    let ok = match &result {
-        Err(_) => {
-            *intake_blocked = has_intake;
-            false
-        }
-        Ok(Some(all_taken)) => {
-            *intake_blocked = !all_taken;
-            *all_taken
-        }
-        Ok(None) => !*intake_blocked,
-    };
-    healthy.store(ok, Ordering::Relaxed);
     batch.clear();
     match result {
         Err(e) => {
-            tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
+            *intake_blocked = has_intake;
+            health.failed(&e, n);
             false
         }
-        Ok(_) => {
+        Ok(intakes) => {
             METRICS.outbox_commit(n);
+            match intakes {
+                Some(Err(e)) => {
+                    *intake_blocked = true;
+                    health.failed(&e, n);
+                }
+                Some(Ok(())) => {
+                    *intake_blocked = false;
+                    health.ok();
+                }
+                None if !*intake_blocked => health.ok(),
+                None => {}
+            }
             true
         }
     }
@@ -347,44 +398,67 @@ enum Pending {
         Result<(), OutboxError>,
     ),
     Flush(oneshot::Sender<()>),
+    Push(
+        oneshot::Sender<Result<PushStored, OutboxError>>,
+        Result<PushStored, OutboxError>,
+    ),
 }
 
-/// Committed: `Some(every intake of the batch succeeded)`, `None` when it held none.
+/// Committed: `Some(Ok)` when every intake of the batch succeeded, `Some(Err)`
+/// with the first intake's error otherwise, `None` when it held none.
 fn commit_batch(
     conn: &mut Connection,
     batch: &mut Vec<Request>,
-) -> Result<Option<bool>, OutboxError> {
+) -> Result<Option<Result<(), OutboxError>>, OutboxError> {
     let mut answers: Vec<Pending> = Vec::with_capacity(batch.len());
-    let mut intakes_ok: Option<bool> = None;
+    let mut intakes: Option<Result<(), OutboxError>> = None;
     // The first request error: when SQLite rolls the whole transaction back (disk or
     // size budget full), later statements only say "no transaction is active".
-    let mut first_err: Option<String> = None;
+    let mut first_err: Option<(String, Option<WriteTrouble>)> = None;
+    let mut reads = Vec::new();
     let outcome = (|| -> Result<(), rusqlite::Error> {
         let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for req in batch.drain(..) {
             match req {
                 Request::Intake(i, resp) => {
                     let r = in_savepoint(&mut tx, |sp| intake(sp, &i));
-                    intakes_ok = Some(intakes_ok.unwrap_or(true) && r.is_ok());
+                    taken(&mut intakes, r.as_ref().err());
                     if let (Err(e), None) = (&r, &first_err) {
-                        first_err = Some(e.to_string());
+                        first_err = Some((e.to_string(), e.trouble()));
                     }
                     answers.push(Pending::Intake(resp, r));
                 }
                 Request::Record(r, resp) => {
                     let out = in_savepoint(&mut tx, |sp| record(sp, &r));
                     if let (Err(e), None) = (&out, &first_err) {
-                        first_err = Some(e.to_string());
+                        first_err = Some((e.to_string(), e.trouble()));
                     }
                     answers.push(Pending::Record(resp, out));
                 }
                 Request::Flush(resp) => answers.push(Pending::Flush(resp)),
+                Request::Push(p, resp) => {
+                    let r = in_savepoint(&mut tx, |sp| pushes::store(sp, &p));
+                    taken(&mut intakes, r.as_ref().err());
+                    if let (Err(e), None) = (&r, &first_err) {
+                        first_err = Some((e.to_string(), e.trouble()));
+                    }
+                    answers.push(Pending::Push(resp, r));
+                }
+                Request::PushPublished(ids, now) => {
+                    if let Err(e) =
+                        in_savepoint(&mut tx, |sp| pushes::mark_published(sp, &ids, now))
+                    {
+                        tracing::debug!(error = %e, "cannot mark push events confirmed; they may be published again");
+                    }
+                }
+                // a read: answered after the commit, from committed rows only
+                Request::Unpublished(limit, before, resp) => reads.push((limit, before, resp)),
                 // a tick that arrived with real requests: the commit follows anyway
                 Request::Tick => {}
                 Request::Mark(marks, resp) => {
                     let out = in_savepoint(&mut tx, |sp| mark(sp, &marks));
                     if let (Err(e), None) = (&out, &first_err) {
-                        first_err = Some(e.to_string());
+                        first_err = Some((e.to_string(), e.trouble()));
                     }
                     answers.push(Pending::Mark(resp, out));
                 }
@@ -406,6 +480,9 @@ fn commit_batch(
         }
         tx.commit()
     })();
+    for (limit, before, resp) in reads {
+        let _ = resp.send(pushes::unpublished(conn, limit, before));
+    }
     match outcome {
         Ok(()) => {
             for a in answers {
@@ -422,17 +499,23 @@ fn commit_batch(
                     Pending::Flush(s) => {
                         let _ = s.send(());
                     }
+                    Pending::Push(s, r) => {
+                        let _ = s.send(r);
+                    }
                 }
             }
-            Ok(intakes_ok)
+            Ok(intakes)
         }
         Err(e) => {
-            let msg = match &first_err {
-                Some(first) => format!("{first} (then: {e})"),
-                None => e.to_string(),
+            let (msg, trouble) = match &first_err {
+                Some((first, t)) => (
+                    format!("{first} (then: {e})"),
+                    t.or(WriteTrouble::of_sqlite(&e)),
+                ),
+                None => (e.to_string(), WriteTrouble::of_sqlite(&e)),
             };
             for a in answers {
-                let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+                let err = || OutboxError::batch_failed(trouble, &msg);
                 match a {
                     Pending::Intake(s, _) => {
                         let _ = s.send(Err(err()));
@@ -443,11 +526,25 @@ fn commit_batch(
                     Pending::Mark(s, _) => {
                         let _ = s.send(Err(err()));
                     }
+                    Pending::Push(s, _) => {
+                        let _ = s.send(Err(err()));
+                    }
                     Pending::Flush(_) => {}
                 }
             }
-            Err(OutboxError::Sqlite(e))
+            Err(OutboxError::batch_failed(trouble, &msg))
         }
+    }
+}
+
+/// Count one intake (a command or a push) of a batch: the first failure is kept.
+fn taken(intakes: &mut Option<Result<(), OutboxError>>, err: Option<&OutboxError>) {
+    match (err, &*intakes) {
+        (Some(e), None | Some(Ok(()))) => {
+            *intakes = Some(Err(OutboxError::batch_failed(e.trouble(), &e.to_string())));
+        }
+        (None, None) => *intakes = Some(Ok(())),
+        _ => {}
     }
 }
 

@@ -131,6 +131,7 @@ pub(super) fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, Outbox
             last_errcode,
             last_error: None,
             reopened_at: Some(i.now),
+            lease_gen: 0,
         }));
     }
     let target = add_target(c, id, i, state.is_final())?;
@@ -160,6 +161,7 @@ pub(super) fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, Outbox
         last_errcode,
         last_error,
         reopened_at,
+        lease_gen: 0,
     });
     Ok(IntakeOutcome::Joined {
         job_id: id,
@@ -217,7 +219,7 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
             c.prepare_cached(
                 "UPDATE jobs SET attempts = ?2, first_attempt_at = COALESCE(first_attempt_at, ?3), \
                  next_attempt_at = ?4, last_errcode = ?5, last_error = ?6, updated_at = ?7, \
-                 uncertain = MAX(uncertain, ?8) WHERE id = ?1",
+                 uncertain = MAX(uncertain, ?8) WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![
                 r.job_id,
@@ -233,11 +235,11 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
         }
         Update::Final { state, reply } => {
             let payload = String::from_utf8_lossy(reply).into_owned();
-            c.prepare_cached(
+            let n = c.prepare_cached(
                 "UPDATE jobs SET state = ?2, attempts = ?3, first_attempt_at = COALESCE(first_attempt_at, ?4), \
                  last_errcode = COALESCE(?5, last_errcode), last_error = COALESCE(?6, last_error), result = ?7, \
                  session_key = NULL, finished_at = ?8, updated_at = ?8, uncertain = MAX(uncertain, ?9) \
-                 WHERE id = ?1",
+                 WHERE id = ?1 AND state = 'pending'",
             )?
             .execute(params![
                 r.job_id,
@@ -250,6 +252,11 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
                 r.now,
                 r.uncertain as i64
             ])?;
+            if n == 0 {
+                // the job is final already (a stale re-run of a job the engine
+                // forgot): its stored reply stands, nothing is published again
+                return Ok(Vec::new());
+            }
             let payload: Arc<[u8]> = Arc::from(reply.clone());
             let mut q = c.prepare_cached(
                 "SELECT id, reply_to, correlation_id FROM reply_targets WHERE job_id = ?1 AND published_at IS NULL",
@@ -270,7 +277,7 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
 pub(super) fn mark(c: &Connection, marks: &[(i64, i64)]) -> Result<(), OutboxError> {
     let mut stmt = c.prepare_cached(
         "UPDATE jobs SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, ?2), \
-         updated_at = ?2 WHERE id = ?1",
+         updated_at = ?2 WHERE id = ?1 AND state = 'pending'",
     )?;
     for (id, at) in marks {
         stmt.execute(params![id, at])?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::config::{Dur, Settings};
 use crate::secret::Secret;
 
+use super::push::{PushKeys, PushSetup};
 use super::{SimApp, Simulator};
 
 #[derive(clap::Args, Debug)]
@@ -52,6 +53,23 @@ pub struct SimulateArgs {
     /// Env var holding a distinct sandbox key for every app.
     #[arg(long)]
     pub sandbox_key_env: Option<String>,
+    /// Push purchases (`POST /sim/purchase`) to this worker push URL, e.g.
+    /// `http://127.0.0.1:9480/wechat/push` (repeat the flag for several workers),
+    /// signed with each app's push_token_env / push_aes_key_env.
+    #[arg(long, value_name = "URL")]
+    pub push_url: Vec<String>,
+    /// Push in safe (encrypted) mode (apps with push_aes_key_env).
+    #[arg(long)]
+    pub push_safe_mode: bool,
+    /// Divide WeChat's repeat schedule (15 s, 15 s, 30 s, 3 min, …) by this.
+    #[arg(long, default_value_t = 1.0)]
+    pub push_time_factor: f64,
+    /// Probability that a delivered push is pushed once more.
+    #[arg(long, default_value_t = 0.1)]
+    pub push_repeat_after_success_rate: f64,
+    /// Probability that a purchase is followed by a mock push.
+    #[arg(long, default_value_t = 0.0)]
+    pub push_mock_rate: f64,
 }
 
 /// Build the simulator config from settings + flags.
@@ -109,7 +127,41 @@ pub async fn simulate(
         }
     }
     let ids: Vec<String> = apps.iter().map(|a| a.appid.clone()).collect();
-    let handle = Simulator::new(cfg, apps).start().await?;
+    let seed = cfg.seed;
+    let mut sim = Simulator::new(cfg, apps);
+    if !args.push_url.is_empty() {
+        let keys: Vec<PushKeys> = settings
+            .apps
+            .iter()
+            .filter_map(|a| {
+                Some(PushKeys {
+                    appid: a.appid.clone(),
+                    token: a.push_token.clone()?,
+                    aes_key: a.push_aes_key.clone(),
+                    app_key: a.app_key.clone(),
+                    sandbox_key: a.sandbox_app_key.clone(),
+                })
+            })
+            .collect();
+        println!(
+            "pushing purchases to {} (apps: {})",
+            args.push_url.join(", "),
+            keys.iter()
+                .map(|k| k.appid.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        sim = sim.with_pushes(PushSetup {
+            urls: args.push_url.clone(),
+            apps: keys,
+            safe_mode: args.push_safe_mode,
+            time_factor: args.push_time_factor,
+            repeat_after_success_rate: args.push_repeat_after_success_rate,
+            mock_rate: args.push_mock_rate,
+            seed,
+        });
+    }
+    let handle = sim.start().await?;
     println!(
         "Midas simulator listening on {} (apps: {}); NO REAL CURRENCY MOVES. Ledger: GET {}/sim/ledger. Ctrl-C stops.",
         handle.base_url(),

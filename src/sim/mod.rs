@@ -34,6 +34,7 @@
 pub mod cli;
 pub mod faults;
 pub mod ledger;
+pub mod push;
 pub mod tokens;
 pub mod v2;
 pub mod verify;
@@ -183,11 +184,20 @@ fn openid_of(body: &[u8]) -> Option<String> {
 struct Shared {
     apps: HashMap<String, SimApp>,
     state: Mutex<Inner>,
+    /// WeChat's pushes to the game server ([`push`]), when set up.
+    pusher: Mutex<Option<Arc<push::Pusher>>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pusher(&self) -> Option<Arc<push::Pusher>> {
+        self.pusher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn count(&self, kind: &str) {
@@ -242,8 +252,16 @@ impl Simulator {
             shared: Arc::new(Shared {
                 apps: apps.into_iter().map(|a| (a.appid.clone(), a)).collect(),
                 state: Mutex::new(state),
+                pusher: Mutex::new(None),
             }),
         }
+    }
+
+    /// Push purchases to a worker's push URL as WeChat does ([`push`]).
+    pub fn with_pushes(self, setup: push::PushSetup) -> Simulator {
+        *self.shared.pusher.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(push::Pusher::new(setup));
+        self
     }
 
     /// Bind `cfg.listen` (port 0 = any free port) and serve in a spawned task until the
@@ -288,6 +306,8 @@ impl Simulator {
             .route("/sim/faults", post(sim_faults))
             .route("/sim/revoke", post(sim_revoke))
             .route("/sim/sessions", post(sim_sessions))
+            .route("/sim/purchase", post(sim_purchase))
+            .route("/sim/pushes", get(sim_pushes))
             .with_state(self.shared.clone())
     }
 }
@@ -330,6 +350,11 @@ impl SimHandle {
     /// Revoke every token issued so far.
     pub fn revoke_tokens(&self) {
         self.shared.lock().tokens.revoke_all();
+    }
+
+    /// The pusher, when set up with [`Simulator::with_pushes`].
+    pub fn pusher(&self) -> Option<Arc<push::Pusher>> {
+        self.shared.pusher()
     }
 
     /// Register (or rotate) the session key of an openid.
@@ -638,6 +663,29 @@ fn apply(ledger: &mut Ledger, req: &Request) -> Value {
 }
 
 // ---------------------------------------------------------------- admin
+
+/// `POST /sim/purchase`: a paid order, pushed to the worker like WeChat pushes it.
+async fn sim_purchase(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Some(p) = shared.pusher() else {
+        return (StatusCode::NOT_FOUND, "pushes are not set up\n").into_response();
+    };
+    let purchase: push::Purchase = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    };
+    match p.purchase(purchase) {
+        Ok(no) => Json(json!({ "out_trade_no": no })).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `GET /sim/pushes`: the push ledger and its totals.
+async fn sim_pushes(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.pusher() {
+        Some(p) => Json(json!({ "stats": p.stats(), "orders": p.orders() })).into_response(),
+        None => (StatusCode::NOT_FOUND, "pushes are not set up\n").into_response(),
+    }
+}
 
 async fn sim_ledger(State(shared): State<Arc<Shared>>) -> Json<LedgerDump> {
     Json(shared.dump())

@@ -5,6 +5,7 @@
 
 pub mod pg;
 pub mod proxy;
+pub mod push;
 pub mod webdriver;
 
 use std::collections::BTreeMap;
@@ -79,11 +80,12 @@ impl TestEnv {
             .expect("test config")
     }
 
-    /// Use the shared PostgreSQL outbox `db` (with a 5 s lease, so take-overs are
+    /// Use the shared PostgreSQL outbox `db` (with a 7 s lease, the shortest the
+    /// config accepts for the tests' 1 s request timeout, so take-overs are
     /// quick) instead of the SQLite file.
     pub fn share_outbox(&mut self, db: &pg::TestDb) -> &mut Self {
         self.set("OUTBOX__URL", &db.url);
-        self.set("OUTBOX__LEASE", "5s")
+        self.set("OUTBOX__LEASE", "7s")
     }
 
     /// `outbox retry BILL` as an operator would run it, against this test's outbox.
@@ -448,6 +450,16 @@ impl TestEnv {
         midas_url: &str,
         log: &std::path::Path,
     ) -> std::process::Child {
+        self.spawn_child_logged_at(midas_url, log, "warn")
+    }
+
+    /// [`TestEnv::spawn_child_logged`] with the child's `RUST_LOG` given.
+    pub fn spawn_child_logged_at(
+        &self,
+        midas_url: &str,
+        log: &std::path::Path,
+        rust_log: &str,
+    ) -> std::process::Child {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -459,7 +471,7 @@ impl TestEnv {
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
             .envs(&self.env)
             .env("MIDAS_WORKER__MIDAS__BASE_URL", midas_url)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
             .stderr(file);

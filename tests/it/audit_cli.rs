@@ -202,6 +202,7 @@ impl Jobber<'_> {
                 }],
                 update,
                 now: at + 42,
+                lease_gen: 0,
             })
             .await
             .expect("record")
@@ -963,7 +964,16 @@ async fn republish_requeues_final_replies_and_refuses_pending() {
     );
     let text = ok(
         s,
-        &["republish", "--status", "failed", "--actor", "bob", "--yes"],
+        &[
+            "republish",
+            "--status",
+            "failed",
+            "--actor",
+            "bob",
+            "--yes",
+            "--expect",
+            "3",
+        ],
     );
     assert!(
         text.contains("re-published the stored final replies of 3 jobs to 3 reply targets"),
@@ -1129,7 +1139,7 @@ async fn retry_on_a_set_shows_the_plan_and_acts_only_with_yes() {
     assert_eq!(e.exit_code(), 2);
     assert_eq!(
         e.to_string(),
-        "nothing changed: add --yes to re-open these 2 jobs"
+        "nothing changed: add --yes --expect 2 to re-open these 2 jobs"
     );
     assert!(text.contains("would re-open 2 jobs"), "{text}");
     assert_eq!(states(), before);
@@ -1139,7 +1149,15 @@ async fn retry_on_a_set_shows_the_plan_and_acts_only_with_yes() {
         s,
         &[
             &args[..],
-            &["--yes", "--actor", "carol", "--reason", "Midas was down"],
+            &[
+                "--yes",
+                "--expect",
+                "2",
+                "--actor",
+                "carol",
+                "--reason",
+                "Midas was down",
+            ],
         ]
         .concat(),
     );
@@ -1171,7 +1189,9 @@ async fn retry_on_a_set_shows_the_plan_and_acts_only_with_yes() {
     );
     let text = ok(
         s,
-        &["retry", "--status", "failed", "--yes", "--actor", "carol"],
+        &[
+            "retry", "--status", "failed", "--yes", "--expect", "3", "--actor", "carol",
+        ],
     );
     assert!(text.contains("re-opened 1 job:"), "{text}");
     assert_eq!(state_of(&f, "B-SIG", "pay"), "pending");
@@ -1449,6 +1469,8 @@ async fn reads_work_while_the_worker_writes() {
     let text = ok(&s, &["export", "--format", "csv"]);
     assert_eq!(parse_csv(&text).len(), 51);
     // an operator write while the writer holds its connection
+    let plan = outbox(&s, &["republish", "--status", "succeeded", "--json"]).1;
+    let matched = serde_json::from_str::<Value>(&plan).expect("plan")["matched"].to_string();
     ok(
         &s,
         &[
@@ -1458,6 +1480,8 @@ async fn reads_work_while_the_worker_writes() {
             "--actor",
             "eve",
             "--yes",
+            "--expect",
+            &matched,
         ],
     );
     w.flush().await.expect("flush");
@@ -1483,4 +1507,65 @@ fn help_documents_the_verbs() {
         .render_long_help()
         .to_string();
     assert!(help.contains("ONE JSON array"), "{help}");
+}
+
+/// A bulk action cannot be made to hit everything by accident: an empty filter
+/// value is refused (it would match every job), `--yes` needs `--expect N`, and a
+/// count that differs from N changes nothing.
+#[tokio::test]
+async fn bulk_actions_refuse_empty_filters_and_an_unexpected_count() {
+    let f = fixture().await;
+    let s = &f.settings;
+    let actions = || f.count("SELECT COUNT(*) FROM operator_actions");
+    let pending = || f.count("SELECT COUNT(*) FROM jobs WHERE state = 'pending'");
+    let before = pending();
+    for flag in [
+        "--bill-no-prefix",
+        "--openid",
+        "--appid",
+        "--status",
+        "--op",
+        "--since",
+        "--until",
+    ] {
+        for value in ["", "  "] {
+            for verb in ["retry", "republish"] {
+                let e = err(s, &[verb, flag, value, "--yes", "--expect", "1"]);
+                assert_eq!(e.exit_code(), 2, "{verb} {flag} {value:?}: {e}");
+                assert!(
+                    e.to_string().contains(flag) && e.to_string().contains("every job"),
+                    "{verb} {flag} {value:?}: {e}"
+                );
+            }
+        }
+    }
+    // `--yes` alone is bad usage (clap: exit 2), before anything is read
+    let parsed = Cli::try_parse_from(["outbox", "retry", "--status", "unknown", "--yes"]);
+    let Err(e) = parsed else {
+        panic!("--yes without --expect was accepted")
+    };
+    assert!(e.to_string().contains("--expect"), "{e}");
+    // the plan says 3 failed jobs match; expecting another count changes nothing
+    let plan = ok(s, &["retry", "--status", "failed", "--dry-run"]);
+    assert!(plan.contains("retry: 3 jobs match"), "{plan}");
+    for wrong in ["2", "4", "0"] {
+        let e = err(
+            s,
+            &["retry", "--status", "failed", "--yes", "--expect", wrong],
+        );
+        assert_eq!(e.exit_code(), 1, "{e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "3 jobs match --status failed now, not the {wrong} expected"
+            )),
+            "{e}"
+        );
+    }
+    assert_eq!((pending(), actions()), (before, 0), "nothing changed");
+    let text = ok(
+        s,
+        &["retry", "--status", "failed", "--yes", "--expect", "3"],
+    );
+    assert!(text.contains("re-opened 1 job"), "{text}");
+    assert_eq!(pending(), before + 1);
 }

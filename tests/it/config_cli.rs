@@ -91,6 +91,8 @@ async fn a_config_of_only_apps_runs_answers_readyz_and_stops_on_sigterm() {
             &format!("t-{tag}.dead"),
         ),
         ("MIDAS_WORKER__HTTP__LISTEN", &format!("127.0.0.1:{port}")),
+        // the one key `run` needs besides the apps
+        ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator"),
     ]);
     let mut child = worker(&["run", "--config", MINIMAL], &env)
         .stdout(Stdio::null())
@@ -215,6 +217,7 @@ fn simulator_mode_refuses_a_shared_broker_before_connecting() {
         ),
         ("MIDAS_WORKER__OUTBOX__PATH", &outbox.display().to_string()),
         ("MIDAS_WORKER__HTTP__LISTEN", "127.0.0.1:0"),
+        ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "simulator"),
     ]);
     let out = finish(
         worker(&["run", "--config", MINIMAL], &base),
@@ -247,9 +250,9 @@ fn bad_configs_stop_with_one_line_and_status_2() {
         ),
         (
             Path::new(MINIMAL),
-            // what the container image sets: the environment must be chosen
-            env(&[("MIDAS_WORKER_REQUIRE_ENVIRONMENT", "1")]),
-            "MIDAS_WORKER__MIDAS__ENVIRONMENT",
+            // `run` needs midas.environment (no other variable required)
+            env(&[]),
+            "midas.environment",
         ),
     ];
     for (config, env, needle) in cases {

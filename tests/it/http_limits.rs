@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use midas_worker::http::{HEADER_TIMEOUT, MAX_CONNECTIONS};
+use midas_worker::http::{Limits, HEADER_TIMEOUT, MAX_CONNECTIONS};
 use midas_worker::metrics::GAUGE_TTL;
 use midas_worker::sim::Faults;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -144,7 +144,13 @@ async fn a_scrape_storm_reads_the_outbox_once_per_period() {
     c.publish(pay(&b, "u", 1).as_bytes(), "s")
         .await
         .expect("publish");
-    let _ = replies(&mut c, 1, Duration::from_secs(30)).await;
+    let got = replies(&mut c, 1, Duration::from_secs(30)).await;
+    assert_eq!(
+        got[0].reply.status,
+        Some(midas_worker::command::Status::Succeeded),
+        "{:?}",
+        got[0].reply
+    );
 
     let (_, first) = http_get(addr, "/metrics").await;
     let reads = "midas_worker_gauge_reads_total";
@@ -184,4 +190,125 @@ async fn a_scrape_storm_reads_the_outbox_once_per_period() {
     }
     worker.stop().await;
     env.cleanup(&c).await;
+}
+
+/// One keep-alive client asking `GET /healthz` every `every` on the same
+/// connection (reconnecting when the server closes it) until `stop`; counts answers.
+async fn keep_alive_client(
+    addr: std::net::SocketAddr,
+    every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> usize {
+    let mut answers = 0;
+    while !*stop.borrow() {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if *stop.borrow() {
+                return answers;
+            }
+            if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .is_err()
+            {
+                break;
+            }
+            match s.read(&mut buf).await {
+                Ok(n) if n > 0 => answers += 1,
+                _ => break,
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+    answers
+}
+
+/// 64 clients keep a keep-alive connection each and ask `/healthz` every 2 s (twice
+/// the slots, each slot always busy by the old rules); a separate probe, as a
+/// kubelet sends it, must still be answered, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_clients_do_not_shut_out_a_probe() {
+    let env = TestEnv::new("keepalive");
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let addr = worker.http_addr;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            tokio::spawn(keep_alive_client(
+                addr,
+                Duration::from_secs(2),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    // let them take every slot and settle into their rhythm
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..3 {
+        // a kubelet probe: a fresh connection, `Connection: close`, a deadline
+        // (the kubelet's default is 1 s; 5 s leaves a slow machine room and still
+        // fails when the slots are held, as they were for as long as the clients ran)
+        let probe = async {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut resp = Vec::new();
+            let _ = s.read_to_end(&mut resp).await;
+            String::from_utf8_lossy(&resp).into_owned()
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(5), probe)
+            .await
+            .unwrap_or_else(|_| panic!("probe {i} got no answer beside 64 keep-alive clients"));
+        assert!(resp.starts_with("HTTP/1.1 200"), "probe {i}: {resp}");
+        assert!(resp.ends_with("ok\n"), "probe {i}: {resp}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = stop_tx.send(true);
+    let mut served = 0;
+    for c in clients {
+        served += c.await.expect("client task");
+    }
+    // the keep-alive clients were served too (they reconnect after being closed)
+    assert!(served >= 64, "keep-alive clients got {served} answers");
+    worker.stop().await;
+    env.cleanup(&env.client().await).await;
+}
+
+/// A connection answers at most `max_requests` requests: the last answer says
+/// `Connection: close` and the server closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_after_its_request_cap() {
+    let env = TestEnv::new("reqcap");
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut s = TcpStream::connect(worker.http_addr).await.expect("connect");
+    let mut buf = vec![0u8; 4096];
+    let cap = Limits::OPS.max_requests;
+    for i in 1..=cap {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = String::new();
+        while !head.ends_with("ok\n") {
+            let n = tokio::time::timeout(HEADER_TIMEOUT, s.read(&mut buf))
+                .await
+                .expect("answered")
+                .expect("read");
+            assert!(n > 0, "closed early, after {i} of {cap} requests");
+            head.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let closing = head.to_ascii_lowercase().contains("connection: close");
+        assert_eq!(closing, i == cap, "request {i}: {head}");
+    }
+    let n = tokio::time::timeout(HEADER_TIMEOUT, s.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection is closed after its last answer");
+    worker.stop().await;
+    env.cleanup(&env.client().await).await;
 }

@@ -390,6 +390,7 @@ async fn an_erased_session_key_survives_in_no_file_and_the_files_are_private() {
                         .into_bytes(),
                 },
                 now: 1_700_000_001_000,
+                lease_gen: 0,
             })
             .await
             .expect("record");
@@ -466,6 +467,7 @@ async fn an_idle_writer_clears_erased_session_keys_from_the_wal_by_itself() {
             reply: b"{\"status\":\"succeeded\"}".to_vec(),
         },
         now: 1_700_000_001_000,
+        lease_gen: 0,
     })
     .await
     .expect("record");
@@ -597,6 +599,7 @@ async fn a_failing_request_is_undone_alone_and_its_batch_commits() {
         }],
         update: Update::Retry { next_attempt_at: 2 },
         now: 2,
+        lease_gen: 0,
     };
     for round in 0..20 {
         let bill = format!("B-SP-{round}");

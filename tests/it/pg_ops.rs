@@ -307,7 +307,7 @@ async fn retry_republish_and_prune_act_the_same_and_hand_jobs_back_to_the_coordi
 
     // a set: the same plan, acted on the same way
     let (lite, post) = both(&[
-        "retry", "--status", "failed", "--yes", "--json", "--actor", "ops",
+        "retry", "--status", "failed", "--yes", "--expect", "3", "--json", "--actor", "ops",
     ]);
     assert_eq!(json(&lite), json(&post));
     assert_eq!(json(&post)["acting"], 1, "{post}");
@@ -334,11 +334,15 @@ async fn retry_republish_and_prune_act_the_same_and_hand_jobs_back_to_the_coordi
         .await,
         1
     );
+    let plan = json(&outbox(&pg, &["republish", "--status", "succeeded", "--json"]).1);
+    let matched = plan["matched"].to_string();
     let (lite, post) = both(&[
         "republish",
         "--status",
         "succeeded",
         "--yes",
+        "--expect",
+        &matched,
         "--json",
         "--actor",
         "ops",

@@ -278,7 +278,7 @@ async fn a_worker_cut_off_from_postgres_is_replaced_without_a_second_concurrent_
         ledger.overlapping_calls, 0,
         "two calls for one player at once"
     );
-    // docs/scaling.md promises 4/3 × lease (6.7 s here); the bound leaves a loaded
+    // docs/scaling.md promises 4/3 × lease (9.3 s here); the bound leaves a loaded
     // CI machine four times that
     assert!(
         took < Duration::from_secs(30),
@@ -436,6 +436,7 @@ async fn a_failing_request_does_not_fail_its_postgres_batch() {
         }],
         update: Update::Retry { next_attempt_at: 2 },
         now: 2,
+        lease_gen: 0,
     };
     for round in 0..20 {
         let bill = format!("B-PGSP-{round}");
@@ -519,6 +520,7 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
             reply: reply.as_bytes().to_vec(),
         },
         now: 2,
+        lease_gen: job.lease_gen,
     };
     use midas_worker::job::JobState;
     let old = w
@@ -628,5 +630,49 @@ async fn sigterm_during_start_up_stops_the_worker_cleanly() {
     assert!(
         status.success(),
         "exit after SIGTERM during start-up: {status}"
+    );
+}
+
+/// A version-2 outbox (no lease generation) is brought to version 3 in place when
+/// a worker opens it: its leases get a generation, and every new take draws a
+/// higher one.
+#[tokio::test]
+async fn a_version_2_outbox_gets_lease_generations_in_place() {
+    let db = TestDb::new("spgen").await;
+    midas_worker::outbox::postgres::open(&db.secret_url())
+        .await
+        .expect("schema");
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO player_leases (appid, openid, owner, expires_at) VALUES ('wx', 'o1', 'w1', 0); \
+         ALTER TABLE player_leases DROP COLUMN generation; \
+         UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+    )
+    .await
+    .expect("make it version 2");
+    midas_worker::outbox::postgres::open(&db.secret_url())
+        .await
+        .expect("migrated");
+    assert_eq!(
+        db.count("SELECT count(*) FROM meta WHERE key = 'schema_version' AND value = '3'")
+            .await,
+        1
+    );
+    let first: i64 = c
+        .query_one(
+            "SELECT generation FROM player_leases WHERE openid = 'o1'",
+            &[],
+        )
+        .await
+        .expect("generation")
+        .get(0);
+    c.batch_execute(
+        "INSERT INTO player_leases (appid, openid, owner, expires_at) VALUES ('wx', 'o2', 'w2', 0)",
+    )
+    .await
+    .expect("take");
+    assert!(
+        db.count("SELECT count(*) FROM player_leases WHERE openid = 'o2' AND generation > (SELECT generation FROM player_leases WHERE openid = 'o1')").await == 1,
+        "a later take has a higher generation than {first}"
     );
 }

@@ -3,9 +3,11 @@
 //! An operator who re-opens a hundred jobs must see first what will happen, so the
 //! set forms never act on their own: they print how many jobs match and what each
 //! would get (re-opened, re-published, or skipped and why); `--dry-run` stops there,
-//! and without `--yes` they stop there too, with exit status 2. With `--yes` the plan
-//! is made again inside the write transaction (so it is exactly what is done), acted
-//! on, and recorded once per job in `operator_actions`. Text and `--json` are two
+//! and without `--yes` they stop there too, with exit status 2. `--yes` needs
+//! `--expect N`, the count the operator saw: the plan is made again inside the
+//! write transaction (so it is exactly what is done), refused unless N jobs match,
+//! acted on, and recorded once per job in `operator_actions`. A filter with an empty
+//! value (which would match everything) is refused. Text and `--json` are two
 //! renderings of the same [`BulkView`].
 
 use std::io::{self, Write};
@@ -267,6 +269,10 @@ pub fn run(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
+    let now = now_ms();
+    // empty values refused before anything else: `--bill-no-prefix ""` is a filter
+    // on paper and every job in fact
+    job_filter(f, now, bill_no)?;
     if bill_no.is_none() && describe(f, None).is_empty() {
         return Err(AuditError::Usage(format!(
             "{} needs a BILL_NO or filters (--status, --since, --appid, --bill-no-prefix, --errcode, ...)",
@@ -279,6 +285,11 @@ pub fn run(
         ));
     }
     let filter = describe(f, bill_no);
+    if confirm.yes && confirm.expect.is_none() {
+        return Err(AuditError::Usage(
+            "--yes needs --expect N: the number of jobs the plan (printed without --yes) showed matching".into(),
+        ));
+    }
     let now = now_ms();
     let jf = job_filter(f, now, bill_no)?;
     if confirm.dry_run || !(confirm.yes || bill_no.is_some()) {
@@ -298,19 +309,29 @@ pub fn run(
             n => format!("these {n} jobs"),
         };
         return Err(AuditError::Usage(format!(
-            "nothing changed: add --yes to {verb} {these}"
+            "nothing changed: add --yes --expect {} to {verb} {these}",
+            v.matched
         )));
     }
     let mut store = open_write(settings)?;
+    let expect = confirm.expect;
     let v = apply(
         &mut store,
         action,
         &jf,
-        filter,
+        filter.clone(),
         &actor_name(who),
         who.reason.as_deref(),
         now,
-        |_| Ok(()),
+        |matched, _| {
+            match expect {
+            Some(expected) if matched != expected => Err(AuditError::Refused(format!(
+                "nothing changed: {} match {filter} now, not the {expected} expected (--expect); look again without --yes",
+                plural(matched, "job", "jobs")
+            ))),
+            _ => Ok(()),
+        }
+        },
     )?;
     render(&v, confirm.json, out)
 }
@@ -332,8 +353,8 @@ pub(crate) fn preview(
 }
 
 /// Act on the jobs `f` selects: the plan is made again inside the write
-/// transaction (so it is exactly what is done) and handed to `check` with the ids
-/// of the jobs it would act on (the console refuses a set that changed since its
+/// transaction (so it is exactly what is done) and handed to `check` with the
+/// number of jobs matching and the ids of those it would act on (the console refuses a set that changed since its
 /// confirm step); then each job is acted on and recorded in `operator_actions`
 /// under `actor`, all in that one transaction.
 #[allow(clippy::too_many_arguments)]
@@ -345,7 +366,7 @@ pub(crate) fn apply(
     actor: &str,
     reason: Option<&str>,
     now: i64,
-    check: impl FnOnce(&[i64]) -> Result<(), AuditError>,
+    check: impl FnOnce(usize, &[i64]) -> Result<(), AuditError>,
 ) -> Result<BulkView, AuditError> {
     let tx = store.write()?;
     let planned = plan(action, tx.jobs(f)?, now);
@@ -354,7 +375,7 @@ pub(crate) fn apply(
         .filter(|(_, why)| why.is_none())
         .map(|(j, _)| j.id)
         .collect();
-    check(&acting)?;
+    check(planned.len(), &acting)?;
     let mut targets = 0usize;
     for (j, why) in &planned {
         if why.is_some() {

@@ -35,12 +35,30 @@ const CSV_NUMERIC: [usize; 5] = [0, 6, 7, 9, 10];
 
 pub(super) fn export(
     f: &Filters,
+    kind: Option<&str>,
     format: ExportFormat,
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
+    let which = super::pushes::which(kind)?;
     let filter = job_filter(f, now_ms(), None)?;
     let store = open_read(settings)?;
+    if let super::pushes::Which::Pushes(kind) = which {
+        if super::pushes::job_only(f) {
+            return Err(AuditError::Usage(
+                "--status, --op, --bill-no-prefix and --errcode select jobs, not pushes".into(),
+            ));
+        }
+        let mut w = BufWriter::with_capacity(64 * 1024, out);
+        super::pushes::export(
+            &store,
+            &super::pushes::push_filter(&filter, kind),
+            format,
+            &mut w,
+        )?;
+        w.flush()?;
+        return Ok(());
+    }
     write_rows(&store, &filter, format, out)
 }
 

@@ -91,6 +91,33 @@ pub(crate) fn job_filter(
     now: i64,
     bill_no: Option<&str>,
 ) -> Result<JobFilter, AuditError> {
+    // an empty value would match everything (`--bill-no-prefix ""` is every job)
+    for (flag, v) in [
+        ("--status", &f.status),
+        ("--op", &f.op),
+        ("--openid", &f.openid),
+        ("--appid", &f.appid),
+        ("--since", &f.since),
+        ("--until", &f.until),
+        ("--bill-no-prefix", &f.bill_no_prefix),
+    ] {
+        if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(AuditError::BadFilter {
+                flag,
+                value: String::new(),
+                expected:
+                    "a value (an empty one would match every job; leave the flag out instead)"
+                        .into(),
+            });
+        }
+    }
+    if bill_no.is_some_and(|b| b.trim().is_empty()) {
+        return Err(AuditError::BadFilter {
+            flag: "BILL_NO",
+            value: String::new(),
+            expected: "a bill_no".into(),
+        });
+    }
     if let Some(s) = &f.status {
         check_state("--status", s)?;
     }

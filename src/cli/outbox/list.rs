@@ -6,10 +6,13 @@ use std::io::{self, Write};
 use serde::Serialize;
 
 use super::fmt::{clean, dash, redact, rfc3339_s, table};
+use super::pushes::{self, Which};
 use super::{job_filter, open_read, AuditError, ListArgs};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::config::Settings;
+use crate::outbox::operator::JobFilter;
 use crate::outbox::operator::ListRow;
+use crate::outbox::store::Store;
 
 /// One job of `outbox list`: the `--json` array holds these, and the table is
 /// rendered from them.
@@ -62,9 +65,43 @@ pub(super) fn list(
     settings: &Settings,
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
-    let now = now_ms();
-    let filter = job_filter(&a.filters, now, None)?;
+    let which = pushes::which(a.kind.as_deref())?;
+    let filter = job_filter(&a.filters, now_ms(), None)?;
     let store = open_read(settings)?;
+    let limit = (a.limit != 0).then_some(a.limit);
+    if let Which::Pushes(kind) = which {
+        if pushes::job_only(&a.filters) {
+            return Err(AuditError::Usage(
+                "--status, --op, --bill-no-prefix and --errcode select jobs, not pushes".into(),
+            ));
+        }
+        return pushes::list(
+            &store,
+            &pushes::push_filter(&filter, kind),
+            limit,
+            a.json,
+            out,
+        );
+    }
+    list_jobs(a, &filter, &store, out)?;
+    // the table shows the pushes after the jobs; JSON stays the jobs array
+    if which == Which::Default && !a.json && !pushes::job_only(&a.filters) {
+        let items = store.pushes(&pushes::push_filter(&filter, None), limit, true)?;
+        if !items.is_empty() {
+            writeln!(out, "\npushes (--kind pushes for these alone):")?;
+            pushes::list_table(&items, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn list_jobs(
+    a: &ListArgs,
+    filter: &JobFilter,
+    store: &Store,
+    out: &mut dyn Write,
+) -> Result<(), AuditError> {
+    let filter = filter.clone();
     let items: Vec<ListItem> = store
         .list(&filter, (a.limit != 0).then_some(a.limit))?
         .into_iter()

@@ -28,6 +28,7 @@ pub(crate) mod fmt;
 pub(crate) mod list;
 mod migrate;
 mod prune;
+mod pushes;
 mod republish;
 mod retry;
 pub(crate) mod show;
@@ -65,8 +66,9 @@ pub enum OutboxCmd {
     List(ListArgs),
     /// Everything about one bill_no: its jobs (pay and cancel_pay), every call to
     /// Midas, every reply target and whether the broker confirmed it, operator actions.
+    /// Given an OutTradeNo (or RefundId), the WeChat payment pushes stored under it.
     Show {
-        /// The bill_no to look up.
+        /// The bill_no (or OutTradeNo, RefundId) to look up.
         bill_no: String,
         /// Only this app's jobs (required when several apps use the bill_no).
         #[arg(long)]
@@ -88,6 +90,10 @@ pub enum OutboxCmd {
     Export {
         #[command(flatten)]
         filters: Filters,
+        /// `pushes` (or one kind: coins_delivered, goods_delivered, refunded) to
+        /// export WeChat payment pushes instead of jobs.
+        #[arg(long)]
+        kind: Option<String>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
@@ -197,8 +203,13 @@ pub struct Confirm {
     #[arg(long, conflicts_with = "yes")]
     pub dry_run: bool,
     /// Act on the jobs the filters select (without it, a set is only shown, exit 2).
-    #[arg(long)]
+    /// Needs `--expect N`.
+    #[arg(long, requires = "expect")]
     pub yes: bool,
+    /// With `--yes`: how many jobs the operator saw match (in the plan printed
+    /// without `--yes`); anything else changes nothing (exit 2).
+    #[arg(long, value_name = "N")]
+    pub expect: Option<usize>,
     /// Print the plan or the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -215,6 +226,10 @@ pub struct ListArgs {
     /// Print ONE JSON array of job objects (not JSON lines; see `export` for those).
     #[arg(long)]
     pub json: bool,
+    /// `jobs`, `pushes`, or one push kind (coins_delivered, goods_delivered,
+    /// refunded). Default: jobs, then the pushes (the table only).
+    #[arg(long)]
+    pub kind: Option<String>,
 }
 
 /// Who does an operator action, and why (recorded in `operator_actions`).
@@ -261,7 +276,11 @@ pub fn run(cmd: &OutboxCmd, settings: &Settings, out: &mut dyn Write) -> Result<
             json,
         } => show::show(bill_no, appid.as_deref(), *json, settings, out),
         OutboxCmd::Stats { json } => stats::stats(*json, settings, out),
-        OutboxCmd::Export { filters, format } => export::export(filters, *format, settings, out),
+        OutboxCmd::Export {
+            filters,
+            kind,
+            format,
+        } => export::export(filters, kind.as_deref(), *format, settings, out),
         OutboxCmd::Republish {
             bill_no,
             filters,

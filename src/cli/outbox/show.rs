@@ -173,6 +173,9 @@ pub struct ShowView {
     pub bill_no: String,
     pub jobs: Vec<JobView>,
     pub operator_actions: Vec<ActionView>,
+    /// WeChat payment pushes stored under this key (an OutTradeNo or RefundId).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pushes: Vec<super::pushes::PushView>,
 }
 
 fn job_view(
@@ -251,13 +254,39 @@ pub(super) fn show(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let mut store = open_read(settings)?;
+    let pushes = store.pushes_by_key(bill_no, appid)?;
+    if !pushes.is_empty() && store.read()?.jobs_by_bill_no(bill_no, appid)?.is_empty() {
+        if as_json {
+            let view = ShowView {
+                bill_no: bill_no.to_string(),
+                jobs: Vec::new(),
+                operator_actions: Vec::new(),
+                pushes: pushes.into_iter().map(Into::into).collect(),
+            };
+            serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
+            writeln!(out)?;
+        } else {
+            writeln!(
+                out,
+                "{}: no job; {} WeChat payment push{}",
+                clean(bill_no),
+                pushes.len(),
+                if pushes.len() == 1 { "" } else { "es" }
+            )?;
+            super::pushes::show_text(&pushes, out)?;
+        }
+        return Ok(());
+    }
     let view = view(&mut store, bill_no, appid, settings, now_ms())?;
     if as_json {
+        let mut view = view;
+        view.pushes = pushes.into_iter().map(Into::into).collect();
         serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
     render_text(&view, out)?;
+    super::pushes::show_text(&pushes, out)?;
     Ok(())
 }
 
@@ -284,6 +313,7 @@ pub(crate) fn view(
         bill_no: bill_no.to_string(),
         jobs: views,
         operator_actions: actions.into_iter().map(action_view).collect(),
+        pushes: Vec::new(),
     })
 }
 

@@ -60,6 +60,9 @@ pub struct StatsView {
     pub replies_unconfirmed: i64,
     pub replies_awaiting_result: i64,
     pub replies_returned: i64,
+    /// WeChat payment pushes by kind (absent when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pushes: Vec<super::pushes::PushCount>,
 }
 
 impl StatsView {
@@ -88,6 +91,7 @@ impl StatsView {
             replies_unconfirmed: st.replies_unconfirmed,
             replies_awaiting_result: st.replies_awaiting,
             replies_returned: st.replies_returned,
+            pushes: Vec::new(),
         }
     }
 
@@ -161,12 +165,14 @@ pub(super) fn stats(
     out: &mut dyn Write,
 ) -> Result<(), AuditError> {
     let store = open_read(settings)?;
-    let view = StatsView::new(store.stats()?, now_ms());
+    let mut view = StatsView::new(store.stats()?, now_ms());
+    view.pushes = super::pushes::counts(store.push_counts()?);
     if as_json {
         serde_json::to_writer_pretty(&mut *out, &view).map_err(io::Error::from)?;
         writeln!(out)?;
     } else {
         view.render_text(out)?;
+        super::pushes::counts_text(&view.pushes, out)?;
     }
     Ok(())
 }

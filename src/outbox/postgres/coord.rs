@@ -58,20 +58,23 @@ impl Coordinator {
     }
 
     /// One look. `held`: the players the engine holds jobs of; `room`: how many
-    /// more jobs the engine may take; `renew`: renew the leases this time.
+    /// more jobs the engine may take; `renew`: renew the leases this time;
+    /// `relay`: this worker can publish (its broker connection is up) — a worker
+    /// that cannot gives the relay lease up, so another worker relays.
     pub async fn tick(
         &mut self,
         held: &[(String, String)],
         room: usize,
         renew: bool,
+        relay: bool,
     ) -> Result<Tick, OutboxError> {
         let me = self.fence.me.clone();
         let lease = self.fence.lease_ms;
         let c = self.client().await?;
         // The relay lease first: every statement after a claim must not be able to
         // fail, or the claimed jobs would be dropped with the error.
-        let relay = c
-            .query_opt(
+        let relay = if relay {
+            c.query_opt(
                 &format!(
                     "INSERT INTO leases (name, owner, expires_at) VALUES ('relay', $1, {NOW_MS} + $2) \
                      ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
@@ -81,7 +84,15 @@ impl Coordinator {
                 &[&&*me, &lease],
             )
             .await?
-            .is_some();
+            .is_some()
+        } else {
+            c.execute(
+                "DELETE FROM leases WHERE name = 'relay' AND owner = $1",
+                &[&&*me],
+            )
+            .await?;
+            false
+        };
         let mut out = Tick {
             relay,
             ..Tick::default()
@@ -153,7 +164,9 @@ impl Coordinator {
                            INSERT INTO player_leases (appid, openid, owner, expires_at) \
                            SELECT appid, openid, $1, {NOW_MS} + $3 FROM cand \
                            ON CONFLICT (appid, openid) DO UPDATE \
-                             SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+                             SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, \
+                             generation = CASE WHEN player_leases.owner = EXCLUDED.owner \
+                               THEN player_leases.generation ELSE EXCLUDED.generation END \
                              WHERE player_leases.expires_at <= {NOW_MS} \
                            RETURNING appid, openid), \
                          unclaimed AS ( \
@@ -175,39 +188,63 @@ impl Coordinator {
             }
         }
         if room > 0 {
+            // a claim names the lease generation it was made under: the engine
+            // runs the jobs under it, and a newer one means a take (see
+            // `engine::lease`)
             let rows = c
                 .query(
                     &format!(
-                        "UPDATE jobs SET claimed_by = $1 WHERE id IN ( \
+                        "UPDATE jobs SET claimed_by = $1 FROM player_leases l WHERE jobs.id IN ( \
                            SELECT j.id FROM jobs j JOIN player_leases l \
                              ON l.appid = j.appid AND l.openid = j.openid \
                            WHERE j.state = 'pending' AND j.claimed_by IS NULL AND l.owner = $1 \
                            ORDER BY j.id LIMIT $2 FOR UPDATE OF j SKIP LOCKED) \
-                         RETURNING {}",
+                         AND l.appid = jobs.appid AND l.openid = jobs.openid AND l.owner = $1 \
+                         RETURNING {}, l.generation",
                         super::writer::JOB_COLS
                     ),
                     &[&&*me, &room],
                 )
                 .await?;
             for r in &rows {
-                out.jobs.push(job_from_row(r)?);
+                let mut job = job_from_row(r)?;
+                job.lease_gen = r.try_get(12)?;
+                out.jobs.push(job);
             }
             out.jobs.sort_by_key(|j| j.id);
         }
         Ok(out)
     }
 
-    /// Give players back (a fenced write showed this worker lost them): their
-    /// jobs are loaded again by whoever takes them.
-    pub async fn release(&mut self, players: &[(String, String)]) -> Result<(), OutboxError> {
+    /// Give players back (a write of the given lease generation was fenced out):
+    /// their jobs are loaded again by whoever takes them. Fenced by generation:
+    /// a player this worker holds at another (newer) generation is kept, with its
+    /// claims.
+    pub async fn release(
+        &mut self,
+        players: &[crate::coordinate::GiveBack],
+    ) -> Result<(), OutboxError> {
         let me = self.fence.me.clone();
         let c = self.client().await?;
-        release_claims(c, &me, players).await?;
-        let (apps, openids): (Vec<String>, Vec<String>) = players.iter().cloned().unzip();
+        let apps: Vec<&str> = players.iter().map(|p| p.appid.as_str()).collect();
+        let openids: Vec<&str> = players.iter().map(|p| p.openid.as_str()).collect();
+        let gens: Vec<i64> = players.iter().map(|p| p.gen).collect();
         c.execute(
-            "DELETE FROM player_leases l USING unnest($2::text[], $3::text[]) AS p(appid, openid) \
-             WHERE l.owner = $1 AND l.appid = p.appid AND l.openid = p.openid",
-            &[&&*me, &apps, &openids],
+            "UPDATE jobs j SET claimed_by = NULL \
+             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
+             WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' \
+             AND j.claimed_by = $1 AND NOT EXISTS (SELECT 1 FROM player_leases l \
+               WHERE l.appid = p.appid AND l.openid = p.openid AND l.owner = $1 \
+               AND l.generation <> p.gen)",
+            &[&&*me, &apps, &openids, &gens],
+        )
+        .await?;
+        c.execute(
+            "DELETE FROM player_leases l \
+             USING unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
+             WHERE l.owner = $1 AND l.appid = p.appid AND l.openid = p.openid \
+             AND l.generation = p.gen",
+            &[&&*me, &apps, &openids, &gens],
         )
         .await?;
         Ok(())
@@ -233,8 +270,10 @@ impl Coordinator {
     /// Reply targets of final jobs whose reply is not confirmed yet, finished and
     /// asked for before `before` (unix ms): a reply another worker is publishing
     /// right now is left to it, not published a second time by the relay.
+    /// Read from reply target `after` on (see [`crate::outbox::query::RelayCursor`]).
     pub async fn unpublished_replies(
         &mut self,
+        after: i64,
         limit: usize,
         before: i64,
     ) -> Result<Vec<OutgoingReply>, OutboxError> {
@@ -244,9 +283,9 @@ impl Coordinator {
                 "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
                  JOIN jobs j ON j.id = t.job_id \
                  WHERE t.published_at IS NULL AND j.result IS NOT NULL \
-                 AND t.added_at < $2 AND COALESCE(j.finished_at, 0) < $2 \
+                 AND t.added_at < $2 AND COALESCE(j.finished_at, 0) < $2 AND t.id > $3 \
                  ORDER BY t.id LIMIT $1",
-                &[&i64::try_from(limit).unwrap_or(i64::MAX), &before],
+                &[&i64::try_from(limit).unwrap_or(i64::MAX), &before, &after],
             )
             .await?;
         let mut out = Vec::with_capacity(rows.len());

@@ -52,12 +52,14 @@ pub(super) async fn intake(
     if let Some(row) = inserted {
         let id: i64 = row.try_get(0)?;
         add_target(tx, stmts, id, i, false).await?;
-        let job = Job::new(id, p.clone(), i.command.session_key.clone(), i.now);
+        let mut job = Job::new(id, p.clone(), i.command.session_key.clone(), i.now);
         return Ok(
-            if take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
-                IntakeOutcome::New(job)
-            } else {
-                IntakeOutcome::Elsewhere { job_id: id }
+            match take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
+                Some(gen) => {
+                    job.lease_gen = gen;
+                    IntakeOutcome::New(job)
+                }
+                None => IntakeOutcome::Elsewhere { job_id: id },
             },
         );
     }
@@ -92,7 +94,8 @@ pub(super) async fn intake(
             .await?;
         tx.execute(&st, &[&id, &session_key, &i.now]).await?;
         add_target(tx, stmts, id, i, true).await?;
-        if take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
+        if let Some(gen) = take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
+            job.lease_gen = gen;
             job.params = p.clone();
             job.session_key = i.command.session_key.clone();
             job.next_attempt_at = i.now;
@@ -125,7 +128,21 @@ pub(super) async fn intake(
             job.session_key = Some(Secret::new(k));
         }
         if mine {
-            pending = Some(job);
+            // run under the generation this worker holds the player at now (none:
+            // the player went elsewhere, and its holder loads the job)
+            let st = stmts
+                .get(
+                    tx,
+                    "SELECT generation FROM player_leases WHERE appid = $1 AND openid = $2 AND owner = $3",
+                )
+                .await?;
+            if let Some(row) = tx
+                .query_opt(&st, &[&p.appid, &p.openid, &&*fence.me])
+                .await?
+            {
+                job.lease_gen = row.try_get(0)?;
+                pending = Some(job);
+            }
         }
     }
     Ok(IntakeOutcome::Joined {
@@ -136,10 +153,10 @@ pub(super) async fn intake(
 }
 
 /// Take (or extend) the lease of the player of job `id`, just recorded or
-/// re-opened. `true`: this worker runs the job now (it holds the lease and has
-/// loaded every other pending job of the player), and the job is claimed.
-/// `false`: the lease holder — another worker, or this one at its next look —
-/// loads it in arrival order.
+/// re-opened. `Some(generation)`: this worker runs the job now, under that lease
+/// generation (it holds the lease and has loaded every other pending job of the
+/// player), and the job is claimed. `None`: the lease holder — another worker,
+/// or this one at its next look — loads it in arrival order.
 async fn take_player(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
@@ -147,15 +164,15 @@ async fn take_player(
     appid: &str,
     openid: &str,
     id: i64,
-) -> Result<bool, OutboxError> {
+) -> Result<Option<i64>, OutboxError> {
     let st = stmts.get(tx, TAKE_LEASE).await?;
-    let mine = tx
+    let Some(row) = tx
         .query_opt(&st, &[&appid, &openid, &&*fence.me, &fence.lease_ms])
         .await?
-        .is_some();
-    if !mine {
-        return Ok(false);
-    }
+    else {
+        return Ok(None);
+    };
+    let gen: i64 = row.try_get(0)?;
     // claim the job here unless the player has pending jobs this worker has not
     // loaded (one statement: the common case costs one round trip)
     let st = stmts
@@ -171,7 +188,7 @@ async fn take_player(
         .await?
         == 1
     {
-        return Ok(true);
+        return Ok(Some(gen));
     }
     // jobs of this player this worker has not loaded (it just took the lease over,
     // or another worker recorded them): load them all, in order
@@ -183,16 +200,19 @@ async fn take_player(
         )
         .await?;
     tx.execute(&st, &[&appid, &openid, &&*fence.me]).await?;
-    Ok(false)
+    Ok(None)
 }
 
-/// Insert the lease, or take it when it is this worker's or has run out.
+/// Insert the lease, or take it when it is this worker's or has run out; answers
+/// its generation (a new one unless this worker already owned the row).
 pub(super) const TAKE_LEASE: &str = "INSERT INTO player_leases (appid, openid, owner, expires_at) \
      VALUES ($1, $2, $3, (extract(epoch from clock_timestamp()) * 1000)::bigint + $4) \
-     ON CONFLICT (appid, openid) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at \
+     ON CONFLICT (appid, openid) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, \
+       generation = CASE WHEN player_leases.owner = EXCLUDED.owner \
+         THEN player_leases.generation ELSE EXCLUDED.generation END \
      WHERE player_leases.owner = EXCLUDED.owner \
         OR player_leases.expires_at <= (extract(epoch from clock_timestamp()) * 1000)::bigint \
-     RETURNING owner";
+     RETURNING generation";
 
 async fn add_target(
     tx: &Transaction<'_>,

@@ -15,6 +15,8 @@
 pub mod coord;
 mod intake;
 pub mod ops;
+mod pushes;
+pub mod tls;
 pub mod writer;
 mod writes;
 
@@ -28,6 +30,10 @@ use crate::secret::SecretUrl;
 
 /// The schema, applied at every start (idempotent).
 pub const SCHEMA: &str = include_str!("../../../schema-postgres.sql");
+
+/// The schema version `schema-postgres.sql` brings an outbox to (version 2
+/// outboxes are migrated in place when a worker starts: the lease generation).
+pub const SCHEMA_VERSION: &str = "3";
 
 /// "Now" on the database's clock, unix milliseconds (leases are judged by it).
 pub const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
@@ -62,16 +68,20 @@ pub fn is_postgres_url(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
-/// Connect and drive the connection on its own task. TLS as the URL's `sslmode`
-/// says: `require` is TLS through rustls with the certificate verified against
-/// the system's roots and the host name (stricter than libpq's `require`: a
-/// certificate that does not verify is refused); `disable` and `prefer` (the
-/// default) connect in plain text — meant for PostgreSQL on the same host or a
-/// private network, and warned about otherwise. The password never appears in
-/// errors: tokio-postgres does not echo the URL.
+/// Connect and drive the connection on its own task, TLS as the URL's `sslmode`
+/// says, with libpq's meaning ([`tls`]; `prefer` when absent). Plain text — with
+/// `disable`, or `prefer` against a server without TLS — is warned about every
+/// time, loopback included. The password never appears in errors: tokio-postgres
+/// does not echo the URL.
 pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
-    use tokio_postgres::config::{Host, SslMode};
-    let mut cfg = tokio_postgres::Config::from_str(url.expose())?;
+    connect_reporting(url).await.map(|(client, _)| client)
+}
+
+/// [`connect`], also saying whether the connection is encrypted.
+pub async fn connect_reporting(url: &SecretUrl) -> Result<(Client, bool), OutboxError> {
+    use tokio_postgres::config::SslMode;
+    let (rest, params) = tls::split(url.expose())?;
+    let mut cfg = tokio_postgres::Config::from_str(&rest)?;
     cfg.connect_timeout(CONNECT_TIMEOUT);
     // A worker cut off mid-transaction must not keep its row locks (the workers
     // taking over its players would wait on them): the server ends a session idle
@@ -92,54 +102,50 @@ pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
     if cfg.get_application_name().is_none() {
         cfg.application_name("midas-worker");
     }
-    let tls = cfg.get_ssl_mode() == SslMode::Require;
-    if !tls {
+    if params.mode == tls::SslMode::Disable {
         cfg.ssl_mode(SslMode::Disable);
-        let remote = cfg.get_hosts().iter().any(|h| match h {
-            Host::Tcp(name) => !is_loopback_name(name),
-            #[cfg(unix)]
-            Host::Unix(_) => false,
-        });
-        if remote {
-            tracing::warn!("the PostgreSQL outbox is reached without TLS; add sslmode=require to outbox.url unless the network is private");
-        }
+        plain_text_warning("sslmode=disable");
+        return Ok((plain(&cfg).await?, false));
     }
-    let client = if !tls {
-        let (client, conn) = cfg.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "PostgreSQL connection ended");
-            }
-        });
-        client
-    } else {
-        let tls = tls_config()?;
-        let (client, conn) = cfg
-            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "PostgreSQL connection ended");
-            }
-        });
-        client
-    };
+    cfg.ssl_mode(SslMode::Require);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(&params)?);
+    match cfg.connect(tls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "PostgreSQL connection ended");
+                }
+            });
+            Ok((client, true))
+        }
+        // libpq's prefer: when TLS fails (no TLS on the server), try plain text
+        Err(e) if params.mode == tls::SslMode::Prefer && e.as_db_error().is_none() => {
+            tracing::debug!(error = %describe(&e), "PostgreSQL TLS failed; sslmode=prefer tries plain text");
+            cfg.ssl_mode(SslMode::Disable);
+            let client = plain(&cfg).await?;
+            plain_text_warning("sslmode=prefer and the server offers no TLS");
+            Ok((client, false))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn plain(cfg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, conn) = cfg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
     Ok(client)
 }
 
-fn is_loopback_name(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn tls_config() -> Result<rustls::ClientConfig, OutboxError> {
-    use rustls_platform_verifier::ConfigVerifierExt;
-    rustls::ClientConfig::with_platform_verifier()
-        .map_err(|e| OutboxError::Schema(format!("TLS set-up for PostgreSQL: {e}")))
+fn plain_text_warning(why: &str) {
+    tracing::warn!(
+        "the PostgreSQL outbox connection is plain text ({why}): session_keys and the \
+         password cross the network readable; use sslmode=verify-full (or require) in \
+         outbox.url unless the database is on this host"
+    );
 }
 
 /// Apply the schema (idempotent; one transaction under an advisory lock, so
@@ -156,15 +162,15 @@ pub async fn prepare(client: &mut Client) -> Result<(), OutboxError> {
     // An outbox already at this version is left alone: the schema's `CREATE INDEX
     // IF NOT EXISTS` locks each table before it finds the index there, and taking
     // those locks one by one while other workers write can deadlock with them.
-    if schema_version(&tx).await?.as_deref() != Some("2") {
+    if schema_version(&tx).await?.as_deref() != Some(SCHEMA_VERSION) {
         tx.batch_execute(SCHEMA).await?;
     }
     let version = schema_version(&tx).await?;
     tx.commit().await?;
     match version.as_deref() {
-        Some("2") => Ok(()),
+        Some(SCHEMA_VERSION) => Ok(()),
         other => Err(OutboxError::Schema(format!(
-            "the PostgreSQL outbox has schema version {other:?}; this release knows version 2"
+            "the PostgreSQL outbox has schema version {other:?}; this release knows version {SCHEMA_VERSION}"
         ))),
     }
 }

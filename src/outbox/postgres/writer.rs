@@ -7,24 +7,28 @@
 //! What differs is the lease fence. Intake runs a job here only when this worker
 //! holds its player's lease and has loaded every earlier pending job of that
 //! player; otherwise the job is recorded for the lease holder ([`IntakeOutcome::Elsewhere`]).
-//! A pre-call mark lands only while this worker's lease outlives the call
-//! (`request_timeout` + a margin, on the database's clock), and an outcome only
-//! while the lease is still this worker's: a fenced write answers
-//! [`OutboxError::LeaseLost`] and the caller drops the player.
+//! A pre-call mark lands only while this worker's lease, at the generation the
+//! job was loaded under, outlives the call (`request_timeout` + a margin, on the
+//! database's clock), and an outcome only while the lease is still this worker's
+//! at that generation: a fenced write answers [`OutboxError::LeaseLost`] and the
+//! engine drops the job (and gives the player back unless it holds a newer
+//! generation of it).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::intake::intake;
+use super::pushes;
 use super::writes::{mark, published, record};
+use crate::outbox::health::{WriteHealth, WriteTrouble};
 
 use crate::engine::job::Job;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
+use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
 use crate::outbox::writer::{
     decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply, Record,
 };
@@ -57,6 +61,7 @@ pub fn job_from_row(r: &Row) -> Result<Job, OutboxError> {
         last_errcode: r.try_get(7)?,
         last_error: r.try_get(8)?,
         reopened_at: r.try_get(9)?,
+        lease_gen: 0,
     })
 }
 
@@ -85,18 +90,25 @@ enum Request {
         oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
     ),
     Mark(
-        Vec<(i64, i64)>,
+        Vec<(i64, i64, i64)>,
         oneshot::Sender<Result<Marked, OutboxError>>,
     ),
     Published(Vec<Confirmed>, i64),
     Flush(oneshot::Sender<()>),
+    Push(NewPush, oneshot::Sender<Result<PushStored, OutboxError>>),
+    PushPublished(Vec<i64>, i64),
+    Unpublished(
+        i64,
+        i64,
+        oneshot::Sender<Result<Vec<UnpublishedEvent>, OutboxError>>,
+    ),
 }
 
 /// Handle to the writer task. Cheap to clone.
 #[derive(Clone)]
 pub struct PgWriter {
     tx: mpsc::UnboundedSender<Request>,
-    healthy: Arc<AtomicBool>,
+    health: WriteHealth,
 }
 
 impl PgWriter {
@@ -107,13 +119,18 @@ impl PgWriter {
     ) -> Result<(PgWriter, tokio::task::JoinHandle<()>), OutboxError> {
         let client = super::open(&url).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let healthy = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(run(url, Some(client), fence, rx, healthy.clone()));
-        Ok((PgWriter { tx, healthy }, task))
+        let health = WriteHealth::default();
+        let task = tokio::spawn(run(url, Some(client), fence, rx, health.clone()));
+        Ok((PgWriter { tx, health }, task))
     }
 
     pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.writable()
+    }
+
+    /// Whether it can write, and the episodes when it could not (`/metrics`).
+    pub fn health(&self) -> &WriteHealth {
+        &self.health
     }
 
     pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
@@ -133,7 +150,7 @@ impl PgWriter {
     }
 
     /// Pre-call marks; answers the ids whose lease fence failed (not marked).
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<Marked, OutboxError> {
+    pub async fn mark_calls(&self, marks: Vec<(i64, i64, i64)>) -> Result<Marked, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Mark(marks, tx))
@@ -151,6 +168,30 @@ impl PgWriter {
 
     pub fn published(&self, targets: Vec<Confirmed>, now: i64) {
         let _ = self.tx.send(Request::Published(targets, now));
+    }
+
+    pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Push(p, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
+    }
+
+    pub fn push_published(&self, ids: Vec<i64>, now: i64) {
+        let _ = self.tx.send(Request::PushPublished(ids, now));
+    }
+
+    pub async fn unpublished_events(
+        &self,
+        limit: i64,
+        before: i64,
+    ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Unpublished(limit, before, tx))
+            .map_err(|_| OutboxError::WriterGone)?;
+        rx.await.map_err(|_| OutboxError::WriterGone)?
     }
 }
 
@@ -178,7 +219,7 @@ async fn run(
     mut client: Option<Client>,
     fence: Fence,
     mut rx: mpsc::UnboundedReceiver<Request>,
-    healthy: Arc<AtomicBool>,
+    health: WriteHealth,
 ) {
     let mut stmts = Stmts::default();
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
@@ -195,24 +236,37 @@ async fn run(
             client = match super::connect(&url).await {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot reach the PostgreSQL outbox; nothing in this batch is acknowledged");
-                    healthy.store(false, Ordering::Relaxed);
-                    fail_all(&mut batch, &e.to_string());
+                    health.failed(&e, batch.len());
+                    fail_all(&mut batch, &e);
                     continue;
                 }
             };
         }
         let Some(c) = client.as_mut() else { continue };
+        // reads of committed rows: answered after the batch's commit
+        let (reads, rest): (Vec<Request>, Vec<Request>) = batch
+            .drain(..)
+            .partition(|r| matches!(r, Request::Unpublished(..)));
+        batch = rest;
         let n = batch.len();
-        match commit_batch(c, &mut stmts, &fence, &mut batch).await {
+        let committed = if batch.is_empty() {
+            Ok(())
+        } else {
+            commit_batch(c, &mut stmts, &fence, &mut batch).await
+        };
+        for r in reads {
+            if let Request::Unpublished(limit, before, resp) = r {
+                let _ = resp.send(pushes::unpublished(c, limit, before).await);
+            }
+        }
+        match committed {
             Ok(()) => {
-                healthy.store(true, Ordering::Relaxed);
+                health.ok();
                 METRICS.outbox_commit(n);
             }
             Err(e) => {
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, requests = n, "outbox commit failed; nothing in this batch is acknowledged");
-                fail_all(&mut batch, &e.to_string());
+                health.failed(&e, n);
+                fail_all(&mut batch, &e);
                 // a broken connection is replaced at the next batch; statements
                 // prepared on it are gone with it
                 if c.is_closed() {
@@ -224,14 +278,17 @@ async fn run(
     tracing::debug!("PostgreSQL outbox writer stopped");
 }
 
-fn fail_all(batch: &mut Vec<Request>, msg: &str) {
-    let err = || OutboxError::Corrupt(format!("commit failed: {msg}"));
+fn fail_all(batch: &mut Vec<Request>, e: &OutboxError) {
+    let (trouble, msg) = (e.trouble(), e.to_string());
+    let err = || OutboxError::batch_failed(trouble, &msg);
     for r in batch.drain(..) {
         match r {
             Request::Intake(_, s) => drop(s.send(Err(err()))),
             Request::Record(_, s) => drop(s.send(Err(err()))),
             Request::Mark(_, s) => drop(s.send(Err(err()))),
-            Request::Published(..) | Request::Flush(_) => {}
+            Request::Push(_, s) => drop(s.send(Err(err()))),
+            Request::Unpublished(_, _, s) => drop(s.send(Err(err()))),
+            Request::Published(..) | Request::Flush(_) | Request::PushPublished(..) => {}
         }
     }
 }
@@ -251,6 +308,10 @@ enum Pending {
         Result<Marked, OutboxError>,
     ),
     Flush(oneshot::Sender<()>),
+    Push(
+        oneshot::Sender<Result<PushStored, OutboxError>>,
+        Result<PushStored, OutboxError>,
+    ),
 }
 
 /// Run one request under the batch's savepoint `r`: an error rolls back that
@@ -279,6 +340,7 @@ enum Done {
     Intake(IntakeOutcome),
     Record(Option<Vec<OutgoingReply>>),
     Mark(Marked),
+    Push(PushStored),
     Nothing,
 }
 
@@ -303,7 +365,11 @@ async fn commit_without_savepoints(
             Request::Published(targets, now) => published(&tx, stmts, targets, *now)
                 .await
                 .map(|_| Done::Nothing),
-            Request::Flush(_) => Ok(Done::Nothing),
+            Request::Push(p, _) => pushes::store(&tx, stmts, p).await.map(Done::Push),
+            Request::PushPublished(ids, now) => pushes::mark_published(&tx, stmts, ids, *now)
+                .await
+                .map(|_| Done::Nothing),
+            Request::Flush(_) | Request::Unpublished(..) => Ok(Done::Nothing),
         };
         match d {
             Ok(d) => done.push(d),
@@ -335,6 +401,7 @@ async fn commit_batch(
                     drop(s.send(o.ok_or(OutboxError::LeaseLost)))
                 }
                 (Request::Mark(_, s), Done::Mark(m)) => drop(s.send(Ok(m))),
+                (Request::Push(_, s), Done::Push(p)) => drop(s.send(Ok(p))),
                 (Request::Flush(s), _) => drop(s.send(())),
                 _ => {}
             }
@@ -342,23 +409,27 @@ async fn commit_batch(
         return Ok(());
     }
     if c.is_closed() {
-        fail_all(batch, "the connection to PostgreSQL closed");
-        return Err(OutboxError::Corrupt(
-            "the connection to PostgreSQL closed".into(),
-        ));
+        let e = OutboxError::Unwritable {
+            why: WriteTrouble::Unreachable,
+            detail: "the connection to PostgreSQL closed".into(),
+        };
+        fail_all(batch, &e);
+        return Err(e);
     }
     // Every request is answered whatever happens: a dropped answer would read as
     // "the writer is gone".
     let tx = match c.transaction().await {
         Ok(tx) => tx,
         Err(e) => {
-            fail_all(batch, &e.to_string());
-            return Err(e.into());
+            let e = e.into();
+            fail_all(batch, &e);
+            return Err(e);
         }
     };
     if let Err(e) = tx.batch_execute("SAVEPOINT r").await {
-        fail_all(batch, &e.to_string());
-        return Err(e.into());
+        let e = e.into();
+        fail_all(batch, &e);
+        return Err(e);
     }
     // A request that loses a deadlock is run again at once (its savepoint rolled
     // back, its locks freed); one that fails is undone alone.
@@ -402,6 +473,23 @@ async fn commit_batch(
                 }
             }
             Request::Flush(s) => answers.push(Pending::Flush(s)),
+            Request::Push(p, s) => {
+                let mut r = in_savepoint!(tx, pushes::store(&tx, stmts, &p));
+                for _ in 0..RETRIES {
+                    if !is_transient(&r) {
+                        break;
+                    }
+                    r = in_savepoint!(tx, pushes::store(&tx, stmts, &p));
+                }
+                answers.push(Pending::Push(s, r));
+            }
+            Request::PushPublished(ids, now) => {
+                let r = in_savepoint!(tx, pushes::mark_published(&tx, stmts, &ids, now));
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "cannot mark push events confirmed; they may be published again");
+                }
+            }
+            Request::Unpublished(_, _, s) => drop(s.send(Ok(Vec::new()))),
         }
     }
     match tx.commit().await {
@@ -414,6 +502,7 @@ async fn commit_batch(
                     }
                     Pending::Mark(s, r) => drop(s.send(r)),
                     Pending::Flush(s) => drop(s.send(())),
+                    Pending::Push(s, r) => drop(s.send(r)),
                 }
             }
             Ok(())
@@ -426,6 +515,7 @@ async fn commit_batch(
                     Pending::Intake(s, _) => drop(s.send(Err(err()))),
                     Pending::Record(s, _) => drop(s.send(Err(err()))),
                     Pending::Mark(s, _) => drop(s.send(Err(err()))),
+                    Pending::Push(s, _) => drop(s.send(Err(err()))),
                     Pending::Flush(_) => {}
                 }
             }

@@ -48,20 +48,23 @@ pub(super) async fn published(
     Ok(())
 }
 
-/// The lease condition every fenced write adds (`$L` = this worker).
+/// The lease condition every fenced write adds: the player's lease is still
+/// this worker's (`$owner`) at the generation the write was decided under (`$gen`).
 macro_rules! held_by {
-    ($owner:literal, $extra:literal) => {
+    ($owner:literal, $gen:literal, $extra:literal) => {
         concat!(
             "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid AND l.openid = j.openid AND l.owner = ",
             $owner,
+            " AND l.generation = ",
+            $gen,
             $extra,
             ")"
         )
     };
 }
 
-/// `None`: fenced (this worker no longer holds the player; nothing but the
-/// attempts was written).
+/// `None`: fenced (this worker no longer holds the player at the record's lease
+/// generation; nothing but the attempts was written).
 pub(super) async fn record(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
@@ -103,7 +106,7 @@ pub(super) async fn record(
                         "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
                          next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $7, \
                          uncertain = GREATEST(uncertain, $8) WHERE j.id = $1 AND j.state = 'pending' AND ",
-                        held_by!("$9", "")
+                        held_by!("$9", "$10", "")
                     ),
                 )
                 .await?;
@@ -120,6 +123,7 @@ pub(super) async fn record(
                         &r.now,
                         &(r.uncertain as i64),
                         &me,
+                        &r.lease_gen,
                     ],
                 )
                 .await?;
@@ -135,7 +139,7 @@ pub(super) async fn record(
                          last_errcode = COALESCE($5, last_errcode), last_error = COALESCE($6, last_error), result = $7, \
                          session_key = NULL, finished_at = $8, updated_at = $8, uncertain = GREATEST(uncertain, $9) \
                          WHERE j.id = $1 AND j.state = 'pending' AND ",
-                        held_by!("$10", "")
+                        held_by!("$10", "$11", "")
                     ),
                 )
                 .await?;
@@ -153,6 +157,7 @@ pub(super) async fn record(
                         &r.now,
                         &(r.uncertain as i64),
                         &me,
+                        &r.lease_gen,
                     ],
                 )
                 .await?;
@@ -189,7 +194,7 @@ pub(super) async fn mark(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
     fence: &Fence,
-    marks: &[(i64, i64)],
+    marks: &[(i64, i64, i64)],
 ) -> Result<Marked, OutboxError> {
     let st = stmts
         .get(
@@ -203,6 +208,7 @@ pub(super) async fn mark(
                  WHERE j.id = ANY($1::bigint[]) AND j.state = 'pending' AND ",
                 held_by!(
                     "$3",
+                    "($5::bigint[])[array_position($1::bigint[], j.id)]",
                     " AND l.expires_at > (extract(epoch from clock_timestamp()) * 1000)::bigint + $4"
                 ),
                 " RETURNING j.id"
@@ -210,9 +216,13 @@ pub(super) async fn mark(
         )
         .await?;
     let me: &str = &fence.me;
-    let (ids, ats): (Vec<i64>, Vec<i64>) = marks.iter().copied().unzip();
+    let ids: Vec<i64> = marks.iter().map(|m| m.0).collect();
+    let ats: Vec<i64> = marks.iter().map(|m| m.1).collect();
+    let gens: Vec<i64> = marks.iter().map(|m| m.2).collect();
     let checked_at = std::time::Instant::now();
-    let rows = tx.query(&st, &[&ids, &ats, &me, &fence.call_ms]).await?;
+    let rows = tx
+        .query(&st, &[&ids, &ats, &me, &fence.call_ms, &gens])
+        .await?;
     let mut landed = std::collections::HashSet::with_capacity(rows.len());
     for r in rows {
         landed.insert(r.try_get::<_, i64>(0)?);

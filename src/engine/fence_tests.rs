@@ -1,0 +1,284 @@
+//! Unit tests of the engine's lease generations (fencing tokens) and the checks
+//! made when a call is about to start, driven event by event without a runtime.
+
+use super::tests::{ans, cfg, job};
+use super::*;
+
+const MARGIN: i64 = 2_000;
+
+fn shared() -> Engine {
+    let mut c = cfg();
+    c.fence_margin_ms = Some(MARGIN);
+    Engine::new(c, 1)
+}
+
+fn at_gen(id: i64, gen: i64) -> Job {
+    let mut j = job(id, "wx");
+    j.lease_gen = gen;
+    j
+}
+
+fn records(out: &[Action]) -> Vec<&Record> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Record(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn final_of(r: &Record) -> Option<JobState> {
+    match &r.update {
+        Update::Final { state, .. } => Some(*state),
+        Update::Retry { .. } => None,
+    }
+}
+
+fn gave_back(out: &[Action]) -> Vec<i64> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::GiveBack { gen, .. } => Some(*gen),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mark_gens(out: &[Action]) -> Vec<(i64, i64)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Mark { id, gen, .. } => Some((*id, *gen)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_call(out: &[Action]) -> bool {
+    out.iter().any(|a| matches!(a, Action::Call { .. }))
+}
+
+/// Defect 1: A gets 90013 and starts writing `failed` under generation 1; A is
+/// cut off, B takes the player, charges the pay (its answer lost) and dies; A
+/// takes the player back (generation 3). A's write of generation 1 is fenced
+/// out, and A runs the outbox's copy: the call B made makes it uncertain, so a
+/// later session answer ends it `unknown`, never `failed`.
+#[test]
+fn a_stale_outcome_is_fenced_and_the_retaken_job_runs_the_outbox_copy() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
+    assert_eq!(mark_gens(&out), vec![(1, 1)]);
+    out.clear();
+    e.handle(Event::Marked(1, Some(0)), 0, &mut out);
+    assert!(has_call(&out));
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90013)),
+        100,
+        &mut out,
+    );
+    let r = records(&out);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (final_of(r[0]), r[0].lease_gen),
+        (Some(JobState::Failed), 1)
+    );
+    out.clear();
+    // A takes the player back at generation 3: the outbox says B marked a call
+    // that was never answered
+    let mut copy = at_gen(1, 3);
+    copy.calls = 2;
+    copy.attempts = 1;
+    copy.first_attempt_at = Some(0);
+    e.handle(Event::Claimed(vec![copy]), 50_000, &mut out);
+    assert!(
+        out.is_empty(),
+        "nothing starts while the old step is under way"
+    );
+    // the generation-1 write was fenced out: no give-back (A holds generation 3)
+    e.handle(Event::LeaseLost(1), 50_001, &mut out);
+    assert!(gave_back(&out).is_empty(), "{out:?}");
+    assert!(e.holds(1), "the outbox's copy runs");
+    assert_eq!(mark_gens(&out), vec![(1, 3)]);
+    out.clear();
+    e.handle(Event::Marked(1, Some(50_001)), 50_001, &mut out);
+    assert!(has_call(&out));
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
+        50_100,
+        &mut out,
+    );
+    let r = records(&out);
+    assert_eq!(
+        (final_of(r[0]), r[0].lease_gen),
+        (Some(JobState::Unknown), 3),
+        "a call may have applied: never failed"
+    );
+}
+
+/// Defect 1's variant: A's step was at the mark when A took the player back.
+#[test]
+fn a_step_at_the_mark_gives_way_to_the_newer_generation() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
+    out.clear();
+    let mut copy = at_gen(1, 4);
+    copy.calls = 3;
+    copy.attempts = 1;
+    copy.first_attempt_at = Some(0);
+    e.handle(Event::Claimed(vec![copy]), 10, &mut out);
+    // the old mark lands anyway (it was decided first): no call under it
+    e.handle(Event::Marked(1, Some(10)), 11, &mut out);
+    assert!(!has_call(&out), "{out:?}");
+    assert!(gave_back(&out).is_empty());
+    assert_eq!(mark_gens(&out), vec![(1, 4)]);
+    out.clear();
+    e.handle(Event::Marked(1, Some(12)), 12, &mut out);
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
+        13,
+        &mut out,
+    );
+    assert_eq!(
+        records(&out).first().and_then(|r| final_of(r)),
+        Some(JobState::Unknown)
+    );
+}
+
+#[test]
+fn a_delivery_of_an_older_generation_is_ignored() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Claimed(vec![at_gen(1, 5)]), 0, &mut out);
+    out.clear();
+    e.handle(Event::Accepted(at_gen(2, 4)), 1, &mut out);
+    assert!(!e.holds(2) && out.is_empty());
+    e.handle(Event::Joined(at_gen(3, 4)), 1, &mut out);
+    assert!(!e.holds(3));
+    assert_eq!(e.generation("wx", "o"), Some(5));
+}
+
+#[test]
+fn a_fenced_write_of_the_current_generation_gives_the_player_back_with_it() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 7)), 0, &mut out);
+    e.handle(Event::Accepted(at_gen(2, 7)), 0, &mut out);
+    out.clear();
+    e.handle(Event::LeaseLost(1), 1, &mut out);
+    assert_eq!(gave_back(&out), vec![7]);
+    assert!(!e.holds(1) && !e.holds(2));
+}
+
+#[test]
+fn a_mark_confirmed_after_the_fence_margin_makes_no_call() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
+    out.clear();
+    e.handle(Event::Marked(1, Some(0)), MARGIN - 100, &mut out);
+    assert!(!has_call(&out), "{out:?}");
+    assert_eq!(gave_back(&out), vec![1]);
+    // in time: called
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
+    e.handle(Event::Marked(1, Some(0)), 500, &mut out);
+    assert!(has_call(&out));
+}
+
+/// Defect 3: a mark retried through an outbox outage lands after the deadline.
+#[test]
+fn the_deadline_is_judged_again_when_the_call_would_start() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    let mut j = job(1, "wx");
+    j.first_attempt_at = Some(0);
+    j.calls = 1;
+    j.attempts = 1;
+    e.handle(Event::Loaded(vec![j]), 1_000, &mut out);
+    assert_eq!(marks_of(&out), 1);
+    out.clear();
+    let hour = 3_600_000;
+    e.handle(Event::Marked(1, None), 2 * hour, &mut out);
+    assert!(!has_call(&out), "{out:?}");
+    assert_eq!(
+        records(&out).first().and_then(|r| final_of(r)),
+        Some(JobState::Unknown)
+    );
+}
+
+fn marks_of(out: &[Action]) -> usize {
+    mark_gens(out).len()
+}
+
+#[test]
+fn the_balance_after_a_duplicate_is_fetched_only_inside_the_fence() {
+    for (answered_at, fetched) in [(300, true), (5_000, false)] {
+        let mut e = shared();
+        let mut out = Vec::new();
+        e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
+        e.handle(Event::Marked(1, Some(0)), 0, &mut out);
+        out.clear();
+        e.handle(
+            Event::Answered(1, ans(OutcomeClass::Duplicate, 90012)),
+            answered_at,
+            &mut out,
+        );
+        assert_eq!(has_call(&out), fetched, "{out:?}");
+        if !fetched {
+            assert_eq!(
+                records(&out).first().and_then(|r| final_of(r)),
+                Some(JobState::Succeeded)
+            );
+        }
+    }
+}
+
+/// A pending job joined by a re-send, read from the outbox with a call counted
+/// but never answered, is uncertain (as when loaded at start).
+#[test]
+fn a_joined_job_with_an_unanswered_call_is_uncertain() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    let mut j = job(1, "wx");
+    j.calls = 2;
+    j.attempts = 1;
+    j.first_attempt_at = Some(0);
+    e.handle(Event::Joined(j), 0, &mut out);
+    e.handle(Event::Marked(1, None), 0, &mut out);
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
+        1,
+        &mut out,
+    );
+    assert_eq!(
+        records(&out).first().and_then(|r| final_of(r)),
+        Some(JobState::Unknown)
+    );
+}
+
+/// Defect 2's race: a refused mark drops the player; a cancel taken in by this
+/// worker's intake under the same generation, before the give-back lands, must
+/// not run ahead of its pay (both are loaded in order under the next take).
+#[test]
+fn a_job_of_a_generation_given_back_is_not_run_here() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(at_gen(1, 2)), 0, &mut out);
+    out.clear();
+    e.handle(Event::LeaseLost(1), 1, &mut out);
+    assert_eq!(gave_back(&out), vec![2]);
+    out.clear();
+    e.handle(Event::Accepted(at_gen(2, 2)), 2, &mut out);
+    assert!(!e.holds(2) && out.is_empty(), "{out:?}");
+    // the next take loads both, in order
+    e.handle(
+        Event::Claimed(vec![at_gen(1, 6), at_gen(2, 6)]),
+        3,
+        &mut out,
+    );
+    assert_eq!(mark_gens(&out), vec![(1, 6)]);
+}

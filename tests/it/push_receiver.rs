@@ -1,0 +1,216 @@
+//! The push receiver of a real worker (in process), over real HTTP, with a real
+//! SQLite outbox and RabbitMQ: a verified push is answered success and appears once
+//! on the events queue however often it is repeated; every refusal gets a non-zero
+//! ErrCode and is stored nowhere; a mock is answered and published nowhere; and a
+//! push is answered while the broker is away, its event published when it returns.
+
+use std::time::Duration;
+
+use crate::common::proxy::Proxy;
+use crate::common::push::*;
+use crate::common::*;
+use midas_worker::audit::{ExportFormat, ListArgs, OutboxCmd};
+
+const T: Duration = Duration::from_secs(20);
+
+fn pushes_in(db: &std::path::Path) -> Vec<(String, i64, Option<i64>)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut st = c
+        .prepare("SELECT dedup_key, repeats, published_at FROM pushes ORDER BY id")
+        .unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_stored_once_answered_and_published_once_and_refusals_store_nothing() {
+    let env = push_env("push-once");
+    let w = env.worker("http://127.0.0.1:9").await;
+    let base = format!("http://{}", w.push_addr.expect("push listener"));
+    let no = format!("T{}", rand::random::<u32>());
+
+    // the first receipt and three repeats, plain and safe mode: success every time
+    for safe in [false, true, false, true] {
+        let p = signed(GOODS_EVENT, &goods_payload(&no, "o-buyer"), false, safe);
+        assert_eq!(post(&base, APPID, &p.query, p.body).await, (200, 0));
+    }
+    // a mock: success, delivers nothing
+    let m = signed(GOODS_EVENT, &goods_payload("MOCK1", "o-mock"), true, false);
+    assert_eq!(post(&base, APPID, &m.query, m.body).await, (200, 0));
+
+    // refusals
+    let good = signed(
+        GOODS_EVENT,
+        &goods_payload("T-refused", "o-x"),
+        false,
+        false,
+    );
+    let tampered = String::from_utf8(good.body.clone())
+        .unwrap()
+        .replace("600", "6");
+    assert_eq!(
+        post(&base, APPID, &good.query, tampered.into_bytes()).await,
+        (200, 40006),
+        "tampered payload"
+    );
+    let bad_sig = good.query.replacen("signature=", "signature=0", 1);
+    assert_eq!(
+        post(&base, APPID, &bad_sig, good.body.clone()).await,
+        (200, 40001),
+        "bad URL signature"
+    );
+    assert_eq!(
+        post(&base, "wx0000000", &good.query, good.body.clone()).await,
+        (200, 40004),
+        "unknown app"
+    );
+    let unknown = signed(
+        "minigame_something_else",
+        &goods_payload("T-u", "o"),
+        false,
+        false,
+    );
+    assert_eq!(
+        post(&base, APPID, &unknown.query, unknown.body).await,
+        (200, 40005),
+        "unknown event"
+    );
+    let safe = signed(GOODS_EVENT, &goods_payload("T-s", "o"), false, true);
+    let bad_msg = safe.query.replacen("msg_signature=", "msg_signature=0", 1);
+    assert_eq!(
+        post(&base, APPID, &bad_msg, safe.body).await,
+        (200, 40002),
+        "bad msg_signature"
+    );
+    let big = vec![b' '; 70_000];
+    assert_eq!(
+        post(&base, APPID, &good.query, big).await,
+        (200, 41300),
+        "oversize"
+    );
+
+    let events = drain_events(&event_queue(&env), 1, T).await;
+    // nothing more comes: the repeats made no second event
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let more = drain_events(&event_queue(&env), 0, Duration::ZERO).await;
+    assert_eq!(events.len() + more.len(), 1, "{events:?} {more:?}");
+    let (id, msg) = &events[0];
+    assert_eq!(msg["event_id"], id.as_str(), "message_id is the event_id");
+    assert_eq!(msg["out_trade_no"], no.as_str());
+    assert_eq!(msg["kind"], "goods_delivered");
+    assert_eq!(msg["openid"], "o-buyer");
+    assert_eq!(msg["goods"]["product_id"], "sword");
+
+    let rows = pushes_in(&env.outbox_path());
+    assert_eq!(rows.len(), 1, "refusals and mocks stored nowhere: {rows:?}");
+    assert_eq!(rows[0].0, no);
+    assert_eq!(rows[0].1, 3, "three repeats counted");
+    assert!(eventually(T, || pushes_in(&env.outbox_path())[0].2.is_some()).await);
+
+    let (_, metrics) = http_get(w.http_addr, "/metrics").await;
+    for line in [
+        "kind=\"goods_delivered\",outcome=\"stored\"",
+        "kind=\"goods_delivered\",outcome=\"repeat\"",
+        "kind=\"goods_delivered\",outcome=\"mock\"",
+        "outcome=\"bad_pay_event_sig\"",
+        "outcome=\"unknown_app\"",
+        "outcome=\"too_large\"",
+    ] {
+        assert!(metrics.contains(line), "{line} in /metrics");
+    }
+    assert!(!metrics.contains(TOKEN) && !metrics.contains(AES_KEY));
+
+    // the audit verbs
+    let list = audit(&env, list_cmd(Some("pushes"), false));
+    assert!(
+        list.contains(&no) && list.contains("goods_delivered"),
+        "{list}"
+    );
+    assert!(audit(&env, list_cmd(Some("refunded"), false)).contains("no pushes match"));
+    let both = audit(&env, list_cmd(None, false));
+    assert!(
+        both.contains("no jobs match") && both.contains(&no),
+        "{both}"
+    );
+    let show = audit(
+        &env,
+        OutboxCmd::Show {
+            bill_no: no.clone(),
+            appid: None,
+            json: false,
+        },
+    );
+    assert!(
+        show.contains(&msg["event_id"].as_str().unwrap().to_string()),
+        "{show}"
+    );
+    assert!(show.contains("repeats       3"), "{show}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&audit(&env, OutboxCmd::Stats { json: true })).unwrap();
+    assert_eq!(stats["pushes"][0]["kind"], "goods_delivered");
+    assert_eq!(stats["pushes"][0]["events_confirmed"], 1);
+    let export = audit(
+        &env,
+        OutboxCmd::Export {
+            filters: Default::default(),
+            kind: Some("goods_delivered".into()),
+            format: ExportFormat::Jsonl,
+        },
+    );
+    let line: serde_json::Value = serde_json::from_str(export.trim()).unwrap();
+    assert_eq!(line["dedup_key"], no.as_str());
+    assert_eq!(line["message"]["event_id"], msg["event_id"]);
+    w.stop().await;
+}
+
+fn list_cmd(kind: Option<&str>, json: bool) -> OutboxCmd {
+    OutboxCmd::List(ListArgs {
+        filters: Default::default(),
+        limit: 50,
+        json,
+        kind: kind.map(str::to_string),
+    })
+}
+
+fn audit(env: &TestEnv, cmd: OutboxCmd) -> String {
+    let mut out = Vec::new();
+    midas_worker::audit::run(&cmd, &env.settings(), &mut out).expect("the verb runs");
+    String::from_utf8(out).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_are_answered_while_the_broker_is_away_and_published_when_it_returns() {
+    let mut env = push_env("push-outage");
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    env.set("BROKER__URL", &proxy.url_amqp());
+    let w = env.worker("http://127.0.0.1:9").await;
+    let base = format!("http://{}", w.push_addr.expect("push listener"));
+    proxy.down();
+    let mut nos = Vec::new();
+    for i in 0..5 {
+        let no = format!("OUT{i}-{}", rand::random::<u32>());
+        let p = signed(GOODS_EVENT, &goods_payload(&no, "o-1"), false, false);
+        let t = std::time::Instant::now();
+        assert_eq!(post(&base, APPID, &p.query, p.body).await, (200, 0));
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "answered within WeChat's 3 s"
+        );
+        nos.push(no);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(pushes_in(&env.outbox_path()).iter().all(|r| r.2.is_none()));
+    proxy.up();
+    let events = drain_events(&event_queue(&env), 5, Duration::from_secs(30)).await;
+    let mut got: Vec<String> = events
+        .iter()
+        .map(|(_, m)| m["out_trade_no"].as_str().unwrap_or("").to_string())
+        .collect();
+    got.sort();
+    got.dedup();
+    nos.sort();
+    assert_eq!(got, nos);
+    w.stop().await;
+}
