@@ -12,7 +12,6 @@
 
 pub mod decrypt;
 pub mod event;
-pub mod limits;
 pub mod metrics;
 pub mod relay;
 pub mod server;

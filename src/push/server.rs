@@ -25,22 +25,22 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::limits::{Limited, Limits};
 use super::metrics::PUSH_METRICS;
 use super::relay::Handover;
 use super::{Kind, PushApp, Query, Reason, Verdict};
 use crate::command::{now_ms, rfc3339_ms};
+use crate::http::serve::Limits;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
 use crate::outbox::Outbox;
 
 /// Pushes answered within this long (the store's deadline; WeChat waits 3 s).
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(2500);
 
-/// The listener's connection limits.
+/// The listener's connection limits: the ops port's, with more connections (WeChat
+/// pushes from many addresses at once).
 pub const LIMITS: Limits = Limits {
     max_connections: 256,
-    read_timeout: Duration::from_secs(5),
-    write_timeout: Duration::from_secs(10),
+    ..Limits::OPS
 };
 
 #[derive(Clone)]
@@ -79,27 +79,12 @@ pub fn router(s: PushService) -> Router {
 pub async fn serve(
     addr: SocketAddr,
     s: PushService,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = router(s);
-    let listener = Limited::new(listener, LIMITS);
-    let h = tokio::spawn(async move {
-        let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            tracing::error!(error = %e, "push listener failed");
-        }
-    });
+    let h = tokio::spawn(crate::http::serve::serve(listener, app, LIMITS, shutdown));
     Ok((bound, h))
 }
 
