@@ -357,11 +357,15 @@ impl FromRequestParts<Arc<AppState>> for Who {
                 session: Some(id.to_string()),
             }),
             None => {
-                let next = parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_else(|| "/".into());
+                // back to the page after signing in (a POST cannot be replayed)
+                let next = match parts.method {
+                    axum::http::Method::GET => parts
+                        .uri
+                        .path_and_query()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "/".into()),
+                    _ => "/".into(),
+                };
                 Err(PageError::login(&next))
             }
         }

@@ -122,7 +122,14 @@ impl IntoResponse for PageError {
             form::push_pair(&mut q, "next", auth::safe_next(&next));
             return Redirect::to(&format!("/login?{q}")).into_response();
         }
-        (self.status, pages::error(self.status, &self.message)).into_response()
+        let mut r = (self.status, pages::error(self.status, &self.message)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"midas-worker console\""),
+            );
+        }
+        r
     }
 }
 

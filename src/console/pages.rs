@@ -414,3 +414,18 @@ pub(super) fn search(who: &Who, r: &Results<'_>) -> Html<String> {
     };
     layout("Search", Some(who), None, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_from_outside_are_escaped() {
+        let html = error(StatusCode::BAD_REQUEST, "<script>alert(1)</script>").0;
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        let b = badge("\"><img src=x onerror=alert(1)>").into_string();
+        assert!(!b.contains("<img"), "{b}");
+        assert!(show_href("a&b=<c>", None).ends_with("bill_no=a%26b%3D%3Cc%3E"));
+    }
+}

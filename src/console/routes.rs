@@ -374,13 +374,14 @@ struct ExportQuery {
     form: SearchForm,
 }
 
-/// Chunks of the export, handed from the blocking writer to the response body.
-struct Chunks(tokio::sync::mpsc::Sender<Bytes>);
+/// Chunks of the export, handed from the blocking writer to the response body (an
+/// `Err` ends the body unfinished, so a client never takes a cut export for whole).
+struct Chunks(tokio::sync::mpsc::Sender<io::Result<Bytes>>);
 
 impl Write for Chunks {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0
-            .blocking_send(Bytes::copy_from_slice(buf))
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the reader left"))?;
         Ok(buf.len())
     }
@@ -413,21 +414,22 @@ async fn export(
     let jf = q.form.job_filter(now_ms())?;
     // opened first, so a missing outbox is an error page, not an empty file
     let (store, slot) = open_store(&st, false).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
     let filter = q.form.describe();
     tracing::info!(actor = %who.actor, filter = %filter, format = ext, "console: export");
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        let mut out = Chunks(tx);
+        let mut out = Chunks(tx.clone());
         match write_rows(&store, &jf, format, &mut out) {
             Ok(()) => {}
             Err(AuditError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => {}
-            Err(e) => tracing::warn!(error = %e, "console: export stopped"),
+            Err(e) => {
+                tracing::warn!(error = %e, "console: export stopped");
+                let _ = tx.blocking_send(Err(io::Error::other("the export stopped")));
+            }
         }
     });
-    let stream = futures_util::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx).map(|c| c.map(Ok::<_, io::Error>))
-    });
+    let stream = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let name = format!("midas-jobs-{}.{ext}", now_ms() / 1000);
     Ok((
         [

@@ -287,6 +287,16 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     browser
         .click_to("header form button", "<h1>Sign in</h1>")
         .await;
+    let r = http
+        .get(format!("{base}/"))
+        .header("cookie", format!("midas_console={viewer_cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.url().path().starts_with("/login"),
+        "the signed-out session is gone on the server too"
+    );
     sign_in(&browser, &base, "olga", OPERATOR).await;
     let html = seen.page(&browser).await;
     assert!(html.contains("Retry all unknown"));
@@ -431,6 +441,9 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         for secret in app_secret_like {
             assert!(!html.contains(secret), "{secret} in {url}");
         }
+        // nothing the Content-Security-Policy would have to allow
+        assert!(!html.contains("<script"), "a script in {url}");
+        assert!(!html.contains(" style="), "an inline style in {url}");
     }
     assert!(seen.0.len() >= 12, "pages checked: {}", seen.0.len());
 
@@ -508,6 +521,22 @@ async fn run_serves_the_console_when_listen_is_set() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401, "no operator token is configured");
+    // a sign-in POST without the login form's cookie-bound token: no session
+    let r = http
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={VIEWER}&csrf=forged&next=%2F"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "login CSRF refused");
+    assert!(
+        r.headers()
+            .get_all("set-cookie")
+            .iter()
+            .all(|c| !c.to_str().unwrap_or_default().starts_with("midas_console=")),
+        "no session cookie"
+    );
     assert!(
         terminate(&mut child, Duration::from_secs(20)),
         "exit 0 on SIGTERM"
