@@ -58,6 +58,8 @@ pub struct AppState {
     tokens: Tokens,
     sessions: auth::Sessions,
     db_slots: Arc<Semaphore>,
+    /// The overview's last read ([`routes::OVERVIEW_TTL`]).
+    overview: tokio::sync::Mutex<Option<routes::OverviewRead>>,
 }
 
 /// A page that could not be served: its status and a message for the user.
@@ -185,6 +187,7 @@ pub fn router(settings: Arc<Settings>, tokens: Tokens) -> Router {
         tokens,
         sessions: auth::Sessions::default(),
         db_slots: Arc::new(Semaphore::new(MAX_DB_WORK)),
+        overview: tokio::sync::Mutex::new(None),
     });
     routes::routes()
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -7,7 +7,7 @@
 
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
@@ -27,7 +27,7 @@ use crate::cli::outbox::list::ListItem;
 use crate::cli::outbox::stats::StatsView;
 use crate::cli::outbox::{show, AuditError, ExportFormat};
 use crate::command::{now_ms, rfc3339_ms};
-use crate::outbox::operator::JobFilter;
+use crate::outbox::operator::{JobFilter, ListRow, Stats};
 
 /// Jobs per search page.
 pub const PAGE: u32 = 50;
@@ -76,26 +76,23 @@ async fn overview(
         _ => 6,
     };
     let now = now_ms();
-    let window = i64::from(hours) * 3_600_000;
-    let slice_ms = window / chart::SLICES;
-    // slices on whole multiples of their length: the bars do not shift on refresh
-    let end = (now / slice_ms + 1) * slice_ms;
-    let since = end - window;
-    let unknown = JobFilter {
-        status: Some("unknown".into()),
-        ..JobFilter::default()
+    let read = {
+        // one read per OVERVIEW_TTL whatever the number of open tabs refreshing
+        // (the others wait for it and share it)
+        let mut cache = st.overview.lock().await;
+        match cache.as_ref() {
+            Some(r) if r.hours == hours && r.at.elapsed() < OVERVIEW_TTL => r.clone(),
+            _ => {
+                let r = read_overview(&st, hours, now).await?;
+                *cache = Some(r.clone());
+                r
+            }
+        }
     };
-    let (stats, rows, to_reconcile) = with_store(&st, false, move |s, _| {
-        Ok((
-            s.stats()?,
-            s.timeline(since, slice_ms)?,
-            s.list(&unknown, Some(pages::RECONCILE_LISTED))?,
-        ))
-    })
-    .await?;
-    let to_reconcile: Vec<ListItem> = to_reconcile.into_iter().map(ListItem::from).collect();
-    let stats = StatsView::new(stats, now);
-    let slices = chart::slices(&rows);
+    let to_reconcile: Vec<ListItem> = read.unknown.into_iter().map(ListItem::from).collect();
+    let stats = StatsView::new(read.stats, now);
+    let slices = chart::slices(&read.rows);
+    let (since, slice_ms) = (read.since, read.slice_ms);
     Ok(pages::overview(
         &who,
         &pages::Overview {
@@ -107,6 +104,54 @@ async fn overview(
             to_reconcile: &to_reconcile,
         },
     ))
+}
+
+/// The overview's numbers are read at most this often.
+pub const OVERVIEW_TTL: Duration = Duration::from_secs(5);
+
+/// What the overview read from the outbox, and when.
+#[derive(Clone)]
+pub(super) struct OverviewRead {
+    at: Instant,
+    hours: u32,
+    since: i64,
+    slice_ms: i64,
+    stats: Stats,
+    rows: Vec<(i64, String, i64)>,
+    unknown: Vec<ListRow>,
+}
+
+async fn read_overview(
+    st: &Arc<AppState>,
+    hours: u32,
+    now: i64,
+) -> Result<OverviewRead, PageError> {
+    let window = i64::from(hours) * 3_600_000;
+    let slice_ms = window / chart::SLICES;
+    // slices on whole multiples of their length: the bars do not shift on refresh
+    let end = (now / slice_ms + 1) * slice_ms;
+    let since = end - window;
+    let unknown = JobFilter {
+        status: Some("unknown".into()),
+        ..JobFilter::default()
+    };
+    let (stats, rows, unknown) = with_store(st, false, move |s, _| {
+        Ok((
+            s.stats()?,
+            s.timeline(since, slice_ms)?,
+            s.list(&unknown, Some(pages::RECONCILE_LISTED))?,
+        ))
+    })
+    .await?;
+    Ok(OverviewRead {
+        at: Instant::now(),
+        hours,
+        since,
+        slice_ms,
+        stats,
+        rows,
+        unknown,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
