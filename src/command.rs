@@ -52,6 +52,8 @@ pub enum Op {
     Present,
     CancelPay,
     Balance,
+    /// 2.0 apps: an order's state from `/wxa/game/queryorderinfo`, answered like `balance`.
+    QueryOrder,
 }
 
 impl Op {
@@ -61,6 +63,7 @@ impl Op {
             Op::Present => "present",
             Op::CancelPay => "cancel_pay",
             Op::Balance => "balance",
+            Op::QueryOrder => "query_order",
         }
     }
 
@@ -70,11 +73,23 @@ impl Op {
             "present" => Some(Op::Present),
             "cancel_pay" => Some(Op::CancelPay),
             "balance" => Some(Op::Balance),
+            "query_order" => Some(Op::QueryOrder),
             _ => None,
         }
     }
 
-    pub const ALL: [Op; 4] = [Op::Pay, Op::Present, Op::CancelPay, Op::Balance];
+    pub const ALL: [Op; 5] = [
+        Op::Pay,
+        Op::Present,
+        Op::CancelPay,
+        Op::Balance,
+        Op::QueryOrder,
+    ];
+
+    /// Answered from Midas without an outbox row (`balance`, `query_order`).
+    pub fn is_read(self) -> bool {
+        matches!(self, Op::Balance | Op::QueryOrder)
+    }
 }
 
 impl std::fmt::Display for Op {
@@ -112,6 +127,10 @@ struct Wire {
     pay_item: Option<String>,
     #[serde(default)]
     app_remark: Option<String>,
+    #[serde(default)]
+    out_trade_no: Option<String>,
+    #[serde(default)]
+    biz_id: Option<i64>,
 }
 
 /// The parameters that identify what a job does: everything but the session_key.
@@ -141,6 +160,18 @@ pub struct Params {
     pub pay_item: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub app_remark: Option<String>,
+    /// `query_order` (2.0 apps): the order asked about.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub query: Option<Box<OrderQuery>>,
+}
+
+/// The order a `query_order` command asks about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderQuery {
+    /// The order number the client used (`OutTradeNo` in the pushes).
+    pub out_trade_no: String,
+    /// 1: a coin top-up, 2: an item purchase.
+    pub biz_id: i64,
 }
 
 impl Params {
@@ -382,16 +413,16 @@ fn amount(name: &str, v: Option<i64>, needed: bool) -> Result<Option<i64>, (&'st
 fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, String)> {
     let op = Op::parse(&w.op).ok_or((
         "invalid_command",
-        "unknown op: expected pay, present, cancel_pay or balance".to_string(),
+        "unknown op: expected pay, present, cancel_pay, balance or query_order".to_string(),
     ))?;
     let bill_no = match (op, w.bill_no) {
-        (Op::Balance, Some(_)) => {
+        (o, Some(_)) if o.is_read() => {
             return Err((
                 "invalid_command",
-                "`bill_no` is not allowed for balance".into(),
+                format!("`bill_no` is not allowed for {o}"),
             ))
         }
-        (Op::Balance, None) => None,
+        (o, None) if o.is_read() => None,
         (_, None) => return Err(("invalid_command", "missing field `bill_no`".into())),
         (_, Some(b)) if !valid_bill_no(&b) => {
             return Err((
@@ -416,6 +447,7 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
         }
     };
     let v2 = app.api == ApiVersion::V2;
+    let query = order_query(op, v2, w.out_trade_no, w.biz_id)?;
     let zone_id = text_field("zone_id", w.zone_id, false)?.unwrap_or_else(|| app.zone_id.clone());
     let pf = text_field("pf", w.pf, false)?.unwrap_or_else(|| app.pf.clone());
     let user_ip = text_field("user_ip", w.user_ip, false)?;
@@ -428,13 +460,19 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
             "`user_ip` must be an IPv4 or IPv6 address".into(),
         ));
     }
+    let no_ip = Some(String::new());
     let pay_bill_no = if v2 {
         check_v2(
             op,
             bill_no.as_deref(),
             w.pay_bill_no,
             &session_key,
-            &user_ip,
+            // queryorderinfo takes no user_ip
+            if op == Op::QueryOrder {
+                &no_ip
+            } else {
+                &user_ip
+            },
             app,
         )?
     } else if w.pay_bill_no.is_some() {
@@ -483,6 +521,7 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
             present_counts,
             pay_item,
             app_remark,
+            query,
         },
         session_key,
     })
@@ -492,6 +531,40 @@ fn validate(w: Wire, settings: &Settings) -> Result<Command, (&'static str, Stri
 /// a session_key on every command (2.0 signs every call with it), a `user_ip` from
 /// the command or the app's `default_user_ip`, no bill_no starting with `_`, and a
 /// cancel_pay is a refund naming its pay (`pay_bill_no`). Returns the `pay_bill_no`.
+/// `out_trade_no` and `biz_id`: required for `query_order` (on 2.0 apps only),
+/// refused on every other op.
+fn order_query(
+    op: Op,
+    v2: bool,
+    out_trade_no: Option<String>,
+    biz_id: Option<i64>,
+) -> Result<Option<Box<OrderQuery>>, (&'static str, String)> {
+    let bad = |m: &str| Err(("invalid_command", m.to_string()));
+    if op != Op::QueryOrder {
+        if out_trade_no.is_some() || biz_id.is_some() {
+            return bad("`out_trade_no` and `biz_id` are only allowed for query_order");
+        }
+        return Ok(None);
+    }
+    if !v2 {
+        return bad("query_order is for apps with api = \"v2\"");
+    }
+    let Some(no) = text_field("out_trade_no", out_trade_no, true)? else {
+        return bad("missing field `out_trade_no`");
+    };
+    if no.len() > 64 {
+        return bad("`out_trade_no` is longer than 64 bytes");
+    }
+    match biz_id {
+        None => bad("missing field `biz_id`: 1 (coins) or 2 (items)"),
+        Some(b @ (1 | 2)) => Ok(Some(Box::new(OrderQuery {
+            out_trade_no: no,
+            biz_id: b,
+        }))),
+        Some(_) => bad("`biz_id` must be 1 (coins) or 2 (items)"),
+    }
+}
+
 fn check_v2(
     op: Op,
     bill_no: Option<&str>,
@@ -605,6 +678,21 @@ pub struct Reply {
     pub sum_balance: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sum_cost: Option<i64>,
+    // query_order (2.0): the order's state, as `/wxa/game/queryorderinfo` names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out_trade_no: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pay_state: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliver_state: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pay_finish_time: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mch_order_no: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transaction_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duplicate: Option<bool>,
     /// True when the reply came from the simulator: no real currency moved.

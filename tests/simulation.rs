@@ -51,6 +51,8 @@ struct Ledger {
     balance: HashMap<String, i64>,
 }
 
+// a call carries its job's parameters, as the engine's Action does
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Task {
     Mark(Vec<(i64, i64, i64)>),
@@ -107,6 +109,7 @@ fn params(op: Op, bill: &str, openid: &str, amt: i64) -> Params {
         present_counts: (op == Op::Present).then_some(amt),
         pay_item: None,
         app_remark: None,
+        query: None,
         pay_bill_no: None,
     }
 }
@@ -518,7 +521,10 @@ impl Sim {
         let bal = *self.ledger.balance.entry(openid.clone()).or_insert(500);
         let bill = p.bill_no.clone().unwrap_or_default();
         let a = match api {
-            Api::GetBalance => answer(api, OutcomeClass::Success, Some(0), Some(bal)),
+            // the simulation sends no query_order
+            Api::GetBalance | Api::QueryOrder => {
+                answer(api, OutcomeClass::Success, Some(0), Some(bal))
+            }
             Api::Pay | Api::Present => match self.ledger.applied.get(&bill) {
                 Some(_) => answer(api, OutcomeClass::Duplicate, Some(90012), None),
                 None => {

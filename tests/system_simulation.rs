@@ -127,6 +127,7 @@ fn params(op: Op, bill: &str, openid: &str, appid: &str, amt: i64) -> Params {
         pay_item: None,
         app_remark: None,
         pay_bill_no: None,
+        query: None,
     }
 }
 

@@ -212,7 +212,7 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
         );
         return reject(ctx, &rej, &body, &props, now).await;
     }
-    if op == Op::Balance {
+    if op.is_read() {
         return balance(ctx, cmd, &props, now);
     }
     let (reply_to, correlation_id) = target(&props, ctx, cmd.params.bill_no.as_deref());
@@ -360,11 +360,12 @@ async fn dead_letter(
     }
 }
 
-/// `balance` moves nothing: it has no outbox row and is handed to the dispatcher,
+/// `balance` (and `query_order`, answered the same way from `queryorderinfo`)
+/// moves nothing: it has no outbox row and is handed to the dispatcher,
 /// which answers it in the player's order, under the same limits as any call.
 fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
     let (reply_to, correlation_id) = target(props, ctx, None);
-    METRICS.command("balance", "accepted");
+    METRICS.command(cmd.params.op.as_str(), "accepted");
     Disposition::Ack(Some(DispatchMsg::Balance(Box::new(BalanceCmd {
         params: cmd.params,
         session_key: cmd.session_key,

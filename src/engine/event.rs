@@ -61,6 +61,8 @@ pub struct BalanceCmd {
 }
 
 /// What the shell must do.
+// A call carries its job's parameters; boxing them would add an allocation per call.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
     /// Make durable that a call of job `id` may go out now (calls + 1, window

@@ -417,6 +417,21 @@ pub fn balance_reply(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Repl
             r.sum_cost = b.sum_cost;
         }
     }
+    if job.params.op == crate::command::Op::QueryOrder {
+        // the order's state instead of the balance fields
+        r.balance = None;
+        r.present_balance = None;
+        r.first_save = None;
+        r.out_trade_no = job.params.query.as_ref().map(|q| q.out_trade_no.clone());
+        if let Some(o) = &b.order {
+            r.pay_state = o.pay_state;
+            r.deliver_state = o.deliver_state;
+            r.pay_finish_time = o.pay_finish_time;
+            r.product_id = o.product_id.clone();
+            r.mch_order_no = o.mch_order_no.clone();
+            r.transaction_id = o.transaction_id.clone();
+        }
+    }
     r
 }
 
@@ -451,6 +466,7 @@ mod tests {
                 present_counts: None,
                 pay_item: None,
                 app_remark: None,
+                query: None,
                 pay_bill_no: None,
             },
             None,

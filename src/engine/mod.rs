@@ -543,7 +543,8 @@ impl Engine {
         e.phase = Phase::Calling;
         e.call_gen = e.key_gen;
         let api = match e.target {
-            Some(_) => Api::GetBalance,
+            // balance (getbalance) or query_order (queryorderinfo)
+            Some(_) => Api::for_op(e.job.params.op),
             None => Api::for_op(e.job.params.op),
         };
         out.push(call(e, api, false));
@@ -772,7 +773,7 @@ fn record(job: &Job, rows: Vec<AttemptRow>, update: Update, now: i64) -> Record 
 
 /// Whether `op` is answered without an outbox row.
 pub fn is_direct(op: Op) -> bool {
-    op == Op::Balance
+    op.is_read()
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub(super) fn job(id: i64, appid: &str) -> Job {
             present_counts: None,
             pay_item: None,
             app_remark: None,
+            query: None,
             pay_bill_no: None,
         },
         Some(Secret::new("k1")),

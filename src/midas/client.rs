@@ -35,6 +35,8 @@ pub enum Api {
     Pay,
     Present,
     CancelPay,
+    /// 2.0 only: `/wxa/game/queryorderinfo` (`query_order`).
+    QueryOrder,
 }
 
 impl Api {
@@ -44,6 +46,7 @@ impl Api {
             Api::Pay => "pay",
             Api::Present => "present",
             Api::CancelPay => "cancelpay",
+            Api::QueryOrder => "queryorderinfo",
         }
     }
 
@@ -58,6 +61,8 @@ impl Api {
             (Api::Pay, true) => "/cgi-bin/midas/sandbox/pay",
             (Api::Present, true) => "/cgi-bin/midas/sandbox/present",
             (Api::CancelPay, true) => "/cgi-bin/midas/sandbox/cancelpay",
+            // no 1.0 counterpart: commands refuse query_order on 1.0 apps
+            (Api::QueryOrder, _) => "/wxa/game/queryorderinfo",
         }
     }
 
@@ -68,6 +73,7 @@ impl Api {
             Op::Present => Api::Present,
             Op::CancelPay => Api::CancelPay,
             Op::Balance => Api::GetBalance,
+            Op::QueryOrder => Api::QueryOrder,
         }
     }
 }
@@ -92,6 +98,23 @@ pub struct Body {
     pub sum_cost: Option<i64>,
     pub used_present_amount: Option<i64>,
     pub bill_no: Option<String>,
+    /// `queryorderinfo` (2.0): the order's state.
+    pub order: Option<OrderInfo>,
+}
+
+/// What `/wxa/game/queryorderinfo` says about an order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrderInfo {
+    /// 1 unpaid, 2 paid.
+    pub pay_state: Option<i64>,
+    /// 1 not delivered, 2 delivered.
+    pub deliver_state: Option<i64>,
+    /// Unix seconds.
+    pub pay_finish_time: Option<i64>,
+    pub product_id: Option<String>,
+    pub out_trade_no: Option<String>,
+    pub mch_order_no: Option<String>,
+    pub transaction_id: Option<String>,
 }
 
 /// What one call produced.
@@ -468,7 +491,8 @@ pub fn build_body(
         params.push(("user_ip", Param::Str(ip)));
     }
     match api {
-        Api::GetBalance => {}
+        // no 1.0 queryorderinfo: commands refuse query_order on 1.0 apps
+        Api::GetBalance | Api::QueryOrder => {}
         Api::Pay | Api::Present | Api::CancelPay => {
             if let Some(b) = &p.bill_no {
                 params.push(("bill_no", Param::Str(b)));
@@ -497,7 +521,7 @@ pub fn build_body(
                 params.push(("pay_item", Param::Str(i)));
             }
         }
-        Api::GetBalance => {}
+        Api::GetBalance | Api::QueryOrder => {}
     }
     let sig = sign::sig(&params, path, app.app_key.expose());
     let mp_sig = session_key.map(|k| sign::mp_sig(&params, token.expose(), &sig, path, k.expose()));
@@ -551,6 +575,7 @@ mod tests {
             present_counts: None,
             pay_item: None,
             app_remark: None,
+            query: None,
             pay_bill_no: None,
         };
         let body = build_body(

@@ -51,6 +51,8 @@ pub const ORDER_ROLLED_BACK: i64 = 90015;
 pub const ORDER_PROCESSING: i64 = 90016;
 pub const NO_PERMISSION: i64 = 90017;
 pub const PARAM_ERROR: i64 = 90018;
+/// 2.0 `queryorderinfo`: no order with this `out_trade_no`.
+pub const OUT_TRADE_NO_NOT_FOUND: i64 = 90019;
 pub const TOKEN_INVALID: i64 = 40001;
 pub const TOKEN_INVALID_2: i64 = 40014;
 pub const TOKEN_EXPIRED: i64 = 42001;
@@ -114,6 +116,7 @@ pub fn is_listed(api: MidasApi, errcode: i64) -> bool {
                 | ORDER_EXISTS
                 | INSUFFICIENT_BALANCE
                 | PARAM_ERROR
+                | OUT_TRADE_NO_NOT_FOUND
                 | TOKEN_INVALID
                 | TOKEN_INVALID_2
                 | TOKEN_EXPIRED

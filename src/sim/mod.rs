@@ -34,6 +34,7 @@
 pub mod cli;
 pub mod faults;
 pub mod ledger;
+mod order;
 pub mod push;
 pub mod tokens;
 pub mod v2;
@@ -301,6 +302,7 @@ impl Simulator {
             .route("/cgi-bin/token", get(tokens::legacy_token))
             .route("/cgi-bin/midas/{op}", post(midas_official))
             .route("/cgi-bin/midas/sandbox/{op}", post(midas_sandbox))
+            .route("/wxa/game/queryorderinfo", post(order::query_order_info))
             .route("/wxa/game/{op}", post(midas_v2))
             .route("/sim/ledger", get(sim_ledger))
             .route("/sim/faults", post(sim_faults))
@@ -496,6 +498,11 @@ async fn midas(
         Route::V1 { sandbox } => process(&shared, op, sandbox, uri.path(), token.as_deref(), &body),
         Route::V2 => v2::process(&shared, op, uri.path(), token.as_deref(), &query, &body),
     };
+    respond(outcome).await
+}
+
+/// The HTTP answer of a call's outcome (stalls included).
+async fn respond(outcome: Outcome) -> Response {
     match outcome {
         Outcome::Answer(v) => Json(v).into_response(),
         Outcome::Http502 => (

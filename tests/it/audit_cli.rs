@@ -106,6 +106,7 @@ fn params(op: Op, bill_no: &str, openid: &str) -> Params {
         present_counts: (op == Op::Present).then_some(3),
         pay_item: None,
         app_remark: None,
+        query: None,
         pay_bill_no: None,
     }
 }

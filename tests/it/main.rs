@@ -34,6 +34,7 @@ mod pg_tls;
 mod pipeline;
 mod push_e2e;
 mod push_receiver;
+mod query_order;
 mod reliability;
 mod schema_examples;
 mod shared_pg;

@@ -170,6 +170,7 @@ fn pay_params() -> Params {
         present_counts: None,
         pay_item: None,
         app_remark: None,
+        query: None,
         pay_bill_no: None,
     }
 }

@@ -30,6 +30,7 @@ fn params(appid: &str, op: Op, bill_no: &str) -> Params {
         present_counts: (op == Op::Present).then_some(3),
         pay_item: None,
         app_remark: None,
+        query: None,
         pay_bill_no: None,
     }
 }

@@ -231,6 +231,7 @@ async fn check_values_are_reproduced_by_both_signers() {
         payitem: Some("gem_pack".into()),
         remark: Some("r".into()),
         pay_bill_no: None,
+        query: None,
     };
     let r = v2::build_request(
         Api::Pay,
@@ -634,6 +635,7 @@ fn params(openid: &str) -> V2Params {
         payitem: None,
         remark: None,
         pay_bill_no: None,
+        query: None,
     }
 }
 
@@ -684,6 +686,7 @@ async fn the_v2_client_against_the_simulator() {
         amount: Some(amount),
         bill_no: Some(bill.into()),
         pay_bill_no: Some("C-1".into()),
+        query: None,
         ..params("u1")
     };
     let a = call(Api::CancelPay, refund("CR-1", 20), session.clone()).await;

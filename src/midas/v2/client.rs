@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sign;
 use crate::command::{Op, Params};
-use crate::midas::client::{describe, Answer, Api, Body};
+use crate::midas::client::{describe, Answer, Api, Body, OrderInfo};
 use crate::midas::errcode::{self, MidasApi, OutcomeClass};
 use crate::secret::Secret;
 
@@ -26,6 +26,7 @@ pub fn path(api: Api) -> &'static str {
         Api::Pay => "/wxa/game/pay",
         Api::Present => "/wxa/game/present",
         Api::CancelPay => "/wxa/game/cancelpay",
+        Api::QueryOrder => "/wxa/game/queryorderinfo",
     }
 }
 
@@ -68,6 +69,8 @@ pub struct V2Params {
     pub payitem: Option<String>,
     pub remark: Option<String>,
     pub pay_bill_no: Option<String>,
+    /// queryorderinfo: the order asked about.
+    pub query: Option<Box<crate::command::OrderQuery>>,
 }
 
 impl V2Params {
@@ -85,7 +88,7 @@ impl V2Params {
         let amount = match p.op {
             Op::Pay | Op::CancelPay => p.amt,
             Op::Present => p.present_counts,
-            Op::Balance => None,
+            Op::Balance | Op::QueryOrder => None,
         };
         V2Params {
             openid: p.openid.clone(),
@@ -104,6 +107,7 @@ impl V2Params {
             payitem: p.pay_item.clone(),
             remark: p.app_remark.clone(),
             pay_bill_no: p.pay_bill_no.clone(),
+            query: p.query.clone(),
         }
     }
 }
@@ -151,7 +155,13 @@ struct WireBody<'a> {
     ts: i64,
     zone_id: &'a str,
     env: u8,
-    user_ip: &'a str,
+    /// Not sent to queryorderinfo.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_ip: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    out_trade_no: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    biz_id: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     amount: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,7 +194,7 @@ pub fn build_request(
     session_key: &Secret,
 ) -> Result<V2Request, BuildError> {
     for (field, empty) in [
-        ("user_ip", p.user_ip.is_empty()),
+        ("user_ip", p.user_ip.is_empty() && api != Api::QueryOrder),
         ("session_key", session_key.is_empty()),
     ] {
         if empty {
@@ -200,7 +210,9 @@ pub fn build_request(
         ts: p.ts,
         zone_id: &p.zone_id,
         env: p.env.code(),
-        user_ip: &p.user_ip,
+        user_ip: (api != Api::QueryOrder).then_some(p.user_ip.as_str()),
+        out_trade_no: None,
+        biz_id: None,
         amount: None,
         bill_no: None,
         pay_bill_no: None,
@@ -223,6 +235,11 @@ pub fn build_request(
             wire.amount = Some(*need(api, "amount", p.amount.as_ref())?);
             wire.bill_no = Some(need(api, "bill_no", p.bill_no.as_deref())?);
             wire.pay_bill_no = Some(need(api, "pay_bill_no", p.pay_bill_no.as_deref())?);
+        }
+        Api::QueryOrder => {
+            let q = need(api, "out_trade_no", p.query.as_ref())?;
+            wire.out_trade_no = Some(&q.out_trade_no);
+            wire.biz_id = Some(q.biz_id);
         }
     }
     let body = serde_json::to_vec(&wire).map_err(|_| BuildError::Serialize)?;
@@ -259,6 +276,21 @@ struct Wire {
     used_present_amount: Option<i64>,
     #[serde(default)]
     bill_no: Option<String>,
+    // queryorderinfo
+    #[serde(default)]
+    pay_state: Option<i64>,
+    #[serde(default)]
+    deliver_state: Option<i64>,
+    #[serde(default)]
+    pay_finish_time: Option<i64>,
+    #[serde(default)]
+    product_id: Option<String>,
+    #[serde(default)]
+    out_trade_no: Option<String>,
+    #[serde(default)]
+    mch_order_no: Option<String>,
+    #[serde(default)]
+    transaction_id: Option<String>,
 }
 
 fn unknown(api: Api, http_status: Option<u16>, why: String, started: Instant) -> Answer {
@@ -323,6 +355,15 @@ pub fn parse_answer(api: Api, status: u16, bytes: &[u8], started: Instant) -> An
             sum_cost: wire.sum_cost,
             used_present_amount: wire.used_present_amount,
             bill_no: wire.bill_no,
+            order: (api == Api::QueryOrder).then_some(OrderInfo {
+                pay_state: wire.pay_state,
+                deliver_state: wire.deliver_state,
+                pay_finish_time: wire.pay_finish_time,
+                product_id: wire.product_id,
+                out_trade_no: wire.out_trade_no,
+                mch_order_no: wire.mch_order_no,
+                transaction_id: wire.transaction_id,
+            }),
             ..Body::default()
         },
         latency: started.elapsed(),
@@ -427,6 +468,7 @@ mod tests {
             payitem: Some("gem_pack".into()),
             remark: Some("r".into()),
             pay_bill_no: None,
+            query: None,
         }
     }
 
