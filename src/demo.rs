@@ -345,7 +345,7 @@ pub async fn run(args: DemoArgs, mut settings: Settings) -> anyhow::Result<()> {
     if owns_tmp {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    println!("\nThe invalid and the conflicting command were dead-lettered unchanged; the re-sent pay got the stored reply again without a second charge.");
+    println!("\nThe invalid and the conflicting command were dead-lettered (a copy without the session_key); the re-sent pay got the stored reply again without a second charge.");
     println!("Try `midas-worker outbox show BILL_NO --config ...` on a real outbox, or `midas-worker run` to start the worker.");
     Ok(())
 }

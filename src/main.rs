@@ -76,7 +76,18 @@ struct CheckConfigArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = config::config_path(cli.config.as_deref());
-    let settings = match config::load(&path) {
+    // `demo` needs nothing: without a config file it uses the shipped defaults
+    let built_in = matches!(cli.verb, Verb::Demo(_))
+        && cli.config.is_none()
+        && std::env::var_os(config::ENV_CONFIG_PATH).is_none()
+        && !path.exists();
+    let loaded = if built_in {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        config::load_from(include_str!("../config.toml"), &env, "built-in defaults")
+    } else {
+        config::load(&path)
+    };
+    let settings = match loaded {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");

@@ -130,3 +130,45 @@ async fn refused_commands_are_dead_lettered_without_their_session_key_and_expire
     worker.stop().await;
     env.cleanup(&c).await;
 }
+
+/// A dead-letter queue declared before the TTL existed (no `x-message-ttl`) cannot
+/// be re-declared with it: the worker still starts, uses it as it is, and its copies
+/// carry the TTL as their own expiration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_dead_letter_queue_without_the_ttl_still_works() {
+    use lapin::options::QueueDeclareOptions;
+    let env = TestEnv::new("dlqold");
+    let dlq = env.settings().config.broker.dead_letter_queue;
+    let conn = midas_worker::broker::connect(BROKER, "test old dlq")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        dlq.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .expect("old-style DLQ");
+    let _ = conn.close(200, "bye".into()).await;
+    let sim = env.simulator(Faults::default()).await;
+    let worker = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let bad = r#"{"op":"pay","bill_no":"OLD1","openid":"o","amt":0}"#;
+    c.publish(bad.as_bytes(), "bad").await.expect("publish");
+    let r = c.reply_for("bad", T).await.expect("reply").reply;
+    assert_eq!(r.status, Some(Status::Rejected));
+    let dead = env.dead_letter_messages_until(1, T).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].body, bad.as_bytes(), "no session_key: unchanged");
+    assert_eq!(
+        dead[0].expiration.as_deref(),
+        Some((7 * 86_400_000u64).to_string().as_str()),
+        "the default TTL, on the copy"
+    );
+    worker.stop().await;
+    env.cleanup(&c).await;
+}
