@@ -34,7 +34,7 @@ Exit status:
 #[derive(clap::Args, Debug)]
 #[command(after_help = EXIT_STATUS_HELP)]
 pub struct EnqueueArgs {
-    /// pay, present, cancel_pay or balance.
+    /// pay, present, cancel_pay, balance or query_order (v2 apps).
     pub op: String,
     #[arg(long)]
     pub bill_no: Option<String>,
@@ -61,6 +61,12 @@ pub struct EnqueueArgs {
     pub pay_item: Option<String>,
     #[arg(long)]
     pub app_remark: Option<String>,
+    /// query_order: the order number the client used.
+    #[arg(long)]
+    pub out_trade_no: Option<String>,
+    /// query_order: 1 (a coin top-up) or 2 (an item purchase).
+    #[arg(long)]
+    pub biz_id: Option<i64>,
     /// Read the session_key from this environment variable (never from the command line).
     #[arg(long, value_name = "VAR")]
     pub session_key_env: Option<String>,
@@ -153,6 +159,7 @@ pub fn body(a: &EnqueueArgs) -> Result<Vec<u8>, EnqueueError> {
         ("user_ip", &a.user_ip),
         ("pay_item", &a.pay_item),
         ("app_remark", &a.app_remark),
+        ("out_trade_no", &a.out_trade_no),
     ];
     for (k, v) in strs {
         if let Some(v) = v {
@@ -164,6 +171,9 @@ pub fn body(a: &EnqueueArgs) -> Result<Vec<u8>, EnqueueError> {
     }
     if let Some(v) = a.present_counts {
         m.insert("present_counts".into(), v.into());
+    }
+    if let Some(v) = a.biz_id {
+        m.insert("biz_id".into(), v.into());
     }
     if let Some(var) = &a.session_key_env {
         let v = std::env::var(var).map_err(|_| {

@@ -1,6 +1,6 @@
 //! `outbox migrate`: copy a SQLite outbox into a new PostgreSQL outbox, every row
-//! of `jobs`, `reply_targets`, `attempts` and `operator_actions` with its id, in one
-//! PostgreSQL transaction.
+//! of `jobs`, `reply_targets`, `attempts`, `operator_actions` and `pushes` with its
+//! id, in one PostgreSQL transaction.
 //!
 //! The source is held under SQLite's write lock for the whole copy (a writer that
 //! is still running waits or fails; the worker must be stopped anyway, or what it
@@ -98,6 +98,27 @@ const TABLES: [(&str, &[Col]); 4] = [
     ),
 ];
 
+/// The pushes table (copied after [`TABLES`], which have no foreign key to it).
+const PUSHES: (&str, &[Col]) = (
+    "pushes",
+    &[
+        ("id", true),
+        ("appid", false),
+        ("kind", false),
+        ("dedup_key", false),
+        ("event", false),
+        ("event_id", false),
+        ("openid", false),
+        ("out_trade_no", false),
+        ("env", true),
+        ("message", false),
+        ("received_at", true),
+        ("last_received_at", true),
+        ("repeats", true),
+        ("published_at", true),
+    ],
+);
+
 /// Rows per table (in [`TABLES`] order: jobs, reply targets, attempts, actions).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -124,6 +145,9 @@ pub struct Migrated {
     pub copied: Counts,
     /// Of the jobs copied, those still pending.
     pub pending: i64,
+    /// WeChat payment pushes copied (unconfirmed events are published by the
+    /// workers of the new outbox).
+    pub pushes: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,9 +180,12 @@ pub fn sqlite_to_postgres(
     let pg = PgStore::open(to)?;
     let tx = pg.begin(true)?;
     pg.execute(
-        "LOCK TABLE jobs, reply_targets, attempts, operator_actions IN EXCLUSIVE MODE",
+        "LOCK TABLE jobs, reply_targets, attempts, operator_actions, pushes IN EXCLUSIVE MODE",
         &[],
     )?;
+    if pg_count(&pg, "SELECT COUNT(*) FROM pushes")? > 0 {
+        return Err(MigrateError::NotEmpty(Counts::default()));
+    }
     let mut present = [0i64; 4];
     for (i, (table, _)) in TABLES.iter().enumerate() {
         present[i] = pg_count(&pg, &format!("SELECT COUNT(*) FROM {table}"))?;
@@ -186,6 +213,21 @@ pub fn sqlite_to_postgres(
             &[],
         )?;
     }
+    // a file from before pushes has no pushes table until a writable open adds it;
+    // `open_existing_rw` above applied the schema, so it is there now
+    let pushes = copy_table(&src_tx, &pg, PUSHES.0, PUSHES.1)?;
+    let expected: i64 = src_tx
+        .query_row("SELECT COUNT(*) FROM pushes", [], |r| r.get(0))
+        .map_err(OutboxError::from)?;
+    if pushes != expected {
+        return Err(
+            OutboxError::Corrupt(format!("pushes: copied {pushes} rows of {expected}")).into(),
+        );
+    }
+    pg.query(
+        "SELECT setval(pg_get_serial_sequence('pushes', 'id'), max(id)) FROM pushes",
+        &[],
+    )?;
     let pending = pg_count(&pg, "SELECT COUNT(*) FROM jobs WHERE state = 'pending'")?;
     let copied = Counts::from_array(copied);
     let detail = json!({
@@ -196,6 +238,7 @@ pub fn sqlite_to_postgres(
         "reply_targets": copied.reply_targets,
         "attempts": copied.attempts,
         "operator_actions": copied.operator_actions,
+        "pushes": pushes,
         "reason": who.reason,
     });
     tx.record_action(
@@ -226,7 +269,11 @@ pub fn sqlite_to_postgres(
         .map_err(OutboxError::from)?;
     src_tx.commit().map_err(OutboxError::from)?;
     let _ = super::checkpoint(&src);
-    Ok(Migrated { copied, pending })
+    Ok(Migrated {
+        copied,
+        pending,
+        pushes,
+    })
 }
 
 fn pg_count(pg: &PgStore, sql: &str) -> Result<i64, OutboxError> {

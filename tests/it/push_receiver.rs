@@ -163,6 +163,25 @@ async fn a_push_is_stored_once_answered_and_published_once_and_refusals_store_no
     assert_eq!(line["dedup_key"], no.as_str());
     assert_eq!(line["message"]["event_id"], msg["event_id"]);
     w.stop().await;
+
+    // `outbox migrate` carries the push to a PostgreSQL outbox, id and all
+    let db = crate::common::pg::TestDb::new("push-migrate").await;
+    let out = audit(
+        &env,
+        OutboxCmd::Migrate {
+            to: db.secret_url(),
+            who: Default::default(),
+        },
+    );
+    assert!(out.contains("1 pushes"), "{out}");
+    let pg = midas_worker::outbox::store::Store::open_ro(
+        &midas_worker::outbox::Location::Postgres(db.secret_url()),
+    )
+    .unwrap();
+    let moved = pg.pushes_by_key(&no, None).unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].event_id, msg["event_id"].as_str().unwrap());
+    assert_eq!(moved[0].repeats, 3);
 }
 
 fn list_cmd(kind: Option<&str>, json: bool) -> OutboxCmd {
@@ -213,4 +232,45 @@ async fn pushes_are_answered_while_the_broker_is_away_and_published_when_it_retu
     nos.sort();
     assert_eq!(got, nos);
     w.stop().await;
+}
+
+/// An outbox written before pushes existed (schema.sql without the `pushes`
+/// table) gains the table at its next writable open, keeping its rows; read-only
+/// verbs on such a file see no pushes instead of failing.
+#[test]
+fn an_outbox_from_before_pushes_gets_the_table_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.sqlite");
+    let schema = midas_worker::outbox::SCHEMA;
+    let start = schema.find("-- Verified WeChat payment pushes").unwrap();
+    let end = schema.find("CREATE TABLE IF NOT EXISTS meta").unwrap();
+    let old = format!("{}{}", &schema[..start], &schema[end..]);
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch(&old).unwrap();
+        c.execute(
+            "INSERT INTO operator_actions (at, actor, action, target, detail) VALUES (1, 'a', 'b', 'c', 'd')",
+            [],
+        )
+        .unwrap();
+    }
+    let ro = midas_worker::outbox::store::Store::open_ro(&midas_worker::outbox::Location::Sqlite(
+        path.clone(),
+    ))
+    .unwrap();
+    assert!(ro
+        .pushes(&Default::default(), None, true)
+        .unwrap()
+        .is_empty());
+    assert!(ro.push_counts().unwrap().is_empty());
+    drop(ro);
+    let c = midas_worker::outbox::open_rw(&path, None).unwrap();
+    let n: i64 = c
+        .query_row("SELECT COUNT(*) FROM pushes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+    let kept: i64 = c
+        .query_row("SELECT COUNT(*) FROM operator_actions", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept, 1);
 }

@@ -51,14 +51,15 @@ pub(super) fn migrate(
     let c = done.copied;
     writeln!(
         out,
-        "migrated {} to {}: {} jobs ({} pending), {} reply targets, {} attempts, {} operator actions; ids kept",
+        "migrated {} to {}: {} jobs ({} pending), {} reply targets, {} attempts, {} operator actions, {} pushes; ids kept",
         from.display(),
         one_line(&to.masked()),
         c.jobs,
         done.pending,
         c.reply_targets,
         c.attempts,
-        c.operator_actions
+        c.operator_actions,
+        done.pushes
     )?;
     writeln!(
         out,
