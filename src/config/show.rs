@@ -160,6 +160,14 @@ pub fn entries(s: &Settings) -> Vec<Entry> {
 /// Remarks worth a line in `check-config` that do not make the config bad.
 pub fn notes(s: &Settings) -> Vec<String> {
     let mut notes = Vec::new();
+    if s.provenance.source_of("midas.environment") == super::Source::Default {
+        notes.push(
+            "midas.environment is not set: `run` refuses to start until it is \
+             (\"simulator\", \"sandbox\" or \"production\", in the file or \
+             MIDAS_WORKER__MIDAS__ENVIRONMENT); the other verbs take \"simulator\""
+                .to_string(),
+        );
+    }
     if s.config.midas.environment == Environment::Simulator {
         notes.push(
             "midas.environment is \"simulator\": Midas calls go to the embedded simulator, \

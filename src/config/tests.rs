@@ -573,6 +573,14 @@ fn run_requires_an_explicit_environment() {
         e.contains("midas.environment") && e.contains("run") && !e.contains('\n'),
         "{e}"
     );
+    // check-config says so (a note: the other verbs run without it)
+    assert!(
+        show::notes(&s)
+            .iter()
+            .any(|n| n.contains("midas.environment is not set")),
+        "{:?}",
+        show::notes(&s)
+    );
     // whatever the image's variable says
     let require = env(&[(ENV_REQUIRE_ENVIRONMENT, "0")]);
     assert!(run_preflight(&s, false, &require).is_err());
@@ -586,4 +594,5 @@ fn run_requires_an_explicit_environment() {
     // the shipped file says it
     let s = load_from(SHIPPED, &env(&[]), "t").unwrap();
     assert!(run_preflight(&s, false, &env(&[])).is_ok());
+    assert!(!show::notes(&s).iter().any(|n| n.contains("not set")));
 }

@@ -22,7 +22,7 @@ use midas_worker::outbox::writer::{AttemptRow, Confirmed, Record, Update};
 use midas_worker::outbox::{query, Intake, IntakeOutcome, OutgoingReply, Writer};
 use midas_worker::secret::Secret;
 
-const SECRET: &str = "SK-SECRET-do-not-print";
+pub(crate) const SECRET: &str = "SK-SECRET-do-not-print";
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
 

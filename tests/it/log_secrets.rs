@@ -149,3 +149,43 @@ async fn no_secret_in_a_trace_log_of_a_postgres_worker() {
     }
     env.cleanup(&c).await;
 }
+
+/// `outbox migrate` copies every pending job's session_key into PostgreSQL; at
+/// `RUST_LOG=trace` (tokio-postgres would log each INSERT's parameters) none of
+/// them reaches its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_migrate_at_trace_logs_no_session_key() {
+    let fx = crate::audit_cli::fixture().await;
+    let db = TestDb::new("migratelog").await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_midas-worker"))
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+            "outbox",
+            "migrate",
+            "--to",
+            &format!("{}?sslmode=disable", db.url),
+        ])
+        .env("MIDAS_WORKER__OUTBOX__PATH", &fx.path)
+        .env("RUST_LOG", TRACE_ALL)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("run outbox migrate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        db.count("SELECT count(*) FROM jobs WHERE session_key IS NOT NULL")
+            .await
+            > 0,
+        "session_keys were copied"
+    );
+    if let Some(line) = text.lines().find(|l| l.contains(crate::audit_cli::SECRET)) {
+        panic!("a session_key in migrate's output: {line}");
+    }
+}
