@@ -304,7 +304,10 @@ impl Sim {
         let deadline = midas_worker::engine::job::deadline(&row.job(id, 0), &self.cfg.retry);
         if let Some(d) = deadline {
             if self.now > d + 300 {
-                return Err(format!("job {id} called {} ms past its deadline", self.now - d));
+                return Err(format!(
+                    "job {id} called {} ms past its deadline",
+                    self.now - d
+                ));
             }
         }
         for (&o, r) in self.ob.rows.range(..id) {
