@@ -9,6 +9,7 @@
 //! (a panic, a cancelled future) still reports a transient answer from its drop
 //! guard, so a call slot or a player can never be leaked.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +36,9 @@ pub enum DispatchMsg {
     Reopened(Job),
     /// A pending job a re-sent or redelivered command joined.
     Rejoin(Job),
-    /// A `balance` command.
-    Balance(Box<BalanceCmd>),
+    /// A command without an outbox row (`balance`): answered from memory; the
+    /// one-shot learns whether its reply was confirmed (its delivery is acked then).
+    Direct(Box<BalanceCmd>, oneshot::Sender<bool>),
     /// An operator re-opened jobs: load pending jobs re-opened by actions after this id.
     Reload { after_action: i64 },
     /// Shared outbox: pending jobs of players this worker now holds.
@@ -102,6 +104,10 @@ fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
         max_in_flight / 4
     }
 }
+
+/// Commands without an outbox row waiting for their reply, by (reply_to,
+/// correlation_id).
+type Waiting = HashMap<(String, String), VecDeque<oneshot::Sender<bool>>>;
 
 /// How soon a failed load of operator re-opens is tried again.
 const RELOAD_RETRY: Duration = Duration::from_secs(1);
@@ -213,13 +219,16 @@ impl Dispatcher {
         // An operator re-open whose reload failed: kept (the earliest action) and
         // tried again until it loads — the relay has already moved past it.
         let mut reload: Option<i64> = None;
+        // commands without an outbox row, by reply target: told when their reply
+        // is confirmed
+        let mut waiting: Waiting = HashMap::new();
         let mut reload_next = tokio::time::Instant::now();
         loop {
             if reload.is_some() && tokio::time::Instant::now() >= reload_next {
                 reload_next = tokio::time::Instant::now() + RELOAD_RETRY;
                 self.reload(&mut reload, &mut engine, &mut actions).await;
             }
-            self.perform(&mut actions, &tx);
+            self.perform(&mut actions, &tx, &mut waiting);
             self.held.store(engine.held(), Ordering::Relaxed);
             if *shutdown.borrow() {
                 break;
@@ -241,7 +250,13 @@ impl Dispatcher {
                     Some(DispatchMsg::Job(j)) => engine.handle(Event::Accepted(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Reopened(j)) => engine.handle(Event::Reopened(j), now_ms(), &mut actions),
                     Some(DispatchMsg::Rejoin(j)) => engine.handle(Event::Joined(j), now_ms(), &mut actions),
-                    Some(DispatchMsg::Balance(b)) => engine.handle(Event::Balance(b), now_ms(), &mut actions),
+                    Some(DispatchMsg::Direct(b, done)) => {
+                        waiting
+                            .entry((b.reply_to.clone(), b.correlation_id.clone()))
+                            .or_default()
+                            .push_back(done);
+                        engine.handle(Event::Balance(b), now_ms(), &mut actions)
+                    }
                     Some(DispatchMsg::Claimed(jobs)) => engine.handle(Event::Claimed(jobs), now_ms(), &mut actions),
                     Some(DispatchMsg::PlayersLost(p)) => engine.handle(Event::PlayersLost(p), now_ms(), &mut actions),
                     Some(DispatchMsg::Snapshot(tx)) => {
@@ -265,7 +280,7 @@ impl Dispatcher {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(ev)) => {
                     engine.handle(ev, now_ms(), &mut actions);
-                    self.perform(&mut actions, &tx);
+                    self.perform(&mut actions, &tx, &mut waiting);
                 }
                 _ => {
                     tracing::warn!(under_way = engine.busy(), "steps did not finish in time; they resume at the next start with the same bill_no");
@@ -311,7 +326,12 @@ impl Dispatcher {
     }
 
     /// Perform the engine's actions; their results come back on `tx`.
-    fn perform(&self, actions: &mut Vec<Action>, tx: &mpsc::UnboundedSender<Event>) {
+    fn perform(
+        &self,
+        actions: &mut Vec<Action>,
+        tx: &mpsc::UnboundedSender<Event>,
+        waiting: &mut Waiting,
+    ) {
         let mut marks = Vec::new();
         for a in actions.drain(..) {
             match a {
@@ -374,12 +394,27 @@ impl Dispatcher {
                     payload,
                 } => {
                     METRICS.command("balance", "answered");
-                    self.publisher.send(OutgoingReply {
+                    let key = (reply_to, correlation_id);
+                    let done = waiting.get_mut(&key).and_then(VecDeque::pop_front);
+                    if waiting.get(&key).is_some_and(VecDeque::is_empty) {
+                        waiting.remove(&key);
+                    }
+                    let reply = OutgoingReply {
                         target_id: None,
-                        reply_to,
-                        correlation_id,
+                        reply_to: key.0,
+                        correlation_id: key.1,
                         payload: Arc::from(payload),
-                    });
+                    };
+                    match done {
+                        // acked once the broker confirms the reply; requeued if not
+                        Some(done) => {
+                            let publisher = self.publisher.clone();
+                            tokio::spawn(async move {
+                                let _ = done.send(publisher.send_confirmed(reply).await);
+                            });
+                        }
+                        None => self.publisher.send(reply),
+                    }
                 }
             }
         }

@@ -7,17 +7,26 @@
 //! `rejected` reply; then a copy without the session_key, saying why, goes to the
 //! dead-letter queue ([`super::deadletter`]) and, once confirmed, the command is
 //! acked. Storage trouble requeues the delivery after a pause.
+//!
+//! A command without an outbox row (`balance`, `query_order`) is acked only once
+//! its reply is confirmed by the broker: it is handed to the dispatcher with a
+//! one-shot that reports the confirm, and settled when that comes (a crash, a
+//! broker outage or a nacked reply leaves it unacked, so the broker delivers it
+//! again). While such a delivery is outstanding, later acks are sent one by one:
+//! a `multiple` ack would cover it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesOrdered, StreamExt};
+use std::collections::BTreeSet;
+
+use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::publisher::Publisher;
 use super::BrokerError;
@@ -56,8 +65,14 @@ enum Disposition {
     Ack(Option<DispatchMsg>),
     /// Rejected without requeue: the broker dead-letters it unchanged.
     Reject,
+    /// Hand the message over now; ack (or requeue) when the one-shot reports
+    /// whether the command's reply was confirmed.
+    Defer(DispatchMsg, oneshot::Receiver<bool>),
     Requeue,
 }
+
+/// Deliveries handed over and not settled yet, each waiting for its reply's confirm.
+type Deferred = FuturesUnordered<futures_util::future::BoxFuture<'static, (u64, bool)>>;
 
 /// Consume commands on `ch` until it fails or `shutdown` turns true.
 pub async fn run(
@@ -77,6 +92,8 @@ pub async fn run(
         )
         .await?;
     let mut pending = FuturesOrdered::new();
+    let mut deferred: Deferred = FuturesUnordered::new();
+    let mut outstanding: BTreeSet<u64> = BTreeSet::new();
     let result = loop {
         if *shutdown.borrow() {
             break Ok(());
@@ -89,8 +106,19 @@ pub async fn run(
                 while let Some(Some(more)) = pending.next().now_or_never() {
                     batch.push(more);
                 }
-                if let Err(e) = settle(ch, ctx, batch).await {
+                if let Err(e) = settle(ch, ctx, batch, &mut deferred, &mut outstanding).await {
                     break Err(e);
+                }
+            }
+            Some((tag, confirmed)) = deferred.next(), if !deferred.is_empty() => {
+                outstanding.remove(&tag);
+                let r = if confirmed {
+                    ch.basic_ack(tag, BasicAckOptions { multiple: false }).await
+                } else {
+                    ch.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await
+                };
+                if let Err(e) = r {
+                    break Err(e.into());
                 }
             }
             _ = tokio::time::sleep(BACKPRESSURE_POLL), if ctx.held.load(Ordering::Relaxed) >= ctx.max_held => {}
@@ -113,7 +141,9 @@ pub async fn run(
         while let Some(r) = pending.next().await {
             batch.push(r);
         }
-        settle(ch, ctx, batch).await?;
+        // deferred deliveries still waiting are left unacked: the broker gives
+        // them to another worker (or this one, restarted) when the channel closes
+        settle(ch, ctx, batch, &mut deferred, &mut outstanding).await?;
     }
     result
 }
@@ -122,40 +152,69 @@ async fn settle(
     ch: &Channel,
     ctx: &IntakeCtx,
     batch: Vec<(u64, Disposition)>,
+    deferred: &mut Deferred,
+    outstanding: &mut BTreeSet<u64>,
 ) -> Result<(), BrokerError> {
-    let mut ack_upto: Option<u64> = None;
-    let mut acks = 0usize;
+    let mut run: Vec<u64> = Vec::new();
     for (tag, d) in batch {
         match d {
             Disposition::Ack(msg) => {
                 if let Some(m) = msg {
                     let _ = ctx.dispatcher.send(m);
                 }
-                ack_upto = Some(tag);
-                acks += 1;
+                run.push(tag);
             }
             other => {
-                if let Some(t) = ack_upto.take() {
-                    ch.basic_ack(t, BasicAckOptions { multiple: acks > 1 })
-                        .await?;
-                    acks = 0;
+                ack_run(ch, &mut run, outstanding).await?;
+                match other {
+                    Disposition::Defer(msg, rx) => {
+                        let _ = ctx.dispatcher.send(msg);
+                        outstanding.insert(tag);
+                        // a dropped one-shot (the dispatcher stopped): requeued
+                        deferred.push(Box::pin(async move { (tag, rx.await.unwrap_or(false)) }));
+                    }
+                    other => {
+                        let requeue = matches!(other, Disposition::Requeue);
+                        ch.basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue,
+                            },
+                        )
+                        .await?
+                    }
                 }
-                let requeue = matches!(other, Disposition::Requeue);
-                ch.basic_nack(
-                    tag,
-                    BasicNackOptions {
-                        multiple: false,
-                        requeue,
-                    },
-                )
-                .await?
             }
         }
     }
-    if let Some(t) = ack_upto {
-        ch.basic_ack(t, BasicAckOptions { multiple: acks > 1 })
-            .await?;
+    ack_run(ch, &mut run, outstanding).await
+}
+
+/// Ack a run of consecutive deliveries: one `multiple` ack, unless a deferred
+/// delivery below them is outstanding (it would be acked with them): then one by one.
+async fn ack_run(
+    ch: &Channel,
+    run: &mut Vec<u64>,
+    outstanding: &BTreeSet<u64>,
+) -> Result<(), BrokerError> {
+    let Some(&last) = run.last() else {
+        return Ok(());
+    };
+    if outstanding.range(..last).next().is_none() {
+        ch.basic_ack(
+            last,
+            BasicAckOptions {
+                multiple: run.len() > 1,
+            },
+        )
+        .await?;
+    } else {
+        for &t in run.iter() {
+            ch.basic_ack(t, BasicAckOptions { multiple: false }).await?;
+        }
     }
+    run.clear();
     Ok(())
 }
 
@@ -363,14 +422,20 @@ async fn dead_letter(
 /// `balance` (and `query_order`, answered the same way from `queryorderinfo`)
 /// moves nothing: it has no outbox row and is handed to the dispatcher,
 /// which answers it in the player's order, under the same limits as any call.
+/// Its delivery is acked once the reply is confirmed ([`Disposition::Defer`]).
 fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
     let (reply_to, correlation_id) = target(props, ctx, None);
     METRICS.command(cmd.params.op.as_str(), "accepted");
-    Disposition::Ack(Some(DispatchMsg::Balance(Box::new(BalanceCmd {
-        params: cmd.params,
-        session_key: cmd.session_key,
-        reply_to,
-        correlation_id,
-        received_at: now,
-    }))))
+    let (tx, rx) = oneshot::channel();
+    let msg = DispatchMsg::Direct(
+        Box::new(BalanceCmd {
+            params: cmd.params,
+            session_key: cmd.session_key,
+            reply_to,
+            correlation_id,
+            received_at: now,
+        }),
+        tx,
+    );
+    Disposition::Defer(msg, rx)
 }

@@ -196,3 +196,51 @@ async fn midas_down_then_back_drains_the_backlog() {
     worker.stop().await;
     env.cleanup(&c).await;
 }
+
+/// A `balance` (no outbox row) is acked only once its reply is confirmed: a worker
+/// killed while Midas answers busy leaves the commands unacked, and the restarted
+/// worker answers every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_waiting_on_midas_survives_sigkill() {
+    let env = TestEnv::new("balkill");
+    let sim = env
+        .simulator(Faults {
+            busy_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let mut c = env.client().await;
+    let mut child = env.spawn_child(&sim.base_url());
+    let n = 10;
+    for i in 0..n {
+        c.publish(
+            format!(r#"{{"op":"balance","openid":"bk{i}"}}"#).as_bytes(),
+            &format!("bk{i}"),
+        )
+        .await
+        .unwrap();
+    }
+    // every balance was taken in and called (busy: it is being retried)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sim.ledger().calls.get("getbalance").copied().unwrap_or(0) < n
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kill9(&mut child);
+    sim.set_faults(Faults::default());
+    let mut child = env.spawn_child(&sim.base_url());
+    for i in 0..n {
+        let r = c
+            .reply_for(&format!("bk{i}"), Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("bk{i} never answered: {e}"))
+            .reply;
+        assert_eq!(r.status, Some(Status::Succeeded), "{r:?}");
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    env.cleanup(&c).await;
+}
