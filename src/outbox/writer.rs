@@ -350,6 +350,15 @@ fn commit(
     intake_blocked: &mut bool,
     health: &WriteHealth,
 ) -> bool {
+    // only reads of unconfirmed push events: no transaction, nothing to commit
+    if batch.iter().all(|r| matches!(r, Request::Unpublished(..))) {
+        for r in batch.drain(..) {
+            if let Request::Unpublished(limit, before, resp) = r {
+                let _ = resp.send(super::pushes::unpublished(conn, limit, before));
+            }
+        }
+        return false;
+    }
     let n = batch.len();
     let has_intake = batch
         .iter()

@@ -143,3 +143,33 @@ fn a_safe_mode_item_push_is_taken_and_one_for_another_app_is_refused() {
     assert_eq!(r, Err(Reason::Decrypt(DecryptError::WrongAppid)));
     assert_eq!(r.unwrap_err().label(), "appid_mismatch");
 }
+
+fn settings(api: &str, aes: &str) -> Result<crate::config::Settings, crate::config::ConfigError> {
+    let text = format!(
+        "[midas]\nenvironment = \"production\"\n[[apps]]\nappid = \"wx1\"\noffer_id = \"1\"\n\
+         app_key_env = \"K\"\napp_secret_env = \"S\"\napi = \"{api}\"\ndefault_user_ip = \"1.2.3.4\"\n\
+         push_token_env = \"T\"\npush_aes_key_env = \"A\"\n"
+    );
+    let env = [("K", "key"), ("S", "secret"), ("T", "token"), ("A", aes)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    crate::config::load_from(&text, &env, "t")
+}
+
+#[test]
+fn the_push_keys_are_read_for_v2_apps_and_refused_elsewhere() {
+    let s = settings("v2", &"A".repeat(43)).unwrap();
+    let apps = PushApp::from_settings(&s);
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0].token.expose(), "token");
+    assert!(apps[0].aes.is_some() && apps[0].sandbox_key.is_none());
+    assert!(!format!("{apps:?}").contains("token"), "no secret in Debug");
+    let e = settings("v1", &"A".repeat(43)).unwrap_err().to_string();
+    assert!(e.contains("apps[0].push_token_env"), "{e}");
+    let e = settings("v2", "short").unwrap_err().to_string();
+    assert!(
+        e.contains("apps[0].push_aes_key_env") && !e.contains("short"),
+        "{e}"
+    );
+}

@@ -28,6 +28,9 @@ pub const ITEM_SCHEDULE: [u64; 15] = [
 /// Coin and refund pushes: 13 repeats (the item schedule without the two 6 h steps).
 pub const EVENT_SCHEDULE: usize = 13;
 
+/// A repeat after a success comes this long after it (s), like the first repeat.
+const REPEAT_AFTER_SUCCESS: u64 = 15;
+
 /// How long the simulator waits for an answer (WeChat: 3 s).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -379,9 +382,11 @@ impl Pusher {
             PurchaseKind::Goods => ITEM_SCHEDULE.len(),
             PurchaseKind::Coins => EVENT_SCHEDULE,
         };
-        for i in 0..=repeats {
-            if i > 0 {
-                tokio::time::sleep(self.scaled(ITEM_SCHEDULE[i - 1])).await;
+        // the first try at once, then one after each step of the schedule
+        let steps = std::iter::once(0).chain(ITEM_SCHEDULE.iter().copied().take(repeats));
+        for wait in steps {
+            if wait > 0 {
+                tokio::time::sleep(self.scaled(wait)).await;
             }
             // signed afresh each time (new timestamp and nonce), as WeChat does
             let Some(p) = self.sign(&o, &attach, false) else {
@@ -404,7 +409,7 @@ impl Pusher {
                     st.rng.random_bool(r)
                 };
                 if again {
-                    tokio::time::sleep(self.scaled(ITEM_SCHEDULE[0])).await;
+                    tokio::time::sleep(self.scaled(REPEAT_AFTER_SUCCESS)).await;
                     if let Some(p) = self.sign(&o, &attach, false) {
                         let ok = self.post(&o.appid, &p).await;
                         self.update(&o, |e| {

@@ -274,3 +274,49 @@ fn an_outbox_from_before_pushes_gets_the_table_in_place() {
         .unwrap();
     assert_eq!(kept, 1);
 }
+
+/// Guarantee 10 for pushes: with the shared outbox out of reach, a push is
+/// answered `99999` (within WeChat's 3 s) and `/readyz` says the outbox is down;
+/// once PostgreSQL is back, WeChat's next try is stored and answered success, and
+/// its event published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_the_outbox_cannot_store_is_answered_failure_then_success_when_it_can() {
+    let db = crate::common::pg::TestDb::new("push-down").await;
+    let mut env = push_env("push-pgdown");
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let via_proxy = db.url.replacen(
+        "127.0.0.1:5432",
+        &proxy.url_http().replace("http://", ""),
+        1,
+    );
+    env.share_outbox(&db);
+    env.set("OUTBOX__URL", &via_proxy);
+    let w = env.worker("http://127.0.0.1:9").await;
+    let base = format!("http://{}", w.push_addr.expect("push listener"));
+    let no = format!("PGDOWN{}", rand::random::<u32>());
+    proxy.down();
+    let p = signed(GOODS_EVENT, &goods_payload(&no, "o-1"), false, false);
+    let t = std::time::Instant::now();
+    assert_eq!(post(&base, APPID, &p.query, p.body).await, (200, 99999));
+    assert!(t.elapsed() < Duration::from_secs(3), "answered within 3 s");
+    let (status, body) = http_get(w.http_addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(db.count("SELECT COUNT(*) FROM pushes").await, 0);
+    proxy.up();
+    // WeChat pushes again: stored now (the writer reconnects on its own)
+    let mut answered = (0, -1);
+    for _ in 0..20 {
+        let p = signed(GOODS_EVENT, &goods_payload(&no, "o-1"), false, false);
+        answered = post(&base, APPID, &p.query, p.body).await;
+        if answered == (200, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(answered, (200, 0));
+    assert_eq!(db.count("SELECT COUNT(*) FROM pushes").await, 1);
+    let events = drain_events(&event_queue(&env), 1, T).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].1["out_trade_no"], no.as_str());
+    w.stop().await;
+}
