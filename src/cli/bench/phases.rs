@@ -223,6 +223,7 @@ pub(super) async fn run_case(
         overlapping_calls: ledger.overlapping_calls,
         total_jobs: n + m + outage.map_or(0, |o| o.jobs),
         pg_xacts_per_job: None,
+        pg_round_trips_per_job: None,
         max_in_flight: 0,
         jobs: n,
         startup_ms: t0.saturating_duration_since(started).as_secs_f64() * 1000.0,

@@ -28,6 +28,10 @@ pub(super) struct CaseResult {
     /// PostgreSQL transactions committed in the case's database per command, over
     /// the whole case (`pg_stat_database.xact_commit`; start-up included).
     pub(super) pg_xacts_per_job: Option<f64>,
+    /// Round trips to PostgreSQL per command made by the workers' outbox writers
+    /// and coordinators over the whole case (start-up included); in-process
+    /// workers only (`crate::outbox::postgres::round_trips`).
+    pub(super) pg_round_trips_per_job: Option<f64>,
     pub(super) max_in_flight: usize,
     pub(super) jobs: usize,
     pub(super) startup_ms: f64,
@@ -388,6 +392,10 @@ pub(super) fn print_table(
         });
         row("PostgreSQL transactions per job", &|c| {
             c.pg_xacts_per_job
+                .map_or("n/a".into(), |x| format!("{x:.2}"))
+        });
+        row("PostgreSQL round trips per job", &|c| {
+            c.pg_round_trips_per_job
                 .map_or("n/a".into(), |x| format!("{x:.2}"))
         });
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::args::BenchArgs;
+use super::args::{BenchArgs, WorkerMode};
 use super::pgdb::CaseDb;
 use super::phases::run_case;
 use super::report::CaseResult;
@@ -91,11 +91,18 @@ async fn worker_case_in(
         Some(d) => Some(d.xact_commit().await?),
         None => None,
     };
+    // in-process workers count their round trips in this process
+    let trips0 =
+        (db.is_some() && a.worker == WorkerMode::Inproc).then(crate::outbox::postgres::round_trips);
     let mut result = run_case(
         a, &settings, &client, &ch, &sim, lat_ms, workers, tag, &case, dir,
     )
     .await
     .map(|r| CaseResult { max_in_flight, ..r });
+    if let (Ok(r), Some(t0)) = (&mut result, trips0) {
+        let trips = crate::outbox::postgres::round_trips().saturating_sub(t0);
+        r.pg_round_trips_per_job = Some(trips as f64 / r.total_jobs.max(1) as f64);
+    }
     if let (Ok(r), Some(d), Some(x0)) = (&mut result, db, xacts0) {
         // the workers have stopped; their backends report statistics as they exit
         tokio::time::sleep(Duration::from_millis(1500)).await;

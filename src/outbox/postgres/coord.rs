@@ -74,6 +74,7 @@ impl Coordinator {
         // The relay lease first: every statement after a claim must not be able to
         // fail, or the claimed jobs would be dropped with the error.
         let relay = if relay {
+            super::trip();
             c.query_opt(
                 &format!(
                     "INSERT INTO leases (name, owner, expires_at) VALUES ('relay', $1, {NOW_MS} + $2) \
@@ -86,6 +87,7 @@ impl Coordinator {
             .await?
             .is_some()
         } else {
+            super::trip();
             c.execute(
                 "DELETE FROM leases WHERE name = 'relay' AND owner = $1",
                 &[&&*me],
@@ -98,6 +100,7 @@ impl Coordinator {
             ..Tick::default()
         };
         if renew {
+            super::trip();
             let rows = c
                 .query(
                     &format!(
@@ -119,6 +122,7 @@ impl Coordinator {
                 .filter(|p| !owned.contains(*p))
                 .cloned()
                 .collect();
+            super::trip();
             // players with no pending job: give them back
             c.execute(
                 "DELETE FROM player_leases l WHERE l.owner = $1 AND NOT EXISTS \
@@ -132,6 +136,7 @@ impl Coordinator {
             // the lease holder loads them again. A job claimed an instant ago by
             // intake comes back too; the engine already holding it just joins it.
             let (apps, openids): (Vec<String>, Vec<String>) = held.iter().cloned().unzip();
+            super::trip();
             c.execute(
                 "UPDATE jobs j SET claimed_by = NULL WHERE j.claimed_by = $1 AND j.state = 'pending' \
                  AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS h(appid, openid) \
@@ -148,6 +153,7 @@ impl Coordinator {
         // loading the jobs of players already held (an index on the unclaimed
         // ones) runs at every look.
         if room > 0 && renew {
+            super::trip();
             // players with pending jobs and no live lease, oldest first; their jobs
             // were loaded by the previous holder: unclaimed in the same statement,
             // so the taken players are always loaded here
@@ -188,6 +194,7 @@ impl Coordinator {
             }
         }
         if room > 0 {
+            super::trip();
             // a claim names the lease generation it was made under: the engine
             // runs the jobs under it, and a newer one means a take (see
             // `engine::lease`)
@@ -229,6 +236,7 @@ impl Coordinator {
         let apps: Vec<&str> = players.iter().map(|p| p.appid.as_str()).collect();
         let openids: Vec<&str> = players.iter().map(|p| p.openid.as_str()).collect();
         let gens: Vec<i64> = players.iter().map(|p| p.gen).collect();
+        super::trip();
         c.execute(
             "UPDATE jobs j SET claimed_by = NULL \
              FROM unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
@@ -239,6 +247,7 @@ impl Coordinator {
             &[&&*me, &apps, &openids, &gens],
         )
         .await?;
+        super::trip();
         c.execute(
             "DELETE FROM player_leases l \
              USING unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
@@ -255,13 +264,16 @@ impl Coordinator {
     pub async fn release_all(&mut self) -> Result<(), OutboxError> {
         let me = self.fence.me.clone();
         let c = self.client().await?;
+        super::trip();
         c.execute(
             "UPDATE jobs SET claimed_by = NULL WHERE claimed_by = $1 AND state = 'pending'",
             &[&&*me],
         )
         .await?;
+        super::trip();
         c.execute("DELETE FROM player_leases WHERE owner = $1", &[&&*me])
             .await?;
+        super::trip();
         c.execute("DELETE FROM leases WHERE owner = $1", &[&&*me])
             .await?;
         Ok(())
@@ -278,6 +290,7 @@ impl Coordinator {
         before: i64,
     ) -> Result<Vec<OutgoingReply>, OutboxError> {
         let c = self.client().await?;
+        super::trip();
         let rows = c
             .query(
                 "SELECT t.id, t.reply_to, t.correlation_id, j.result FROM reply_targets t \
@@ -304,12 +317,14 @@ impl Coordinator {
     pub async fn gauges(&mut self) -> Result<Gauges, OutboxError> {
         let c = self.client().await?;
         let mut by_state = Vec::new();
+        super::trip();
         for r in c
             .query("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[])
             .await?
         {
             by_state.push((r.try_get(0)?, r.try_get(1)?));
         }
+        super::trip();
         let oldest_pending_ms = c
             .query_one(
                 "SELECT MIN(received_at) FROM jobs WHERE state = 'pending'",
@@ -317,6 +332,7 @@ impl Coordinator {
             )
             .await?
             .try_get(0)?;
+        super::trip();
         let replies_pending = c
             .query_one(
                 "SELECT COUNT(*) FROM reply_targets WHERE published_at IS NULL",
@@ -340,6 +356,7 @@ async fn release_claims(
     players: &[(String, String)],
 ) -> Result<(), OutboxError> {
     let (apps, openids): (Vec<String>, Vec<String>) = players.iter().cloned().unzip();
+    super::trip();
     c.execute(
         "UPDATE jobs j SET claimed_by = NULL FROM unnest($2::text[], $3::text[]) AS p(appid, openid) \
          WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' AND j.claimed_by = $1",

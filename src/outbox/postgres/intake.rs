@@ -35,6 +35,7 @@ pub(super) async fn intake(
     let canonical = p.canonical();
     let session_key = i.command.session_key.as_ref().map(Secret::expose);
     let st = stmts.get(tx, INSERT_JOB).await?;
+    super::trip();
     let inserted = tx
         .query_opt(
             &st,
@@ -65,6 +66,7 @@ pub(super) async fn intake(
     }
     // the key exists (perhaps committed a moment ago by another worker)
     let st = stmts.get(tx, SELECT_EXISTING).await?;
+    super::trip();
     let row = tx
         .query_opt(&st, &[&p.appid, &p.op.as_str(), &bill_no])
         .await?
@@ -92,6 +94,7 @@ pub(super) async fn intake(
                  claimed_by = NULL WHERE id = $1",
             )
             .await?;
+        super::trip();
         tx.execute(&st, &[&id, &session_key, &i.now]).await?;
         add_target(tx, stmts, id, i, true).await?;
         if let Some(gen) = take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
@@ -124,6 +127,7 @@ pub(super) async fn intake(
                      WHERE id = $1",
                 )
                 .await?;
+            super::trip();
             tx.execute(&st, &[&id, &k, &&*fence.me]).await?;
             job.session_key = Some(Secret::new(k));
         }
@@ -136,6 +140,7 @@ pub(super) async fn intake(
                     "SELECT generation FROM player_leases WHERE appid = $1 AND openid = $2 AND owner = $3",
                 )
                 .await?;
+            super::trip();
             if let Some(row) = tx
                 .query_opt(&st, &[&p.appid, &p.openid, &&*fence.me])
                 .await?
@@ -166,6 +171,7 @@ async fn take_player(
     id: i64,
 ) -> Result<Option<i64>, OutboxError> {
     let st = stmts.get(tx, TAKE_LEASE).await?;
+    super::trip();
     let Some(row) = tx
         .query_opt(&st, &[&appid, &openid, &&*fence.me, &fence.lease_ms])
         .await?
@@ -183,6 +189,7 @@ async fn take_player(
                AND o.state = 'pending' AND o.id <> $3 AND o.claimed_by IS DISTINCT FROM $4)",
         )
         .await?;
+    super::trip();
     if tx
         .execute(&st, &[&appid, &openid, &id, &&*fence.me])
         .await?
@@ -199,6 +206,7 @@ async fn take_player(
              AND state = 'pending' AND claimed_by IS DISTINCT FROM $3",
         )
         .await?;
+    super::trip();
     tx.execute(&st, &[&appid, &openid, &&*fence.me]).await?;
     Ok(None)
 }
@@ -231,6 +239,7 @@ async fn add_target(
          RETURNING id"
     };
     let st = stmts.get(tx, sql).await?;
+    super::trip();
     Ok(tx
         .query_one(&st, &[&job_id, &i.reply_to, &i.correlation_id, &i.now])
         .await?

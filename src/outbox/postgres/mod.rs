@@ -35,6 +35,22 @@ pub const SCHEMA: &str = include_str!("../../../schema-postgres.sql");
 /// outboxes are migrated in place when a worker starts: the lease generation).
 pub const SCHEMA_VERSION: &str = "3";
 
+/// Round trips the PostgreSQL outbox's writers and coordinators of this process
+/// have made (statements, prepares, BEGIN/COMMIT/SAVEPOINT): `bench` divides it
+/// by jobs. Counted where each statement is sent, whether it succeeds or not.
+static ROUND_TRIPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Count one round trip (see [`round_trips`]).
+pub(crate) fn trip() {
+    ROUND_TRIPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Round trips to PostgreSQL made by this process's outbox writers and
+/// coordinators so far.
+pub fn round_trips() -> u64 {
+    ROUND_TRIPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// "Now" on the database's clock, unix milliseconds (leases are judged by it).
 pub const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 

@@ -29,6 +29,7 @@ pub(super) async fn store(
         )
         .await?;
     let kind: &str = p.kind;
+    super::trip();
     let rows = tx
         .query(
             &ins,
@@ -56,6 +57,7 @@ pub(super) async fn store(
              WHERE appid = $1 AND kind = $2 AND dedup_key = $3 RETURNING id, published_at",
         )
         .await?;
+    super::trip();
     let r = tx
         .query_one(&upd, &[&p.appid, &kind, &p.dedup_key, &p.now])
         .await?;
@@ -77,6 +79,7 @@ pub(super) async fn mark_published(
             "UPDATE pushes SET published_at = $1 WHERE id = ANY($2::bigint[]) AND published_at IS NULL",
         )
         .await?;
+    super::trip();
     tx.execute(&st, &[&now, &ids]).await?;
     Ok(())
 }
@@ -88,6 +91,7 @@ pub(super) async fn unpublished(
     limit: i64,
     before: i64,
 ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
+    super::trip();
     let rows = c
         .query(
             "SELECT id, event_id, message FROM pushes WHERE published_at IS NULL AND received_at < $1 \

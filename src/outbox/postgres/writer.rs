@@ -208,6 +208,7 @@ impl Stmts {
         if let Some(s) = self.0.get(sql) {
             return Ok(s.clone());
         }
+        super::trip();
         let s = tx.prepare(sql).await?;
         self.0.insert(sql, s.clone());
         Ok(s)
@@ -320,12 +321,15 @@ enum Pending {
 macro_rules! in_savepoint {
     ($tx:expr, $body:expr) => {{
         match $body.await {
-            Ok(v) => $tx
-                .batch_execute("RELEASE SAVEPOINT r; SAVEPOINT r")
-                .await
-                .map(|_| v)
-                .map_err(OutboxError::from),
+            Ok(v) => {
+                super::trip();
+                $tx.batch_execute("RELEASE SAVEPOINT r; SAVEPOINT r")
+                    .await
+                    .map(|_| v)
+                    .map_err(OutboxError::from)
+            }
             Err(e) => {
+                super::trip();
                 let _ = $tx.batch_execute("ROLLBACK TO SAVEPOINT r").await;
                 Err(e)
             }
@@ -355,6 +359,7 @@ async fn commit_without_savepoints(
     fence: &Fence,
     batch: &[Request],
 ) -> Option<Vec<Done>> {
+    super::trip();
     let tx = c.transaction().await.ok()?;
     let mut done = Vec::with_capacity(batch.len());
     for req in batch {
@@ -380,6 +385,7 @@ async fn commit_without_savepoints(
             }
         }
     }
+    super::trip();
     tx.commit().await.ok()?;
     Some(done)
 }
@@ -416,6 +422,7 @@ async fn commit_batch(
         fail_all(batch, &e);
         return Err(e);
     }
+    super::trip();
     // Every request is answered whatever happens: a dropped answer would read as
     // "the writer is gone".
     let tx = match c.transaction().await {
@@ -426,6 +433,7 @@ async fn commit_batch(
             return Err(e);
         }
     };
+    super::trip();
     if let Err(e) = tx.batch_execute("SAVEPOINT r").await {
         let e = e.into();
         fail_all(batch, &e);
@@ -492,6 +500,7 @@ async fn commit_batch(
             Request::Unpublished(_, _, s) => drop(s.send(Ok(Vec::new()))),
         }
     }
+    super::trip();
     match tx.commit().await {
         Ok(()) => {
             for a in answers {

@@ -43,6 +43,7 @@ pub(super) async fn published(
         payloads.push(payload);
     }
     if !ids.is_empty() {
+        super::trip();
         tx.execute(&st, &[&now, &ids, &returned, &payloads]).await?;
     }
     Ok(())
@@ -80,6 +81,7 @@ pub(super) async fn record(
         )
         .await?;
     for a in &r.rows {
+        super::trip();
         tx.execute(
             &ins,
             &[
@@ -110,6 +112,7 @@ pub(super) async fn record(
                     ),
                 )
                 .await?;
+            super::trip();
             let n = tx
                 .execute(
                     &st,
@@ -143,6 +146,7 @@ pub(super) async fn record(
                     ),
                 )
                 .await?;
+            super::trip();
             let n = tx
                 .execute(
                     &st,
@@ -172,6 +176,7 @@ pub(super) async fn record(
                      WHERE job_id = $1 AND published_at IS NULL ORDER BY id",
                 )
                 .await?;
+            super::trip();
             let rows = tx.query(&q, &[&r.job_id]).await?;
             let mut out = Vec::with_capacity(rows.len());
             for row in rows {
@@ -220,6 +225,7 @@ pub(super) async fn mark(
     let ats: Vec<i64> = marks.iter().map(|m| m.1).collect();
     let gens: Vec<i64> = marks.iter().map(|m| m.2).collect();
     let checked_at = std::time::Instant::now();
+    super::trip();
     let rows = tx
         .query(&st, &[&ids, &ats, &me, &fence.call_ms, &gens])
         .await?;
