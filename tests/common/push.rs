@@ -140,3 +140,28 @@ pub fn copies(events: &[(String, serde_json::Value)]) -> BTreeMap<String, usize>
     }
     m
 }
+
+/// Delete a test's queues (events, commands, replies, dead letters) from the broker.
+pub async fn delete_queues(env: &TestEnv) {
+    let Ok(conn) = lapin::Connection::connect(BROKER, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        let b = env.settings().config.broker;
+        for q in [
+            event_queue(env),
+            b.command_queue,
+            b.reply_queue,
+            b.dead_letter_queue,
+        ] {
+            let _ = ch
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    let _ = conn.close(200, "bye".into()).await;
+}

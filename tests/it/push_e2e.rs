@@ -159,6 +159,7 @@ async fn every_paid_item_is_one_event_while_the_worker_is_killed_and_the_broker_
     check(&env, &p, &orders, "sqlite").await;
     eprintln!("sqlite: {:?} in all", start.elapsed());
     assert!(terminate(&mut child, Duration::from_secs(15)));
+    delete_queues(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,4 +201,5 @@ async fn two_workers_on_a_shared_postgres_outbox_give_every_paid_item_one_event(
     check(&env, &p, &orders, "postgres, two workers").await;
     assert!(terminate(&mut a, Duration::from_secs(15)));
     assert!(terminate(&mut b, Duration::from_secs(15)));
+    delete_queues(&env).await;
 }

@@ -182,6 +182,7 @@ async fn a_push_is_stored_once_answered_and_published_once_and_refusals_store_no
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].event_id, msg["event_id"].as_str().unwrap());
     assert_eq!(moved[0].repeats, 3);
+    delete_queues(&env).await;
 }
 
 fn list_cmd(kind: Option<&str>, json: bool) -> OutboxCmd {
@@ -232,6 +233,7 @@ async fn pushes_are_answered_while_the_broker_is_away_and_published_when_it_retu
     nos.sort();
     assert_eq!(got, nos);
     w.stop().await;
+    delete_queues(&env).await;
 }
 
 /// An outbox written before pushes existed (schema.sql without the `pushes`
@@ -319,4 +321,5 @@ async fn a_push_the_outbox_cannot_store_is_answered_failure_then_success_when_it
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].1["out_trade_no"], no.as_str());
     w.stop().await;
+    delete_queues(&env).await;
 }

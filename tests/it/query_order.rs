@@ -128,4 +128,5 @@ async fn query_order_answers_from_queryorderinfo_with_retries_and_refusals() {
     );
     env.cleanup(&c).await;
     w.stop().await;
+    delete_queues(&env).await;
 }
