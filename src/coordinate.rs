@@ -4,7 +4,9 @@
 //! Every second it asks the dispatcher which players its engine holds and how
 //! much room it has, lets the coordinator renew, give back, take over and load
 //! (see that module), and hands the result to the dispatcher: jobs to run, players
-//! lost. Players the dispatcher gives back after a fenced write are released here.
+//! lost. Players the dispatcher gives back after a fenced write are released here,
+//! fenced by the generation the write was made under. A worker whose broker
+//! connection is down gives the relay lease up; the relay reads on from a cursor.
 //! Whichever worker holds the `relay` lease re-publishes unconfirmed replies, so
 //! N workers do not publish every stranded reply N times. At a clean stop every
 //! lease is given back, so other workers take the players at once.

@@ -34,8 +34,11 @@ pub enum Event {
     Recorded(i64),
     /// Shared outbox: pending jobs of players this worker holds the lease of, read
     /// from the outbox (taken over from another worker, recorded by another
-    /// worker, or re-opened). The outbox says they are pending: each is held
-    /// (or, if already held, takes a newer session_key).
+    /// worker, or re-opened), each with the lease generation it was claimed
+    /// under. The outbox says they are pending: each is held (or, if already held
+    /// under that generation, takes a newer session_key). A newer generation
+    /// replaces the older one's copy once its step under way ends; an older one
+    /// is ignored (see `engine::lease`).
     Claimed(Vec<Job>),
     /// Shared outbox: this worker's lease on these players (appid, openid) ran
     /// out and another worker may hold them: their jobs are dropped (a step under

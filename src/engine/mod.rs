@@ -17,6 +17,7 @@
 //! is free for its next job.
 
 mod balance;
+mod call_start;
 mod event;
 pub mod job;
 mod lease;
@@ -459,66 +460,6 @@ impl Engine {
             at: now,
             gen: e.job.lease_gen,
         });
-    }
-
-    fn marked(&mut self, id: i64, checked_at: Option<i64>, now: i64, out: &mut Vec<Action>) {
-        let Some(e) = self
-            .entries
-            .get_mut(&id)
-            .filter(|e| e.phase == Phase::Marking)
-        else {
-            return;
-        };
-        e.fence_at = checked_at;
-        if e.lost {
-            // the player went to another worker (or a newer generation) meanwhile
-            self.lease_lost(id, out);
-            return;
-        }
-        if self.may_call(id, now, out) {
-            self.begin_call(id, out);
-        }
-    }
-
-    /// Just before a marked job's call starts: `false` when it must not start
-    /// after all (the step ended here). On a shared outbox the mark's fence covers
-    /// a call that starts within the margin of its check: a mark confirmed later
-    /// (a slow commit) is handled as a lost lease. And the bill_no window is
-    /// judged again: a mark retried through an outbox outage can land hours after
-    /// the job was picked, and no call may go out past the deadline.
-    fn may_call(&mut self, id: i64, now: i64, out: &mut Vec<Action>) -> bool {
-        let Some(e) = self.entries.get(&id) else {
-            return false;
-        };
-        if e.target.is_some() {
-            return true;
-        }
-        let late = match (e.fence_at, self.cfg.fence_margin_ms) {
-            (Some(t), Some(m)) => now + FENCE_SLACK_MS >= t + m,
-            _ => false,
-        };
-        if late {
-            self.lease_lost(id, out);
-            return false;
-        }
-        let cfg = &self.cfg;
-        let Some(e) = self.entries.get_mut(&id) else {
-            return false;
-        };
-        if job::deadline(&e.job, &cfg.retry).is_some_and(|d| now >= d) {
-            let ctx = context(cfg, &e.job.params.appid, false);
-            let reply = job::exhausted(&e.job, None, now, ctx);
-            self.sched.no_call();
-            e.phase = Phase::Recording(None);
-            out.push(Action::Record(record(
-                &e.job,
-                Vec::new(),
-                final_update(JobState::Unknown, &reply),
-                now,
-            )));
-            return false;
-        }
-        true
     }
 
     /// A picked job (marked, or a balance) calls now if a call slot is free, or

@@ -702,3 +702,35 @@ fn pg_authority(url: &str) -> (String, std::net::SocketAddr) {
         .unwrap_or_else(|| panic!("MIDAS_TEST_PG_URL host {authority:?} does not resolve"));
     (authority, addr)
 }
+
+/// Defect 4: a worker whose broker connection is down gives the relay lease up and
+/// does not take it, so replies left by a dead worker are relayed by one that can
+/// publish.
+#[tokio::test]
+async fn the_relay_lease_goes_to_a_worker_that_can_publish() {
+    use midas_worker::outbox::postgres::coord::Coordinator;
+    use midas_worker::outbox::postgres::writer::Fence;
+    let db = TestDb::new("sprelay").await;
+    midas_worker::outbox::postgres::open(&db.secret_url())
+        .await
+        .expect("schema");
+    let fence = |me: &str| Fence {
+        me: me.into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    };
+    let mut a = Coordinator::new(db.secret_url(), fence("a"));
+    let mut b = Coordinator::new(db.secret_url(), fence("b"));
+    assert!(a.tick(&[], 0, false, true).await.expect("a").relay);
+    assert!(
+        !b.tick(&[], 0, false, true).await.expect("b").relay,
+        "a holds it"
+    );
+    // a loses its broker: it gives the lease up at its next look
+    assert!(!a.tick(&[], 0, false, false).await.expect("a").relay);
+    assert!(
+        b.tick(&[], 0, false, true).await.expect("b").relay,
+        "b relays now"
+    );
+    assert!(!a.tick(&[], 0, false, false).await.expect("a").relay);
+}
