@@ -4,12 +4,18 @@
 //! the CLI's [`Filters`] so a search in the browser selects exactly the jobs the same
 //! flags select on the command line, and back into a query string for links (the
 //! next page, export, the confirm step), so the URL always holds the filter.
+//!
+//! Two fields select WeChat payment pushes: `kind` (as `outbox list --kind` takes
+//! it) and `out_trade_no` (an OutTradeNo or RefundId, exactly, as `outbox show`
+//! takes it); openid, appid, since and until select pushes too.
 
 use serde::Deserialize;
 
 use crate::cli::outbox::filter::job_filter;
+use crate::cli::outbox::pushes::{push_filter, which, Which};
 use crate::cli::outbox::{AuditError, Filters};
 use crate::outbox::operator::JobFilter;
+use crate::outbox::pushes::PushFilter;
 
 /// A search as the browser sends it. Every field is text (an empty form field is
 /// an empty string, meaning "any"); [`SearchForm::filters`] checks them.
@@ -26,6 +32,13 @@ pub struct SearchForm {
     pub until: String,
     /// Exactly this bill_no (the single-job actions of a job's page).
     pub bill_no: String,
+    /// `jobs`, `pushes` or one push kind; empty: jobs, then pushes.
+    pub kind: String,
+    /// Pushes whose OutTradeNo or RefundId is exactly this.
+    pub out_trade_no: String,
+    /// The overview's quick find: jobs whose bill_no starts with it (unless
+    /// `bill_no_prefix` is set) and pushes stored under it (unless `out_trade_no` is).
+    pub find: String,
 }
 
 /// The longest value a filter field may have (a bill_no or openid is far shorter).
@@ -39,7 +52,7 @@ fn opt(s: &str) -> Option<String> {
 impl SearchForm {
     /// The filters as the `outbox` verbs take them, and the exact bill_no if any.
     pub fn filters(&self) -> Result<(Filters, Option<String>), AuditError> {
-        for (name, v) in self.fields() {
+        for (name, v) in self.all_fields() {
             if v.len() > MAX_FIELD {
                 return Err(AuditError::Usage(format!(
                     "{name} is longer than {MAX_FIELD} bytes"
@@ -62,7 +75,7 @@ impl SearchForm {
                 appid: opt(&self.appid),
                 since: opt(&self.since),
                 until: opt(&self.until),
-                bill_no_prefix: opt(&self.bill_no_prefix),
+                bill_no_prefix: opt(&self.bill_no_prefix).or_else(|| opt(&self.find)),
                 errcode,
             },
             opt(&self.bill_no),
@@ -76,14 +89,89 @@ impl SearchForm {
         job_filter(&f, now, bill_no.as_deref())
     }
 
-    /// Whether no field is set (every job).
+    /// What `kind` selects (checked as `outbox list --kind` checks it), refused
+    /// when the other fields contradict it.
+    pub(crate) fn which(&self) -> Result<Which, AuditError> {
+        let w = which(opt(&self.kind).as_deref())?;
+        match w {
+            Which::Pushes(_) if self.job_only() => Err(AuditError::Usage(
+                "status, op, errcode, bill_no and bill_no_prefix select jobs, not pushes".into(),
+            )),
+            Which::Jobs if self.push_only() => Err(AuditError::Usage(
+                "out_trade_no selects pushes, not jobs".into(),
+            )),
+            w => Ok(w),
+        }
+    }
+
+    /// Whether a field only jobs have is set.
+    pub fn job_only(&self) -> bool {
+        [
+            &self.bill_no,
+            &self.bill_no_prefix,
+            &self.status,
+            &self.op,
+            &self.errcode,
+        ]
+        .iter()
+        .any(|v| !v.trim().is_empty())
+    }
+
+    /// Whether a field only pushes have is set.
+    pub fn push_only(&self) -> bool {
+        !self.out_trade_no.trim().is_empty()
+    }
+
+    /// Which tables the search shows: (jobs, pushes). Without `kind` each shows
+    /// unless the filter names only the other's fields.
+    pub fn shows(&self) -> Result<(bool, bool), AuditError> {
+        Ok(match self.which()? {
+            Which::Jobs => (true, false),
+            Which::Pushes(_) => (false, true),
+            Which::Default => (
+                !self.push_only() || self.job_only(),
+                !self.job_only() || self.push_only(),
+            ),
+        })
+    }
+
+    /// The push filter (the shared fields, `kind` and `out_trade_no`), times
+    /// resolved against `now`.
+    pub fn push_filter(&self, now: i64) -> Result<PushFilter, AuditError> {
+        let kind = match self.which()? {
+            Which::Pushes(k) => k,
+            _ => None,
+        };
+        // the shared fields only: the job-only ones do not narrow pushes
+        let shared = SearchForm {
+            openid: self.openid.clone(),
+            appid: self.appid.clone(),
+            since: self.since.clone(),
+            until: self.until.clone(),
+            ..SearchForm::default()
+        };
+        let mut f = push_filter(&shared.job_filter(now)?, kind);
+        f.key = opt(&self.out_trade_no).or_else(|| opt(&self.find));
+        Ok(f)
+    }
+
+    /// Whether no job field is set (every job: the actions need one).
     pub fn is_empty(&self) -> bool {
         self.fields().iter().all(|(_, v)| v.trim().is_empty())
     }
 
-    /// The fields in form order, with their names.
-    pub fn fields(&self) -> [(&'static str, &str); 9] {
+    /// The job fields and the push fields.
+    fn all_fields(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.fields().into_iter().chain([
+            ("kind", self.kind.as_str()),
+            ("out_trade_no", self.out_trade_no.as_str()),
+        ])
+    }
+
+    /// The job fields in form order, with their names.
+    pub fn fields(&self) -> [(&'static str, &str); 10] {
         [
+            ("find", &self.find),
             ("bill_no", &self.bill_no),
             ("bill_no_prefix", &self.bill_no_prefix),
             ("openid", &self.openid),
@@ -99,7 +187,7 @@ impl SearchForm {
     /// The set fields as a query string (`status=unknown&op=pay`), without `?`.
     pub fn query(&self) -> String {
         let mut q = String::new();
-        for (k, v) in self.fields() {
+        for (k, v) in self.all_fields() {
             let v = v.trim();
             if !v.is_empty() {
                 push_pair(&mut q, k, v);
@@ -111,8 +199,7 @@ impl SearchForm {
     /// The filter in words, for headings and the recorded action (`status=unknown op=pay`).
     pub fn describe(&self) -> String {
         let parts: Vec<String> = self
-            .fields()
-            .iter()
+            .all_fields()
             .filter(|(_, v)| !v.trim().is_empty())
             .map(|(k, v)| format!("{k}={}", v.trim()))
             .collect();

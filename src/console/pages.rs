@@ -1,10 +1,12 @@
 //! The console's pages, as `maud` templates (checked when the crate compiles, every
 //! value HTML-escaped): the frame every page shares, sign-in, errors, the overview
-//! and the search. A job's story and the action pages are in [`story`].
+//! and the search. A job's story and the action pages are in [`story`], a push's
+//! page in [`push`].
 //!
 //! No page carries a script, an inline style or anything from another origin; each
 //! reads on a phone (one column, tables scroll sideways inside their box).
 
+pub(super) mod push;
 pub(super) mod story;
 
 use axum::http::StatusCode;
@@ -16,6 +18,7 @@ use super::chart::{self, Slice};
 use super::form::SearchForm;
 use crate::cli::outbox::fmt::{age, clean, dash, rfc3339_s};
 use crate::cli::outbox::list::ListItem;
+use crate::cli::outbox::pushes::{PushView, PUSH_KINDS};
 use crate::cli::outbox::stats::StatsView;
 use crate::cli::outbox::{OPS, STATES};
 use crate::command::now_ms;
@@ -101,6 +104,16 @@ pub(super) fn show_href(bill_no: &str, appid: Option<&str>) -> String {
     format!("/show?{q}")
 }
 
+/// The link to the pushes of an OutTradeNo or RefundId.
+pub(super) fn push_href(key: &str, appid: Option<&str>) -> String {
+    let mut q = String::new();
+    super::form::push_pair(&mut q, "key", key);
+    if let Some(a) = appid {
+        super::form::push_pair(&mut q, "appid", a);
+    }
+    format!("/push?{q}")
+}
+
 pub(super) fn error(status: StatusCode, message: &str) -> Html<String> {
     error_with(status, message, None)
 }
@@ -154,26 +167,44 @@ pub(super) fn login(csrf: &str, next: &str, problem: Option<&str>) -> Html<Strin
     )
 }
 
-/// A quick search for one bill_no.
+/// A quick search for one bill_no or OutTradeNo: the jobs whose bill_no starts
+/// with it, and the pushes stored under it (the search's `find` field).
 fn find_bill_no() -> Markup {
     html! {
         form.find method="get" action="/search" {
-            label for="find" { "Find a bill_no" }
+            label for="find" { "Find a bill_no or OutTradeNo" }
             div.row {
-                input #find type="search" name="bill_no_prefix" placeholder="bill_no (or its start)" required;
+                input #find type="search" name="find" placeholder="bill_no (or its start), OutTradeNo, RefundId" required;
                 button type="submit" { "Find" }
             }
         }
     }
 }
 
-/// Where the WeChat payment pushes will show (the push inbox, once it exists).
-///
-/// PUSHES: the push inbox is being added separately; when its store exposes its
-/// counts (received, published, unconfirmed by kind), render them here and add a
-/// "pushes" switch to the search. Until then nothing is shown.
-fn pushes_overview() -> Option<Markup> {
-    None
+/// The WeChat payment pushes (the numbers `outbox stats` prints): how many of
+/// each kind, and how many events the broker has not confirmed yet.
+fn pushes_overview(s: &StatsView) -> Markup {
+    let of = |k: &str| s.pushes.iter().find(|p| p.kind == k);
+    let unconfirmed: i64 = s.pushes.iter().map(|p| p.events_unconfirmed).sum();
+    let total: i64 = s
+        .pushes
+        .iter()
+        .map(|p| p.events_confirmed + p.events_unconfirmed)
+        .sum();
+    html! {
+        section.card.pushes {
+            h2 { "WeChat payment pushes" }
+            dl {
+                dt { a href="/search?kind=pushes" { "all pushes" } } dd { (total) }
+                @for k in PUSH_KINDS {
+                    dt { a href=(search_href(&format!("kind={k}"))) { (k) } }
+                    dd { (of(k).map_or(0, |p| p.events_confirmed + p.events_unconfirmed)) }
+                }
+                dt { "events not confirmed by the broker" }
+                dd { (unconfirmed) " " small { "(the worker publishes them until the broker confirms)" } }
+            }
+        }
+    }
 }
 
 pub(super) struct Overview<'a> {
@@ -273,7 +304,7 @@ pub(super) fn overview(who: &Who, o: &Overview<'_>) -> Html<String> {
                 }
             }
         }
-        @if let Some(p) = pushes_overview() { (p) }
+        (pushes_overview(s))
         section.card {
             h2 { "Jobs received, last " (o.hours) " h" }
             p.windows {
@@ -296,12 +327,18 @@ pub(super) fn overview(who: &Who, o: &Overview<'_>) -> Html<String> {
 
 pub(super) struct Results<'a> {
     pub form: &'a SearchForm,
+    /// Whether the filter selects jobs (`items`, `total`, `older` are theirs).
+    pub jobs: bool,
     pub items: &'a [ListItem],
     pub total: i64,
     /// The cursor of the next (older) page, if there is one.
     pub older: Option<i64>,
     /// Whether this is a later page.
     pub paged: bool,
+    /// The pushes' page, when the filter selects pushes.
+    pub pushes: Option<&'a [PushView]>,
+    /// The cursor of the pushes' next (older) page.
+    pub older_pushes: Option<i64>,
 }
 
 fn select(name: &str, label: &str, options: &[&str], current: &str) -> Markup {
@@ -323,6 +360,15 @@ fn text_field(name: &str, label: &str, value: &str, hint: &str) -> Markup {
     }
 }
 
+/// The `kind` choices (`outbox list --kind`).
+const KINDS: [&str; 5] = [
+    "jobs",
+    "pushes",
+    "coins_delivered",
+    "goods_delivered",
+    "refunded",
+];
+
 /// The search form (GET: the filter goes in the URL).
 fn filter_form(f: &SearchForm) -> Markup {
     html! {
@@ -333,12 +379,17 @@ fn filter_form(f: &SearchForm) -> Markup {
                 div { (text_field("appid", "appid", &f.appid, "")) }
                 div { (select("status", "status", &STATES, &f.status)) }
                 div { (select("op", "op", &OPS, &f.op)) }
+                div { (select("kind", "jobs or pushes", &KINDS, &f.kind)) }
+                div { (text_field("out_trade_no", "OutTradeNo (pushes)", &f.out_trade_no, "or RefundId, exactly")) }
                 div { (text_field("errcode", "last errcode", &f.errcode, "-1, 90013")) }
                 div { (text_field("since", "received since", &f.since, "2h, 2026-05-01T10:00:00Z")) }
                 div { (text_field("until", "received before", &f.until, "30m, 2026-05-01")) }
             }
             @if !f.bill_no.trim().is_empty() {
                 input type="hidden" name="bill_no" value=(f.bill_no);
+            }
+            @if !f.find.trim().is_empty() {
+                input type="hidden" name="find" value=(f.find);
             }
             div.row {
                 button type="submit" { "Search" }
@@ -360,46 +411,99 @@ pub(super) fn search(who: &Who, r: &Results<'_>) -> Html<String> {
     let body = html! {
         h1 { "Search" }
         (filter_form(r.form))
-        p.summary {
-            strong { (r.total) } @if r.total == 1 { " job matches " } @else { " jobs match " } em { (clean(&r.form.describe())) }
-            @if r.paged { " · older page" }
-        }
-        @if who.role == Role::Operator && r.total > 0 {
-            p.actions {
-                // an action needs a filter (as `outbox retry` does): not on "every job"
-                @if !r.form.is_empty() {
-                    a.button href=(format!("/confirm?{}", with("action=retry"))) { "Retry these…" }
-                    a.button href=(format!("/confirm?{}", with("action=republish"))) { "Republish these…" }
+        @if r.jobs {
+            p.summary {
+                strong { (r.total) } @if r.total == 1 { " job matches " } @else { " jobs match " } em { (clean(&r.form.describe())) }
+                @if r.paged { " · older page" }
+            }
+            @if who.role == Role::Operator && r.total > 0 && r.form.kind.trim().is_empty() && !r.form.push_only() {
+                p.actions {
+                    // an action needs a filter (as `outbox retry` does): not on "every job"
+                    @if !r.form.is_empty() {
+                        a.button href=(format!("/confirm?{}", with("action=retry"))) { "Retry these…" }
+                        a.button href=(format!("/confirm?{}", with("action=republish"))) { "Republish these…" }
+                    }
+                    a.button.plain href=(format!("/export?{}", with("format=csv"))) { "Export CSV" }
+                    a.button.plain href=(format!("/export?{}", with("format=jsonl"))) { "Export JSON lines" }
                 }
-                a.button.plain href=(format!("/export?{}", with("format=csv"))) { "Export CSV" }
-                a.button.plain href=(format!("/export?{}", with("format=jsonl"))) { "Export JSON lines" }
+            }
+            @if !r.items.is_empty() {
+                div.scroll {
+                    table.jobs {
+                        thead { tr {
+                            th { "received (UTC)" } th { "op" } th { "bill_no" } th { "openid" } th { "appid" }
+                            th { "status" } th { "attempts" } th { "last errcode" } th { "reply" }
+                        } }
+                        tbody {
+                            @for j in r.items {
+                                tr {
+                                    td.nowrap { (rfc3339_s(j.received_at_ms)) }
+                                    td { (j.op) }
+                                    td { a href=(show_href(&j.bill_no, Some(&j.appid))) { (clean(&j.bill_no)) } }
+                                    td { (clean(&j.openid)) }
+                                    td { (clean(&j.appid)) }
+                                    td { (badge(&j.status)) }
+                                    td.num { (j.attempts) }
+                                    td.num { (dash(j.last_errcode)) }
+                                    td {
+                                        @if j.replies == 0 { "-" } @else {
+                                            "confirmed " (j.replies_confirmed) "/" (j.replies)
+                                            @if j.replies_returned > 0 { " (" (j.replies_returned) " returned: no such queue)" }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            p.pager {
+                @if r.paged { a.button.plain href=(search_href(&q)) { "← Newest" } }
+                @if let Some(before) = r.older { a.button.plain href=(search_href(&with(&format!("before={before}")))) { "Older jobs →" } }
             }
         }
-        // PUSHES: once the push inbox exists, pushes matching openid / time go in a
-        // second table here (the search form keeps its fields).
-        @if !r.items.is_empty() {
+        @if let Some(pushes) = r.pushes {
+            (pushes_table(&q, pushes, r.older_pushes, r.paged))
+        }
+    };
+    layout("Search", Some(who), None, body)
+}
+
+/// The pushes a search found (newest first), with their own pager.
+fn pushes_table(q: &str, pushes: &[PushView], older: Option<i64>, paged: bool) -> Markup {
+    let with = |extra: &str| {
+        if q.is_empty() {
+            extra.to_string()
+        } else {
+            format!("{extra}&{q}")
+        }
+    };
+    html! {
+        h2 { "WeChat payment pushes" }
+        p.summary {
+            @if pushes.is_empty() { "No push matches." } @else {
+                strong { (pushes.len()) } @if older.is_some() { " newest" } " push" @if pushes.len() != 1 { "es" }
+                @if older.is_some() { " listed; older ones on the next page" }
+            }
+        }
+        @if !pushes.is_empty() {
             div.scroll {
-                table.jobs {
+                table.pushes {
                     thead { tr {
-                        th { "received (UTC)" } th { "op" } th { "bill_no" } th { "openid" } th { "appid" }
-                        th { "status" } th { "attempts" } th { "last errcode" } th { "reply" }
+                        th { "received (UTC)" } th { "kind" } th { "OutTradeNo / RefundId" } th { "openid" } th { "appid" }
+                        th { "repeats" } th { "event" }
                     } }
                     tbody {
-                        @for j in r.items {
+                        @for p in pushes {
                             tr {
-                                td.nowrap { (rfc3339_s(j.received_at_ms)) }
-                                td { (j.op) }
-                                td { a href=(show_href(&j.bill_no, Some(&j.appid))) { (clean(&j.bill_no)) } }
-                                td { (clean(&j.openid)) }
-                                td { (clean(&j.appid)) }
-                                td { (badge(&j.status)) }
-                                td.num { (j.attempts) }
-                                td.num { (dash(j.last_errcode)) }
-                                td {
-                                    @if j.replies == 0 { "-" } @else {
-                                        "confirmed " (j.replies_confirmed) "/" (j.replies)
-                                        @if j.replies_returned > 0 { " (" (j.replies_returned) " returned: no such queue)" }
-                                    }
+                                td.nowrap { (p.received_at) }
+                                td { (clean(&p.kind)) }
+                                td { a href=(push_href(&p.dedup_key, Some(&p.appid))) { (clean(&p.dedup_key)) } }
+                                td { (p.openid.as_deref().map_or("-".into(), clean)) }
+                                td { (clean(&p.appid)) }
+                                td.num { (p.repeats) }
+                                td class=(if p.published_at.is_some() { "ok" } else { "warn" }) {
+                                    @if p.published_at.is_some() { "confirmed" } @else { "NOT YET confirmed" }
                                 }
                             }
                         }
@@ -408,11 +512,10 @@ pub(super) fn search(who: &Who, r: &Results<'_>) -> Html<String> {
             }
         }
         p.pager {
-            @if r.paged { a.button.plain href=(search_href(&q)) { "← Newest" } }
-            @if let Some(before) = r.older { a.button.plain href=(search_href(&with(&format!("before={before}")))) { "Older →" } }
+            @if paged { a.button.plain href=(search_href(q)) { "← Newest" } }
+            @if let Some(before) = older { a.button.plain href=(search_href(&with(&format!("pushes_before={before}")))) { "Older pushes →" } }
         }
-    };
-    layout("Search", Some(who), None, body)
+    }
 }
 
 #[cfg(test)]

@@ -24,10 +24,12 @@ use super::{chart, open_store, pages, with_store, AppState, PageError};
 use crate::cli::outbox::bulk::{self, BulkAction};
 use crate::cli::outbox::export::write_rows;
 use crate::cli::outbox::list::ListItem;
+use crate::cli::outbox::pushes::{counts, PushView};
 use crate::cli::outbox::stats::StatsView;
 use crate::cli::outbox::{show, AuditError, ExportFormat};
 use crate::command::{now_ms, rfc3339_ms};
 use crate::outbox::operator::{JobFilter, ListRow, Stats};
+use crate::outbox::pushes::PushCounts;
 
 /// Jobs per search page.
 pub const PAGE: u32 = 50;
@@ -41,6 +43,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/", get(overview))
         .route("/search", get(search))
         .route("/show", get(show_job))
+        .route("/push", get(show_push))
         .route("/confirm", get(confirm))
         .route("/act", post(act))
         .route("/export", get(export))
@@ -90,7 +93,8 @@ async fn overview(
         }
     };
     let to_reconcile: Vec<ListItem> = read.unknown.into_iter().map(ListItem::from).collect();
-    let stats = StatsView::new(read.stats, now);
+    let mut stats = StatsView::new(read.stats, now);
+    stats.pushes = counts(read.pushes);
     let slices = chart::slices(&read.rows);
     let (since, slice_ms) = (read.since, read.slice_ms);
     Ok(pages::overview(
@@ -119,6 +123,8 @@ pub(super) struct OverviewRead {
     stats: Stats,
     rows: Vec<(i64, String, i64)>,
     unknown: Vec<ListRow>,
+    /// Push counts, as `outbox stats` reads them.
+    pushes: PushCounts,
 }
 
 async fn read_overview(
@@ -135,11 +141,12 @@ async fn read_overview(
         status: Some("unknown".into()),
         ..JobFilter::default()
     };
-    let (stats, rows, unknown) = with_store(st, false, move |s, _| {
+    let (stats, rows, unknown, pushes) = with_store(st, false, move |s, _| {
         Ok((
             s.stats()?,
             s.timeline(since, slice_ms)?,
             s.list(&unknown, Some(pages::RECONCILE_LISTED))?,
+            s.push_counts()?,
         ))
     })
     .await?;
@@ -151,6 +158,7 @@ async fn read_overview(
         stats,
         rows,
         unknown,
+        pushes,
     })
 }
 
@@ -161,6 +169,18 @@ struct SearchQuery {
     form: SearchForm,
     /// The page cursor: jobs older than this id.
     before: String,
+    /// The pushes' page cursor: pushes stored before this id.
+    pushes_before: String,
+}
+
+fn cursor(s: &str, what: &str) -> Result<Option<i64>, PageError> {
+    match s.trim() {
+        "" => Ok(None),
+        b => b
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| PageError::new(StatusCode::BAD_REQUEST, format!("{what} must be an id"))),
+    }
 }
 
 async fn search(
@@ -168,18 +188,26 @@ async fn search(
     State(st): State<Arc<AppState>>,
     Query(q): Query<SearchQuery>,
 ) -> Result<Html<String>, PageError> {
-    let all = q.form.job_filter(now_ms())?;
+    let now = now_ms();
+    let (show_jobs, show_pushes) = q.form.shows()?;
+    let all = q.form.job_filter(now)?;
     let mut page = all.clone();
-    page.before_id = match q.before.trim() {
-        "" => None,
-        b => Some(
-            b.parse::<i64>()
-                .map_err(|_| PageError::new(StatusCode::BAD_REQUEST, "before must be a job id"))?,
-        ),
-    };
-    let paged = page.before_id.is_some();
-    let (mut rows, total) = with_store(&st, false, move |s, _| {
-        Ok((s.list(&page, Some(PAGE + 1))?, s.count(&all)?))
+    page.before_id = cursor(&q.before, "before")?;
+    let mut pf = q.form.push_filter(now)?;
+    pf.before_id = cursor(&q.pushes_before, "pushes_before")?;
+    let paged = page.before_id.is_some() || pf.before_id.is_some();
+    let (mut rows, total, mut pushes) = with_store(&st, false, move |s, _| {
+        let (rows, total) = if show_jobs {
+            (s.list(&page, Some(PAGE + 1))?, s.count(&all)?)
+        } else {
+            (Vec::new(), 0)
+        };
+        let pushes = if show_pushes {
+            s.pushes(&pf, Some(PAGE + 1), true)?
+        } else {
+            Vec::new()
+        };
+        Ok((rows, total, pushes))
     })
     .await?;
     let more = rows.len() > PAGE as usize;
@@ -189,15 +217,26 @@ async fn search(
     } else {
         None
     };
+    let more_pushes = pushes.len() > PAGE as usize;
+    pushes.truncate(PAGE as usize);
+    let older_pushes = if more_pushes {
+        pushes.last().map(|r| r.id)
+    } else {
+        None
+    };
     let items: Vec<ListItem> = rows.into_iter().map(ListItem::from).collect();
+    let pushes: Vec<PushView> = pushes.into_iter().map(PushView::from).collect();
     Ok(pages::search(
         &who,
         &pages::Results {
             form: &q.form,
+            jobs: show_jobs,
             items: &items,
             total,
             older,
             paged,
+            pushes: show_pushes.then_some(pushes.as_slice()),
+            older_pushes,
         },
     ))
 }
@@ -221,11 +260,22 @@ async fn show_job(
     let appid = Some(q.appid.trim().to_string()).filter(|a| !a.is_empty());
     let b = bill_no.clone();
     let r = with_store(&st, false, move |s, settings| {
-        show::view(s, &b, appid.as_deref(), settings, now_ms())
+        // of any app: the page names each push's app
+        let pushes = s.pushes_by_key(&b, None)?;
+        match show::view(s, &b, appid.as_deref(), settings, now_ms()) {
+            Ok(mut v) => {
+                v.pushes = pushes.into_iter().map(PushView::from).collect();
+                Ok(Some(v))
+            }
+            // no job, but pushes under this number: their page
+            Err(AuditError::UnknownBillNo { .. }) if !pushes.is_empty() => Ok(None),
+            Err(e) => Err(e),
+        }
     })
     .await;
     match r {
-        Ok(v) => Ok(pages::story::show(&who, &v).into_response()),
+        Ok(Some(v)) => Ok(pages::story::show(&who, &v).into_response()),
+        Ok(None) => Ok(Redirect::to(&pages::push_href(&bill_no, None)).into_response()),
         // several apps use this bill_no: list its jobs, each linking to its own page
         Err(e) if e.status() == StatusCode::BAD_REQUEST => {
             let mut query = String::new();
@@ -234,6 +284,44 @@ async fn show_job(
         }
         Err(e) => Err(e),
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PushQuery {
+    /// An OutTradeNo or RefundId.
+    key: String,
+    appid: String,
+}
+
+/// The pushes stored under an OutTradeNo or RefundId (what `outbox show KEY`
+/// prints of them), and whether jobs use it as their bill_no.
+async fn show_push(
+    who: Who,
+    State(st): State<Arc<AppState>>,
+    Query(q): Query<PushQuery>,
+) -> Result<Response, PageError> {
+    let key = q.key.trim().to_string();
+    if key.is_empty() || key.len() > 256 {
+        return Ok(Redirect::to("/search?kind=pushes").into_response());
+    }
+    let appid = Some(q.appid.trim().to_string()).filter(|a| !a.is_empty());
+    let k = key.clone();
+    let (pushes, jobs) = with_store(&st, false, move |s, _| {
+        let pushes = s.pushes_by_key(&k, appid.as_deref())?;
+        // jobs of any app with this bill_no (the job page names their apps)
+        let jobs = s.read()?.jobs_by_bill_no(&k, None)?.len();
+        Ok((pushes, jobs))
+    })
+    .await?;
+    if pushes.is_empty() {
+        return Err(PageError::new(
+            StatusCode::NOT_FOUND,
+            format!("no WeChat payment push has OutTradeNo or RefundId {key}"),
+        ));
+    }
+    let pushes: Vec<PushView> = pushes.into_iter().map(PushView::from).collect();
+    Ok(pages::push::show(&who, &key, &pushes, jobs).into_response())
 }
 
 fn action_of(s: &str) -> Result<BulkAction, PageError> {
@@ -249,6 +337,12 @@ fn action_of(s: &str) -> Result<BulkAction, PageError> {
 
 /// What the CLI refuses for a set, refused here too.
 fn check_set(action: BulkAction, form: &SearchForm) -> Result<(), PageError> {
+    if !form.kind.trim().is_empty() || form.push_only() {
+        return Err(PageError::new(
+            StatusCode::BAD_REQUEST,
+            "the actions act on jobs: drop kind and out_trade_no from the filter",
+        ));
+    }
     if form.is_empty() {
         return Err(PageError::new(
             StatusCode::BAD_REQUEST,

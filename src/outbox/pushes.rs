@@ -82,6 +82,8 @@ pub struct PushFilter {
     pub until: Option<i64>,
     /// Only pushes whose event is not confirmed yet.
     pub unpublished: bool,
+    /// Only pushes stored before this one (by id): the console's page cursor.
+    pub before_id: Option<i64>,
 }
 
 /// Push counts for `outbox stats`: (kind, published, count).
@@ -113,6 +115,7 @@ impl PushFilter {
         for (clause, v) in [
             ("received_at >= ?", self.since),
             ("received_at < ?", self.until),
+            ("id < ?", self.before_id),
         ] {
             if let Some(v) = v {
                 c.push(clause);

@@ -10,6 +10,11 @@
 //! the running worker calls Midas again and replies; export needs the operator role;
 //! no page's HTML holds a secret.
 //!
+//! WeChat payment pushes, signed as WeChat signs them, are POSTed at the worker's
+//! push receiver first: the viewer sees their counts on the overview, finds one by
+//! its OutTradeNo and reads its fields, and goes from a job's page to the push
+//! stored under the same number and back.
+//!
 //! With `MIDAS_CONSOLE_SCREENSHOTS=DIR` the SQLite run saves PNGs of the main pages
 //! there (docs/console/ holds the ones the README shows).
 
@@ -18,12 +23,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::pg::TestDb;
+use crate::common::push::{
+    goods_payload, post, push_env, signed, AES_KEY, APPID, GOODS_EVENT, SANDBOX_KEY, TOKEN, V2_KEY,
+};
 use crate::common::webdriver::Browser;
 use crate::common::*;
 use midas_worker::command::Status;
 use midas_worker::config::Settings;
 use midas_worker::outbox::store::Store;
 use midas_worker::outbox::Location;
+use midas_worker::push::event::{event_id, Kind};
 use midas_worker::sim::Faults;
 
 const T: Duration = Duration::from_secs(30);
@@ -45,6 +54,11 @@ fn job(settings: &Settings, bill: &str) -> (String, Vec<String>) {
         .map(|a| format!("{} {}", a.actor, a.action))
         .collect();
     (state, actions)
+}
+
+/// A pay command for the first app (the env has a second one, taking pushes).
+fn pay1(bill: &str, openid: &str, amt: i64) -> String {
+    pay(bill, openid, amt).replacen('{', r#"{"appid":"wx1234567","#, 1)
 }
 
 /// Pages read so far (their HTML is checked for secrets at the end).
@@ -127,14 +141,14 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         format!("{base_bill}-B"),
         format!("{base_bill}-S"),
     );
-    c.publish(pay(&a, "con-a", 11).as_bytes(), "a")
+    c.publish(pay1(&a, "con-a", 11).as_bytes(), "a")
         .await
         .unwrap();
-    c.publish(pay(&b, "con-b", 12).as_bytes(), "b")
+    c.publish(pay1(&b, "con-b", 12).as_bytes(), "b")
         .await
         .unwrap();
     c.publish(
-        format!(r#"{{"op":"pay","bill_no":"{s}","openid":"con-s","amt":13,"session_key":"{SESSION_KEY}"}}"#)
+        format!(r#"{{"appid":"wx1234567","op":"pay","bill_no":"{s}","openid":"con-s","amt":13,"session_key":"{SESSION_KEY}"}}"#)
             .as_bytes(),
         "s",
     )
@@ -148,12 +162,20 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     sim.set_faults(Faults::default());
     for (i, amt) in [5, 6, 7, 2_000_000].iter().enumerate() {
         let bill = format!("{base_bill}-X{i}");
-        c.publish(pay(&bill, "con-x", *amt).as_bytes(), &format!("x{i}"))
+        c.publish(pay1(&bill, "con-x", *amt).as_bytes(), &format!("x{i}"))
             .await
             .unwrap();
     }
     for i in 0..4 {
         c.reply_for(&format!("x{i}"), T).await.unwrap();
+    }
+    // WeChat pushes two paid items at the worker's receiver: one under A's number
+    // (a job and a push share it), one under a number of its own
+    let push_base = format!("http://{}", worker.push_addr.expect("push listener"));
+    let p = format!("{base_bill}-P");
+    for (no, openid) in [(&a, "o-buyer-a"), (&p, "o-buyer-p")] {
+        let sp = signed(GOODS_EVENT, &goods_payload(no, openid), false, true);
+        assert_eq!(post(&push_base, APPID, &sp.query, sp.body).await, (200, 0));
     }
 
     let settings: Settings = env.settings();
@@ -210,6 +232,76 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     assert!(html.contains(">-1<"), "the calls' errcode -1");
     assert!(html.contains("transient"), "the calls' outcome");
     assert!(!html.contains("Retry…"), "a viewer is offered no retry");
+
+    // --- the push under A's number, from A's job page, and back
+    browser
+        .click_to("a[href^='/push?']", "<h1>OutTradeNo")
+        .await;
+    let html = seen.page(&browser).await;
+    assert!(html.contains("o-buyer-a"), "the push's buyer");
+    assert!(html.contains(&event_id(APPID, Kind::GoodsDelivered, &a)));
+    browser.click_to("a[href^='/show?']", "<h1>bill_no").await;
+    assert!(
+        browser.url().await.contains("/show?bill_no="),
+        "back to the job"
+    );
+
+    // --- the overview counts the pushes; a viewer finds one by its OutTradeNo
+    browser.goto(&format!("{base}/")).await;
+    let html = seen.page(&browser).await;
+    assert!(
+        html.contains(r#"goods_delivered</a></dt><dd>2</dd>"#),
+        "two goods pushes on the overview"
+    );
+    assert!(html.contains("events not confirmed by the broker"));
+    browser.type_into("#find", &p).await;
+    browser.click_to("form.find button", "jobs match").await;
+    let html = seen.page(&browser).await;
+    assert!(
+        html.contains("0</strong> jobs match"),
+        "no job has P's number"
+    );
+    assert_eq!(browser.count("table.pushes tbody tr").await, 1, "one push");
+    browser
+        .click_to("table.pushes td a", "<h1>OutTradeNo")
+        .await;
+    let html = seen.page(&browser).await;
+    assert!(
+        browser.url().await.contains("/push?key="),
+        "the push's page"
+    );
+    for field in [
+        GOODS_EVENT,
+        "goods_delivered",
+        "o-buyer-p",
+        p.as_str(),
+        "0 (production)",
+        "sword", // the goods
+        "600",   // their price
+        &event_id(APPID, Kind::GoodsDelivered, &p),
+    ] {
+        assert!(html.contains(field), "{field} on the push's page");
+    }
+    assert!(!html.contains("with this bill_no"), "no job to link to");
+    if screenshots {
+        browser.resize(1100, 880).await;
+        shoot(&browser, "push.png").await;
+        browser.resize(1100, 900).await;
+    }
+    // a kind's list, in the URL
+    browser
+        .goto(&format!(
+            "{base}/search?kind=goods_delivered&openid=o-buyer-a"
+        ))
+        .await;
+    seen.page(&browser).await;
+    assert_eq!(browser.count("table.pushes tbody tr").await, 1, "A's push");
+    assert_eq!(browser.count("table.jobs").await, 0, "pushes only");
+    browser.goto(&format!("{base}/show?bill_no={p}")).await;
+    assert!(
+        browser.url().await.contains("/push?key="),
+        "a number with pushes and no job: its pushes' page"
+    );
 
     // --- the viewer's forged POSTs are refused by the server
     let viewer_cookie = browser
@@ -301,7 +393,7 @@ async fn story(mut env: TestEnv, screenshots: bool) {
     let html = seen.page(&browser).await;
     assert!(html.contains("Retry all unknown"));
     if screenshots {
-        browser.resize(1100, 1650).await;
+        browser.resize(1100, 1900).await;
         shoot(&browser, "overview.png").await;
     }
     browser.goto(&format!("{base}/search")).await;
@@ -436,6 +528,10 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         VIEWER,
         OPERATOR,
         "test-sandbox-key",
+        TOKEN,
+        AES_KEY,
+        V2_KEY,
+        SANDBOX_KEY,
     ];
     for (url, html) in &seen.0 {
         for secret in app_secret_like {
@@ -456,13 +552,13 @@ async fn story(mut env: TestEnv, screenshots: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_in_a_browser_on_sqlite() {
-    story(TestEnv::new("console"), true).await;
+    story(push_env("console"), true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_in_a_browser_on_postgres() {
     let db = TestDb::new("console").await;
-    let mut env = TestEnv::new("console-pg");
+    let mut env = push_env("console-pg");
     env.share_outbox(&db);
     story(env, false).await;
 }

@@ -28,7 +28,7 @@ pub(crate) mod fmt;
 pub(crate) mod list;
 mod migrate;
 mod prune;
-mod pushes;
+pub(crate) mod pushes;
 mod republish;
 mod retry;
 pub(crate) mod show;

@@ -19,11 +19,11 @@ use crate::outbox::operator::JobFilter;
 use crate::outbox::pushes::{PushCounts, PushFilter, PushRow};
 use crate::outbox::store::Store;
 
-const PUSH_KINDS: [&str; 3] = ["coins_delivered", "goods_delivered", "refunded"];
+pub(crate) const PUSH_KINDS: [&str; 3] = ["coins_delivered", "goods_delivered", "refunded"];
 
 /// What `--kind` selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Which {
+pub(crate) enum Which {
     /// No `--kind`: jobs first, then pushes (`list`); jobs only (`--json`, `export`).
     Default,
     Jobs,
@@ -31,7 +31,7 @@ pub(super) enum Which {
     Pushes(Option<&'static str>),
 }
 
-pub(super) fn which(kind: Option<&str>) -> Result<Which, AuditError> {
+pub(crate) fn which(kind: Option<&str>) -> Result<Which, AuditError> {
     Ok(match kind {
         None => Which::Default,
         Some("jobs") => Which::Jobs,
@@ -55,7 +55,7 @@ pub(super) fn job_only(f: &Filters) -> bool {
 }
 
 /// The push filter from the job filter's shared fields.
-pub(super) fn push_filter(jf: &JobFilter, kind: Option<&str>) -> PushFilter {
+pub(crate) fn push_filter(jf: &JobFilter, kind: Option<&str>) -> PushFilter {
     PushFilter {
         appid: jf.appid.clone(),
         kind: kind.map(str::to_string),
@@ -64,6 +64,7 @@ pub(super) fn push_filter(jf: &JobFilter, kind: Option<&str>) -> PushFilter {
         since: jf.since,
         until: jf.until,
         unpublished: false,
+        before_id: None,
     }
 }
 
@@ -269,7 +270,7 @@ pub struct PushCount {
     pub events_unconfirmed: i64,
 }
 
-pub(super) fn counts(c: PushCounts) -> Vec<PushCount> {
+pub(crate) fn counts(c: PushCounts) -> Vec<PushCount> {
     let mut out: Vec<PushCount> = Vec::new();
     for (kind, published, n) in c {
         let i = match out.iter().position(|p| p.kind == kind) {

@@ -6,7 +6,7 @@
 use axum::response::Html;
 use maud::{html, Markup};
 
-use super::{badge, layout, search_href};
+use super::{badge, layout, push_href, search_href};
 use crate::cli::outbox::bulk::{BulkAction, BulkView};
 use crate::cli::outbox::fmt::{clean, dash};
 use crate::cli::outbox::show::{JobView, ShowView};
@@ -109,6 +109,17 @@ pub(in crate::console) fn show(who: &Who, v: &ShowView) -> Html<String> {
         p.crumbs { a href=(search_href(&format!("bill_no={}", crate::console::form::encode(&v.bill_no)))) { "← all jobs of this bill_no" } }
         h1 { "bill_no " code { (clean(&v.bill_no)) } }
         p.summary { (v.jobs.len()) " job" @if v.jobs.len() != 1 { "s" } }
+        @if !v.pushes.is_empty() {
+            section.card.attention {
+                h2 { "WeChat payment pushes under this number" }
+                p {
+                    @for p in &v.pushes {
+                        a href=(push_href(&p.dedup_key, Some(&p.appid))) { (clean(&p.kind)) " push of app " (clean(&p.appid)) }
+                        " "
+                    }
+                }
+            }
+        }
         @for j in &v.jobs { (job(who, j)) }
         section.card {
             h2 { "Operator actions" }
