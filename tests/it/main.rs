@@ -29,6 +29,7 @@ mod midas_http_hardening;
 mod ops;
 mod outbox_schema;
 mod outbox_unwritable;
+mod pg_batch;
 mod pg_ops;
 mod pg_tls;
 mod pipeline;

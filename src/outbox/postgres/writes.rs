@@ -19,32 +19,49 @@ pub(super) async fn published(
     targets: &[Confirmed],
     now: i64,
 ) -> Result<(), OutboxError> {
+    published_many(tx, stmts, &[(targets, now)]).await
+}
+
+/// One statement for every confirm of several requests (each with its own time):
+/// the writer's batch sends all its confirms at once. A target confirmed twice in
+/// the list is judged by its first entry, so the caller passes only lists without
+/// repeats (see [`distinct_ids`]).
+pub(super) async fn published_many(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    requests: &[(&[Confirmed], i64)],
+) -> Result<(), OutboxError> {
     // only while the published bytes are still the job's reply (see [`Confirmed`])
     let st = stmts
         .get(
             tx,
             // `id = ANY` keeps the primary-key lookups whatever the planner thinks
             // of the arrays; each row finds its own values by its place in them
-            "UPDATE reply_targets t SET published_at = $1, \
+            "UPDATE reply_targets t \
+             SET published_at = ($1::bigint[])[array_position($2::bigint[], t.id)], \
              returned = ($3::bigint[])[array_position($2::bigint[], t.id)] \
              WHERE t.id = ANY($2::bigint[]) AND t.published_at IS NULL \
              AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id \
              AND j.result = ($4::text[])[array_position($2::bigint[], t.id)])",
         )
         .await?;
-    let (mut ids, mut returned, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
-    for c in targets {
-        // a reply is JSON text; anything else is no reply of the outbox
-        let Ok(payload) = std::str::from_utf8(&c.payload) else {
-            continue;
-        };
-        ids.push(c.target);
-        returned.push(c.returned as i64);
-        payloads.push(payload);
+    let (mut ats, mut ids, mut returned, mut payloads) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (targets, now) in requests {
+        for c in targets.iter() {
+            // a reply is JSON text; anything else is no reply of the outbox
+            let Ok(payload) = std::str::from_utf8(&c.payload) else {
+                continue;
+            };
+            ats.push(*now);
+            ids.push(c.target);
+            returned.push(c.returned as i64);
+            payloads.push(payload);
+        }
     }
     if !ids.is_empty() {
         super::trip();
-        tx.execute(&st, &[&now, &ids, &returned, &payloads]).await?;
+        tx.execute(&st, &[&ats, &ids, &returned, &payloads]).await?;
     }
     Ok(())
 }
@@ -192,9 +209,19 @@ pub(super) async fn record(
     }
 }
 
+/// Whether no id appears twice in `ids` (a batch's statement over all of
+/// them finds each row's values by the id's first place in the arrays, so it is
+/// exact only then; otherwise the writer runs them one request at a time).
+pub(super) fn distinct_ids(ids: &[i64]) -> bool {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    ids.iter().all(|id| seen.insert(*id))
+}
+
 /// Answers the ids whose fence failed, and when the fence was checked (this
 /// worker's clock, just before the statement). One statement for every mark of the
-/// request.
+/// request — or of a whole batch of requests (the writer concatenates them; the
+/// ids must be distinct, [`distinct_ids`]): each row keeps its own time and lease
+/// generation, so the fence is the same per row as with one statement per request.
 pub(super) async fn mark(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
