@@ -9,10 +9,14 @@
 //! worker owns a [`Health`] handle that its broker session sets, its reply relay
 //! and `/readyz` read, and its `/metrics` reports, so two workers in one process
 //! never see each other's broker link.
+//!
+//! This module imports nothing from the outbox (whose writers count commits here):
+//! the HTTP layer reads the outbox ([`crate::outbox::Location::gauges`], the write
+//! status) and hands the plain numbers in ([`OutboxGauges`], [`OutboxWrites`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::path::Path;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -20,7 +24,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::command::now_ms;
-use crate::outbox::health::WriteStatus;
 
 /// Upper bounds of the Midas latency histogram, seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -132,23 +135,34 @@ pub const GAUGE_TTL: Duration = Duration::from_secs(5);
 /// async lock, so concurrent scrapes of a stale cache cause one read, not one each.
 #[derive(Default)]
 pub struct GaugeCache {
-    last: tokio::sync::Mutex<Option<(Instant, Read)>>,
+    last: tokio::sync::Mutex<Option<(Instant, OutboxGauges)>>,
     reads: AtomicU64,
 }
 
-/// One read of the outbox: the oldest pending job as a time (its age is computed
-/// at each scrape, so it keeps growing between reads).
-#[derive(Clone, Default)]
-struct Read {
-    jobs_by_state: Vec<(String, i64)>,
-    oldest_pending_ms: Option<i64>,
-    replies_pending: i64,
+/// One read of the outbox, as plain numbers (the caller reads it; this module knows
+/// no outbox): the oldest pending job as a time (its age is computed at each
+/// scrape, so it keeps growing between reads).
+#[derive(Clone, Default, Debug)]
+pub struct OutboxGauges {
+    pub jobs_by_state: Vec<(String, i64)>,
+    pub oldest_pending_ms: Option<i64>,
+    pub replies_pending: i64,
+}
+
+/// The outbox's write health as shown by `/metrics` (plain numbers from the
+/// outbox's own status).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct OutboxWrites {
+    pub writable: bool,
+    pub failed_commits: u64,
+    pub episodes: u64,
 }
 
 impl GaugeCache {
-    /// The gauges, read from the outbox at `db` when the last read is older than
-    /// [`GAUGE_TTL`]. An unreadable outbox gives zeros (and is read again next time).
-    pub async fn snapshot(&self, at: &crate::outbox::Location) -> Snapshot {
+    /// The gauges: `read` (a read of the outbox, `None` when it failed) is awaited
+    /// only when the last read is older than [`GAUGE_TTL`]. An unreadable outbox
+    /// gives zeros (and is read again next time).
+    pub async fn snapshot(&self, read: impl Future<Output = Option<OutboxGauges>>) -> Snapshot {
         let mut last = self.last.lock().await;
         let fresh = last
             .as_ref()
@@ -157,25 +171,7 @@ impl GaugeCache {
         let read = match fresh {
             Some(r) => r,
             None => {
-                let r = match at {
-                    crate::outbox::Location::Sqlite(db) => {
-                        let db = db.clone();
-                        tokio::task::spawn_blocking(move || read_gauges(&db))
-                            .await
-                            .ok()
-                            .flatten()
-                    }
-                    crate::outbox::Location::Postgres(url) => {
-                        crate::outbox::postgres::coord::gauges_at(url)
-                            .await
-                            .ok()
-                            .map(|g| Read {
-                                jobs_by_state: g.by_state,
-                                oldest_pending_ms: g.oldest_pending_ms,
-                                replies_pending: g.replies_pending,
-                            })
-                    }
-                };
+                let r = read.await;
                 self.reads.fetch_add(1, Ordering::Relaxed);
                 *last = r.clone().map(|r| (Instant::now(), r));
                 r.unwrap_or_default()
@@ -190,16 +186,6 @@ impl GaugeCache {
             gauge_reads: self.reads.load(Ordering::Relaxed),
         }
     }
-}
-
-fn read_gauges(db: &Path) -> Option<Read> {
-    let c = crate::outbox::open_ro(db).ok()?;
-    let g = crate::outbox::query::gauges(&c).ok()?;
-    Some(Read {
-        jobs_by_state: g.by_state,
-        oldest_pending_ms: g.oldest_pending_ms,
-        replies_pending: g.replies_pending,
-    })
 }
 
 impl Metrics {
@@ -277,7 +263,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition; `health` is the scraped worker's readiness.
-    pub fn render(&self, snap: &Snapshot, health: &Health, outbox: &WriteStatus) -> String {
+    pub fn render(&self, snap: &Snapshot, health: &Health, outbox: &OutboxWrites) -> String {
         let mut out = String::with_capacity(8192);
         let p = "midas_worker";
         self.with(|i| {
