@@ -124,8 +124,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         failed_commits: w.failed_commits,
         episodes: w.episodes,
     };
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        METRICS.render(&snap, &s.health, &writes),
-    )
+    let mut page = METRICS.render(&snap, &s.health, &writes);
+    crate::push::metrics::render(&mut page);
+    ([("content-type", "text/plain; version=0.0.4")], page)
 }
