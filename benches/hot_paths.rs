@@ -26,9 +26,10 @@ use midas_worker::config::{self, Settings};
 use midas_worker::dispatch::engine_config;
 use midas_worker::engine::job::Job;
 use midas_worker::engine::{Action, Engine, Event};
-use midas_worker::midas::client::{build_body, Api};
+use midas_worker::midas::client::build_body;
 use midas_worker::midas::errcode::classify;
 use midas_worker::midas::sign::{mp_sig, sig, Param};
+use midas_worker::midas::Api;
 use midas_worker::midas::{Answer, Body, OutcomeClass};
 use midas_worker::secret::Secret;
 

@@ -9,10 +9,14 @@
 //! worker owns a [`Health`] handle that its broker session sets, its reply relay
 //! and `/readyz` read, and its `/metrics` reports, so two workers in one process
 //! never see each other's broker link.
+//!
+//! This module imports nothing from the outbox (whose writers count commits here):
+//! the HTTP layer reads the outbox ([`crate::outbox::Location::gauges`], the write
+//! status) and hands the plain numbers in ([`OutboxGauges`], [`OutboxWrites`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::path::Path;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
@@ -20,7 +24,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::command::now_ms;
-use crate::outbox::health::WriteStatus;
 
 /// Upper bounds of the Midas latency histogram, seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -132,23 +135,34 @@ pub const GAUGE_TTL: Duration = Duration::from_secs(5);
 /// async lock, so concurrent scrapes of a stale cache cause one read, not one each.
 #[derive(Default)]
 pub struct GaugeCache {
-    last: tokio::sync::Mutex<Option<(Instant, Read)>>,
+    last: tokio::sync::Mutex<Option<(Instant, OutboxGauges)>>,
     reads: AtomicU64,
 }
 
-/// One read of the outbox: the oldest pending job as a time (its age is computed
-/// at each scrape, so it keeps growing between reads).
-#[derive(Clone, Default)]
-struct Read {
-    jobs_by_state: Vec<(String, i64)>,
-    oldest_pending_ms: Option<i64>,
-    replies_pending: i64,
+/// One read of the outbox, as plain numbers (the caller reads it; this module knows
+/// no outbox): the oldest pending job as a time (its age is computed at each
+/// scrape, so it keeps growing between reads).
+#[derive(Clone, Default, Debug)]
+pub struct OutboxGauges {
+    pub jobs_by_state: Vec<(String, i64)>,
+    pub oldest_pending_ms: Option<i64>,
+    pub replies_pending: i64,
+}
+
+/// The outbox's write health as shown by `/metrics` (plain numbers from the
+/// outbox's own status).
+#[derive(Clone, Copy, Default, Debug)]
+pub struct OutboxWrites {
+    pub writable: bool,
+    pub failed_commits: u64,
+    pub episodes: u64,
 }
 
 impl GaugeCache {
-    /// The gauges, read from the outbox at `db` when the last read is older than
-    /// [`GAUGE_TTL`]. An unreadable outbox gives zeros (and is read again next time).
-    pub async fn snapshot(&self, at: &crate::outbox::Location) -> Snapshot {
+    /// The gauges: `read` (a read of the outbox, `None` when it failed) is awaited
+    /// only when the last read is older than [`GAUGE_TTL`]. An unreadable outbox
+    /// gives zeros (and is read again next time).
+    pub async fn snapshot(&self, read: impl Future<Output = Option<OutboxGauges>>) -> Snapshot {
         let mut last = self.last.lock().await;
         let fresh = last
             .as_ref()
@@ -157,25 +171,7 @@ impl GaugeCache {
         let read = match fresh {
             Some(r) => r,
             None => {
-                let r = match at {
-                    crate::outbox::Location::Sqlite(db) => {
-                        let db = db.clone();
-                        tokio::task::spawn_blocking(move || read_gauges(&db))
-                            .await
-                            .ok()
-                            .flatten()
-                    }
-                    crate::outbox::Location::Postgres(url) => {
-                        crate::outbox::postgres::coord::gauges_at(url)
-                            .await
-                            .ok()
-                            .map(|g| Read {
-                                jobs_by_state: g.by_state,
-                                oldest_pending_ms: g.oldest_pending_ms,
-                                replies_pending: g.replies_pending,
-                            })
-                    }
-                };
+                let r = read.await;
                 self.reads.fetch_add(1, Ordering::Relaxed);
                 *last = r.clone().map(|r| (Instant::now(), r));
                 r.unwrap_or_default()
@@ -190,16 +186,6 @@ impl GaugeCache {
             gauge_reads: self.reads.load(Ordering::Relaxed),
         }
     }
-}
-
-fn read_gauges(db: &Path) -> Option<Read> {
-    let c = crate::outbox::open_ro(db).ok()?;
-    let g = crate::outbox::query::gauges(&c).ok()?;
-    Some(Read {
-        jobs_by_state: g.by_state,
-        oldest_pending_ms: g.oldest_pending_ms,
-        replies_pending: g.replies_pending,
-    })
 }
 
 impl Metrics {
@@ -277,73 +263,70 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition; `health` is the scraped worker's readiness.
-    pub fn render(&self, snap: &Snapshot, health: &Health, outbox: &WriteStatus) -> String {
+    pub fn render(&self, snap: &Snapshot, health: &Health, outbox: &OutboxWrites) -> String {
         let mut out = String::with_capacity(8192);
         let p = "midas_worker";
         self.with(|i| {
-            let _ = writeln!(out, "# HELP {p}_commands_received_total Commands received, by op and outcome.");
-            let _ = writeln!(out, "# TYPE {p}_commands_received_total counter");
+            family(&mut out, &format!("{p}_commands_received_total"), "counter", "Commands received, by op and outcome.");
             for ((op, outcome), v) in &i.commands {
                 let _ = writeln!(out, "{p}_commands_received_total{{op=\"{op}\",outcome=\"{outcome}\"}} {v}");
             }
-            let _ = writeln!(out, "# HELP {p}_midas_calls_total Calls to Midas by api, errcode and outcome class.");
-            let _ = writeln!(out, "# TYPE {p}_midas_calls_total counter");
+            family(&mut out, &format!("{p}_midas_calls_total"), "counter", "Calls to Midas by api, errcode and outcome class.");
             for ((api, code, class), v) in &i.calls {
                 let _ = writeln!(out, "{p}_midas_calls_total{{api=\"{api}\",errcode=\"{code}\",class=\"{class}\"}} {v}");
             }
-            let _ = writeln!(out, "# HELP {p}_midas_call_duration_seconds Midas call latency.");
-            let _ = writeln!(out, "# TYPE {p}_midas_call_duration_seconds histogram");
+            family(&mut out, &format!("{p}_midas_call_duration_seconds"), "histogram", "Midas call latency.");
             for (api, h) in &i.latency {
                 h.render(&mut out, &format!("{p}_midas_call_duration_seconds"), &format!("api=\"{api}\""), &LATENCY_BUCKETS);
             }
-            let _ = writeln!(out, "# HELP {p}_retries_total Calls scheduled again with the same bill_no.");
-            let _ = writeln!(out, "# TYPE {p}_retries_total counter");
+            family(&mut out, &format!("{p}_retries_total"), "counter", "Calls scheduled again with the same bill_no.");
             for (op, v) in &i.retries {
                 let _ = writeln!(out, "{p}_retries_total{{op=\"{op}\"}} {v}");
             }
-            let _ = writeln!(out, "# HELP {p}_outbox_commit_batch_size Requests per outbox transaction.");
-            let _ = writeln!(out, "# TYPE {p}_outbox_commit_batch_size histogram");
+            family(&mut out, &format!("{p}_outbox_commit_batch_size"), "histogram", "Requests per outbox transaction.");
             i.batch.render(&mut out, &format!("{p}_outbox_commit_batch_size"), "", &BATCH_BUCKETS);
         });
-        let _ = writeln!(
-            out,
-            "# HELP {p}_outbox_commits_total Outbox transactions committed."
+        let commits = self.commits.load(Ordering::Relaxed);
+        series(
+            &mut out,
+            &format!("{p}_outbox_commits_total"),
+            "counter",
+            "Outbox transactions committed.",
+            commits,
         );
-        let _ = writeln!(out, "# TYPE {p}_outbox_commits_total counter");
-        let _ = writeln!(
-            out,
-            "{p}_outbox_commits_total {}",
-            self.commits.load(Ordering::Relaxed)
+        let published = self.replies_published.load(Ordering::Relaxed);
+        series(
+            &mut out,
+            &format!("{p}_replies_published_total"),
+            "counter",
+            "Replies confirmed by the broker.",
+            published,
         );
-        let _ = writeln!(
-            out,
-            "# HELP {p}_replies_published_total Replies confirmed by the broker."
+        let broker = u8::from(health.broker_connected());
+        series(
+            &mut out,
+            &format!("{p}_broker_connected"),
+            "gauge",
+            "1 when the broker connection is up.",
+            broker,
         );
-        let _ = writeln!(out, "# TYPE {p}_replies_published_total counter");
-        let _ = writeln!(
-            out,
-            "{p}_replies_published_total {}",
-            self.replies_published.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP {p}_broker_connected 1 when the broker connection is up."
-        );
-        let _ = writeln!(out, "# TYPE {p}_broker_connected gauge");
-        let _ = writeln!(
-            out,
-            "{p}_broker_connected {}",
-            u8::from(health.broker_connected())
-        );
-        let _ = writeln!(
-            out,
-            "# HELP {p}_gauge_reads_total Outbox reads for the gauges below (at most one per {}s).",
+        let help = format!(
+            "Outbox reads for the gauges below (at most one per {}s).",
             GAUGE_TTL.as_secs()
         );
-        let _ = writeln!(out, "# TYPE {p}_gauge_reads_total counter");
-        let _ = writeln!(out, "{p}_gauge_reads_total {}", snap.gauge_reads);
-        let _ = writeln!(out, "# HELP {p}_jobs Jobs in the outbox by state.");
-        let _ = writeln!(out, "# TYPE {p}_jobs gauge");
+        series(
+            &mut out,
+            &format!("{p}_gauge_reads_total"),
+            "counter",
+            &help,
+            snap.gauge_reads,
+        );
+        family(
+            &mut out,
+            &format!("{p}_jobs"),
+            "gauge",
+            "Jobs in the outbox by state.",
+        );
         for state in ["pending", "succeeded", "failed", "unknown"] {
             let v = snap
                 .jobs_by_state
@@ -352,49 +335,51 @@ impl Metrics {
                 .map_or(0, |(_, v)| *v);
             let _ = writeln!(out, "{p}_jobs{{state=\"{state}\"}} {v}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP {p}_oldest_pending_job_age_seconds Age of the oldest non-final job."
+        let age = snap.oldest_pending_age_seconds;
+        series(
+            &mut out,
+            &format!("{p}_oldest_pending_job_age_seconds"),
+            "gauge",
+            "Age of the oldest non-final job.",
+            age,
         );
-        let _ = writeln!(out, "# TYPE {p}_oldest_pending_job_age_seconds gauge");
-        let _ = writeln!(
-            out,
-            "{p}_oldest_pending_job_age_seconds {}",
-            snap.oldest_pending_age_seconds
+        let pending = snap.replies_pending;
+        series(
+            &mut out,
+            &format!("{p}_replies_pending"),
+            "gauge",
+            "Reply targets not yet confirmed by the broker.",
+            pending,
         );
-        let _ = writeln!(
-            out,
-            "# HELP {p}_replies_pending Reply targets not yet confirmed by the broker."
+        let writable = u8::from(outbox.writable);
+        series(
+            &mut out,
+            &format!("{p}_outbox_writable"),
+            "gauge",
+            "1 when the outbox can write (commands are taken); 0 while it cannot.",
+            writable,
         );
-        let _ = writeln!(out, "# TYPE {p}_replies_pending gauge");
-        let _ = writeln!(out, "{p}_replies_pending {}", snap.replies_pending);
-        let _ = writeln!(
-            out,
-            "# HELP {p}_outbox_writable 1 when the outbox can write (commands are taken); 0 while it cannot."
+        series(&mut out, &format!("{p}_outbox_write_failures_total"), "counter", "Outbox commits that failed on a storage condition (disk full, read-only, database away).", outbox.failed_commits);
+        series(
+            &mut out,
+            &format!("{p}_outbox_unwritable_episodes_total"),
+            "counter",
+            "Times the outbox stopped being able to write.",
+            outbox.episodes,
         );
-        let _ = writeln!(out, "# TYPE {p}_outbox_writable gauge");
-        let _ = writeln!(out, "{p}_outbox_writable {}", u8::from(outbox.writable));
-        let _ = writeln!(
-            out,
-            "# HELP {p}_outbox_write_failures_total Outbox commits that failed on a storage condition (disk full, read-only, database away)."
-        );
-        let _ = writeln!(out, "# TYPE {p}_outbox_write_failures_total counter");
-        let _ = writeln!(
-            out,
-            "{p}_outbox_write_failures_total {}",
-            outbox.failed_commits
-        );
-        let _ = writeln!(
-            out,
-            "# HELP {p}_outbox_unwritable_episodes_total Times the outbox stopped being able to write."
-        );
-        let _ = writeln!(out, "# TYPE {p}_outbox_unwritable_episodes_total counter");
-        let _ = writeln!(
-            out,
-            "{p}_outbox_unwritable_episodes_total {}",
-            outbox.episodes
-        );
-        crate::push::metrics::render(&mut out);
         out
     }
+}
+
+/// Write the `# HELP` and `# TYPE` lines of metric family `name` (`kind` is
+/// `counter`, `gauge` or `histogram`); its samples follow.
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Write one unlabelled series: its HELP and TYPE lines and its value.
+pub fn series(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
 }

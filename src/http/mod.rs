@@ -27,7 +27,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::{GaugeCache, Health, METRICS};
+use crate::metrics::{GaugeCache, Health, OutboxGauges, OutboxWrites, METRICS};
 use crate::outbox::{Location, Outbox};
 
 /// Connections served at once ([`Limits::OPS`]).
@@ -110,9 +110,21 @@ fn up(b: bool) -> &'static str {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let snap = s.gauges.snapshot(&s.db).await;
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        METRICS.render(&snap, &s.health, &s.writer.write_status()),
-    )
+    let read = async {
+        s.db.gauges().await.map(|g| OutboxGauges {
+            jobs_by_state: g.by_state,
+            oldest_pending_ms: g.oldest_pending_ms,
+            replies_pending: g.replies_pending,
+        })
+    };
+    let snap = s.gauges.snapshot(read).await;
+    let w = s.writer.write_status();
+    let writes = OutboxWrites {
+        writable: w.writable,
+        failed_commits: w.failed_commits,
+        episodes: w.episodes,
+    };
+    let mut page = METRICS.render(&snap, &s.health, &writes);
+    crate::push::metrics::render(&mut page);
+    ([("content-type", "text/plain; version=0.0.4")], page)
 }

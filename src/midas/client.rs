@@ -16,132 +16,19 @@
 //! client and token cache.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Deserialize;
 
+use super::answer::{Answer, Api, Body};
 use super::errcode::{self, OutcomeClass};
 use super::sign::{self, Param};
 use super::token::TokenCache;
+use super::transport::{describe, http_client, read_capped, MAX_ANSWER_BYTES};
 use crate::command::Params;
 use crate::config::{ApiVersion, App, Environment, Settings};
 use crate::midas::v2::{V2Env, V2Params};
 use crate::secret::Secret;
-
-/// A Midas endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Api {
-    GetBalance,
-    Pay,
-    Present,
-    CancelPay,
-    /// 2.0 only: `/wxa/game/queryorderinfo` (`query_order`).
-    QueryOrder,
-}
-
-impl Api {
-    pub fn name(self) -> &'static str {
-        match self {
-            Api::GetBalance => "getbalance",
-            Api::Pay => "pay",
-            Api::Present => "present",
-            Api::CancelPay => "cancelpay",
-            Api::QueryOrder => "queryorderinfo",
-        }
-    }
-
-    /// The path called, which is also the `org_loc` signed.
-    pub fn path(self, sandbox: bool) -> &'static str {
-        match (self, sandbox) {
-            (Api::GetBalance, false) => "/cgi-bin/midas/getbalance",
-            (Api::Pay, false) => "/cgi-bin/midas/pay",
-            (Api::Present, false) => "/cgi-bin/midas/present",
-            (Api::CancelPay, false) => "/cgi-bin/midas/cancelpay",
-            (Api::GetBalance, true) => "/cgi-bin/midas/sandbox/getbalance",
-            (Api::Pay, true) => "/cgi-bin/midas/sandbox/pay",
-            (Api::Present, true) => "/cgi-bin/midas/sandbox/present",
-            (Api::CancelPay, true) => "/cgi-bin/midas/sandbox/cancelpay",
-            // no 1.0 counterpart: commands refuse query_order on 1.0 apps
-            (Api::QueryOrder, _) => "/wxa/game/queryorderinfo",
-        }
-    }
-
-    pub fn for_op(op: crate::command::Op) -> Api {
-        use crate::command::Op;
-        match op {
-            Op::Pay => Api::Pay,
-            Op::Present => Api::Present,
-            Op::CancelPay => Api::CancelPay,
-            Op::Balance => Api::GetBalance,
-            Op::QueryOrder => Api::QueryOrder,
-        }
-    }
-}
-
-/// The fields of a Midas answer beyond errcode/errmsg.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Body {
-    pub balance: Option<i64>,
-    pub used_gen_amt: Option<i64>,
-    pub gen_balance: Option<i64>,
-    pub first_save: Option<i64>,
-    pub save_amt: Option<i64>,
-    pub save_sum: Option<i64>,
-    pub cost_sum: Option<i64>,
-    pub present_sum: Option<i64>,
-    // Virtual payment 2.0 names (`midas::v2`); 1.0 answers leave them empty and
-    // 2.0 answers leave the 1.0-only names empty (`first_save` is shared: 0/1).
-    pub present_balance: Option<i64>,
-    pub sum_save: Option<i64>,
-    pub sum_present: Option<i64>,
-    pub sum_balance: Option<i64>,
-    pub sum_cost: Option<i64>,
-    pub used_present_amount: Option<i64>,
-    pub bill_no: Option<String>,
-    /// `queryorderinfo` (2.0): the order's state.
-    pub order: Option<OrderInfo>,
-}
-
-/// What `/wxa/game/queryorderinfo` says about an order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct OrderInfo {
-    /// 1 unpaid, 2 paid.
-    pub pay_state: Option<i64>,
-    /// 1 not delivered, 2 delivered.
-    pub deliver_state: Option<i64>,
-    /// Unix seconds.
-    pub pay_finish_time: Option<i64>,
-    pub product_id: Option<String>,
-    pub out_trade_no: Option<String>,
-    pub mch_order_no: Option<String>,
-    pub transaction_id: Option<String>,
-}
-
-/// What one call produced.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub api: Api,
-    pub class: OutcomeClass,
-    pub http_status: Option<u16>,
-    pub errcode: Option<i64>,
-    pub errmsg: Option<String>,
-    pub body: Body,
-    pub latency: Duration,
-}
-
-impl Answer {
-    fn transient(api: Api, http_status: Option<u16>, why: String, started: Instant) -> Answer {
-        Answer {
-            api,
-            class: OutcomeClass::Transient,
-            http_status,
-            errcode: None,
-            errmsg: Some(why),
-            body: Body::default(),
-            latency: started.elapsed(),
-        }
-    }
-}
 
 #[derive(Deserialize)]
 struct Wire {
@@ -166,9 +53,6 @@ struct Wire {
     present_sum: Option<i64>,
 }
 
-/// The largest Midas or token answer read; anything bigger is not a Midas answer.
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
-
 /// Why [`MidasClient::new`] could not build a client.
 #[derive(Debug, thiserror::Error)]
 pub enum NewClientError {
@@ -176,58 +60,6 @@ pub enum NewClientError {
     Http(#[from] reqwest::Error),
     #[error("midas.base_url {0:?} is refused: {1}")]
     BaseUrl(String, &'static str),
-}
-
-/// Reading an answer body failed or it was too big.
-#[derive(Debug)]
-pub(crate) enum ReadError {
-    Transport(String),
-    TooLarge,
-}
-
-impl std::fmt::Display for ReadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReadError::Transport(s) => f.write_str(s),
-            ReadError::TooLarge => write!(f, "answer larger than {} KiB", MAX_ANSWER_BYTES / 1024),
-        }
-    }
-}
-
-/// Read `resp`'s body, at most `limit` bytes: a larger answer (announced or actual)
-/// is refused after reading no more than `limit` bytes of it.
-pub(crate) async fn read_capped(
-    mut resp: reqwest::Response,
-    limit: usize,
-) -> Result<Vec<u8>, ReadError> {
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(ReadError::TooLarge);
-    }
-    let mut out = Vec::new();
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| ReadError::Transport(describe(&e)))?
-    {
-        if out.len() + chunk.len() > limit {
-            return Err(ReadError::TooLarge);
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
-/// The HTTP client every Midas and token request uses: no redirects, bounded times.
-pub(crate) fn http_client(settings: &Settings) -> Result<reqwest::Client, reqwest::Error> {
-    let cfg = &settings.config.midas;
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(cfg.request_timeout.0)
-        .connect_timeout(cfg.request_timeout.0.min(Duration::from_secs(3)))
-        .pool_max_idle_per_host(cfg.max_in_flight.max(16))
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .build()
 }
 
 /// Refuse a base URL that would send AppKey-signed bodies, tokens and the app secret
@@ -268,33 +100,6 @@ pub struct MidasClient {
     mp_sig: bool,
     apps: HashMap<String, App>,
     tokens: TokenCache,
-}
-
-/// A short, secret-free description of a transport error.
-pub fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else if e.is_body() || e.is_decode() {
-        "body error"
-    } else if e.is_request() {
-        "request error"
-    } else {
-        "transport error"
-    };
-    // Never include the URL: it carries the access token.
-    let mut source = std::error::Error::source(e);
-    let mut detail = String::new();
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
-    if detail.is_empty() || detail.contains("access_token") {
-        kind.to_string()
-    } else {
-        format!("{kind}: {detail}")
-    }
 }
 
 impl MidasClient {

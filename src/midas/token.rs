@@ -9,8 +9,8 @@
 //! callers queue on the app's lock and find the fresh token when they get it.
 //! The token is a [`Secret`]: it never reaches logs or errors.
 //!
-//! The token request carries the app secret, so it goes through the Midas client's
-//! HTTP client (redirects never followed, answers capped at 64 KiB), and whatever
+//! The token request carries the app secret, so it goes through the shared HTTP
+//! client of [`super::transport`] (redirects never followed, answers capped at 64 KiB), and whatever
 //! `expires_in` says is clamped to [`MAX_TOKEN_TTL`] before any clock arithmetic.
 
 use std::collections::HashMap;
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use super::transport::{describe, read_capped, MAX_ANSWER_BYTES};
 use crate::config::App;
 use crate::secret::Secret;
 
@@ -191,9 +192,9 @@ impl TokenCache {
             .json(&body)
             .send()
             .await
-            .map_err(|e| TokenError::Transport(super::client::describe(&e)))?;
+            .map_err(|e| TokenError::Transport(describe(&e)))?;
         let status = resp.status();
-        let bytes = super::client::read_capped(resp, super::client::MAX_ANSWER_BYTES)
+        let bytes = read_capped(resp, MAX_ANSWER_BYTES)
             .await
             .map_err(|e| TokenError::Transport(format!("HTTP {status}: {e}")))?;
         let ans: TokenAnswer = serde_json::from_slice(&bytes)

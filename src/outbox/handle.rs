@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use super::health::WriteStatus;
 use super::postgres::writer::PgWriter;
 use super::pushes::{NewPush, PushStored, UnpublishedEvent};
+use super::query::Gauges;
 use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Writer};
 use super::OutboxError;
 use crate::config::OutboxConfig;
@@ -33,6 +34,25 @@ impl Location {
         match self {
             Location::Sqlite(p) => p.display().to_string(),
             Location::Postgres(u) => u.to_string(),
+        }
+    }
+
+    /// The gauges `/metrics` shows (jobs by state, oldest pending job, replies
+    /// pending), read on a connection of its own; `None` when the outbox cannot
+    /// be read.
+    pub async fn gauges(&self) -> Option<Gauges> {
+        match self {
+            Location::Sqlite(db) => {
+                let db = db.clone();
+                tokio::task::spawn_blocking(move || {
+                    let c = super::open_ro(&db).ok()?;
+                    super::query::gauges(&c).ok()
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            Location::Postgres(url) => super::postgres::coord::gauges_at(url).await.ok(),
         }
     }
 }

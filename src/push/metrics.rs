@@ -7,6 +7,8 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
 
+use crate::metrics::{family, series};
+
 #[derive(Default)]
 pub struct PushMetrics {
     pushes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
@@ -43,15 +45,13 @@ impl PushMetrics {
     }
 }
 
-/// Append the push metrics to a Prometheus text page.
+/// Append the push metrics to a Prometheus text page (after
+/// [`crate::metrics::Metrics::render`]'s).
 pub fn render(out: &mut String) {
     let p = "midas_worker";
     let m = &*PUSH_METRICS;
-    let _ = writeln!(
-        out,
-        "# HELP {p}_pushes_total WeChat payment pushes answered, by event kind and outcome."
-    );
-    let _ = writeln!(out, "# TYPE {p}_pushes_total counter");
+    let help = "WeChat payment pushes answered, by event kind and outcome.";
+    family(out, &format!("{p}_pushes_total"), "counter", help);
     {
         let g = match m.pushes.lock() {
             Ok(g) => g,
@@ -64,14 +64,11 @@ pub fn render(out: &mut String) {
             );
         }
     }
-    let _ = writeln!(
+    series(
         out,
-        "# HELP {p}_push_events_published_total Push events confirmed by the broker on the events queue."
-    );
-    let _ = writeln!(out, "# TYPE {p}_push_events_published_total counter");
-    let _ = writeln!(
-        out,
-        "{p}_push_events_published_total {}",
-        m.published.load(Ordering::Relaxed)
+        &format!("{p}_push_events_published_total"),
+        "counter",
+        "Push events confirmed by the broker on the events queue.",
+        m.published.load(Ordering::Relaxed),
     );
 }

@@ -9,8 +9,8 @@
 use std::sync::{Arc, Mutex};
 
 use midas_worker::command::{Op, Params};
-use midas_worker::midas::client::{Api, MidasClient};
 use midas_worker::midas::errcode::OutcomeClass;
+use midas_worker::midas::{Api, MidasClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 
 use super::sign;
 use crate::command::{Op, Params};
-use crate::midas::client::{describe, Answer, Api, Body, OrderInfo};
+use crate::midas::answer::{Answer, Api, Body, OrderInfo};
 use crate::midas::errcode::{self, MidasApi, OutcomeClass};
+use crate::midas::transport::describe;
 use crate::secret::Secret;
 
 /// Answers larger than this are not read (a Midas answer is a few hundred bytes).
-pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+pub use crate::midas::transport::MAX_ANSWER_BYTES;
 
 /// The 2.0 path of an operation (also the `uri` signed in `pay_sig`).
 pub fn path(api: Api) -> &'static str {
