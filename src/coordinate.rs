@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::broker::publisher::Publisher;
+use crate::broker::publisher::{Publisher, RELAY_INTERVAL, RELAY_PAGE};
 use crate::dispatch::DispatchMsg;
 use crate::metrics::Health;
 use crate::outbox::postgres::coord::Coordinator;
@@ -25,19 +25,12 @@ use crate::outbox::postgres::coord::Coordinator;
 /// broker). The workers' clocks must agree to within this much.
 const RELAY_AFTER_MS: i64 = 10_000;
 
-/// Most unconfirmed replies one relay pass reads.
-pub const RELAY_PAGE: usize = 2000;
-
 /// How often a worker looks for players and jobs to take.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
 
-/// A player to give back after a write of lease generation `gen` was fenced out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GiveBack {
-    pub appid: String,
-    pub openid: String,
-    pub gen: i64,
-}
+/// Re-exported for the PostgreSQL coordinator's signature; the type lives in the
+/// outbox, the leaf both this loop and the dispatcher use.
+pub use crate::outbox::GiveBack;
 
 /// Run until `shutdown`; answers the coordinator so the caller can give the
 /// leases back once the steps under way are recorded.
@@ -96,10 +89,7 @@ pub async fn run(
                     tracing::debug!(jobs = t.jobs.len(), "loaded jobs of held players");
                     let _ = dispatcher.send(DispatchMsg::Claimed(t.jobs));
                 }
-                if t.relay
-                    && health.broker_connected()
-                    && last_relay.elapsed() >= crate::worker::RELAY_INTERVAL
-                {
+                if t.relay && health.broker_connected() && last_relay.elapsed() >= RELAY_INTERVAL {
                     last_relay = Instant::now();
                     let before = crate::command::now_ms() - RELAY_AFTER_MS;
                     match coord

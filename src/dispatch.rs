@@ -25,7 +25,7 @@ use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
 use crate::metrics::METRICS;
 use crate::midas::{Answer, Api, Body, MidasClient, OutcomeClass};
 use crate::outbox::writer::Record;
-use crate::outbox::{query, Outbox, OutboxError, OutgoingReply};
+use crate::outbox::{query, GiveBack, Outbox, OutboxError, OutgoingReply};
 
 /// Messages to the dispatcher.
 #[derive(Debug)]
@@ -54,7 +54,7 @@ pub struct Dispatcher {
     writer: Outbox,
     /// Shared outbox: players to give back after a fenced write, with the lease
     /// generation the write was made under.
-    release: Option<mpsc::UnboundedSender<crate::coordinate::GiveBack>>,
+    release: Option<mpsc::UnboundedSender<GiveBack>>,
     /// Shared outbox: the longest a call (token fetch included) may take.
     call_budget: Option<Duration>,
     publisher: Publisher,
@@ -165,7 +165,7 @@ impl Dispatcher {
         publisher: Publisher,
         midas: Arc<MidasClient>,
         stop: watch::Receiver<bool>,
-        release: Option<mpsc::UnboundedSender<crate::coordinate::GiveBack>>,
+        release: Option<mpsc::UnboundedSender<GiveBack>>,
     ) -> Dispatcher {
         let db_path = settings.config.outbox.path.clone();
         let call_budget = writer
@@ -260,7 +260,7 @@ impl Dispatcher {
                     Some(DispatchMsg::Claimed(jobs)) => engine.handle(Event::Claimed(jobs), now_ms(), &mut actions),
                     Some(DispatchMsg::PlayersLost(p)) => engine.handle(Event::PlayersLost(p), now_ms(), &mut actions),
                     Some(DispatchMsg::Snapshot(tx)) => {
-                        let room = crate::worker::max_held(&self.settings).saturating_sub(engine.held());
+                        let room = max_held(&self.settings).saturating_sub(engine.held());
                         let _ = tx.send((engine.players(), room));
                     }
                     None => break,
@@ -339,7 +339,7 @@ impl Dispatcher {
                 Action::GiveBack { appid, openid, gen } => {
                     if let Some(release) = &self.release {
                         tracing::warn!(%appid, %openid, "lease on the player lost; its jobs go to the worker holding it");
-                        let _ = release.send(crate::coordinate::GiveBack { appid, openid, gen });
+                        let _ = release.send(GiveBack { appid, openid, gen });
                     }
                 }
                 Action::Call {
@@ -533,4 +533,13 @@ where
             }
         }
     }
+}
+
+/// Intake pauses while the dispatcher holds this many non-final jobs: a backlog
+/// waits in the broker (replicated, durable) instead of in the worker's memory.
+pub fn max_held(settings: &Settings) -> usize {
+    let c = &settings.config;
+    (4 * c.midas.max_in_flight)
+        .max(2 * c.broker.prefetch as usize)
+        .max(1024)
 }

@@ -17,16 +17,13 @@ use tokio::sync::{mpsc, watch};
 use crate::broker::consumer::IntakeCtx;
 use crate::broker::{publisher, session};
 use crate::config::{Environment, Settings};
-use crate::dispatch::{DispatchMsg, Dispatcher};
+use crate::dispatch::{max_held, DispatchMsg, Dispatcher};
 use crate::metrics::Health;
 use crate::midas::MidasClient;
 use crate::outbox::postgres::coord::Coordinator;
 use crate::outbox::postgres::writer::{Fence, PgWriter};
 use crate::outbox::{query, Location, Outbox, Writer};
 use crate::sim::{SimApp, SimHandle, Simulator};
-
-/// How often unconfirmed replies and operator actions are looked for.
-pub const RELAY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The relay re-sends only replies that have been final this long: the dispatcher
 /// publishes a fresh final reply itself, right after its commit, and a relay pass
@@ -356,15 +353,6 @@ fn settings_path(l: &Location) -> std::path::PathBuf {
     }
 }
 
-/// Intake pauses while the dispatcher holds this many non-final jobs: a backlog
-/// waits in the broker (replicated, durable) instead of in the worker's memory.
-pub fn max_held(settings: &Settings) -> usize {
-    let c = &settings.config;
-    (4 * c.midas.max_in_flight)
-        .max(2 * c.broker.prefetch as usize)
-        .max(1024)
-}
-
 /// Re-publish unconfirmed replies from the outbox and notice operator re-opens.
 async fn relay_loop(
     db: std::path::PathBuf,
@@ -376,7 +364,7 @@ async fn relay_loop(
 ) {
     let mut last_action: Option<i64> = Some(first_action);
     let mut cursor = query::RelayCursor::default();
-    let page = crate::coordinate::RELAY_PAGE;
+    let page = publisher::RELAY_PAGE;
     loop {
         let path = db.clone();
         let after = cursor.after;
@@ -420,7 +408,7 @@ async fn relay_loop(
             Err(_) => break, // the runtime is shutting down
         }
         tokio::select! {
-            _ = tokio::time::sleep(RELAY_INTERVAL) => {}
+            _ = tokio::time::sleep(publisher::RELAY_INTERVAL) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {

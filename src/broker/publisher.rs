@@ -30,6 +30,13 @@ use crate::metrics::METRICS;
 use crate::outbox::writer::Confirmed;
 use crate::outbox::{Outbox, OutgoingReply};
 
+/// How often the reply relays (the single worker's, and the shared outbox's
+/// relay-lease holder's) look for unconfirmed replies and operator actions.
+pub const RELAY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Most unconfirmed replies one relay pass reads.
+pub const RELAY_PAGE: usize = 2000;
+
 /// A reply published and awaiting its confirm (or its mark) longer than this is
 /// sent again by the relay (a duplicate is harmless: replies are identical; a lost
 /// one is not). A reply still queued is never sent again: however long the broker
@@ -175,7 +182,8 @@ impl Publisher {
         rx.await.unwrap_or(false)
     }
 
-    /// Re-send every unconfirmed reply of a final job found in the outbox.
+    /// Re-send every unconfirmed reply of a final job found in the outbox (the
+    /// relay loops call this every [`RELAY_INTERVAL`] with at most [`RELAY_PAGE`]).
     /// Skips targets still queued, and targets published or confirmed moments ago
     /// (their mark may not be committed yet) unless that was longer than
     /// `INFLIGHT_STALE` ago.

@@ -68,6 +68,15 @@ pub struct Marked {
     pub checked_at: Option<std::time::Instant>,
 }
 
+/// A player to give back after a write of lease generation `gen` was fenced out
+/// (the dispatcher sends it, the coordination loop releases the lease).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GiveBack {
+    pub appid: String,
+    pub openid: String,
+    pub gen: i64,
+}
+
 /// A handle to the outbox writer. Cheap to clone.
 #[derive(Clone)]
 pub enum Outbox {

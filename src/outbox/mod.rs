@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use handle::{Location, Outbox};
+pub use handle::{GiveBack, Location, Outbox};
 pub use writer::{Intake, IntakeOutcome, OutgoingReply, Writer};
 
 /// The schema, applied at every start (idempotent).
