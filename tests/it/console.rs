@@ -543,7 +543,7 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         assert!(!html.contains("<script"), "a script in {url}");
         assert!(!html.contains(" style="), "an inline style in {url}");
     }
-    assert!(seen.0.len() >= 12, "pages checked: {}", seen.0.len());
+    assert!(seen.0.len() >= 17, "pages checked: {}", seen.0.len());
 
     drop(browser);
     let _ = stop.send(true);
