@@ -295,6 +295,46 @@ mod tests {
     }
 
     #[test]
+    fn each_table_shows_unless_the_filter_names_only_the_other() {
+        let f = |kind: &str, status: &str, otn: &str, find: &str| SearchForm {
+            kind: kind.into(),
+            status: status.into(),
+            out_trade_no: otn.into(),
+            find: find.into(),
+            openid: "o".into(),
+            ..SearchForm::default()
+        };
+        let shows = |s: SearchForm| s.shows().ok();
+        assert_eq!(shows(f("", "", "", "")), Some((true, true)));
+        assert_eq!(shows(f("", "unknown", "", "")), Some((true, false)));
+        assert_eq!(shows(f("", "", "T1", "")), Some((false, true)));
+        assert_eq!(shows(f("", "", "", "T1")), Some((true, true)));
+        assert_eq!(shows(f("jobs", "", "", "")), Some((true, false)));
+        assert_eq!(shows(f("refunded", "", "", "")), Some((false, true)));
+        assert_eq!(shows(f("refunded", "unknown", "", "")), None, "job field");
+        assert_eq!(shows(f("jobs", "", "T1", "")), None, "push field");
+        assert_eq!(shows(f("sales", "", "", "")), None, "no such kind");
+        let pf = f("refunded", "", "", "T1").push_filter(0).expect("valid");
+        assert_eq!(pf.kind.as_deref(), Some("refunded"));
+        assert_eq!(pf.key.as_deref(), Some("T1"), "find looks the key up");
+        assert_eq!(pf.openid.as_deref(), Some("o"));
+        let jf = f("", "", "", "T1").job_filter(0).expect("valid");
+        assert_eq!(
+            jf.bill_no_prefix.as_deref(),
+            Some("T1"),
+            "and bill_nos by prefix"
+        );
+        let only_push = SearchForm {
+            out_trade_no: "T1".into(),
+            ..SearchForm::default()
+        };
+        assert!(
+            only_push.is_empty(),
+            "no job field: the job actions refuse it"
+        );
+    }
+
+    #[test]
     fn a_time_fixed_by_the_confirm_step_reads_back_to_the_same_millisecond() {
         let at = 1_796_529_737_698;
         let f = SearchForm {

@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod chart;
+mod find;
 pub mod form;
 mod pages;
 mod routes;

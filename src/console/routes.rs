@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::{self, Who};
 use super::form::SearchForm;
-use super::{chart, open_store, pages, with_store, AppState, PageError};
+use super::{chart, find, open_store, pages, with_store, AppState, PageError};
 use crate::cli::outbox::bulk::{self, BulkAction};
 use crate::cli::outbox::export::write_rows;
 use crate::cli::outbox::list::ListItem;
@@ -41,9 +41,9 @@ const CSS: &str = include_str!("console.css");
 pub(super) fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/", get(overview))
-        .route("/search", get(search))
+        .route("/search", get(find::search))
         .route("/show", get(show_job))
-        .route("/push", get(show_push))
+        .route("/push", get(find::show_push))
         .route("/confirm", get(confirm))
         .route("/act", post(act))
         .route("/export", get(export))
@@ -164,85 +164,6 @@ async fn read_overview(
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
-struct SearchQuery {
-    #[serde(flatten)]
-    form: SearchForm,
-    /// The page cursor: jobs older than this id.
-    before: String,
-    /// The pushes' page cursor: pushes stored before this id.
-    pushes_before: String,
-}
-
-fn cursor(s: &str, what: &str) -> Result<Option<i64>, PageError> {
-    match s.trim() {
-        "" => Ok(None),
-        b => b
-            .parse::<i64>()
-            .map(Some)
-            .map_err(|_| PageError::new(StatusCode::BAD_REQUEST, format!("{what} must be an id"))),
-    }
-}
-
-async fn search(
-    who: Who,
-    State(st): State<Arc<AppState>>,
-    Query(q): Query<SearchQuery>,
-) -> Result<Html<String>, PageError> {
-    let now = now_ms();
-    let (show_jobs, show_pushes) = q.form.shows()?;
-    let all = q.form.job_filter(now)?;
-    let mut page = all.clone();
-    page.before_id = cursor(&q.before, "before")?;
-    let mut pf = q.form.push_filter(now)?;
-    pf.before_id = cursor(&q.pushes_before, "pushes_before")?;
-    let paged = page.before_id.is_some() || pf.before_id.is_some();
-    let (mut rows, total, mut pushes) = with_store(&st, false, move |s, _| {
-        let (rows, total) = if show_jobs {
-            (s.list(&page, Some(PAGE + 1))?, s.count(&all)?)
-        } else {
-            (Vec::new(), 0)
-        };
-        let pushes = if show_pushes {
-            s.pushes(&pf, Some(PAGE + 1), true)?
-        } else {
-            Vec::new()
-        };
-        Ok((rows, total, pushes))
-    })
-    .await?;
-    let more = rows.len() > PAGE as usize;
-    rows.truncate(PAGE as usize);
-    let older = if more {
-        rows.last().map(|r| r.id)
-    } else {
-        None
-    };
-    let more_pushes = pushes.len() > PAGE as usize;
-    pushes.truncate(PAGE as usize);
-    let older_pushes = if more_pushes {
-        pushes.last().map(|r| r.id)
-    } else {
-        None
-    };
-    let items: Vec<ListItem> = rows.into_iter().map(ListItem::from).collect();
-    let pushes: Vec<PushView> = pushes.into_iter().map(PushView::from).collect();
-    Ok(pages::search(
-        &who,
-        &pages::Results {
-            form: &q.form,
-            jobs: show_jobs,
-            items: &items,
-            total,
-            older,
-            paged,
-            pushes: show_pushes.then_some(pushes.as_slice()),
-            older_pushes,
-        },
-    ))
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
 struct ShowQuery {
     bill_no: String,
     appid: String,
@@ -284,44 +205,6 @@ async fn show_job(
         }
         Err(e) => Err(e),
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct PushQuery {
-    /// An OutTradeNo or RefundId.
-    key: String,
-    appid: String,
-}
-
-/// The pushes stored under an OutTradeNo or RefundId (what `outbox show KEY`
-/// prints of them), and whether jobs use it as their bill_no.
-async fn show_push(
-    who: Who,
-    State(st): State<Arc<AppState>>,
-    Query(q): Query<PushQuery>,
-) -> Result<Response, PageError> {
-    let key = q.key.trim().to_string();
-    if key.is_empty() || key.len() > 256 {
-        return Ok(Redirect::to("/search?kind=pushes").into_response());
-    }
-    let appid = Some(q.appid.trim().to_string()).filter(|a| !a.is_empty());
-    let k = key.clone();
-    let (pushes, jobs) = with_store(&st, false, move |s, _| {
-        let pushes = s.pushes_by_key(&k, appid.as_deref())?;
-        // jobs of any app with this bill_no (the job page names their apps)
-        let jobs = s.read()?.jobs_by_bill_no(&k, None)?.len();
-        Ok((pushes, jobs))
-    })
-    .await?;
-    if pushes.is_empty() {
-        return Err(PageError::new(
-            StatusCode::NOT_FOUND,
-            format!("no WeChat payment push has OutTradeNo or RefundId {key}"),
-        ));
-    }
-    let pushes: Vec<PushView> = pushes.into_iter().map(PushView::from).collect();
-    Ok(pages::push::show(&who, &key, &pushes, jobs).into_response())
 }
 
 fn action_of(s: &str) -> Result<BulkAction, PageError> {

@@ -282,3 +282,43 @@ pub fn counts(c: &Connection) -> Result<PushCounts, OutboxError> {
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_cursor_lists_the_pushes_stored_before_it() {
+        let mut c = Connection::open_in_memory().expect("memory");
+        super::super::schema::prepare(&mut c).expect("schema");
+        for i in 0..5 {
+            let p = NewPush {
+                appid: "wx1".into(),
+                kind: "goods_delivered",
+                dedup_key: format!("T{i}"),
+                event: "minigame_game_pay_goods_deliver_notify".into(),
+                event_id: format!("evt_{i}"),
+                openid: Some("o".into()),
+                out_trade_no: Some(format!("T{i}")),
+                env: 0,
+                message: "{}".into(),
+                now: 1000 + i,
+            };
+            store(&c, &p).expect("stored");
+        }
+        let keys = |f: &PushFilter| -> Vec<String> {
+            list(&c, f, Some(2), true)
+                .expect("list")
+                .into_iter()
+                .map(|r| r.dedup_key)
+                .collect()
+        };
+        let mut f = PushFilter::default();
+        assert_eq!(keys(&f), ["T4", "T3"]);
+        f.before_id = list(&c, &f, Some(2), true)
+            .expect("list")
+            .last()
+            .map(|r| r.id);
+        assert_eq!(keys(&f), ["T2", "T1"], "the next page");
+    }
+}

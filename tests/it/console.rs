@@ -270,17 +270,19 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         browser.url().await.contains("/push?key="),
         "the push's page"
     );
-    for field in [
-        GOODS_EVENT,
-        "goods_delivered",
-        "o-buyer-p",
-        p.as_str(),
-        "0 (production)",
-        "sword", // the goods
-        "600",   // their price
-        &event_id(APPID, Kind::GoodsDelivered, &p),
+    let eid = event_id(APPID, Kind::GoodsDelivered, &p);
+    for (name, value) in [
+        ("event", GOODS_EVENT),
+        ("kind", "goods_delivered"),
+        ("openid", "o-buyer-p"),
+        ("out_trade_no", p.as_str()),
+        ("env", "0 (production)"),
+        ("product_id", "sword"),
+        ("actual_price", "600"),
+        ("event_id", &format!("<code>{eid}</code>")),
     ] {
-        assert!(html.contains(field), "{field} on the push's page");
+        let row = format!("<dt>{name}</dt><dd>{value}</dd>");
+        assert!(html.contains(&row), "{row} on the push's page");
     }
     assert!(!html.contains("with this bill_no"), "no job to link to");
     if screenshots {
@@ -541,7 +543,7 @@ async fn story(mut env: TestEnv, screenshots: bool) {
         assert!(!html.contains("<script"), "a script in {url}");
         assert!(!html.contains(" style="), "an inline style in {url}");
     }
-    assert!(seen.0.len() >= 12, "pages checked: {}", seen.0.len());
+    assert!(seen.0.len() >= 17, "pages checked: {}", seen.0.len());
 
     drop(browser);
     let _ = stop.send(true);
