@@ -22,7 +22,7 @@ use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::intake::intake;
 use super::pushes;
-use super::writes::{distinct_ids, mark, published, published_many, record};
+use super::writes::{mark, published, record, together, Together};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
 use crate::engine::job::Job;
@@ -364,7 +364,7 @@ async fn commit_without_savepoints(
     let mut done = Vec::with_capacity(batch.len());
     // the pre-call marks and the reply confirms of every request in one statement
     // each; `None` when an id repeats (then each request runs its own)
-    let (mut marked, confirmed) = match together(&tx, stmts, fence, batch).await {
+    let (mut marked, confirmed) = match together_of(&tx, stmts, fence, batch).await {
         Ok(t) => t,
         Err(e) => {
             tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
@@ -410,22 +410,8 @@ async fn commit_without_savepoints(
     Some(done)
 }
 
-/// What [`together`] did: the ids whose marks were fenced and when the fence was
-/// checked (`None`: the marks are left to their requests), and whether every
-/// confirm of the batch landed.
-type Together = (
-    Option<(std::collections::HashSet<i64>, Option<std::time::Instant>)>,
-    bool,
-);
-
-/// The pre-call marks of every `Mark` request of the batch in one statement, and
-/// the confirms of every `Published` request in another — each row keeping its own
-/// time and lease generation, so every fence (owner, generation, lease outliving
-/// the call, `state = 'pending'`) is judged per row exactly as one statement per
-/// request would. When an id appears in two requests, that kind is left to the
-/// requests one by one (a statement over arrays judges a row by its id's first
-/// place in them).
-async fn together(
+/// The batch's marks and confirms for [`together`].
+async fn together_of(
     tx: &Transaction<'_>,
     stmts: &mut Stmts,
     fence: &Fence,
@@ -438,15 +424,6 @@ async fn together(
             _ => None,
         })
         .collect();
-    let mut marked = None;
-    if marks.len() > 1 {
-        let ids: Vec<i64> = marks.iter().flat_map(|m| m.iter().map(|x| x.0)).collect();
-        if distinct_ids(&ids) {
-            let all: Vec<(i64, i64, i64)> = marks.iter().flat_map(|m| m.iter().copied()).collect();
-            let m = mark(tx, stmts, fence, &all).await?;
-            marked = Some((m.lost.into_iter().collect(), m.checked_at));
-        }
-    }
     let confirms: Vec<(&[Confirmed], i64)> = batch
         .iter()
         .filter_map(|r| match r {
@@ -454,18 +431,7 @@ async fn together(
             _ => None,
         })
         .collect();
-    let mut confirmed = false;
-    if confirms.len() > 1 {
-        let ids: Vec<i64> = confirms
-            .iter()
-            .flat_map(|(t, _)| t.iter().map(|c| c.target))
-            .collect();
-        if distinct_ids(&ids) {
-            published_many(tx, stmts, &confirms).await?;
-            confirmed = true;
-        }
-    }
-    Ok((marked, confirmed))
+    together(tx, stmts, fence, &marks, &confirms).await
 }
 
 async fn commit_batch(

@@ -1,7 +1,8 @@
 //! The PostgreSQL writer's statements for what happens to a job after intake: its
 //! pre-call marks, its outcomes and its confirmed replies. The marks and outcomes
 //! are fenced by the player's lease (see the writer's module doc); intake's own
-//! statements are in `intake.rs`.
+//! statements are in `intake.rs`. The marks and confirms of a whole writer batch go
+//! in one statement each ([`together`]), every row fenced on its own.
 
 use std::sync::Arc;
 
@@ -264,4 +265,49 @@ pub(super) async fn mark(
         lost: ids.into_iter().filter(|id| !landed.contains(id)).collect(),
         checked_at: Some(checked_at),
     })
+}
+
+/// What [`together`] did: the ids whose marks were fenced and when the fence was
+/// checked (`None`: the marks are left to their requests), and whether every
+/// confirm of the batch landed.
+pub(super) type Together = (
+    Option<(std::collections::HashSet<i64>, Option<std::time::Instant>)>,
+    bool,
+);
+
+/// The pre-call marks of every `Mark` request of a writer batch in one statement, and
+/// the confirms of every `Published` request in another (each list one request's) — each row keeping its own
+/// time and lease generation, so every fence (owner, generation, lease outliving
+/// the call, `state = 'pending'`) is judged per row exactly as one statement per
+/// request would. When an id appears in two requests, that kind is left to the
+/// requests one by one (a statement over arrays judges a row by its id's first
+/// place in them).
+pub(super) async fn together(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    marks: &[&[(i64, i64, i64)]],
+    confirms: &[(&[Confirmed], i64)],
+) -> Result<Together, OutboxError> {
+    let mut marked = None;
+    if marks.len() > 1 {
+        let ids: Vec<i64> = marks.iter().flat_map(|m| m.iter().map(|x| x.0)).collect();
+        if distinct_ids(&ids) {
+            let all: Vec<(i64, i64, i64)> = marks.iter().flat_map(|m| m.iter().copied()).collect();
+            let m = mark(tx, stmts, fence, &all).await?;
+            marked = Some((m.lost.into_iter().collect(), m.checked_at));
+        }
+    }
+    let mut confirmed = false;
+    if confirms.len() > 1 {
+        let ids: Vec<i64> = confirms
+            .iter()
+            .flat_map(|(t, _)| t.iter().map(|c| c.target))
+            .collect();
+        if distinct_ids(&ids) {
+            published_many(tx, stmts, confirms).await?;
+            confirmed = true;
+        }
+    }
+    Ok((marked, confirmed))
 }
