@@ -19,6 +19,7 @@ use crate::broker::publisher::{Publisher, RELAY_INTERVAL, RELAY_PAGE};
 use crate::dispatch::DispatchMsg;
 use crate::metrics::Health;
 use crate::outbox::postgres::coord::Coordinator;
+use crate::outbox::GiveBack;
 
 /// A reply is relayed once it has waited this long unconfirmed (its own worker
 /// publishes it at once; the relay is for the ones whose worker died or lost the
@@ -27,10 +28,6 @@ const RELAY_AFTER_MS: i64 = 10_000;
 
 /// How often a worker looks for players and jobs to take.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
-
-/// Re-exported for the PostgreSQL coordinator's signature; the type lives in the
-/// outbox, the leaf both this loop and the dispatcher use.
-pub use crate::outbox::GiveBack;
 
 /// Run until `shutdown`; answers the coordinator so the caller can give the
 /// leases back once the steps under way are recorded.

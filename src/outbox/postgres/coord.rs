@@ -229,7 +229,7 @@ impl Coordinator {
     /// claims.
     pub async fn release(
         &mut self,
-        players: &[crate::coordinate::GiveBack],
+        players: &[crate::outbox::GiveBack],
     ) -> Result<(), OutboxError> {
         let me = self.fence.me.clone();
         let c = self.client().await?;
