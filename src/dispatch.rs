@@ -21,10 +21,10 @@ use crate::broker::publisher::Publisher;
 use crate::command::now_ms;
 use crate::config::{Environment, Settings};
 use crate::engine::job::Job;
+use crate::engine::Record;
 use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
 use crate::metrics::METRICS;
 use crate::midas::{Answer, Api, Body, MidasClient, OutcomeClass};
-use crate::outbox::writer::Record;
 use crate::outbox::{query, GiveBack, Outbox, OutboxError, OutgoingReply};
 
 /// Messages to the dispatcher.

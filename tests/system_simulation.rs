@@ -30,10 +30,10 @@ use std::time::Duration;
 use midas_worker::command::{Op, Params, Reply};
 use midas_worker::config::{Dur, RetryConfig};
 use midas_worker::engine::job::{reopens_with_new_session_key, JobState};
+use midas_worker::engine::Record;
 use midas_worker::engine::{Action, Engine, EngineConfig, Event};
 use midas_worker::midas::errcode::MidasApi;
 use midas_worker::midas::{Answer, Api};
-use midas_worker::outbox::writer::Record;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

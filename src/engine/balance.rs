@@ -4,10 +4,10 @@
 //! current balance).
 
 use super::job::{self, Job, JobState};
+use super::record::AttemptRow;
 use super::scheduler::Order;
 use super::{context, final_update, record, Action, BalanceCmd, Engine, Entries, Entry, Phase};
 use crate::midas::{Answer, OutcomeClass};
-use crate::outbox::writer::AttemptRow;
 
 impl Engine {
     pub(super) fn add_balance(&mut self, b: BalanceCmd, now: i64) {

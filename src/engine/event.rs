@@ -1,9 +1,9 @@
 //! What the engine is told ([`Event`]) and what it asks the shell to do
 //! ([`Action`]): the whole interface between the pure engine and the async shell.
 
+use super::record::Record;
 use crate::command::Params;
 use crate::midas::{Answer, Api};
-use crate::outbox::writer::Record;
 use crate::secret::Secret;
 
 use super::job::Job;

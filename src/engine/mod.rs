@@ -21,9 +21,11 @@ mod call_start;
 mod event;
 pub mod job;
 mod lease;
+pub mod record;
 pub mod scheduler;
 
 pub use event::{Action, BalanceCmd, Event};
+pub use record::{AttemptRow, Record, Update};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -31,7 +33,6 @@ use crate::command::Op;
 use crate::config::RetryConfig;
 use crate::midas::errcode::MidasApi;
 use crate::midas::{Answer, Api, OutcomeClass};
-use crate::outbox::writer::{AttemptRow, Record, Update};
 use crate::secret::Secret;
 use job::{Context, Decision, Job, JobState};
 use scheduler::{Limits, Order, Scheduler, View};

@@ -9,9 +9,10 @@ use super::health::WriteStatus;
 use super::postgres::writer::PgWriter;
 use super::pushes::{NewPush, PushStored, UnpublishedEvent};
 use super::query::Gauges;
-use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Writer};
+use super::writer::{Intake, IntakeOutcome, OutgoingReply, Writer};
 use super::OutboxError;
 use crate::config::OutboxConfig;
+use crate::engine::Record;
 use crate::secret::SecretUrl;
 
 /// Where the outbox is, from `[outbox]`: `url` (PostgreSQL) wins over `path`.

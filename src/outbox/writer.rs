@@ -15,9 +15,9 @@ use super::pushes::{self, NewPush, PushStored, UnpublishedEvent};
 use super::writes::{in_savepoint, intake, mark, record};
 use super::OutboxError;
 use crate::command::{Command, Params};
-use crate::engine::job::{Job, JobState};
+use crate::engine::job::Job;
+use crate::engine::record::Record;
 use crate::metrics::METRICS;
-use crate::midas::Answer;
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 1024;
@@ -99,48 +99,6 @@ pub enum IntakeOutcome {
     /// Recorded (new, or re-opened) for the worker that holds the job's player:
     /// that worker runs it (shared PostgreSQL outbox only).
     Elsewhere { job_id: i64 },
-}
-
-/// One Midas call to record.
-#[derive(Debug, Clone)]
-pub struct AttemptRow {
-    pub n: u32,
-    pub started_at: i64,
-    pub answer: Answer,
-}
-
-/// The job's state after an answer.
-#[derive(Debug, Clone)]
-pub enum Update {
-    Retry { next_attempt_at: i64 },
-    Final { state: JobState, reply: Vec<u8> },
-}
-
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub job_id: i64,
-    pub attempts_total: u32,
-    pub first_attempt_at: Option<i64>,
-    /// A call of this job went unanswered (kept for the re-open rule and audits).
-    pub uncertain: bool,
-    pub rows: Vec<AttemptRow>,
-    pub update: Update,
-    pub now: i64,
-    /// Shared outbox: the generation of the player's lease the outcome was
-    /// decided under; it lands only while the lease is still this worker's at
-    /// that generation (ignored by SQLite).
-    pub lease_gen: i64,
-}
-
-impl Record {
-    /// The errcode and errmsg of the latest answer recorded (the job's last error).
-    pub fn last_error(&self) -> (Option<i64>, Option<&str>) {
-        let last = self.rows.first().map(|a| &a.answer);
-        (
-            last.and_then(|a| a.errcode),
-            last.and_then(|a| a.errmsg.as_deref()),
-        )
-    }
 }
 
 // One per command, moved a few times: boxing would add an allocation per job.

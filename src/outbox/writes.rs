@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::writer::{Intake, IntakeOutcome, OutgoingReply, Record, Update};
+use super::writer::{Intake, IntakeOutcome, OutgoingReply};
 use super::OutboxError;
 use crate::engine::job::{Job, JobState};
+use crate::engine::{Record, Update};
 use crate::secret::Secret;
 
 /// Run one request in its own savepoint: an error rolls back that request only.

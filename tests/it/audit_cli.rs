@@ -16,9 +16,10 @@ use serde_json::{json, Value};
 use midas_worker::audit::{self, AuditError, OutboxCmd};
 use midas_worker::command::{now_ms, Command, Op, Params};
 use midas_worker::config::{load_from, Settings};
+use midas_worker::engine::{AttemptRow, Record, Update};
 use midas_worker::job::JobState;
 use midas_worker::midas::{Answer, Api, Body, OutcomeClass};
-use midas_worker::outbox::writer::{AttemptRow, Confirmed, Record, Update};
+use midas_worker::outbox::writer::Confirmed;
 use midas_worker::outbox::{query, Intake, IntakeOutcome, OutgoingReply, Writer};
 use midas_worker::secret::Secret;
 

@@ -9,9 +9,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection};
 
 use midas_worker::command::{Command, Op, Params};
+use midas_worker::engine::{AttemptRow, Record, Update};
 use midas_worker::job::JobState;
 use midas_worker::midas::{Answer, Api, Body, OutcomeClass};
-use midas_worker::outbox::writer::{AttemptRow, Record, Update};
 use midas_worker::outbox::{self, Intake, IntakeOutcome, OutboxError, Writer};
 use midas_worker::secret::Secret;
 
@@ -585,7 +585,7 @@ async fn a_failing_request_is_undone_alone_and_its_batch_commits() {
         attempts_total: 1,
         first_attempt_at: Some(1),
         uncertain: false,
-        rows: vec![midas_worker::outbox::writer::AttemptRow {
+        rows: vec![midas_worker::engine::AttemptRow {
             n: 1,
             started_at: 1,
             answer: midas_worker::midas::Answer {

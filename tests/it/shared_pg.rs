@@ -408,8 +408,8 @@ async fn an_operator_retry_on_the_shared_outbox_is_picked_up_by_a_worker() {
 /// are committed and answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_request_does_not_fail_its_postgres_batch() {
+    use midas_worker::engine::{AttemptRow, Record, Update};
     use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
-    use midas_worker::outbox::writer::{AttemptRow, Record, Update};
     use midas_worker::outbox::IntakeOutcome;
     let db = TestDb::new("spfail").await;
     let fence = Fence {
@@ -473,9 +473,10 @@ async fn a_failing_request_does_not_fail_its_postgres_batch() {
 /// new session_key re-opened the job (same target) must not hide the new reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
+    use midas_worker::engine::{AttemptRow, Record, Update};
     use midas_worker::midas::{Answer, Api, OutcomeClass};
     use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
-    use midas_worker::outbox::writer::{AttemptRow, Confirmed, Record, Update};
+    use midas_worker::outbox::writer::Confirmed;
     use midas_worker::outbox::IntakeOutcome;
     let db = TestDb::new("splate").await;
     let fence = Fence {

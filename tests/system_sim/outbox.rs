@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use midas_worker::command::{Params, Reply};
 use midas_worker::engine::job::{Job, JobState};
-use midas_worker::outbox::writer::{Record, Update};
+use midas_worker::engine::{Record, Update};
 use midas_worker::secret::Secret;
 
 pub type Player = (String, String);

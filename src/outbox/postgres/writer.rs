@@ -26,12 +26,11 @@ use super::writes::{mark, published, record, together, Together};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
 use crate::engine::job::Job;
+use crate::engine::Record;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
-use crate::outbox::writer::{
-    decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply, Record,
-};
+use crate::outbox::writer::{decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply};
 use crate::outbox::OutboxError;
 use crate::secret::{Secret, SecretUrl};
 

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use tokio_postgres::Transaction;
 
 use super::writer::{Fence, Stmts};
+use crate::engine::{Record, Update};
 use crate::outbox::handle::Marked;
-use crate::outbox::writer::{Confirmed, OutgoingReply, Record, Update};
+use crate::outbox::writer::{Confirmed, OutgoingReply};
 use crate::outbox::OutboxError;
 
 /// One statement for every confirm of the request (arrays, not a round trip each).

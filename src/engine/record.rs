@@ -1,0 +1,49 @@
+//! What the engine asks the outbox to record after a call: the attempt rows and
+//! the job's next state ([`Record`]). These are the engine's words — it decides
+//! them in pure code (`Action::Record`) — and the outbox writers (SQLite and
+//! PostgreSQL) only store them, so they live here rather than beside a writer.
+
+use crate::engine::job::JobState;
+use crate::midas::Answer;
+
+/// One Midas call to record.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub n: u32,
+    pub started_at: i64,
+    pub answer: Answer,
+}
+
+/// The job's state after an answer.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Retry { next_attempt_at: i64 },
+    Final { state: JobState, reply: Vec<u8> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub job_id: i64,
+    pub attempts_total: u32,
+    pub first_attempt_at: Option<i64>,
+    /// A call of this job went unanswered (kept for the re-open rule and audits).
+    pub uncertain: bool,
+    pub rows: Vec<AttemptRow>,
+    pub update: Update,
+    pub now: i64,
+    /// Shared outbox: the generation of the player's lease the outcome was
+    /// decided under; it lands only while the lease is still this worker's at
+    /// that generation (ignored by SQLite).
+    pub lease_gen: i64,
+}
+
+impl Record {
+    /// The errcode and errmsg of the latest answer recorded (the job's last error).
+    pub fn last_error(&self) -> (Option<i64>, Option<&str>) {
+        let last = self.rows.first().map(|a| &a.answer);
+        (
+            last.and_then(|a| a.errcode),
+            last.and_then(|a| a.errmsg.as_deref()),
+        )
+    }
+}
