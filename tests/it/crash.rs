@@ -227,6 +227,11 @@ async fn a_balance_waiting_on_midas_survives_sigkill() {
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let called = sim.ledger().calls.get("getbalance").copied().unwrap_or(0);
+    assert!(
+        called >= n,
+        "only {called} of {n} balances reached Midas before the kill"
+    );
     kill9(&mut child);
     sim.set_faults(Faults::default());
     let mut child = env.spawn_child(&sim.base_url());

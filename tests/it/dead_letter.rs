@@ -15,7 +15,8 @@ const T: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_commands_are_dead_lettered_without_their_session_key_and_expire() {
     let mut env = TestEnv::new("dlqcopy");
-    env.set("BROKER__DEAD_LETTER_TTL", "3s");
+    // long enough that a loaded machine still sees the copies before they expire
+    env.set("BROKER__DEAD_LETTER_TTL", "10s");
     let sim = env.simulator(Faults::default()).await;
     sim.register_session("dlq-player", "SK-valid-0001");
     let worker = env.worker(&sim.base_url()).await;
@@ -71,7 +72,7 @@ async fn refused_commands_are_dead_lettered_without_their_session_key_and_expire
             !text.contains("SENTINEL"),
             "a session_key in the DLQ: {text}"
         );
-        assert_eq!(d.expiration.as_deref(), Some("3000"), "{d:?}");
+        assert_eq!(d.expiration.as_deref(), Some("10000"), "{d:?}");
         let reason = d
             .headers
             .get("x-midas-dead-letter-reason")

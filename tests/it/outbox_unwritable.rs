@@ -191,8 +191,21 @@ async fn a_full_disk_stops_intake_and_the_worker_resumes_by_itself_losing_nothin
         r.contains("outbox: down (disk full)"),
         "readyz names the cause: {r}"
     );
-    // a full disk for a while: the worker stays up and keeps failing quietly
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // a full disk for a while: the worker keeps failing quietly (more failed
+    // commits, counted) and stays up through them
+    let failures = |m: &str| metric(m, "midas_worker_outbox_write_failures_total").unwrap_or(0.0);
+    let before = failures(&m);
+    let mut more = false;
+    for _ in 0..60 {
+        send(&c, &mut sent, "F", 5).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let (_, now) = get(port, "/metrics").await.expect("metrics while full");
+        if failures(&now) >= before + 3.0 {
+            more = true;
+            break;
+        }
+    }
+    assert!(more, "the worker went on trying (and failing) to write");
     assert!(
         alive(&mut worker),
         "the worker stays up while the disk is full"
