@@ -197,7 +197,8 @@ impl Coordinator {
             super::trip();
             // a claim names the lease generation it was made under: the engine
             // runs the jobs under it, and a newer one means a take (see
-            // `engine::lease`)
+            // `engine::lease`). Only under a lease that has not run out: an
+            // expired one may be taken by another worker while this claim runs.
             let rows = c
                 .query(
                     &format!(
@@ -205,8 +206,10 @@ impl Coordinator {
                            SELECT j.id FROM jobs j JOIN player_leases l \
                              ON l.appid = j.appid AND l.openid = j.openid \
                            WHERE j.state = 'pending' AND j.claimed_by IS NULL AND l.owner = $1 \
+                             AND l.expires_at > {NOW_MS} \
                            ORDER BY j.id LIMIT $2 FOR UPDATE OF j SKIP LOCKED) \
                          AND l.appid = jobs.appid AND l.openid = jobs.openid AND l.owner = $1 \
+                         AND l.expires_at > {NOW_MS} \
                          RETURNING {}, l.generation",
                         super::writer::JOB_COLS
                     ),
