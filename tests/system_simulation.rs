@@ -34,6 +34,7 @@ use midas_worker::engine::Record;
 use midas_worker::engine::{Action, Engine, EngineConfig, Event};
 use midas_worker::midas::errcode::MidasApi;
 use midas_worker::midas::{Answer, Api};
+use midas_worker::secret::Secret;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 

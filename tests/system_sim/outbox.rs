@@ -95,6 +95,8 @@ pub struct Outbox {
 /// What a landed outcome asks the publisher to send.
 pub struct Landed {
     pub replies: Vec<(String, Vec<u8>, u32)>,
+    /// A guarded final outcome found a newer session_key: re-opened with it.
+    pub reopened_with: Option<String>,
 }
 
 impl Outbox {
@@ -344,6 +346,20 @@ impl Outbox {
                 row.next_attempt_at = *next_attempt_at;
                 Ok(Some(Landed {
                     replies: Vec::new(),
+                    reopened_with: None,
+                }))
+            }
+            Update::Final { .. }
+                if r.session_guard.as_ref().is_some_and(|g| {
+                    row.key.is_some() && row.key.as_deref() != g.used.as_ref().map(Secret::expose)
+                }) =>
+            {
+                // a re-send brought a new session_key meanwhile: re-opened with it
+                row.next_attempt_at = r.now;
+                row.reopened_at = Some(r.now);
+                Ok(Some(Landed {
+                    replies: Vec::new(),
+                    reopened_with: row.key.clone(),
                 }))
             }
             Update::Final { state, reply } => {
@@ -357,7 +373,10 @@ impl Outbox {
                     .filter(|(_, done)| !**done)
                     .map(|(c, _)| (c.clone(), reply.clone(), row.epoch))
                     .collect();
-                Ok(Some(Landed { replies }))
+                Ok(Some(Landed {
+                    replies,
+                    reopened_with: None,
+                }))
             }
         }
     }

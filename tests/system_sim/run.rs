@@ -135,7 +135,13 @@ impl Sim {
                                 .tasks
                                 .push(Task::Publish(c, reply, epoch, id));
                         }
-                        self.feed(w, Event::Recorded(id))
+                        match landed.reopened_with {
+                            Some(key) => {
+                                self.log(|| format!("w{w} record {id}: re-opened with a new key"));
+                                self.feed(w, Event::ReopenedWithKey(id, Secret::new(key)))
+                            }
+                            None => self.feed(w, Event::Recorded(id)),
+                        }
                     }
                 }
             }
