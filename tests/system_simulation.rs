@@ -462,6 +462,12 @@ impl Sim {
                 r.next_attempt_at = now;
                 r.claimed_by = None;
                 r.epoch += 1;
+                // the new final reply is owed to every target (guarantee 4)
+                if self.ob.fences.reopen_targets {
+                    for done in r.targets.values_mut() {
+                        *done = false;
+                    }
+                }
                 r.added.entry(cid.clone()).or_insert(r.epoch);
                 r.targets.insert(cid, false);
                 self.log(|| format!("w{w} resend re-opens {id}"));

@@ -117,6 +117,12 @@ pub(super) fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, Outbox
              finished_at = NULL, reopened_at = ?3, updated_at = ?3 WHERE id = ?1",
         )?
         .execute(params![id, session_key, i.now])?;
+        // the new final reply goes to every target of the job (contract, guarantee
+        // 4): the earlier commands are owed it too
+        c.prepare_cached(
+            "UPDATE reply_targets SET published_at = NULL, returned = 0 WHERE job_id = ?1",
+        )?
+        .execute(params![id])?;
         add_target(c, id, i, true)?;
         return Ok(IntakeOutcome::Reopened(Job {
             id,

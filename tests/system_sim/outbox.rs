@@ -79,6 +79,9 @@ pub struct Lease {
 pub struct Fences {
     /// Marks, outcomes and give-backs name the generation they were decided under.
     pub generation: bool,
+    /// A re-send with a new session_key that re-opens a job owes the new final
+    /// reply to every target of the job, not only its own.
+    pub reopen_targets: bool,
 }
 
 #[derive(Debug)]
