@@ -417,9 +417,10 @@ async fn stored_reply_targets_are_checked_against_the_allow_list_when_republishe
         "the reply went to the configured reply queue"
     );
     // One publish per target: it did not also reach the stored (disallowed) queue.
-    // A marker is put into that queue now; anything the worker sent there was
-    // confirmed before the target was marked, so it is in the queue ahead of the
-    // marker: the next message read must be the marker.
+    // A marker is put into that queue now: anything the worker sent there for this
+    // target went out before the target was marked (the mark waits for the
+    // broker's confirm), so it is in the queue ahead of the marker, and the next
+    // message read must be the marker.
     let conn = connect(BROKER, "test marker").await.expect("connect");
     let ch = conn.create_channel().await.expect("channel");
     ch.confirm_select(Default::default())

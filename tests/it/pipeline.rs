@@ -256,8 +256,7 @@ async fn retries_stop_at_give_up_after_with_unknown() {
     assert_eq!(r.status, Some(Status::Unknown));
     assert_eq!(r.error.as_deref(), Some("retries_exhausted"));
     assert_eq!(r.errcode, Some(-1));
-    // final in the outbox (a final job is never called again: the simulation checks
-    // it at every step), and nothing was sent between the reply and the stop
+    // final in the outbox, every call recorded as an attempt
     assert_eq!(
         job_field(&env.outbox_path(), &bill, "pay", "state").as_deref(),
         Some("unknown")
