@@ -544,7 +544,14 @@ impl Engine {
             started_at: now - answer.latency.as_millis() as i64,
             answer: answer.clone(),
         };
-        match job::decide(&e.job, &answer, now, &self.cfg.retry, ctx, jitter) {
+        let decision = if e.job.params.op.is_read() {
+            // a `balance` or `query_order` recorded on a shared outbox: decided as
+            // one answered from memory, its outcome recorded under the lease
+            job::decide_read(&e.job, &answer, now, &self.cfg.retry, ctx, jitter).into()
+        } else {
+            job::decide(&e.job, &answer, now, &self.cfg.retry, ctx, jitter)
+        };
+        match decision {
             Decision::Retry { at } => {
                 self.sched.call_returned();
                 e.job.next_attempt_at = at;
@@ -720,5 +727,7 @@ pub fn is_direct(op: Op) -> bool {
 
 #[cfg(test)]
 mod fence_tests;
+#[cfg(test)]
+mod read_tests;
 #[cfg(test)]
 mod tests;
