@@ -40,6 +40,7 @@ mod query_order;
 mod reliability;
 mod schema_examples;
 mod shared_pg;
+mod shared_reads;
 mod sim_http;
 mod sim_v2;
 mod v2_e2e;
