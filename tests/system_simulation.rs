@@ -7,8 +7,13 @@
 //! on 1.0 and 2.0 apps. The model Midas (`system_sim/midas.rs`) is strict: full
 //! errcode tables, sessions that expire on their own, deduplication for 48 h.
 //!
+//! Game servers also ask for balances: on a shared outbox each is a row of its
+//! own (a synthetic key), run under its player's lease like any job.
+//!
 //! Invariants, checked after every step: at most one call in flight per player
-//! across the workers; a player's calls in arrival order; every final reply
+//! across the workers (getbalance calls included); a player's calls in arrival
+//! order (balances included); a balance's reply, when its outcome lands, shows
+//! the player's balance as it is then (after every earlier job); every final reply
 //! agrees with the ledger (so `failed` only when no call of the bill applied);
 //! no call past the 47 h window; after the run every command is answered, a
 //! repeated reply is identical, copies are bounded. A write of a lease
@@ -301,8 +306,10 @@ impl Sim {
             return Err(format!("call of an unknown job {id}"));
         };
         // never past the job's deadline (give_up_after, and at most 47 h after its
-        // first call): judged on the worker's clock, off by at most 300 ms
-        let deadline = midas_worker::engine::job::deadline(&row.job(id, 0), &self.cfg.retry);
+        // first call): judged on the worker's clock, off by at most 300 ms (a
+        // balance moves nothing and has no bill_no window)
+        let deadline = midas_worker::engine::job::deadline(&row.job(id, 0), &self.cfg.retry)
+            .filter(|_| !p.op.is_read());
         if let Some(d) = deadline {
             if self.now > d + 300 {
                 return Err(format!(
@@ -353,7 +360,11 @@ impl Sim {
             "wx1"
         };
         let roll = self.rng.random_range(0..100);
-        let (op, bill) = if roll < 20 && appid == "wx1" {
+        let (op, bill) = if roll >= 92 {
+            // a balance: a row with a key of its own (`~…`, never a client's)
+            self.bills += 1;
+            (Op::Balance, format!("~{}", self.bills))
+        } else if roll < 20 && appid == "wx1" {
             let pays: Vec<String> = self
                 .ob
                 .rows
@@ -427,7 +438,17 @@ impl Sim {
         if self.ob.rows.is_empty() || !self.can_write(w) || !self.workers[w].broker {
             return Ok(());
         }
-        let ids: Vec<i64> = self.ob.rows.keys().copied().collect();
+        // a balance sent again is a new delivery: a new row (new_command)
+        let ids: Vec<i64> = self
+            .ob
+            .rows
+            .iter()
+            .filter(|(_, r)| !r.params.op.is_read())
+            .map(|(&id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
         let id = ids[self.rng.random_range(0..ids.len())];
         let key = format!("k2-{}", self.rng.random::<u32>());
         let cid = self.new_cid();

@@ -433,15 +433,22 @@ impl Engine {
             self.begin_call(id, out);
             return;
         }
+        // a `balance`/`query_order` row moves nothing and has no bill_no window:
+        // it is called, and job::decide_read ends it past its own deadline
+        let read = e.job.params.op.is_read();
         let end = if !known {
             Some(job::unknown_app(&e.job, now, ctx))
-        } else if past {
+        } else if past && !read {
             // the bill_no window is closing: never send it again
             Some((JobState::Unknown, job::exhausted(&e.job, None, now, ctx)))
         } else {
             None
         };
-        if let Some((state, reply)) = end {
+        if let Some((state, mut reply)) = end {
+            if read {
+                // its key is the outbox's, not the client's
+                reply.bill_no = None;
+            }
             self.sched.no_call();
             e.phase = Phase::Recording(None);
             out.push(Action::Record(record(
