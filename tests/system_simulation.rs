@@ -36,7 +36,7 @@ use midas_worker::command::{Op, Params, Reply};
 use midas_worker::config::{Dur, RetryConfig};
 use midas_worker::engine::job::{reopens_with_new_session_key, JobState};
 use midas_worker::engine::Record;
-use midas_worker::engine::{Action, Engine, EngineConfig, Event};
+use midas_worker::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
 use midas_worker::midas::errcode::MidasApi;
 use midas_worker::midas::{Answer, Api};
 use rand::rngs::SmallRng;
@@ -299,7 +299,8 @@ impl Sim {
                 p.openid, o.worker
             ));
         }
-        if balance {
+        if balance || id < 0 {
+            // a getbalance after a duplicate; a balance answered from memory
             return Ok(());
         }
         let Some(row) = self.ob.rows.get(&id) else {
@@ -398,6 +399,19 @@ impl Sim {
         }
         let amt = self.rng.random_range(1..400);
         let p = params(op, &bill, &openid, appid, amt);
+        if op.is_read() && !self.ob.fences.reads_as_rows {
+            // reverted: answered from memory here, whoever holds the player
+            let mut p = p;
+            p.bill_no = None;
+            let cmd = BalanceCmd {
+                params: p,
+                session_key: None,
+                reply_to: "q".into(),
+                correlation_id: self.new_cid(),
+                received_at: self.now,
+            };
+            return self.feed(w, Event::Balance(Box::new(cmd)));
+        }
         let id = self.ob.rows.keys().next_back().copied().unwrap_or(0) + 1;
         let key = format!("k-{}", self.rng.random::<u32>());
         let cid = self.new_cid();

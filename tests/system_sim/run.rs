@@ -453,11 +453,13 @@ fn run(seed: u64, verbose: bool, fences: Fences) -> Result<(), (String, Vec<Stri
 }
 
 /// The fences this build runs with (`SIM_REVERT=generation` switches the
-/// generation fence off, to show what it catches).
+/// generation fence off, `SIM_REVERT=reads` answers balances from memory on the
+/// worker that received them: to show what they catch).
 fn fences() -> Fences {
     let revert = std::env::var("SIM_REVERT").unwrap_or_default();
     Fences {
         generation: revert != "generation",
+        reads_as_rows: revert != "reads",
     }
 }
 
