@@ -46,6 +46,10 @@ use crate::outbox::{Intake, IntakeOutcome, Outbox, OutgoingReply};
 /// How often a paused intake looks whether the dispatcher caught up.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
 
+/// At shutdown, how long deliveries waiting for their reply's confirm may still
+/// be acked (the dispatcher finishes its calls meanwhile, within its own grace).
+pub(super) const DEFERRED_GRACE: Duration = Duration::from_secs(3);
+
 /// Pause before requeueing a delivery the outbox could not take.
 const STORAGE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -146,9 +150,26 @@ pub async fn run(
         while let Some(r) = pending.next().await {
             batch.push(r);
         }
-        // deferred deliveries still waiting are left unacked: the broker gives
-        // them to another worker (or this one, restarted) when the channel closes
         settle(ch, ctx, batch, &mut deferred, &mut outstanding).await?;
+        // deferred deliveries whose reply is being confirmed (or is, and is being
+        // seen) get a short grace, so a stop does not turn an answered balance
+        // into a redelivery and a second answer; those still waiting after it are
+        // left unacked: the broker gives them to another worker (or this one,
+        // restarted) when the channel closes
+        let grace = tokio::time::sleep(DEFERRED_GRACE);
+        tokio::pin!(grace);
+        while !deferred.is_empty() {
+            tokio::select! {
+                _ = &mut grace => break,
+                Some((tag, confirmed)) = deferred.next() => {
+                    if confirmed {
+                        ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
+                    } else {
+                        ch.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await?;
+                    }
+                }
+            }
+        }
     }
     result
 }

@@ -29,6 +29,19 @@ async fn until_count(db: &TestDb, sql: &str, n: i64, limit: Duration) -> i64 {
     }
 }
 
+/// Wait until the replies of `n` balance rows are confirmed (the receiving
+/// worker acks on that, or within its stop's grace).
+async fn until_balance_replies_confirmed(db: &TestDb, n: i64) {
+    until_count(
+        db,
+        "SELECT count(*) FROM jobs j WHERE j.op = 'balance' AND NOT EXISTS \
+         (SELECT 1 FROM reply_targets t WHERE t.job_id = j.id AND t.published_at IS NULL)",
+        n,
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
 fn balance_of(r: &Received) -> Option<i64> {
     r.reply.balance
 }
@@ -161,8 +174,9 @@ async fn a_balance_received_by_another_worker_is_answered_by_the_lease_holder_af
             <= 1,
         "every job of the player ran on the worker holding it"
     );
-    // B acked its delivery once the reply was confirmed: nothing comes back to
+    // B acks its delivery once the reply is confirmed: nothing comes back to
     // its queue when it stops
+    until_balance_replies_confirmed(&db, 2).await;
     wb.stop().await;
     wa.stop().await;
     let b = env_b.settings().config.broker;
@@ -174,6 +188,97 @@ async fn a_balance_received_by_another_worker_is_answered_by_the_lease_holder_af
     assert!(
         cb.next_reply(Duration::from_millis(300)).await.is_err(),
         "one reply per delivery"
+    );
+    env_a.cleanup(&ca).await;
+    env_b.cleanup(&cb).await;
+}
+
+/// The worker holding the player is SIGKILLed while a balance received by
+/// another worker waits behind the player's pay. The survivor takes the player
+/// when the lease runs out, runs the pay, then the balance, and answers it
+/// exactly once (one delivery, one reply), showing the balance after the pay;
+/// no two calls for the player ever overlapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_waiting_on_a_killed_lease_holder_is_answered_once_by_the_next_holder() {
+    let db = TestDb::new("readkill").await;
+    let mut env_a = TestEnv::new("rka");
+    env_a.share_outbox(&db);
+    let mut env_b = TestEnv::new("rkb");
+    env_b.share_outbox(&db);
+    let sim = env_a
+        .simulator(Faults {
+            latency_ms: 150,
+            busy_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let mut ca = env_a.client().await;
+    let mut cb = env_b.client().await;
+    let mut holder = env_a.spawn_child(&sim.base_url());
+    let player = unique("kp");
+    let pay1 = unique("KP1");
+    ca.publish(pay(&pay1, &player, 100).as_bytes(), &pay1)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            sim.ledger().calls.get("pay").copied().unwrap_or(0) >= 2
+        })
+        .await,
+        "the holder's pay reached Midas"
+    );
+    let wb = env_b.worker(&sim.base_url()).await;
+    cb.publish(balance(&player).as_bytes(), "bal-k")
+        .await
+        .unwrap();
+    let rows = until_count(
+        &db,
+        "SELECT count(*) FROM jobs WHERE op = 'balance'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(rows, 1, "the balance is recorded, for the holder to run");
+    kill9(&mut holder);
+    sim.set_faults(Faults {
+        latency_ms: 150,
+        ..Faults::default()
+    });
+    // the survivor takes the player once the lease runs out (7 s)
+    let r1 = ca.reply_for(&pay1, Duration::from_secs(40)).await.unwrap();
+    let rb = cb
+        .reply_for("bal-k", Duration::from_secs(40))
+        .await
+        .unwrap();
+    assert_eq!(r1.reply.status, Some(Status::Succeeded), "{:?}", r1.reply);
+    assert_eq!(rb.reply.status, Some(Status::Succeeded), "{:?}", rb.reply);
+    assert_eq!(
+        balance_of(&rb),
+        balance_of(&r1),
+        "answered after the pay, with the balance it left"
+    );
+    assert_eq!(
+        sim.ledger().overlapping_calls,
+        0,
+        "two calls for one player at once"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE op = 'balance'")
+            .await,
+        1,
+        "the delivery was never requeued: one row, one answer"
+    );
+    until_balance_replies_confirmed(&db, 1).await;
+    wb.stop().await;
+    let b = env_b.settings().config.broker;
+    assert_eq!(
+        queue_depth(&b.command_queue).await,
+        0,
+        "B acked the balance"
+    );
+    assert!(
+        cb.next_reply(Duration::from_millis(300)).await.is_err(),
+        "one reply for the one delivery"
     );
     env_a.cleanup(&ca).await;
     env_b.cleanup(&cb).await;
