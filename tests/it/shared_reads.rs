@@ -283,3 +283,73 @@ async fn a_balance_waiting_on_a_killed_lease_holder_is_answered_once_by_the_next
     env_a.cleanup(&ca).await;
     env_b.cleanup(&cb).await;
 }
+
+/// A balance row is audited like any job: `outbox list --op balance`, `show`
+/// and `stats` see it; one that ended `unknown` (Midas busy past
+/// `retry.balance_give_up_after`) is re-opened by `outbox retry` and answered
+/// again, to the same reply target, and `outbox republish` re-sends that reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balance_row_is_listed_shown_retried_and_republished_by_the_outbox_verbs() {
+    use super::audit_cli::ok;
+    let db = TestDb::new("readaudit").await;
+    let mut env = TestEnv::new("rdv");
+    env.share_outbox(&db);
+    env.set("OUTBOX__URL", &format!("{}?sslmode=disable", db.url));
+    env.set("RETRY__BALANCE_GIVE_UP_AFTER", "1s");
+    let sim = env
+        .simulator(Faults {
+            busy_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let w = env.worker(&sim.base_url()).await;
+    let mut c = env.client().await;
+    let player = unique("ap");
+    c.publish(balance(&player).as_bytes(), "bal-v")
+        .await
+        .unwrap();
+    let r = c.reply_for("bal-v", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.reply.status, Some(midas_worker::command::Status::Unknown));
+    assert_eq!(r.reply.error.as_deref(), Some("retries_exhausted"));
+    let key: String = db
+        .client()
+        .await
+        .query_one("SELECT bill_no FROM jobs WHERE op = 'balance'", &[])
+        .await
+        .expect("the balance row")
+        .get(0);
+    let s = env.settings();
+    let list = ok(&s, &["list", "--op", "balance"]);
+    assert!(list.contains(&key) && list.contains("unknown"), "{list}");
+    let show = ok(&s, &["show", &key]);
+    assert!(show.contains("getbalance"), "{show}");
+    let stats = ok(&s, &["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stats).expect("stats json");
+    assert_eq!(v["by_op"]["balance"], 1, "{stats}");
+    // Midas answers again: the operator re-opens it, the lease holder asks again
+    sim.set_faults(Faults::default());
+    env.operator_retry(&key);
+    let again = c.reply_for("bal-v", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        again.reply.status,
+        Some(Status::Succeeded),
+        "{:?}",
+        again.reply
+    );
+    assert!(again.reply.balance.is_some());
+    ok(
+        &s,
+        &[
+            "republish",
+            &key,
+            "--actor",
+            "ops",
+            "--reason",
+            "lost reply",
+        ],
+    );
+    let copy = c.reply_for("bal-v", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(copy.raw, again.raw, "the same reply, byte for byte");
+    w.stop().await;
+    env.cleanup(&c).await;
+}
