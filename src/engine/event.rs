@@ -40,10 +40,11 @@ pub enum Event {
     /// replaces the older one's copy once its step under way ends; an older one
     /// is ignored (see `engine::lease`).
     Claimed(Vec<Job>),
-    /// Shared outbox: this worker's lease on these players (appid, openid) ran
-    /// out and another worker may hold them: their jobs are dropped (a step under
-    /// way finishes first; its outcome write is fenced by the outbox).
-    PlayersLost(Vec<(String, String)>),
+    /// Shared outbox: this worker's lease on these players, at these
+    /// generations, ran out and another worker may hold them: their jobs of that
+    /// generation or older are dropped (a step under way finishes first; its
+    /// outcome write is fenced by the outbox).
+    PlayersLost(Vec<super::HeldPlayer>),
     /// Shared outbox: the pre-call mark or the outcome of job `id` was fenced out
     /// (its player's lease is gone, of a newer generation, or too short for a
     /// call). No call is made. When the job's generation is still the newest the

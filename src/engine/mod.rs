@@ -25,6 +25,7 @@ pub mod record;
 pub mod scheduler;
 
 pub use event::{Action, BalanceCmd, Event};
+pub use lease::HeldPlayer;
 pub use record::{AttemptRow, Record, Update};
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -304,10 +305,7 @@ impl Engine {
                     }
                 }
             }
-            Event::PlayersLost(players) => {
-                let set: HashSet<(String, String)> = players.into_iter().collect();
-                self.drop_players(&set);
-            }
+            Event::PlayersLost(players) => self.drop_players(&players),
             Event::LeaseLost(id) => self.lease_lost(id, out),
         }
         self.prune_gens();

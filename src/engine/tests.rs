@@ -195,7 +195,7 @@ fn a_fenced_mark_drops_the_player_frees_the_slot_and_makes_no_call() {
     e.handle(Event::LeaseLost(1), 10, &mut out);
     assert!(calls(&out).is_empty() && marks(&out).is_empty(), "{out:?}");
     assert!(!e.holds(1) && !e.holds(2), "the player's jobs are dropped");
-    assert_eq!(e.players(), Vec::<(String, String)>::new());
+    assert_eq!(e.players(), Vec::new());
     // the slot is free: another player's job starts at once
     let mut other = job(3, "wx");
     other.params.openid = "p".into();
@@ -213,7 +213,11 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
     assert_eq!(calls(&out), vec![1]);
     out.clear();
     e.handle(
-        Event::PlayersLost(vec![("wx".into(), "o".into())]),
+        Event::PlayersLost(vec![HeldPlayer {
+            appid: "wx".into(),
+            openid: "o".into(),
+            gen: 0,
+        }]),
         2,
         &mut out,
     );

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use midas_worker::command::{Params, Reply};
 use midas_worker::engine::job::{Job, JobState};
-use midas_worker::engine::{Record, Update};
+use midas_worker::engine::{HeldPlayer, Record, Update};
 use midas_worker::secret::Secret;
 
 pub type Player = (String, String);
@@ -175,22 +175,23 @@ impl Outbox {
     pub fn tick(
         &mut self,
         me: u32,
-        held: &[Player],
+        held: &[HeldPlayer],
         renew: bool,
         now: i64,
-    ) -> (Vec<Player>, Vec<Job>) {
-        let mut lost = Vec::new();
+    ) -> (Vec<HeldPlayer>, Vec<Job>) {
+        let mut lost: Vec<HeldPlayer> = Vec::new();
         if renew {
-            let mut owned = HashSet::new();
+            let mut owned = HashMap::new();
             for (p, l) in self.leases.iter_mut() {
                 if l.owner == me {
                     l.expires = now + self.lease_ms;
-                    owned.insert(p.clone());
+                    owned.insert(p.clone(), l.gen);
                 }
             }
+            // by generation, like the coordinator's renewal
             lost = held
                 .iter()
-                .filter(|p| !owned.contains(*p))
+                .filter(|h| owned.get(&(h.appid.clone(), h.openid.clone())) != Some(&h.gen))
                 .cloned()
                 .collect();
             let pending: HashSet<Player> = self
@@ -201,7 +202,10 @@ impl Outbox {
                 .collect();
             self.leases
                 .retain(|p, l| l.owner != me || pending.contains(p));
-            let held: HashSet<&Player> = held.iter().collect();
+            let held: HashSet<Player> = held
+                .iter()
+                .map(|h| (h.appid.clone(), h.openid.clone()))
+                .collect();
             for r in self.rows.values_mut() {
                 if r.claimed_by == Some(me)
                     && r.state == JobState::Pending
@@ -214,7 +218,10 @@ impl Outbox {
         for r in self.rows.values_mut() {
             if r.claimed_by == Some(me)
                 && r.state == JobState::Pending
-                && lost.contains(&r.player())
+                && lost.iter().any(|h| {
+                    (h.appid.as_str(), h.openid.as_str())
+                        == (r.params.appid.as_str(), r.params.openid.as_str())
+                })
             {
                 r.claimed_by = None;
             }
@@ -256,7 +263,11 @@ impl Outbox {
             if r.state != JobState::Pending || r.claimed_by.is_some() {
                 continue;
             }
-            if let Some(l) = leases.get(&r.player()).filter(|l| l.owner == me) {
+            // only under a lease that has not run out, like the coordinator's claim
+            if let Some(l) = leases
+                .get(&r.player())
+                .filter(|l| l.owner == me && l.expires > now)
+            {
                 r.claimed_by = Some(me);
                 jobs.push(r.job(id, l.gen));
             }
