@@ -427,6 +427,9 @@ pub fn decide_read(
 }
 
 /// What to do after an answer to a `balance` or `query_order` ([`decide_read`]).
+// One per answer, moved once: boxing would add an allocation per answer (as
+// [`Decision`]).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReadDecision {
     /// Call again at `at` (unix ms).
