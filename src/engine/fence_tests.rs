@@ -295,7 +295,11 @@ fn a_lease_lost_at_an_older_generation_keeps_the_jobs_of_a_newer_take() {
     e.handle(Event::LeaseLost(1), 5, &mut out);
     out.clear();
     // it takes the player back at generation 3 before the coordinator's renewal
-    e.handle(Event::Claimed(vec![at_gen(1, 3), at_gen(2, 3)]), 10, &mut out);
+    e.handle(
+        Event::Claimed(vec![at_gen(1, 3), at_gen(2, 3)]),
+        10,
+        &mut out,
+    );
     assert_eq!(mark_gens(&out), vec![(1, 3)]);
     let held = e.players();
     assert_eq!(held.len(), 1);

@@ -93,7 +93,9 @@ struct Entry {
     reopen: Option<Job>,
     /// The answer that led to a balance fetch.
     duplicate_of: Option<Answer>,
-    /// Balance commands: where the reply goes.
+    /// Balance commands answered from memory (SQLite): where the reply goes. A
+    /// balance recorded as a row (shared outbox) has none: its outcome is
+    /// recorded and replied through its reply target like any job's.
     target: Option<(String, String)>,
     /// The player's lease is gone: dropped when the step under way ends.
     lost: bool,
