@@ -457,11 +457,17 @@ impl Dispatcher {
         tokio::spawn(async move {
             let id = record.job_id;
             match write_until_done(|| writer.record(record.clone()), stop).await {
-                WriteEnd::Done(replies) => {
-                    for r in replies {
+                WriteEnd::Done(landed) => {
+                    for r in landed.replies {
                         publisher.send(r);
                     }
-                    let _ = tx.send(Event::Recorded(id));
+                    let _ = tx.send(match landed.reopened_with {
+                        Some(key) => {
+                            tracing::info!(job_id = id, "a re-sent command brought a new session_key while the outcome was decided: the job runs again with it");
+                            Event::ReopenedWithKey(id, key)
+                        }
+                        None => Event::Recorded(id),
+                    });
                 }
                 WriteEnd::Fenced => {
                     let _ = tx.send(Event::LeaseLost(id));

@@ -32,6 +32,10 @@ pub enum Event {
     BalanceFetched(i64, Box<Answer>),
     /// The outcome of job `id` is durable (and its replies handed to the publisher).
     Recorded(i64),
+    /// A final outcome on a session problem of job `id` found a newer
+    /// session_key in the outbox and was written as a re-open with it instead
+    /// ([`crate::engine::SessionGuard`]): the job runs again with that key.
+    ReopenedWithKey(i64, crate::secret::Secret),
     /// Shared outbox: pending jobs of players this worker holds the lease of, read
     /// from the outbox (taken over from another worker, recorded by another
     /// worker, or re-opened), each with the lease generation it was claimed

@@ -39,6 +39,7 @@ mod push_receiver;
 mod query_order;
 mod reliability;
 mod schema_examples;
+mod session_race;
 mod shared_pg;
 mod shared_reads;
 mod sim_http;

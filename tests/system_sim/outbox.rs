@@ -82,6 +82,9 @@ pub struct Fences {
     /// A balance is a row run under its player's lease (off: the worker that
     /// received it answers it from memory, as before issue #20's fix).
     pub reads_as_rows: bool,
+    /// A re-send with a new session_key that re-opens a job owes the new final
+    /// reply to every target of the job, not only its own.
+    pub reopen_targets: bool,
 }
 
 #[derive(Debug)]
@@ -98,6 +101,8 @@ pub struct Outbox {
 /// What a landed outcome asks the publisher to send.
 pub struct Landed {
     pub replies: Vec<(String, Vec<u8>, u32)>,
+    /// A guarded final outcome found a newer session_key: re-opened with it.
+    pub reopened_with: Option<String>,
 }
 
 impl Outbox {
@@ -347,6 +352,20 @@ impl Outbox {
                 row.next_attempt_at = *next_attempt_at;
                 Ok(Some(Landed {
                     replies: Vec::new(),
+                    reopened_with: None,
+                }))
+            }
+            Update::Final { .. }
+                if r.session_guard.as_ref().is_some_and(|g| {
+                    row.key.is_some() && row.key.as_deref() != g.used.as_ref().map(Secret::expose)
+                }) =>
+            {
+                // a re-send brought a new session_key meanwhile: re-opened with it
+                row.next_attempt_at = r.now;
+                row.reopened_at = Some(r.now);
+                Ok(Some(Landed {
+                    replies: Vec::new(),
+                    reopened_with: row.key.clone(),
                 }))
             }
             Update::Final { state, reply } => {
@@ -360,7 +379,10 @@ impl Outbox {
                     .filter(|(_, done)| !**done)
                     .map(|(c, _)| (c.clone(), reply.clone(), row.epoch))
                     .collect();
-                Ok(Some(Landed { replies }))
+                Ok(Some(Landed {
+                    replies,
+                    reopened_with: None,
+                }))
             }
         }
     }

@@ -30,7 +30,7 @@ use crate::engine::Record;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
-use crate::outbox::writer::{decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply};
+use crate::outbox::writer::{decode_params, Confirmed, Intake, IntakeOutcome, Landed};
 use crate::outbox::OutboxError;
 use crate::secret::{Secret, SecretUrl};
 
@@ -84,10 +84,7 @@ pub struct Fence {
 #[allow(clippy::large_enum_variant)]
 enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
-    Record(
-        Box<Record>,
-        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
-    ),
+    Record(Box<Record>, oneshot::Sender<Result<Landed, OutboxError>>),
     Mark(
         Vec<(i64, i64, i64)>,
         oneshot::Sender<Result<Marked, OutboxError>>,
@@ -140,7 +137,7 @@ impl PgWriter {
         rx.await.map_err(|_| OutboxError::WriterGone)?
     }
 
-    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+    pub async fn record(&self, r: Record) -> Result<Landed, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Record(Box::new(r), tx))
@@ -300,8 +297,8 @@ enum Pending {
         Result<IntakeOutcome, OutboxError>,
     ),
     Record(
-        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
-        Result<Option<Vec<OutgoingReply>>, OutboxError>,
+        oneshot::Sender<Result<Landed, OutboxError>>,
+        Result<Option<Landed>, OutboxError>,
     ),
     Mark(
         oneshot::Sender<Result<Marked, OutboxError>>,
@@ -341,7 +338,7 @@ macro_rules! in_savepoint {
 #[allow(clippy::large_enum_variant)]
 enum Done {
     Intake(IntakeOutcome),
-    Record(Option<Vec<OutgoingReply>>),
+    Record(Option<Landed>),
     Mark(Marked),
     Push(PushStored),
     Nothing,
