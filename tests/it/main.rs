@@ -15,6 +15,7 @@ mod common;
 mod audit_cli;
 mod config_cli;
 mod console;
+mod console_limit;
 mod contract;
 mod crash;
 mod dead_letter;
