@@ -36,8 +36,9 @@ pub enum DispatchMsg {
     Reopened(Job),
     /// A pending job a re-sent or redelivered command joined.
     Rejoin(Job),
-    /// A command without an outbox row (`balance`): answered from memory; the
-    /// one-shot learns whether its reply was confirmed (its delivery is acked then).
+    /// A command without an outbox row (`balance` on a SQLite outbox; a shared
+    /// outbox records it as a job): answered from memory; the one-shot learns
+    /// whether its reply was confirmed (its delivery is acked then).
     Direct(Box<BalanceCmd>, oneshot::Sender<bool>),
     /// An operator re-opened jobs: load pending jobs re-opened by actions after this id.
     Reload { after_action: i64 },

@@ -123,7 +123,8 @@ pub async fn start(
             tracing::info!(worker = %fence.me, "shared PostgreSQL outbox: jobs run under player leases");
             let (w, task) = PgWriter::start(url.clone(), fence.clone()).await?;
             let coord = Coordinator::new(url.clone(), fence);
-            (Outbox::Postgres(w), Closer::Task(task), Some(coord))
+            let watch = crate::outbox::postgres::confirms::ReplyWatch::start(url.clone());
+            (Outbox::Postgres(w, watch), Closer::Task(task), Some(coord))
         }
     };
     let mut sim = None;

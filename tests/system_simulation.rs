@@ -7,8 +7,13 @@
 //! on 1.0 and 2.0 apps. The model Midas (`system_sim/midas.rs`) is strict: full
 //! errcode tables, sessions that expire on their own, deduplication for 48 h.
 //!
+//! Game servers also ask for balances: on a shared outbox each is a row of its
+//! own (a synthetic key), run under its player's lease like any job.
+//!
 //! Invariants, checked after every step: at most one call in flight per player
-//! across the workers; a player's calls in arrival order; every final reply
+//! across the workers (getbalance calls included); a player's calls in arrival
+//! order (balances included); a balance's reply, when its outcome lands, shows
+//! the player's balance as it is then (after every earlier job); every final reply
 //! agrees with the ledger (so `failed` only when no call of the bill applied);
 //! no call past the 47 h window; after the run every command is answered, a
 //! repeated reply is identical, copies are bounded. A write of a lease
@@ -31,7 +36,7 @@ use midas_worker::command::{Op, Params, Reply};
 use midas_worker::config::{Dur, RetryConfig};
 use midas_worker::engine::job::{reopens_with_new_session_key, JobState};
 use midas_worker::engine::Record;
-use midas_worker::engine::{Action, Engine, EngineConfig, Event};
+use midas_worker::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
 use midas_worker::midas::errcode::MidasApi;
 use midas_worker::midas::{Answer, Api};
 use midas_worker::secret::Secret;
@@ -295,15 +300,18 @@ impl Sim {
                 p.openid, o.worker
             ));
         }
-        if balance {
+        if balance || id < 0 {
+            // a getbalance after a duplicate; a balance answered from memory
             return Ok(());
         }
         let Some(row) = self.ob.rows.get(&id) else {
             return Err(format!("call of an unknown job {id}"));
         };
         // never past the job's deadline (give_up_after, and at most 47 h after its
-        // first call): judged on the worker's clock, off by at most 300 ms
-        let deadline = midas_worker::engine::job::deadline(&row.job(id, 0), &self.cfg.retry);
+        // first call): judged on the worker's clock, off by at most 300 ms (a
+        // balance moves nothing and has no bill_no window)
+        let deadline = midas_worker::engine::job::deadline(&row.job(id, 0), &self.cfg.retry)
+            .filter(|_| !p.op.is_read());
         if let Some(d) = deadline {
             if self.now > d + 300 {
                 return Err(format!(
@@ -354,7 +362,11 @@ impl Sim {
             "wx1"
         };
         let roll = self.rng.random_range(0..100);
-        let (op, bill) = if roll < 20 && appid == "wx1" {
+        let (op, bill) = if roll >= 92 {
+            // a balance: a row with a key of its own (`~…`, never a client's)
+            self.bills += 1;
+            (Op::Balance, format!("~{}", self.bills))
+        } else if roll < 20 && appid == "wx1" {
             let pays: Vec<String> = self
                 .ob
                 .rows
@@ -388,6 +400,19 @@ impl Sim {
         }
         let amt = self.rng.random_range(1..400);
         let p = params(op, &bill, &openid, appid, amt);
+        if op.is_read() && !self.ob.fences.reads_as_rows {
+            // reverted: answered from memory here, whoever holds the player
+            let mut p = p;
+            p.bill_no = None;
+            let cmd = BalanceCmd {
+                params: p,
+                session_key: None,
+                reply_to: "q".into(),
+                correlation_id: self.new_cid(),
+                received_at: self.now,
+            };
+            return self.feed(w, Event::Balance(Box::new(cmd)));
+        }
         let id = self.ob.rows.keys().next_back().copied().unwrap_or(0) + 1;
         let key = format!("k-{}", self.rng.random::<u32>());
         let cid = self.new_cid();
@@ -428,7 +453,17 @@ impl Sim {
         if self.ob.rows.is_empty() || !self.can_write(w) || !self.workers[w].broker {
             return Ok(());
         }
-        let ids: Vec<i64> = self.ob.rows.keys().copied().collect();
+        // a balance sent again is a new delivery: a new row (new_command)
+        let ids: Vec<i64> = self
+            .ob
+            .rows
+            .iter()
+            .filter(|(_, r)| !r.params.op.is_read())
+            .map(|(&id, _)| id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
         let id = ids[self.rng.random_range(0..ids.len())];
         let key = format!("k2-{}", self.rng.random::<u32>());
         let cid = self.new_cid();

@@ -8,12 +8,16 @@
 //! dead-letter queue ([`super::deadletter`]) and, once confirmed, the command is
 //! acked. Storage trouble requeues the delivery after a pause.
 //!
-//! A command without an outbox row (`balance`, `query_order`) is acked only once
-//! its reply is confirmed by the broker: it is handed to the dispatcher with a
-//! one-shot that reports the confirm, and settled when that comes (a crash, a
-//! broker outage or a nacked reply leaves it unacked, so the broker delivers it
-//! again). While such a delivery is outstanding, later acks are sent one by one:
-//! a `multiple` ack would cover it.
+//! A `balance` or `query_order` is acked only once its reply is confirmed by the
+//! broker (a crash, a broker outage or a nacked reply leaves it unacked, so the
+//! broker delivers it again, for a fresh answer). On a SQLite outbox it has no
+//! row: it is handed to the dispatcher with a one-shot that reports the confirm.
+//! On a shared outbox it is recorded as a row with a key of its own
+//! ([`read_key`]) and its reply target, so that the worker holding the player's
+//! lease answers it in the player's order, fenced like any job; this worker
+//! waits for that target's confirm ([`Outbox::reply_confirmed`]). While such a
+//! delivery is outstanding, later acks are sent one by one: a `multiple` ack
+//! would cover it.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use std::time::Duration;
 
 use std::collections::BTreeSet;
 
+use futures_util::future::BoxFuture;
 use futures_util::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
@@ -40,6 +45,10 @@ use crate::outbox::{Intake, IntakeOutcome, Outbox, OutgoingReply};
 
 /// How often a paused intake looks whether the dispatcher caught up.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
+
+/// At shutdown, how long deliveries waiting for their reply's confirm may still
+/// be acked (the dispatcher finishes its calls meanwhile, within its own grace).
+pub(super) const DEFERRED_GRACE: Duration = Duration::from_secs(3);
 
 /// Pause before requeueing a delivery the outbox could not take.
 const STORAGE_RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -65,14 +74,14 @@ enum Disposition {
     Ack(Option<DispatchMsg>),
     /// Rejected without requeue: the broker dead-letters it unchanged.
     Reject,
-    /// Hand the message over now; ack (or requeue) when the one-shot reports
-    /// whether the command's reply was confirmed.
-    Defer(DispatchMsg, oneshot::Receiver<bool>),
+    /// Hand the message (if any) over now; ack (or requeue) when the future
+    /// reports whether the command's reply was confirmed.
+    Defer(Option<DispatchMsg>, BoxFuture<'static, bool>),
     Requeue,
 }
 
 /// Deliveries handed over and not settled yet, each waiting for its reply's confirm.
-type Deferred = FuturesUnordered<futures_util::future::BoxFuture<'static, (u64, bool)>>;
+type Deferred = FuturesUnordered<BoxFuture<'static, (u64, bool)>>;
 
 /// Consume commands on `ch` until it fails or `shutdown` turns true.
 pub async fn run(
@@ -141,9 +150,26 @@ pub async fn run(
         while let Some(r) = pending.next().await {
             batch.push(r);
         }
-        // deferred deliveries still waiting are left unacked: the broker gives
-        // them to another worker (or this one, restarted) when the channel closes
         settle(ch, ctx, batch, &mut deferred, &mut outstanding).await?;
+        // deferred deliveries whose reply is being confirmed (or is, and is being
+        // seen) get a short grace, so a stop does not turn an answered balance
+        // into a redelivery and a second answer; those still waiting after it are
+        // left unacked: the broker gives them to another worker (or this one,
+        // restarted) when the channel closes
+        let grace = tokio::time::sleep(DEFERRED_GRACE);
+        tokio::pin!(grace);
+        while !deferred.is_empty() {
+            tokio::select! {
+                _ = &mut grace => break,
+                Some((tag, confirmed)) = deferred.next() => {
+                    if confirmed {
+                        ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
+                    } else {
+                        ch.basic_nack(tag, BasicNackOptions { multiple: false, requeue: true }).await?;
+                    }
+                }
+            }
+        }
     }
     result
 }
@@ -167,11 +193,12 @@ async fn settle(
             other => {
                 ack_run(ch, &mut run, outstanding).await?;
                 match other {
-                    Disposition::Defer(msg, rx) => {
-                        let _ = ctx.dispatcher.send(msg);
+                    Disposition::Defer(msg, confirmed) => {
+                        if let Some(m) = msg {
+                            let _ = ctx.dispatcher.send(m);
+                        }
                         outstanding.insert(tag);
-                        // a dropped one-shot (the dispatcher stopped): requeued
-                        deferred.push(Box::pin(async move { (tag, rx.await.unwrap_or(false)) }));
+                        deferred.push(Box::pin(async move { (tag, confirmed.await) }));
                     }
                     other => {
                         let requeue = matches!(other, Disposition::Requeue);
@@ -271,10 +298,18 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
         );
         return reject(ctx, &rej, &body, &props, now).await;
     }
-    if op.is_read() {
+    let read = op.is_read();
+    if read && !ctx.writer.is_shared() {
         return balance(ctx, cmd, &props, now);
     }
-    let (reply_to, correlation_id) = target(&props, ctx, cmd.params.bill_no.as_deref());
+    let mut cmd = cmd;
+    if read {
+        // a shared outbox: recorded as a row of its own, run where the player's
+        // lease is held (module doc)
+        cmd.params.bill_no = Some(read_key());
+    }
+    let (reply_to, correlation_id) =
+        target(&props, ctx, cmd.params.bill_no.as_deref().filter(|_| !read));
     let bill_no = cmd.params.bill_no.clone();
     let intake = Intake {
         command: cmd,
@@ -295,6 +330,9 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
             other => break other,
         }
     };
+    if read {
+        return read_recorded(ctx, outcome, op, intake.reply_to, intake.correlation_id);
+    }
     match outcome {
         Ok(IntakeOutcome::New(job)) => {
             METRICS.command(op.as_str(), "accepted");
@@ -419,14 +457,14 @@ async fn dead_letter(
     }
 }
 
-/// `balance` (and `query_order`, answered the same way from `queryorderinfo`)
-/// moves nothing: it has no outbox row and is handed to the dispatcher,
+/// On a SQLite outbox, `balance` (and `query_order`, answered the same way from
+/// `queryorderinfo`) moves nothing: it has no outbox row and is handed to the dispatcher,
 /// which answers it in the player's order, under the same limits as any call.
 /// Its delivery is acked once the reply is confirmed ([`Disposition::Defer`]).
 fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> Disposition {
     let (reply_to, correlation_id) = target(props, ctx, None);
     METRICS.command(cmd.params.op.as_str(), "accepted");
-    let (tx, rx) = oneshot::channel();
+    let (tx, rx) = oneshot::channel::<bool>();
     let msg = DispatchMsg::Direct(
         Box::new(BalanceCmd {
             params: cmd.params,
@@ -437,5 +475,49 @@ fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> 
         }),
         tx,
     );
-    Disposition::Defer(msg, rx)
+    // a dropped one-shot (the dispatcher stopped): requeued
+    Disposition::Defer(Some(msg), rx.map(|r| r.unwrap_or(false)).boxed())
+}
+
+/// The key of a `balance` or `query_order` row on a shared outbox: `~` and 128
+/// random bits in hex. No client bill_no can equal it (those are
+/// `[A-Za-z0-9_-]`), and each delivery gets its own (a redelivery is answered
+/// afresh, never joined to an earlier row).
+pub fn read_key() -> String {
+    format!("~{:032x}", rand::random::<u128>())
+}
+
+/// A `balance` or `query_order` recorded on a shared outbox: handed to the
+/// dispatcher when this worker holds the player (otherwise its lease holder
+/// loads it, in the player's order), and acked once its reply is confirmed,
+/// whichever worker published it ([`Outbox::reply_confirmed`]).
+fn read_recorded(
+    ctx: &IntakeCtx,
+    outcome: Result<IntakeOutcome, crate::outbox::OutboxError>,
+    op: Op,
+    reply_to: String,
+    correlation_id: String,
+) -> Disposition {
+    let (job_id, msg) = match outcome {
+        Ok(IntakeOutcome::New(job)) => (job.id, Some(DispatchMsg::Job(job))),
+        Ok(IntakeOutcome::Elsewhere { job_id }) => (job_id, None),
+        Ok(_) => {
+            // a fresh random key met an existing row: answer it on redelivery
+            tracing::warn!("the key drawn for a balance's row was taken; requeueing it");
+            return Disposition::Requeue;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "shutting down with the outbox unavailable; the command stays in the queue");
+            return Disposition::Requeue;
+        }
+    };
+    METRICS.command(op.as_str(), "accepted");
+    let writer = ctx.writer.clone();
+    let confirmed = async move {
+        writer
+            .reply_confirmed(job_id, &reply_to, &correlation_id)
+            .await
+    }
+    .boxed();
+    Disposition::Defer(msg, confirmed)
 }

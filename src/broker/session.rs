@@ -98,14 +98,28 @@ async fn session(
             consumer::run(&cons_ch, ctx, &mut shutdown).await?;
         }
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, cons_ch.close(200, "shutdown".into())).await;
-        // keep publishing until told to stop
-        std::future::pending::<()>().await;
         Ok::<(), BrokerError>(())
     };
     let publishing = pq.run(&pub_ch, &writer, &mut stop_publishing);
-    let r = tokio::select! {
-        r = intake => ("intake", r),
-        r = publishing => ("publisher", r),
+    tokio::pin!(intake, publishing);
+    let mut intake_done = false;
+    let r = loop {
+        tokio::select! {
+            r = &mut intake, if !intake_done => match r {
+                // stopped on `shutdown`: keep publishing until told to stop
+                Ok(()) => intake_done = true,
+                Err(e) => break ("intake", Err(e)),
+            },
+            r = &mut publishing => {
+                // told to stop: intake may still be acking deliveries whose reply
+                // was just confirmed (its bounded grace at shutdown)
+                if r.is_ok() && !intake_done {
+                    let grace = consumer::DEFERRED_GRACE + CLOSE_TIMEOUT;
+                    let _ = tokio::time::timeout(grace, &mut intake).await;
+                }
+                break ("publisher", r);
+            }
+        }
     };
     tracing::debug!(side = r.0, ok = r.1.is_ok(), "broker session ended");
     r.1

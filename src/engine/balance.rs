@@ -1,13 +1,14 @@
-//! Balances: `balance` commands (no outbox row; retried until
-//! `retry.balance_give_up_after`, answered from memory) and the getbalance that
-//! follows a duplicate answer (the reply of a repeated bill_no carries the
+//! Balances: `balance` and `query_order` commands answered from memory (a
+//! SQLite outbox: no row; retried until `retry.balance_give_up_after`, decided by
+//! [`job::decide_read`], as the rows of a shared outbox are) and the getbalance
+//! that follows a duplicate answer (the reply of a repeated bill_no carries the
 //! current balance).
 
-use super::job::{self, Job, JobState};
+use super::job::{self, Job, JobState, ReadDecision};
 use super::record::AttemptRow;
 use super::scheduler::Order;
 use super::{context, final_update, record, Action, BalanceCmd, Engine, Entries, Entry, Phase};
-use crate::midas::{Answer, OutcomeClass};
+use crate::midas::Answer;
 
 impl Engine {
     pub(super) fn add_balance(&mut self, b: BalanceCmd, now: i64) {
@@ -41,29 +42,13 @@ impl Engine {
             return;
         };
         let ctx = context(cfg, &e.job.params.appid, false);
-        let retry = &cfg.retry;
-        let limit = e.job.received_at + retry.balance_give_up_after.0.as_millis() as i64;
-        let retry_at = match answer.class {
-            OutcomeClass::Transient | OutcomeClass::TokenInvalid => {
-                let at = if answer.class == OutcomeClass::TokenInvalid && e.job.token_retries <= 1 {
-                    now
-                } else {
-                    now + job::backoff_delay(retry, e.job.attempts, jitter).as_millis() as i64
-                };
-                // retried until the give-up time, the last call at the latest
-                // then: `unknown` only after it (never one backoff early)
-                (now < limit).then_some(at.min(limit))
-            }
-            _ => None,
-        };
         let openid = e.job.params.openid.clone();
-        match retry_at {
-            Some(at) => {
+        match job::decide_read(&e.job, &answer, now, &cfg.retry, ctx, jitter) {
+            ReadDecision::Retry { at } => {
                 e.job.next_attempt_at = at;
                 e.phase = Phase::Waiting;
             }
-            None => {
-                let reply = job::balance_reply(&e.job, &answer, now, ctx);
+            ReadDecision::Final { reply, .. } => {
                 if let Some((reply_to, correlation_id)) = e.target.take() {
                     out.push(Action::Reply {
                         reply_to,

@@ -60,7 +60,10 @@ impl Engine {
         let Some(e) = self.entries.get_mut(&id) else {
             return false;
         };
-        if job::deadline(&e.job, &cfg.retry).is_some_and(|d| now >= d) {
+        // (a `balance`/`query_order` row has no bill_no window: job::decide_read
+        // ends it past its own deadline)
+        let read = e.job.params.op.is_read();
+        if !read && job::deadline(&e.job, &cfg.retry).is_some_and(|d| now >= d) {
             let ctx = context(cfg, &e.job.params.appid, false);
             let reply = job::exhausted(&e.job, None, now, ctx);
             self.sched.no_call();

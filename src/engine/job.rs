@@ -381,6 +381,72 @@ fn reply(job: &Job, status: Status, answer: &Answer, now: i64, ctx: Context) -> 
     r
 }
 
+/// When a `balance` or `query_order` is given up: `retry.balance_give_up_after`
+/// from its receipt (or from its re-open, for a row an operator re-opened).
+pub fn read_deadline(job: &Job, retry: &RetryConfig) -> i64 {
+    let start = job
+        .reopened_at
+        .map_or(job.received_at, |r| r.max(job.received_at));
+    start.saturating_add(retry.balance_give_up_after.0.as_millis() as i64)
+}
+
+/// Decide a `balance` or `query_order` from `answer` (the job's `attempts` already
+/// count this call), whether it is answered from memory (SQLite) or runs as a row
+/// of a shared outbox: transient answers are retried until [`read_deadline`], the
+/// last call at the latest then (`unknown` only after it, never one backoff
+/// early); any other answer is final, in the shape of [`balance_reply`]. A read
+/// has no bill_no to deduplicate: a 90012 is a definitive answer like any other.
+pub fn decide_read(
+    job: &Job,
+    answer: &Answer,
+    now: i64,
+    retry: &RetryConfig,
+    ctx: Context,
+    jitter: f64,
+) -> ReadDecision {
+    let limit = read_deadline(job, retry);
+    if matches!(
+        answer.class,
+        OutcomeClass::Transient | OutcomeClass::TokenInvalid
+    ) && now < limit
+    {
+        let at = if answer.class == OutcomeClass::TokenInvalid && job.token_retries <= 1 {
+            now
+        } else {
+            now.saturating_add(backoff_delay(retry, job.attempts, jitter).as_millis() as i64)
+        };
+        return ReadDecision::Retry { at: at.min(limit) };
+    }
+    let reply = balance_reply(job, answer, now, ctx);
+    let state = match reply.status {
+        Some(Status::Succeeded) => JobState::Succeeded,
+        Some(Status::Failed) => JobState::Failed,
+        _ => JobState::Unknown,
+    };
+    ReadDecision::Final { state, reply }
+}
+
+/// What to do after an answer to a `balance` or `query_order` ([`decide_read`]).
+// One per answer, moved once: boxing would add an allocation per answer (as
+// [`Decision`]).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadDecision {
+    /// Call again at `at` (unix ms).
+    Retry { at: i64 },
+    /// Final: this reply.
+    Final { state: JobState, reply: Reply },
+}
+
+impl From<ReadDecision> for Decision {
+    fn from(d: ReadDecision) -> Decision {
+        match d {
+            ReadDecision::Retry { at } => Decision::Retry { at },
+            ReadDecision::Final { state, reply } => Decision::Final { state, reply },
+        }
+    }
+}
+
 /// The reply to a `balance` command (no outbox row): the getbalance fields, or
 /// `unknown` when no definitive answer came before `retry.balance_give_up_after`.
 pub fn balance_reply(job: &Job, answer: &Answer, now: i64, ctx: Context) -> Reply {

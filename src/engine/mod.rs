@@ -93,7 +93,9 @@ struct Entry {
     reopen: Option<Job>,
     /// The answer that led to a balance fetch.
     duplicate_of: Option<Answer>,
-    /// Balance commands: where the reply goes.
+    /// Balance commands answered from memory (SQLite): where the reply goes. A
+    /// balance recorded as a row (shared outbox) has none: its outcome is
+    /// recorded and replied through its reply target like any job's.
     target: Option<(String, String)>,
     /// The player's lease is gone: dropped when the step under way ends.
     lost: bool,
@@ -432,15 +434,22 @@ impl Engine {
             self.begin_call(id, out);
             return;
         }
+        // a `balance`/`query_order` row moves nothing and has no bill_no window:
+        // it is called, and job::decide_read ends it past its own deadline
+        let read = e.job.params.op.is_read();
         let end = if !known {
             Some(job::unknown_app(&e.job, now, ctx))
-        } else if past {
+        } else if past && !read {
             // the bill_no window is closing: never send it again
             Some((JobState::Unknown, job::exhausted(&e.job, None, now, ctx)))
         } else {
             None
         };
-        if let Some((state, reply)) = end {
+        if let Some((state, mut reply)) = end {
+            if read {
+                // its key is the outbox's, not the client's
+                reply.bill_no = None;
+            }
             self.sched.no_call();
             e.phase = Phase::Recording(None);
             out.push(Action::Record(record(
@@ -543,7 +552,14 @@ impl Engine {
             started_at: now - answer.latency.as_millis() as i64,
             answer: answer.clone(),
         };
-        match job::decide(&e.job, &answer, now, &self.cfg.retry, ctx, jitter) {
+        let decision = if e.job.params.op.is_read() {
+            // a `balance` or `query_order` recorded on a shared outbox: decided as
+            // one answered from memory, its outcome recorded under the lease
+            job::decide_read(&e.job, &answer, now, &self.cfg.retry, ctx, jitter).into()
+        } else {
+            job::decide(&e.job, &answer, now, &self.cfg.retry, ctx, jitter)
+        };
+        match decision {
             Decision::Retry { at } => {
                 self.sched.call_returned();
                 e.job.next_attempt_at = at;
@@ -751,5 +767,7 @@ pub fn is_direct(op: Op) -> bool {
 
 #[cfg(test)]
 mod fence_tests;
+#[cfg(test)]
+mod read_tests;
 #[cfg(test)]
 mod tests;

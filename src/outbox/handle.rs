@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use super::health::WriteStatus;
+use super::postgres::confirms::ReplyWatch;
 use super::postgres::writer::PgWriter;
 use super::pushes::{NewPush, PushStored, UnpublishedEvent};
 use super::query::Gauges;
@@ -82,20 +83,21 @@ pub struct GiveBack {
 #[derive(Clone)]
 pub enum Outbox {
     Sqlite(Writer),
-    Postgres(PgWriter),
+    /// The writer, and the watch on the replies of `balance`/`query_order` rows.
+    Postgres(PgWriter, ReplyWatch),
 }
 
 impl Outbox {
     /// Whether several workers share this outbox (jobs run under player leases).
     pub fn is_shared(&self) -> bool {
-        matches!(self, Outbox::Postgres(_))
+        matches!(self, Outbox::Postgres(..))
     }
 
     /// Whether the last commit succeeded (for `/readyz`).
     pub fn healthy(&self) -> bool {
         match self {
             Outbox::Sqlite(w) => w.healthy(),
-            Outbox::Postgres(w) => w.healthy(),
+            Outbox::Postgres(w, _) => w.healthy(),
         }
     }
 
@@ -103,7 +105,7 @@ impl Outbox {
     pub fn write_status(&self) -> WriteStatus {
         match self {
             Outbox::Sqlite(w) => w.health().status(),
-            Outbox::Postgres(w) => w.health().status(),
+            Outbox::Postgres(w, _) => w.health().status(),
         }
     }
 
@@ -111,7 +113,7 @@ impl Outbox {
     pub async fn intake(&self, i: Intake) -> Result<IntakeOutcome, OutboxError> {
         match self {
             Outbox::Sqlite(w) => w.intake(i).await,
-            Outbox::Postgres(w) => w.intake(i).await,
+            Outbox::Postgres(w, _) => w.intake(i).await,
         }
     }
 
@@ -121,7 +123,7 @@ impl Outbox {
     pub async fn record(&self, r: Record) -> Result<Landed, OutboxError> {
         match self {
             Outbox::Sqlite(w) => w.record(r).await,
-            Outbox::Postgres(w) => w.record(r).await,
+            Outbox::Postgres(w, _) => w.record(r).await,
         }
     }
 
@@ -135,7 +137,7 @@ impl Outbox {
                 let marks = marks.into_iter().map(|(id, at, _)| (id, at)).collect();
                 w.mark_calls(marks).await.map(|()| Marked::default())
             }
-            Outbox::Postgres(w) => w.mark_calls(marks).await,
+            Outbox::Postgres(w, _) => w.mark_calls(marks).await,
         }
     }
 
@@ -143,7 +145,7 @@ impl Outbox {
     pub async fn flush(&self) -> Result<(), OutboxError> {
         match self {
             Outbox::Sqlite(w) => w.flush().await,
-            Outbox::Postgres(w) => w.flush().await,
+            Outbox::Postgres(w, _) => w.flush().await,
         }
     }
 
@@ -152,7 +154,7 @@ impl Outbox {
     pub async fn store_push(&self, p: NewPush) -> Result<PushStored, OutboxError> {
         match self {
             Outbox::Sqlite(w) => w.store_push(p).await,
-            Outbox::Postgres(w) => w.store_push(p).await,
+            Outbox::Postgres(w, _) => w.store_push(p).await,
         }
     }
 
@@ -160,7 +162,7 @@ impl Outbox {
     pub fn push_published(&self, ids: Vec<i64>, now: i64) {
         match self {
             Outbox::Sqlite(w) => w.push_published(ids, now),
-            Outbox::Postgres(w) => w.push_published(ids, now),
+            Outbox::Postgres(w, _) => w.push_published(ids, now),
         }
     }
 
@@ -173,7 +175,21 @@ impl Outbox {
     ) -> Result<Vec<UnpublishedEvent>, OutboxError> {
         match self {
             Outbox::Sqlite(w) => w.unpublished_events(limit, before).await,
-            Outbox::Postgres(w) => w.unpublished_events(limit, before).await,
+            Outbox::Postgres(w, _) => w.unpublished_events(limit, before).await,
+        }
+    }
+
+    /// Shared outbox: resolves `true` once the reply of row `job_id` (a `balance`
+    /// or `query_order` recorded at intake) to (`reply_to`, `correlation_id`) is
+    /// confirmed by the broker, whichever worker published it; `false` when it
+    /// will not be soon (the row is final and its reply still unconfirmed after
+    /// a while, or the row is gone): its delivery is then requeued for a fresh
+    /// answer. A pending row is waited for as long as its player's earlier jobs
+    /// run. Always `false` on SQLite, which records no such rows.
+    pub async fn reply_confirmed(&self, job_id: i64, reply_to: &str, correlation_id: &str) -> bool {
+        match self {
+            Outbox::Sqlite(_) => false,
+            Outbox::Postgres(_, watch) => watch.confirmed(job_id, reply_to, correlation_id).await,
         }
     }
 
@@ -181,7 +197,7 @@ impl Outbox {
     pub fn published(&self, targets: Vec<super::writer::Confirmed>, now: i64) {
         match self {
             Outbox::Sqlite(w) => w.published(targets, now),
-            Outbox::Postgres(w) => w.published(targets, now),
+            Outbox::Postgres(w, _) => w.published(targets, now),
         }
     }
 }

@@ -788,7 +788,10 @@ async fn stats_counts_states_ops_percentiles_and_replies() {
         v["by_status"],
         json!({"pending": 1, "succeeded": 4, "failed": 3, "unknown": 3})
     );
-    assert_eq!(v["by_op"], json!({"pay": 9, "present": 1, "cancel_pay": 1}));
+    assert_eq!(
+        v["by_op"],
+        json!({"pay": 9, "present": 1, "cancel_pay": 1, "balance": 0, "query_order": 0})
+    );
     assert_eq!(v["oldest_pending"]["bill_no"], "B-PEND");
     assert!(v["oldest_pending"]["age_seconds"].as_i64().unwrap_or(0) > 199 * 86_400);
     assert_eq!(v["attempts_per_final_job"]["p50"], 1);

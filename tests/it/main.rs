@@ -42,6 +42,7 @@ mod reliability;
 mod schema_examples;
 mod session_race;
 mod shared_pg;
+mod shared_reads;
 mod sim_http;
 mod sim_v2;
 mod v2_e2e;

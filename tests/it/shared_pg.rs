@@ -646,7 +646,7 @@ async fn sigterm_during_start_up_stops_the_worker_cleanly() {
     );
 }
 
-/// A version-2 outbox (no lease generation) is brought to version 3 in place when
+/// A version-2 outbox (no lease generation) is brought to version 4 in place when
 /// a worker opens it: its leases get a generation, and every new take draws a
 /// higher one.
 #[tokio::test]
@@ -667,7 +667,7 @@ async fn a_version_2_outbox_gets_lease_generations_in_place() {
         .await
         .expect("migrated");
     assert_eq!(
-        db.count("SELECT count(*) FROM meta WHERE key = 'schema_version' AND value = '3'")
+        db.count("SELECT count(*) FROM meta WHERE key = 'schema_version' AND value = '4'")
             .await,
         1
     );

@@ -32,7 +32,8 @@ pub struct Bill {
 #[derive(Debug, Default)]
 pub struct Midas {
     pub bills: HashMap<String, Bill>,
-    pub balance: HashMap<String, i64>,
+    /// Per player (appid, openid): each app is its own Midas account.
+    pub balance: HashMap<(String, String), i64>,
     /// session_key → when it expires (set at its first use).
     pub sessions: HashMap<String, i64>,
     /// (api, bill_no) → the first call Midas saw (a 1.0 cancel names its pay's
@@ -121,7 +122,8 @@ impl Midas {
                 .entry((api.name(), p.bill_no.clone().unwrap_or_default()))
                 .or_insert(now)
         };
-        let bal = *self.balance.entry(p.openid.clone()).or_insert(500);
+        let player = (p.appid.clone(), p.openid.clone());
+        let bal = *self.balance.entry(player.clone()).or_insert(500);
         let bill_no = p.bill_no.clone().unwrap_or_default();
         let a = match api {
             Api::GetBalance => answer(api, v, Some(0), Some(bal)),
@@ -142,7 +144,7 @@ impl Midas {
                         } else {
                             bal + p.present_counts.unwrap_or(0)
                         };
-                        self.balance.insert(p.openid.clone(), nb);
+                        self.balance.insert(player, nb);
                         b.applied += 1;
                         if b.applied > 1 {
                             return Err(format!(

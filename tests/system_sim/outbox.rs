@@ -79,6 +79,9 @@ pub struct Lease {
 pub struct Fences {
     /// Marks, outcomes and give-backs name the generation they were decided under.
     pub generation: bool,
+    /// A balance is a row run under its player's lease (off: the worker that
+    /// received it answers it from memory, as before issue #20's fix).
+    pub reads_as_rows: bool,
     /// A re-send with a new session_key that re-opens a job owes the new final
     /// reply to every target of the job, not only its own.
     pub reopen_targets: bool,

@@ -130,6 +130,7 @@ impl Sim {
                     Some(landed) => {
                         self.log(|| format!("w{w} record {id} gen {} landed", r.lease_gen));
                         self.check_final(id)?;
+                        self.check_read(id)?;
                         for (c, reply, epoch) in landed.replies {
                             self.workers[w]
                                 .tasks
@@ -231,6 +232,36 @@ impl Sim {
         self.midas
             .agrees(r.params.op, &bill, status)
             .map_err(|e| format!("job {id}: {e}"))
+    }
+
+    /// The outcome of a balance row just landed (under a current lease): a
+    /// `succeeded` reply shows the player's balance now, which no later job of
+    /// the player can have changed yet (they wait for this outcome); it echoes
+    /// no bill_no (its key is not the client's).
+    fn check_read(&self, id: i64) -> Check {
+        let Some(r) = self.ob.rows.get(&id).filter(|r| r.params.op.is_read()) else {
+            return Ok(());
+        };
+        let Some(bytes) = &r.result else {
+            return Ok(());
+        };
+        let reply: Reply = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if reply.bill_no.is_some() {
+            return Err(format!(
+                "balance {id}: its reply names a bill_no: {reply:?}"
+            ));
+        }
+        if reply.status == Some(midas_worker::command::Status::Succeeded) {
+            let player = (r.params.appid.clone(), r.params.openid.clone());
+            let now = self.midas.balance.get(&player).copied().unwrap_or(500);
+            if reply.balance != Some(now) {
+                return Err(format!(
+                    "balance {id} of {} answered {:?}, but the balance is {now}",
+                    r.params.openid, reply.balance
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Calls whose budget ran out: Midas got the request in time or never (the
@@ -437,11 +468,13 @@ fn run(seed: u64, verbose: bool, fences: Fences) -> Result<(), (String, Vec<Stri
 
 /// The fences this build runs with, to show what each catches when switched
 /// off: `SIM_REVERT=generation` (the generation fence), `SIM_REVERT=reopen_targets`
-/// (a re-send's re-open owes the new reply to every target).
+/// (a re-send's re-open owes the new reply to every target), `SIM_REVERT=reads`
+/// (balances answered from memory on the worker that received them).
 fn fences() -> Fences {
     let revert = std::env::var("SIM_REVERT").unwrap_or_default();
     Fences {
         generation: revert != "generation",
+        reads_as_rows: revert != "reads",
         reopen_targets: revert != "reopen_targets",
     }
 }

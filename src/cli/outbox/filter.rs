@@ -26,7 +26,7 @@ pub(super) fn check_op(v: &str) -> Result<(), AuditError> {
         Err(AuditError::BadFilter {
             flag: "--op",
             value: v.to_string(),
-            expected: "one of pay, present, cancel_pay".into(),
+            expected: "one of pay, present, cancel_pay, balance, query_order".into(),
         })
     }
 }

@@ -57,7 +57,9 @@ pub(crate) const MIN_PRUNE_AGE: Duration = Duration::from_secs(48 * 3600);
 pub(crate) const PRUNE_BATCH: i64 = 2000;
 
 pub(crate) const STATES: [&str; 4] = ["pending", "succeeded", "failed", "unknown"];
-pub(crate) const OPS: [&str; 3] = ["pay", "present", "cancel_pay"];
+/// Every op a job row can have (`balance` and `query_order` rows exist on a
+/// shared outbox only: there they run under the player's lease).
+pub(crate) const OPS: [&str; 5] = ["pay", "present", "cancel_pay", "balance", "query_order"];
 
 /// Audit and operator actions on the outbox (`outbox.path` in the config).
 #[derive(Subcommand, Debug, Clone)]

@@ -12,6 +12,7 @@
 //! per batch, as the SQLite writer does); [`coord`] claims, renews and releases
 //! leases and loads the jobs of claimed players; [`ops`] serves the operator verbs.
 
+pub mod confirms;
 pub mod coord;
 mod intake;
 pub mod ops;
@@ -31,9 +32,10 @@ use crate::secret::SecretUrl;
 /// The schema, applied at every start (idempotent).
 pub const SCHEMA: &str = include_str!("../../../schema-postgres.sql");
 
-/// The schema version `schema-postgres.sql` brings an outbox to (version 2
-/// outboxes are migrated in place when a worker starts: the lease generation).
-pub const SCHEMA_VERSION: &str = "3";
+/// The schema version `schema-postgres.sql` brings an outbox to (older ones are
+/// migrated in place when a worker starts: version 2 → 3 the lease generation,
+/// 3 → 4 `balance` and `query_order` rows).
+pub const SCHEMA_VERSION: &str = "4";
 
 /// Round trips the PostgreSQL outbox's writers and coordinators of this process
 /// have made (statements, prepares, BEGIN/COMMIT/SAVEPOINT): `bench` divides it
