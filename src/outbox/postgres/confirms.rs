@@ -149,7 +149,7 @@ async fn look(
     waiters: &[Waiter],
 ) -> Result<HashMap<(i64, String, String), Seen>, OutboxError> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = Some(super::connect(url).await?);
+        *client = Some(super::reconnect(url).await?);
     }
     let c = client
         .as_ref()

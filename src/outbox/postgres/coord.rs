@@ -52,7 +52,7 @@ impl Coordinator {
 
     async fn client(&mut self) -> Result<&mut Client, OutboxError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(super::connect(&self.url).await?);
+            self.client = Some(super::reconnect(&self.url).await?);
         }
         self.client
             .as_mut()
@@ -380,7 +380,7 @@ async fn release_claims(c: &Client, me: &str, players: &[HeldPlayer]) -> Result<
 
 /// Gauges for `/metrics` over a short-lived connection.
 pub async fn gauges_at(url: &SecretUrl) -> Result<Gauges, OutboxError> {
-    let client = super::connect(url).await?;
+    let client = super::reconnect(url).await?;
     let mut c = Coordinator {
         url: url.clone(),
         client: Some(client),

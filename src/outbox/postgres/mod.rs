@@ -92,11 +92,22 @@ pub fn is_postgres_url(url: &str) -> bool {
 /// time, loopback included. The password never appears in errors: tokio-postgres
 /// does not echo the URL.
 pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
-    connect_reporting(url).await.map(|(client, _)| client)
+    connect_with(url, true).await.map(|(client, _)| client)
+}
+
+/// [`connect`] again after a connection was lost: a plain-text connection is not
+/// warned about again (the writer and the coordinator reconnect in a loop while
+/// PostgreSQL restarts; the warning came with the first connection).
+pub async fn reconnect(url: &SecretUrl) -> Result<Client, OutboxError> {
+    connect_with(url, false).await.map(|(client, _)| client)
 }
 
 /// [`connect`], also saying whether the connection is encrypted.
 pub async fn connect_reporting(url: &SecretUrl) -> Result<(Client, bool), OutboxError> {
+    connect_with(url, true).await
+}
+
+async fn connect_with(url: &SecretUrl, warn: bool) -> Result<(Client, bool), OutboxError> {
     use tokio_postgres::config::SslMode;
     let (rest, params) = tls::split(url.expose())?;
     let mut cfg = tokio_postgres::Config::from_str(&rest)?;
@@ -122,7 +133,7 @@ pub async fn connect_reporting(url: &SecretUrl) -> Result<(Client, bool), Outbox
     }
     if params.mode == tls::SslMode::Disable {
         cfg.ssl_mode(SslMode::Disable);
-        plain_text_warning("sslmode=disable");
+        plain_text_warning("sslmode=disable", warn);
         return Ok((plain(&cfg).await?, false));
     }
     cfg.ssl_mode(SslMode::Require);
@@ -141,7 +152,7 @@ pub async fn connect_reporting(url: &SecretUrl) -> Result<(Client, bool), Outbox
             tracing::debug!(error = %describe(&e), "PostgreSQL TLS failed; sslmode=prefer tries plain text");
             cfg.ssl_mode(SslMode::Disable);
             let client = plain(&cfg).await?;
-            plain_text_warning("sslmode=prefer and the server offers no TLS");
+            plain_text_warning("sslmode=prefer and the server offers no TLS", warn);
             Ok((client, false))
         }
         Err(e) => Err(e.into()),
@@ -158,7 +169,12 @@ async fn plain(cfg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::E
     Ok(client)
 }
 
-fn plain_text_warning(why: &str) {
+fn plain_text_warning(why: &str, warn: bool) {
+    if !warn {
+        // said when the connection was first made; the setting has not changed
+        tracing::debug!("PostgreSQL outbox connection is plain text ({why})");
+        return;
+    }
     tracing::warn!(
         "the PostgreSQL outbox connection is plain text ({why}): session_keys and the \
          password cross the network readable; use sslmode=verify-full (or require) in \

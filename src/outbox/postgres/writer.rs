@@ -37,6 +37,13 @@ use crate::secret::{Secret, SecretUrl};
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
 
+/// After a failed connect, batches are failed with the same error for this long
+/// (doubling to [`RECONNECT_MAX`]) before the next attempt: while PostgreSQL is
+/// away every stuck delivery retries each second, and one attempt per pause tells
+/// as much as one per delivery.
+const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(250);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The job columns [`job_from_row`] reads, in its order.
 pub const JOB_COLS: &str =
     "id, request, session_key, attempts, first_attempt_at, next_attempt_at, \
@@ -220,6 +227,9 @@ async fn run(
 ) {
     let mut stmts = Stmts::default();
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
+    // the last failed connect: until when batches fail without a new attempt
+    let mut refused: Option<(tokio::time::Instant, Option<WriteTrouble>, String)> = None;
+    let mut pause = RECONNECT_MIN;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -229,11 +239,27 @@ async fn run(
             }
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
+            if let Some((until, trouble, msg)) = &refused {
+                if tokio::time::Instant::now() < *until {
+                    fail_all(&mut batch, &OutboxError::batch_failed(*trouble, msg));
+                    continue;
+                }
+            }
             stmts = Stmts::default();
-            client = match super::connect(&url).await {
-                Ok(c) => Some(c),
+            client = match super::reconnect(&url).await {
+                Ok(c) => {
+                    refused = None;
+                    pause = RECONNECT_MIN;
+                    Some(c)
+                }
                 Err(e) => {
                     health.failed(&e, batch.len());
+                    refused = Some((
+                        tokio::time::Instant::now() + pause,
+                        e.trouble(),
+                        e.to_string(),
+                    ));
+                    pause = (pause * 2).min(RECONNECT_MAX);
                     fail_all(&mut batch, &e);
                     continue;
                 }
