@@ -64,7 +64,22 @@ pub(super) async fn intake(
             },
         );
     }
-    // the key exists (perhaps committed a moment ago by another worker)
+    existing(tx, stmts, fence, i).await
+}
+
+/// Intake of a command whose key is already recorded (perhaps committed a moment
+/// ago by another worker, or earlier in this batch): joined, re-opened or a
+/// conflict.
+pub(super) async fn existing(
+    tx: &Transaction<'_>,
+    stmts: &mut Stmts,
+    fence: &Fence,
+    i: &Intake,
+) -> Result<IntakeOutcome, OutboxError> {
+    let p = &i.command.params;
+    let bill_no = p.bill_no.as_deref().unwrap_or_default();
+    let canonical = p.canonical();
+    let session_key = i.command.session_key.as_ref().map(Secret::expose);
     let st = stmts.get(tx, SELECT_EXISTING).await?;
     super::trip();
     let row = tx

@@ -12,6 +12,7 @@
 //! per batch, as the SQLite writer does); [`coord`] claims, renews and releases
 //! leases and loads the jobs of claimed players; [`ops`] serves the operator verbs.
 
+mod batch;
 pub mod coord;
 mod intake;
 pub mod ops;

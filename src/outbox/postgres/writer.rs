@@ -22,7 +22,8 @@ use tokio_postgres::{Client, Row, Statement, Transaction};
 
 use super::intake::intake;
 use super::pushes;
-use super::writes::{mark, published, record, together, Together};
+use super::batch;
+use super::writes::{distinct_ids, mark, published, record, together, Together};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
 use crate::engine::job::Job;
@@ -370,10 +371,46 @@ async fn commit_without_savepoints(
             return None;
         }
     };
+    // the outcomes of every request in a few statements (when no job repeats)
+    let recs: Vec<&Record> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Record(r, _) => Some(&**r),
+            _ => None,
+        })
+        .collect();
+    let ids: Vec<i64> = recs.iter().map(|r| r.job_id).collect();
+    let mut recorded = if !recs.is_empty() && distinct_ids(&ids) {
+        match batch::records(&tx, stmts, &recs, &fence.me).await {
+            Ok(r) => Some(r.into_iter()),
+            Err(e) => {
+                tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    // intake last, all together: the batch is sorted with every intake after the
+    // other requests, so this is their order too
+    let mut intakes = Vec::new();
     for req in batch {
+        if !intakes.is_empty() && !matches!(req, Request::Intake(..)) {
+            // not the writer's order: the answers would not line up
+            return None;
+        }
         let d = match req {
-            Request::Intake(i, _) => intake(&tx, stmts, fence, i).await.map(Done::Intake),
-            Request::Record(r, _) => record(&tx, stmts, r, &fence.me).await.map(Done::Record),
+            Request::Intake(i, _) => {
+                intakes.push(i);
+                continue;
+            }
+            Request::Record(r, _) => match recorded.as_mut() {
+                Some(out) => out
+                    .next()
+                    .ok_or_else(|| OutboxError::Corrupt("an outcome went unanswered".into()))
+                    .map(Done::Record),
+                None => record(&tx, stmts, r, &fence.me).await.map(Done::Record),
+            },
             Request::Mark(marks, _) => match marked.as_mut() {
                 Some((lost, checked_at)) => Ok(Done::Mark(Marked {
                     lost: marks
@@ -398,6 +435,15 @@ async fn commit_without_savepoints(
         match d {
             Ok(d) => done.push(d),
             // dropping the transaction rolls it back
+            Err(e) => {
+                tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
+                return None;
+            }
+        }
+    }
+    if !intakes.is_empty() {
+        match batch::intakes(&tx, stmts, fence, &intakes).await {
+            Ok(outs) => done.extend(outs.into_iter().map(Done::Intake)),
             Err(e) => {
                 tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
                 return None;
