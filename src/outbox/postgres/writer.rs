@@ -20,9 +20,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, Row, Statement, Transaction};
 
+use super::batch;
 use super::intake::intake;
 use super::pushes;
-use super::batch;
 use super::writes::{distinct_ids, mark, published, record, together, Together};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
