@@ -76,48 +76,61 @@ const UNCLAIM_PLAYERS: &str = "UPDATE jobs j SET claimed_by = NULL \
      WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' \
      AND j.claimed_by IS DISTINCT FROM $3";
 
-/// The intake of every command of a writer batch (in the writer's order: by
-/// player); answers in the same order. The answers are exactly those of the
-/// one-command intake run over the batch in order.
-pub(super) async fn intakes(
-    tx: &Transaction<'_>,
-    stmts: &mut Stmts,
-    fence: &Fence,
-    reqs: &[&Intake],
-) -> Result<Vec<IntakeOutcome>, OutboxError> {
-    let mut out: Vec<Option<IntakeOutcome>> = reqs.iter().map(|_| None).collect();
-    // the first command of each key may be new; a repeat joins it afterwards
+/// The first command of each key among `reqs` (their places): only those may be
+/// new; a repeat joins the first afterwards, as it would one command at a time.
+pub(super) fn firsts(reqs: &[&Intake]) -> Vec<usize> {
     let mut seen = HashSet::with_capacity(reqs.len());
-    let firsts: Vec<usize> = (0..reqs.len())
-        .filter(|&k| {
-            let p = &reqs[k].command.params;
+    reqs.iter()
+        .enumerate()
+        .filter(|(_, i)| {
+            let p = &i.command.params;
             seen.insert((
                 p.appid.as_str(),
                 p.op.as_str(),
                 p.bill_no.as_deref().unwrap_or_default(),
             ))
         })
-        .collect();
-    let new = insert_jobs(tx, stmts, &reqs, &firsts).await?;
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// The intake of every command of a writer batch (in the writer's order: by
+/// player), once [`insert_jobs`] has recorded the new ones (`new`); answers in the
+/// same order. The answers are exactly those of the one-command intake run over
+/// the batch in order.
+pub(super) async fn intakes(
+    tx: &Transaction<'_>,
+    stmts: &Stmts,
+    fence: &Fence,
+    reqs: &[&Intake],
+    new: &[(usize, i64)],
+) -> Result<Vec<IntakeOutcome>, OutboxError> {
+    let mut out: Vec<Option<IntakeOutcome>> = reqs.iter().map(|_| None).collect();
     if !new.is_empty() {
-        let taken = take_and_claim(tx, stmts, fence, &reqs, &new).await?;
-        for &(k, id) in &new {
-            let i = reqs[k];
+        let taken = take_and_claim(tx, stmts, fence, reqs, new).await?;
+        for &(k, id) in new {
+            let i = reqs
+                .get(k)
+                .ok_or_else(|| OutboxError::Corrupt(format!("intake {k} out of range")))?;
             let p = &i.command.params;
             let key = (p.appid.as_str(), p.openid.as_str());
-            out[k] = Some(match taken.get(&key) {
+            let answer = match taken.get(&key) {
                 Some((gen, claimed)) if claimed.contains(&id) => {
                     let mut job = Job::new(id, p.clone(), i.command.session_key.clone(), i.now);
                     job.lease_gen = *gen;
                     IntakeOutcome::New(job)
                 }
                 _ => IntakeOutcome::Elsewhere { job_id: id },
-            });
+            };
+            if let Some(slot) = out.get_mut(k) {
+                *slot = Some(answer);
+            }
         }
     }
-    for (k, slot) in out.iter_mut().enumerate() {
+    // the keys already recorded, one command at a time, in order
+    for (slot, i) in out.iter_mut().zip(reqs) {
         if slot.is_none() {
-            *slot = Some(existing(tx, stmts, fence, reqs[k]).await?);
+            *slot = Some(existing(tx, stmts, fence, i).await?);
         }
     }
     out.into_iter()
@@ -126,10 +139,10 @@ pub(super) async fn intakes(
 }
 
 /// Insert the jobs of `reqs[firsts]` (keys distinct); answers (index in `reqs`, job
-/// id) of those inserted.
-async fn insert_jobs(
+/// id) of those inserted, in that order.
+pub(super) async fn insert_jobs(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     reqs: &[&Intake],
     firsts: &[usize],
 ) -> Result<Vec<(usize, i64)>, OutboxError> {
@@ -190,7 +203,7 @@ type Taken<'a> = HashMap<(&'a str, &'a str), (i64, HashSet<i64>)>;
 /// [`UNCLAIM_PLAYERS`] for any player taken whose jobs were not claimed.
 async fn take_and_claim<'a>(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     reqs: &[&'a Intake],
     new: &[(usize, i64)],
@@ -254,26 +267,36 @@ const HELD: &str = "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appi
      AND l.openid = j.openid AND l.owner = $";
 
 /// The outcomes of several requests (job ids distinct: the caller checks) in
-/// three statements at most; answers in the same order, `None` for an outcome
+/// three statements at most, pipelined; answers in the same order, `None` for an outcome
 /// fenced out (as `writes::record`).
 pub(super) async fn records(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     recs: &[&Record],
     me: &str,
 ) -> Result<Vec<Option<Vec<OutgoingReply>>>, OutboxError> {
-    attempts(tx, stmts, recs).await?;
-    let mut out: Vec<Option<Vec<OutgoingReply>>> = recs.iter().map(|_| None).collect();
-    retries(tx, stmts, recs, me, &mut out).await?;
-    finals(tx, stmts, recs, me, &mut out).await?;
-    Ok(out)
+    // independent of each other: pipelined
+    let (a, retried, finished) = tokio::join!(
+        attempts(tx, stmts, recs),
+        retries(tx, stmts, recs, me),
+        finals(tx, stmts, recs, me),
+    );
+    a?;
+    let (retried, mut finished) = (retried?, finished?);
+    Ok(recs
+        .iter()
+        .map(|r| match r.update {
+            Update::Retry { .. } => retried.contains(&r.job_id).then(Vec::new),
+            Update::Final { .. } => finished.remove(&r.job_id),
+        })
+        .collect())
 }
 
 /// Every attempt row of `recs`, in order (the calls happened whoever holds the
 /// job now: they are kept for the audit, unfenced).
 async fn attempts(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     recs: &[&Record],
 ) -> Result<(), OutboxError> {
     let n: usize = recs.iter().map(|r| r.rows.len()).sum();
@@ -328,14 +351,13 @@ async fn attempts(
     Ok(())
 }
 
-/// The retries of `recs` in one statement; a row landed answers `Some(vec![])`.
+/// The retries of `recs` in one statement; answers the jobs whose retry landed.
 async fn retries(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     recs: &[&Record],
     me: &str,
-    out: &mut [Option<Vec<OutgoingReply>>],
-) -> Result<(), OutboxError> {
+) -> Result<HashSet<i64>, OutboxError> {
     let (mut ids, mut attempts, mut firsts, mut nexts, mut codes, mut errors) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut nows, mut uncertain, mut gens) = (vec![], vec![], vec![]);
@@ -354,7 +376,7 @@ async fn retries(
         }
     }
     if ids.is_empty() {
-        return Ok(());
+        return Ok(HashSet::new());
     }
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let sql = SQL.get_or_init(|| {
@@ -380,27 +402,20 @@ async fn retries(
             ],
         )
         .await?;
-    let landed: HashSet<i64> = rows
+    Ok(rows
         .iter()
         .map(|r| r.try_get::<_, i64>(0))
-        .collect::<Result<_, _>>()?;
-    for (r, o) in recs.iter().zip(out.iter_mut()) {
-        if matches!(r.update, Update::Retry { .. }) && landed.contains(&r.job_id) {
-            *o = Some(Vec::new());
-        }
-    }
-    Ok(())
+        .collect::<Result<_, _>>()?)
 }
 
 /// The final outcomes of `recs` and the reply targets of those that landed, in
-/// one statement.
+/// one statement; answers the replies owed of each job whose outcome landed.
 async fn finals(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     recs: &[&Record],
     me: &str,
-    out: &mut [Option<Vec<OutgoingReply>>],
-) -> Result<(), OutboxError> {
+) -> Result<HashMap<i64, Vec<OutgoingReply>>, OutboxError> {
     let (mut ids, mut states, mut attempts, mut firsts, mut codes, mut errors) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut results, mut nows, mut uncertain, mut gens) = (vec![], vec![], vec![], vec![]);
@@ -420,7 +435,7 @@ async fn finals(
         }
     }
     if ids.is_empty() {
-        return Ok(());
+        return Ok(HashMap::new());
     }
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let sql = SQL.get_or_init(|| {
@@ -478,12 +493,5 @@ async fn finals(
             payload,
         });
     }
-    for (r, o) in recs.iter().zip(out.iter_mut()) {
-        if matches!(r.update, Update::Final { .. }) {
-            if let Some(list) = replies.remove(&r.job_id) {
-                *o = Some(list);
-            }
-        }
-    }
-    Ok(())
+    Ok(replies)
 }

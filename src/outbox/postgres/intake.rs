@@ -26,7 +26,7 @@ const INSERT_JOB: &str = "INSERT INTO jobs (op, bill_no, appid, openid, request,
 
 pub(super) async fn intake(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     i: &Intake,
 ) -> Result<IntakeOutcome, OutboxError> {
@@ -72,7 +72,7 @@ pub(super) async fn intake(
 /// conflict.
 pub(super) async fn existing(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     i: &Intake,
 ) -> Result<IntakeOutcome, OutboxError> {
@@ -179,7 +179,7 @@ pub(super) async fn existing(
 /// or this one at its next look — loads it in arrival order.
 async fn take_player(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     appid: &str,
     openid: &str,
@@ -239,7 +239,7 @@ pub(super) const TAKE_LEASE: &str = "INSERT INTO player_leases (appid, openid, o
 
 async fn add_target(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     job_id: i64,
     i: &Intake,
     republish: bool,

@@ -195,23 +195,31 @@ impl PgWriter {
     }
 }
 
-/// Prepared statements of the current connection.
+/// Prepared statements of the current connection. Behind a lock held only for a
+/// lookup or an insert (never across an await), so the statements of one batch
+/// that do not depend on each other can run at once, pipelined on the connection.
 #[derive(Default)]
-pub(super) struct Stmts(HashMap<&'static str, Statement>);
+pub(super) struct Stmts(std::sync::Mutex<HashMap<&'static str, Statement>>);
 
 impl Stmts {
     pub(super) async fn get(
-        &mut self,
+        &self,
         tx: &Transaction<'_>,
         sql: &'static str,
     ) -> Result<Statement, OutboxError> {
-        if let Some(s) = self.0.get(sql) {
-            return Ok(s.clone());
+        if let Some(s) = self.cached(sql) {
+            return Ok(s);
         }
         super::trip();
         let s = tx.prepare(sql).await?;
-        self.0.insert(sql, s.clone());
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(sql, s.clone());
+        }
         Ok(s)
+    }
+
+    fn cached(&self, sql: &'static str) -> Option<Statement> {
+        self.0.lock().ok().and_then(|m| m.get(sql).cloned())
     }
 }
 
@@ -362,16 +370,6 @@ async fn commit_without_savepoints(
     super::trip();
     let tx = c.transaction().await.ok()?;
     let mut done = Vec::with_capacity(batch.len());
-    // the pre-call marks and the reply confirms of every request in one statement
-    // each; `None` when an id repeats (then each request runs its own)
-    let (mut marked, confirmed) = match together_of(&tx, stmts, fence, batch).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
-            return None;
-        }
-    };
-    // the outcomes of every request in a few statements (when no job repeats)
     let recs: Vec<&Record> = batch
         .iter()
         .filter_map(|r| match r {
@@ -380,28 +378,52 @@ async fn commit_without_savepoints(
         })
         .collect();
     let ids: Vec<i64> = recs.iter().map(|r| r.job_id).collect();
-    let mut recorded = if !recs.is_empty() && distinct_ids(&ids) {
-        match batch::records(&tx, stmts, &recs, &fence.me).await {
-            Ok(r) => Some(r.into_iter()),
-            Err(e) => {
-                tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
-                return None;
+    let all_records = !recs.is_empty() && distinct_ids(&ids);
+    let intakes: Vec<&Intake> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Intake(i, _) => Some(i),
+            _ => None,
+        })
+        .collect();
+    let firsts = batch::firsts(&intakes);
+    // Independent of each other, pipelined on the connection (sent together, then
+    // answered): the pre-call marks and the reply confirms of every request in one
+    // statement each (`None` when an id repeats: then each request runs its own),
+    // the outcomes of every request in a few (when no job repeats), and the new
+    // jobs of the batch's commands. A new job is none of the others' rows.
+    let shared: &Stmts = stmts;
+    let (together, recorded, new) = tokio::join!(
+        together_of(&tx, shared, fence, batch),
+        async {
+            if all_records {
+                batch::records(&tx, shared, &recs, &fence.me)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
             }
+        },
+        batch::insert_jobs(&tx, shared, &intakes, &firsts),
+    );
+    let (together, recorded, new) = match (together, recorded, new) {
+        (Ok(t), Ok(r), Ok(n)) => (t, r, n),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
+            return None;
         }
-    } else {
-        None
     };
-    // intake last, all together: the batch is sorted with every intake after the
-    // other requests, so this is their order too
-    let mut intakes = Vec::new();
+    let (mut marked, confirmed) = together;
+    let mut recorded = recorded.map(Vec::into_iter);
+    let mut seen_intake = false;
     for req in batch {
-        if !intakes.is_empty() && !matches!(req, Request::Intake(..)) {
-            // not the writer's order: the answers would not line up
+        // the intakes come last in the writer's order (they are answered last)
+        if seen_intake && !matches!(req, Request::Intake(..)) {
             return None;
         }
         let d = match req {
-            Request::Intake(i, _) => {
-                intakes.push(i);
+            Request::Intake(..) => {
+                seen_intake = true;
                 continue;
             }
             Request::Record(r, _) => match recorded.as_mut() {
@@ -442,7 +464,7 @@ async fn commit_without_savepoints(
         }
     }
     if !intakes.is_empty() {
-        match batch::intakes(&tx, stmts, fence, &intakes).await {
+        match batch::intakes(&tx, stmts, fence, &intakes, &new).await {
             Ok(outs) => done.extend(outs.into_iter().map(Done::Intake)),
             Err(e) => {
                 tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
@@ -458,7 +480,7 @@ async fn commit_without_savepoints(
 /// The batch's marks and confirms for [`together`].
 async fn together_of(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     batch: &[Request],
 ) -> Result<Together, OutboxError> {
