@@ -2,7 +2,10 @@
 //! requests (group commit) — the same contract as the SQLite writer (an answer is
 //! sent only after the commit holding it). A batch runs first without savepoints;
 //! if any request fails, it is rolled back and run again with each request in its
-//! own savepoint, so one bad request cannot fail the others.
+//! own savepoint, so one bad request cannot fail the others. Run without
+//! savepoints, a batch's marks, confirms, outcomes and intakes go as a few
+//! statements over arrays for all its requests (`batch.rs`, `writes::together`),
+//! those that do not depend on each other pipelined on the connection.
 //!
 //! What differs is the lease fence. Intake runs a job here only when this worker
 //! holds its player's lease and has loaded every earlier pending job of that
@@ -14,72 +17,27 @@
 //! engine drops the job (and gives the player back unless it holds a newer
 //! generation of it).
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, Row, Statement, Transaction};
+use tokio_postgres::{Client, Transaction};
 
 use super::batch;
 use super::intake::intake;
 use super::pushes;
 use super::writes::{distinct_ids, mark, published, record, together, Together};
+pub(super) use super::Stmts;
+pub use super::{job_from_row, Fence, JOB_COLS};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
-use crate::engine::job::Job;
 use crate::engine::Record;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
-use crate::outbox::writer::{decode_params, Confirmed, Intake, IntakeOutcome, OutgoingReply};
+use crate::outbox::writer::{Confirmed, Intake, IntakeOutcome, OutgoingReply};
 use crate::outbox::OutboxError;
-use crate::secret::{Secret, SecretUrl};
+use crate::secret::SecretUrl;
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
-
-/// The job columns [`job_from_row`] reads, in its order.
-pub const JOB_COLS: &str =
-    "id, request, session_key, attempts, first_attempt_at, next_attempt_at, \
-     received_at, last_errcode, last_error, reopened_at, calls, uncertain";
-
-/// A pending job from a row selected with [`JOB_COLS`].
-pub fn job_from_row(r: &Row) -> Result<Job, OutboxError> {
-    let id: i64 = r.try_get(0)?;
-    let request: String = r.try_get(1)?;
-    Ok(Job {
-        id,
-        params: decode_params(&request)?,
-        session_key: r.try_get::<_, Option<String>>(2)?.map(Secret::new),
-        attempts: clamp_u32(r.try_get(3)?),
-        calls: clamp_u32(r.try_get(10)?),
-        uncertain: r.try_get::<_, i64>(11)? != 0,
-        token_retries: 0,
-        first_attempt_at: r.try_get(4)?,
-        next_attempt_at: r.try_get(5)?,
-        received_at: r.try_get(6)?,
-        last_errcode: r.try_get(7)?,
-        last_error: r.try_get(8)?,
-        reopened_at: r.try_get(9)?,
-        lease_gen: 0,
-    })
-}
-
-fn clamp_u32(v: i64) -> u32 {
-    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
-}
-
-/// Who this worker is and how its leases are judged.
-#[derive(Debug, Clone)]
-pub struct Fence {
-    /// This worker's name (`player_leases.owner`, `jobs.claimed_by`).
-    pub me: Arc<str>,
-    /// `outbox.lease` in ms.
-    pub lease_ms: i64,
-    /// A call may start only while the lease outlives it by this much (ms):
-    /// `midas.request_timeout` + a margin.
-    pub call_ms: i64,
-}
 
 // One per command, moved a few times: boxing would add an allocation per job.
 #[allow(clippy::large_enum_variant)]
@@ -192,34 +150,6 @@ impl PgWriter {
             .send(Request::Unpublished(limit, before, tx))
             .map_err(|_| OutboxError::WriterGone)?;
         rx.await.map_err(|_| OutboxError::WriterGone)?
-    }
-}
-
-/// Prepared statements of the current connection. Behind a lock held only for a
-/// lookup or an insert (never across an await), so the statements of one batch
-/// that do not depend on each other can run at once, pipelined on the connection.
-#[derive(Default)]
-pub(super) struct Stmts(std::sync::Mutex<HashMap<&'static str, Statement>>);
-
-impl Stmts {
-    pub(super) async fn get(
-        &self,
-        tx: &Transaction<'_>,
-        sql: &'static str,
-    ) -> Result<Statement, OutboxError> {
-        if let Some(s) = self.cached(sql) {
-            return Ok(s);
-        }
-        super::trip();
-        let s = tx.prepare(sql).await?;
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(sql, s.clone());
-        }
-        Ok(s)
-    }
-
-    fn cached(&self, sql: &'static str) -> Option<Statement> {
-        self.0.lock().ok().and_then(|m| m.get(sql).cloned())
     }
 }
 
