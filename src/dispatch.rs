@@ -22,7 +22,7 @@ use crate::command::now_ms;
 use crate::config::{Environment, Settings};
 use crate::engine::job::Job;
 use crate::engine::Record;
-use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
+use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event, HeldPlayer};
 use crate::metrics::METRICS;
 use crate::midas::{Answer, Api, Body, MidasClient, OutcomeClass};
 use crate::outbox::{query, GiveBack, Outbox, OutboxError, OutgoingReply};
@@ -43,10 +43,10 @@ pub enum DispatchMsg {
     Reload { after_action: i64 },
     /// Shared outbox: pending jobs of players this worker now holds.
     Claimed(Vec<Job>),
-    /// Shared outbox: players whose lease this worker lost.
-    PlayersLost(Vec<(String, String)>),
+    /// Shared outbox: players whose lease this worker lost, at the generations lost.
+    PlayersLost(Vec<HeldPlayer>),
     /// Shared outbox: the players the engine holds and how many more jobs it may take.
-    Snapshot(oneshot::Sender<(Vec<(String, String)>, usize)>),
+    Snapshot(oneshot::Sender<(Vec<HeldPlayer>, usize)>),
 }
 
 pub struct Dispatcher {
@@ -456,11 +456,17 @@ impl Dispatcher {
         tokio::spawn(async move {
             let id = record.job_id;
             match write_until_done(|| writer.record(record.clone()), stop).await {
-                WriteEnd::Done(replies) => {
-                    for r in replies {
+                WriteEnd::Done(landed) => {
+                    for r in landed.replies {
                         publisher.send(r);
                     }
-                    let _ = tx.send(Event::Recorded(id));
+                    let _ = tx.send(match landed.reopened_with {
+                        Some(key) => {
+                            tracing::info!(job_id = id, "a re-sent command brought a new session_key while the outcome was decided: the job runs again with it");
+                            Event::ReopenedWithKey(id, key)
+                        }
+                        None => Event::Recorded(id),
+                    });
                 }
                 WriteEnd::Fenced => {
                     let _ = tx.send(Event::LeaseLost(id));

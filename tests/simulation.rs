@@ -16,7 +16,7 @@ use midas_worker::command::{Op, Params, Reply, Status};
 use midas_worker::config::{Dur, RetryConfig};
 use midas_worker::engine::job::{Job, JobState};
 use midas_worker::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
-use midas_worker::engine::{Record, Update};
+use midas_worker::engine::{HeldPlayer, Record, Update};
 use midas_worker::midas::{errcode, Answer, Api, Body, OutcomeClass};
 use midas_worker::secret::Secret;
 use rand::rngs::SmallRng;
@@ -659,7 +659,13 @@ impl Sim {
             }
             *self.gens.entry(openid.clone()).or_default() += 1;
             self.log(|| format!("lease of {openid} lost"));
-            self.feed(Event::PlayersLost(vec![("wx1".into(), openid)]))
+            // lost at the generation the engine holds it under
+            let gen = self.engine.generation("wx1", &openid).unwrap_or(0);
+            self.feed(Event::PlayersLost(vec![HeldPlayer {
+                appid: "wx1".into(),
+                openid,
+                gen,
+            }]))
         }
     }
 

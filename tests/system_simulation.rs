@@ -34,6 +34,7 @@ use midas_worker::engine::Record;
 use midas_worker::engine::{Action, Engine, EngineConfig, Event};
 use midas_worker::midas::errcode::MidasApi;
 use midas_worker::midas::{Answer, Api};
+use midas_worker::secret::Secret;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -461,6 +462,12 @@ impl Sim {
                 r.next_attempt_at = now;
                 r.claimed_by = None;
                 r.epoch += 1;
+                // the new final reply is owed to every target (guarantee 4)
+                if self.ob.fences.reopen_targets {
+                    for done in r.targets.values_mut() {
+                        *done = false;
+                    }
+                }
                 r.added.entry(cid.clone()).or_insert(r.epoch);
                 r.targets.insert(cid, false);
                 self.log(|| format!("w{w} resend re-opens {id}"));

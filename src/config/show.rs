@@ -117,7 +117,8 @@ fn flatten(node: Node, key: &str, out: &mut Vec<(String, Value)>) {
 }
 
 /// Every effective key in config order, each app followed by its resolved secrets
-/// (masked, with the variable they were read from).
+/// (masked, with the variable they were read from): AppKey and AppSecret, and the
+/// sandbox AppKey, push Token and EncodingAESKey of an app that names them.
 pub fn entries(s: &Settings) -> Vec<Entry> {
     let mut flat = Vec::new();
     // serde_json writes fields in declaration order; Node keeps it
@@ -143,7 +144,7 @@ pub fn entries(s: &Settings) -> Vec<Entry> {
                 .peek()
                 .is_some_and(|(k, _)| k.starts_with(&format!("apps[{i}]")));
             if !next_same {
-                for field in ["app_key", "app_secret"] {
+                for field in secret_fields(s, &i) {
                     let k = format!("apps[{i}].{field}");
                     let shown = match s.provenance.source_of(&k) {
                         Source::Env(_) => "***",
@@ -155,6 +156,29 @@ pub fn entries(s: &Settings) -> Vec<Entry> {
         }
     }
     out
+}
+
+/// The secrets an app reads from the environment: its AppKey and AppSecret, and
+/// (2.0 apps) the sandbox AppKey, the push Token and the EncodingAESKey when the
+/// app names their variables.
+fn secret_fields(s: &Settings, index: &str) -> Vec<&'static str> {
+    let mut fields = vec!["app_key", "app_secret"];
+    if let Some(a) = index
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| s.config.apps.get(n))
+    {
+        for (var, field) in [
+            (&a.sandbox_app_key_env, "sandbox_app_key"),
+            (&a.push_token_env, "push_token"),
+            (&a.push_aes_key_env, "push_aes_key"),
+        ] {
+            if var.is_some() {
+                fields.push(field);
+            }
+        }
+    }
+    fields
 }
 
 /// Remarks worth a line in `check-config` that do not make the config bad.
@@ -181,6 +205,28 @@ pub fn notes(s: &Settings) -> Vec<String> {
                 super::ENV_ALLOW_SIMULATOR
             ));
         }
+    }
+    let takes_pushes: Vec<&str> = s
+        .config
+        .apps
+        .iter()
+        .filter(|a| a.push_token_env.is_some())
+        .map(|a| a.appid.as_str())
+        .collect();
+    match (s.config.push.listen, takes_pushes.is_empty()) {
+        (Some(_), true) => notes.push(
+            "push.listen is set but no app has push_token_env: every push is refused".to_string(),
+        ),
+        (None, false) => notes.push(format!(
+            "{} {} push_token_env but push.listen is not set: no push is received",
+            takes_pushes.join(", "),
+            if takes_pushes.len() == 1 {
+                "has"
+            } else {
+                "have"
+            }
+        )),
+        _ => {}
     }
     notes
 }

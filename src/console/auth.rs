@@ -11,7 +11,9 @@
 //! ([`Who::check_post`]) — the login form's own POST included (a token bound to a
 //! short-lived cookie). Roles are checked by each action ([`Who::operator`]), not by
 //! hiding buttons. Sessions live in memory (a restart signs everyone out), at most
-//! [`MAX_SESSIONS`], each for [`SESSION_TTL`].
+//! [`MAX_SESSIONS`], each for [`SESSION_TTL`]. A token is compared only while the
+//! client's failed sign-ins are under their limit ([`super::limit`]); each one not
+//! accepted counts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -332,6 +334,8 @@ impl FromRequestParts<Arc<AppState>> for Who {
                 .strip_prefix("Bearer ")
                 .or_else(|| auth.strip_prefix("bearer "))
                 .unwrap_or("");
+            let client = super::client_addr(&parts.extensions);
+            st.may_sign_in(client)?;
             return match st.tokens.role_of(token.trim()) {
                 Some(role) => Ok(Who {
                     role,
@@ -341,6 +345,7 @@ impl FromRequestParts<Arc<AppState>> for Who {
                 }),
                 None => {
                     tracing::warn!("console: a bearer token was not accepted");
+                    st.sign_in_failed(client);
                     Err(PageError::new(
                         StatusCode::UNAUTHORIZED,
                         "token not accepted",

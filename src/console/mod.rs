@@ -15,19 +15,22 @@
 //! escaped by default), a small stylesheet compiled into the binary, no script at
 //! all, and a Content-Security-Policy that allows nothing else. Requests get the
 //! ops port's limits (`crate::http`: connection limit, read and write deadlines,
-//! handler timeout) and a small body cap. Who may do what is [`auth`].
+//! handler timeout) and a small body cap. Who may do what is [`auth`]; how many
+//! failed sign-ins a client address (and everyone together) may make is [`limit`].
 
 pub mod auth;
 pub mod chart;
 mod find;
 pub mod form;
+pub mod limit;
 mod pages;
 mod routes;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -61,6 +64,47 @@ pub struct AppState {
     db_slots: Arc<Semaphore>,
     /// The overview's last read ([`routes::OVERVIEW_TTL`]).
     overview: tokio::sync::Mutex<Option<routes::OverviewRead>>,
+    /// Failed sign-ins of the last minute ([`limit`]).
+    failed_logins: Mutex<limit::FailedLogins>,
+}
+
+impl AppState {
+    fn failed_logins(&self) -> std::sync::MutexGuard<'_, limit::FailedLogins> {
+        self.failed_logins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refused (429) while `client`'s failed sign-ins, or everyone's, are at their
+    /// limit: the token is then not even compared.
+    fn may_sign_in(&self, client: IpAddr) -> Result<(), PageError> {
+        match self.failed_logins().check(client, Instant::now()) {
+            limit::Verdict::Allow => Ok(()),
+            limit::Verdict::Refuse { scope, retry_after } => {
+                Err(PageError::too_many(scope, retry_after))
+            }
+        }
+    }
+
+    /// A sign-in from `client` presented a token that is not accepted.
+    fn sign_in_failed(&self, client: IpAddr) {
+        let v = self.failed_logins().failed(client, Instant::now());
+        if let limit::Verdict::Refuse { scope, retry_after } = v {
+            tracing::warn!(
+                client = %client,
+                everyone = scope == limit::Scope::Everyone,
+                seconds = retry_after.as_secs(),
+                "console: too many failed sign-ins; refusing sign-ins for a while"
+            );
+        }
+    }
+}
+
+/// The client address of a request: the TCP peer, which [`crate::http::serve`]
+/// puts in every request's extensions (behind a reverse proxy, the proxy's
+/// address); `0.0.0.0` when it is not there.
+pub(crate) fn client_addr(ext: &axum::http::Extensions) -> IpAddr {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
 /// A page that could not be served: its status and a message for the user.
@@ -70,6 +114,8 @@ pub struct PageError {
     message: String,
     /// Sign in first, then go back to this path.
     login_next: Option<String>,
+    /// 429: the `Retry-After` header.
+    retry_after: Option<Duration>,
 }
 
 impl PageError {
@@ -78,7 +124,33 @@ impl PageError {
             status,
             message: message.into(),
             login_next: None,
+            retry_after: None,
         }
+    }
+
+    /// 429: too many failed sign-ins (`scope`'s) for `retry_after` more.
+    pub fn too_many(scope: limit::Scope, retry_after: Duration) -> PageError {
+        // whole seconds, rounded up: never "0 s"
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        let secs = secs.max(1);
+        let whose = match scope {
+            limit::Scope::Client => "from your address",
+            limit::Scope::Everyone => "to this console",
+        };
+        PageError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "Too many failed sign-ins {whose}: sign-in is refused for {secs} more second{}. Try again then, with the right token.",
+                if secs == 1 { "" } else { "s" }
+            ),
+            login_next: None,
+            retry_after: Some(Duration::from_secs(secs)),
+        }
+    }
+
+    /// The `Retry-After` of a 429, in seconds.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     pub fn status(&self) -> StatusCode {
@@ -98,6 +170,7 @@ impl PageError {
             status: StatusCode::SEE_OTHER,
             message: String::new(),
             login_next: Some(next.to_string()),
+            retry_after: None,
         }
     }
 }
@@ -126,6 +199,10 @@ impl IntoResponse for PageError {
             return Redirect::to(&format!("/login?{q}")).into_response();
         }
         let mut r = (self.status, pages::error(self.status, &self.message)).into_response();
+        if let Some(wait) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -189,6 +266,7 @@ pub fn router(settings: Arc<Settings>, tokens: Tokens) -> Router {
         sessions: auth::Sessions::default(),
         db_slots: Arc::new(Semaphore::new(MAX_DB_WORK)),
         overview: tokio::sync::Mutex::new(None),
+        failed_logins: Mutex::new(limit::FailedLogins::new(limit::Limits::CONSOLE)),
     });
     routes::routes()
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, Extensions, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{AppendHeaders, Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
@@ -507,9 +507,20 @@ struct LoginForm {
 async fn login(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
+    ext: Extensions,
     Form(f): Form<LoginForm>,
 ) -> Result<Response, PageError> {
     auth::same_origin(&headers)?;
+    let client = super::client_addr(&ext);
+    if let Err(e) = st.may_sign_in(client) {
+        // the form again, saying why and for how long; the token is not compared
+        let mut r = login_page(&headers, &f.next, Some(e.message()), e.status());
+        if let Some(wait) = e.retry_after() {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+        }
+        return Ok(r);
+    }
     let bound = auth::cookie(&headers, auth::LOGIN_COOKIE).unwrap_or("");
     if bound.is_empty() || f.csrf.is_empty() || bound != f.csrf {
         return Ok(login_page(
@@ -521,6 +532,7 @@ async fn login(
     }
     let Some(role) = st.tokens.role_of(f.token.trim()) else {
         tracing::warn!("console: sign-in refused (token not accepted)");
+        st.sign_in_failed(client);
         return Ok(login_page(
             &headers,
             &f.next,

@@ -32,6 +32,10 @@ pub enum Event {
     BalanceFetched(i64, Box<Answer>),
     /// The outcome of job `id` is durable (and its replies handed to the publisher).
     Recorded(i64),
+    /// A final outcome on a session problem of job `id` found a newer
+    /// session_key in the outbox and was written as a re-open with it instead
+    /// ([`crate::engine::SessionGuard`]): the job runs again with that key.
+    ReopenedWithKey(i64, crate::secret::Secret),
     /// Shared outbox: pending jobs of players this worker holds the lease of, read
     /// from the outbox (taken over from another worker, recorded by another
     /// worker, or re-opened), each with the lease generation it was claimed
@@ -40,10 +44,11 @@ pub enum Event {
     /// replaces the older one's copy once its step under way ends; an older one
     /// is ignored (see `engine::lease`).
     Claimed(Vec<Job>),
-    /// Shared outbox: this worker's lease on these players (appid, openid) ran
-    /// out and another worker may hold them: their jobs are dropped (a step under
-    /// way finishes first; its outcome write is fenced by the outbox).
-    PlayersLost(Vec<(String, String)>),
+    /// Shared outbox: this worker's lease on these players, at these
+    /// generations, ran out and another worker may hold them: their jobs of that
+    /// generation or older are dropped (a step under way finishes first; its
+    /// outcome write is fenced by the outbox).
+    PlayersLost(Vec<super::HeldPlayer>),
     /// Shared outbox: the pre-call mark or the outcome of job `id` was fenced out
     /// (its player's lease is gone, of a newer generation, or too short for a
     /// call). No call is made. When the job's generation is still the newest the

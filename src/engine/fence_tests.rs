@@ -282,3 +282,46 @@ fn a_job_of_a_generation_given_back_is_not_run_here() {
     );
     assert_eq!(mark_gens(&out), vec![(1, 6)]);
 }
+
+/// Renewals report a lost lease with the generation the engine named: jobs a
+/// newer take of the same player brought in meanwhile are kept and run.
+#[test]
+fn a_lease_lost_at_an_older_generation_keeps_the_jobs_of_a_newer_take() {
+    let mut e = shared();
+    let mut out = Vec::new();
+    e.handle(Event::Claimed(vec![at_gen(1, 1)]), 0, &mut out);
+    assert_eq!(mark_gens(&out), vec![(1, 1)]);
+    // the mark is fenced out: this worker no longer holds generation 1
+    e.handle(Event::LeaseLost(1), 5, &mut out);
+    out.clear();
+    // it takes the player back at generation 3 before the coordinator's renewal
+    e.handle(
+        Event::Claimed(vec![at_gen(1, 3), at_gen(2, 3)]),
+        10,
+        &mut out,
+    );
+    assert_eq!(mark_gens(&out), vec![(1, 3)]);
+    let held = e.players();
+    assert_eq!(held.len(), 1);
+    assert_eq!(held.first().map(|p| p.gen), Some(3));
+    out.clear();
+    // a renewal that still reports the generation-1 tenure as lost
+    let lost = HeldPlayer {
+        appid: "wx".into(),
+        openid: "o".into(),
+        gen: 1,
+    };
+    e.handle(Event::PlayersLost(vec![lost]), 20, &mut out);
+    assert!(e.holds(1) && e.holds(2), "the generation-3 jobs stay");
+    e.handle(Event::Marked(1, Some(20)), 21, &mut out);
+    assert!(has_call(&out), "and job 1 is called under generation 3");
+    out.clear();
+    // lost at generation 3: job 1 finishes its call then drops; job 2 goes now
+    let lost = HeldPlayer {
+        appid: "wx".into(),
+        openid: "o".into(),
+        gen: 3,
+    };
+    e.handle(Event::PlayersLost(vec![lost]), 30, &mut out);
+    assert!(e.holds(1) && !e.holds(2));
+}

@@ -12,22 +12,40 @@
 //! copy of the jobs — calls, attempts, uncertain — is what runs. A job of an
 //! older generation is a stale delivery and is ignored.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::job::Job;
 use super::{Action, Engine, Entries, Phase};
 
+/// A player whose jobs the engine holds, with the lease generation they run
+/// under (the newest it knows; 0 on a SQLite outbox). The coordinator renews by
+/// it: a lease found at another generation, or not at all, is reported lost
+/// *at this generation*, so jobs a newer take brought in are kept.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HeldPlayer {
+    pub appid: String,
+    pub openid: String,
+    pub gen: i64,
+}
+
 impl Engine {
-    /// The players (appid, openid) the engine holds jobs of (balance commands aside).
-    pub fn players(&self) -> Vec<(String, String)> {
-        let set: HashSet<(&str, &str)> = self
-            .entries
-            .values()
-            .filter(|e| e.target.is_none())
-            .map(|e| (e.job.params.appid.as_str(), e.job.params.openid.as_str()))
-            .collect();
-        set.into_iter()
-            .map(|(a, o)| (a.to_string(), o.to_string()))
+    /// The players the engine holds jobs of (balance commands aside).
+    pub fn players(&self) -> Vec<HeldPlayer> {
+        let mut held: HashMap<(&str, &str), i64> = HashMap::new();
+        for e in self.entries.values().filter(|e| e.target.is_none()) {
+            let key = (e.job.params.appid.as_str(), e.job.params.openid.as_str());
+            let g = held.entry(key).or_insert(e.job.lease_gen);
+            *g = (*g).max(e.job.lease_gen);
+        }
+        held.into_iter()
+            .map(|((appid, openid), gen)| {
+                let known = self.gens.get(&(appid.to_string(), openid.to_string()));
+                HeldPlayer {
+                    appid: appid.to_string(),
+                    openid: openid.to_string(),
+                    gen: known.copied().unwrap_or(gen).max(gen),
+                }
+            })
             .collect()
     }
 
@@ -121,26 +139,38 @@ impl Engine {
         if known <= 1024 || known <= 2 * self.entries.len() {
             return;
         }
-        let held: HashSet<(String, String)> = self.players().into_iter().collect();
+        let held: HashSet<(String, String)> = self
+            .players()
+            .into_iter()
+            .map(|p| (p.appid, p.openid))
+            .collect();
         self.gens.retain(|k, _| held.contains(k));
         self.released.retain(|k, _| held.contains(k));
     }
 
-    /// Drop the jobs of these players: waiting ones now, one under way when its
-    /// step ends.
-    pub(super) fn drop_players(&mut self, players: &HashSet<(String, String)>) {
+    /// Drop the jobs these players' leases brought in, up to the generation each
+    /// was lost at: waiting ones now, one under way when its step ends. Jobs of a
+    /// newer generation (this worker took the player again meanwhile) are kept.
+    pub(super) fn drop_players(&mut self, players: &[HeldPlayer]) {
+        let mut lost: HashMap<(String, String), i64> = HashMap::new();
         for p in players {
-            if let Some(&g) = self.gens.get(p) {
-                let r = self.released.entry(p.clone()).or_insert(g);
-                *r = (*r).max(g);
-            }
+            let g = lost
+                .entry((p.appid.clone(), p.openid.clone()))
+                .or_insert(p.gen);
+            *g = (*g).max(p.gen);
+        }
+        for (p, &g) in &lost {
+            let r = self.released.entry(p.clone()).or_insert(g);
+            *r = (*r).max(g);
         }
         let hit: Vec<i64> = self
             .entries
             .iter()
             .filter(|(_, e)| {
                 e.target.is_none()
-                    && players.contains(&(e.job.params.appid.clone(), e.job.params.openid.clone()))
+                    && lost
+                        .get(&(e.job.params.appid.clone(), e.job.params.openid.clone()))
+                        .is_some_and(|&g| e.job.lease_gen <= g)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -189,6 +219,11 @@ impl Engine {
         let player = (e.job.params.appid.clone(), e.job.params.openid.clone());
         let gen = e.job.lease_gen;
         let stale = self.gens.get(&player).is_some_and(|&g| g > gen);
+        let held = HeldPlayer {
+            appid: player.0.clone(),
+            openid: player.1.clone(),
+            gen,
+        };
         match e.phase {
             // picked for a call that will not be made
             Phase::Marking | Phase::AwaitSlot => self.sched.no_call(),
@@ -196,7 +231,7 @@ impl Engine {
             // not the end of a step: handled like a lost player
             _ => {
                 if !stale {
-                    self.drop_players(&HashSet::from([player]));
+                    self.drop_players(&[held]);
                 }
                 return;
             }
@@ -204,7 +239,7 @@ impl Engine {
         let openid = player.1.clone();
         self.end_entry(id);
         if !stale {
-            self.drop_players(&HashSet::from([player.clone()]));
+            self.drop_players(&[held]);
             out.push(Action::GiveBack {
                 appid: player.0,
                 openid: player.1,

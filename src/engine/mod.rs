@@ -25,7 +25,8 @@ pub mod record;
 pub mod scheduler;
 
 pub use event::{Action, BalanceCmd, Event};
-pub use record::{AttemptRow, Record, Update};
+pub use lease::HeldPlayer;
+pub use record::{AttemptRow, Record, SessionGuard, Update};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -293,6 +294,7 @@ impl Engine {
             Event::Answered(id, a) => self.answered(id, *a, now, out),
             Event::BalanceFetched(id, a) => self.balance_fetched(id, *a, now, out),
             Event::Recorded(id) => self.recorded(id),
+            Event::ReopenedWithKey(id, key) => self.reopened_with_key(id, key, now),
             Event::Claimed(jobs) => {
                 for j in jobs {
                     if !self.admit(&j) {
@@ -304,10 +306,7 @@ impl Engine {
                     }
                 }
             }
-            Event::PlayersLost(players) => {
-                let set: HashSet<(String, String)> = players.into_iter().collect();
-                self.drop_players(&set);
-            }
+            Event::PlayersLost(players) => self.drop_players(&players),
             Event::LeaseLost(id) => self.lease_lost(id, out),
         }
         self.prune_gens();
@@ -599,6 +598,23 @@ impl Engine {
         }
     }
 
+    /// A final outcome on a session problem was written as a re-open instead: a
+    /// re-sent command brought `key` meanwhile. The job runs again with it, due
+    /// now, in a new retry period (as if re-opened by that command).
+    fn reopened_with_key(&mut self, id: i64, key: Secret, now: i64) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if e.phase != Phase::Recording(None) {
+            return;
+        }
+        e.job.session_key = Some(key);
+        e.job.reopened_at = Some(now);
+        e.key_gen += 1;
+        e.phase = Phase::Recording(Some(now));
+        self.recorded(id);
+    }
+
     fn recorded(&mut self, id: i64) {
         let Some(e) = self.entries.get_mut(&id) else {
             return;
@@ -701,7 +717,22 @@ fn final_update(state: JobState, reply: &crate::command::Reply) -> Update {
 }
 
 fn record(job: &Job, rows: Vec<AttemptRow>, update: Update, now: i64) -> Record {
+    let last_errcode = rows
+        .first()
+        .and_then(|a| a.answer.errcode)
+        .or(job.last_errcode);
+    let session_guard = match &update {
+        Update::Final { state, .. }
+            if job::reopens_with_new_session_key(*state, last_errcode, job.uncertain) =>
+        {
+            Some(SessionGuard {
+                used: job.session_key.clone(),
+            })
+        }
+        _ => None,
+    };
     Record {
+        session_guard,
         job_id: job.id,
         attempts_total: job.attempts,
         first_attempt_at: job.first_attempt_at,

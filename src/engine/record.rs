@@ -5,6 +5,7 @@
 
 use crate::engine::job::JobState;
 use crate::midas::Answer;
+use crate::secret::Secret;
 
 /// One Midas call to record.
 #[derive(Debug, Clone)]
@@ -35,6 +36,20 @@ pub struct Record {
     /// decided under; it lands only while the lease is still this worker's at
     /// that generation (ignored by SQLite).
     pub lease_gen: i64,
+    /// Set on a final outcome that ended on a session problem (one a new
+    /// session_key re-opens, [`crate::engine::job::reopens_with_new_session_key`]).
+    /// When the outbox holds another session_key than this one by the time the
+    /// outcome is written — a re-sent command brought it while the outcome was
+    /// decided — the job is not final: it is re-opened with the newer key
+    /// (pending, due now, a new retry period, nothing published), as a re-send
+    /// arriving a moment later would have done.
+    pub session_guard: Option<SessionGuard>,
+}
+
+/// The session_key a final outcome on a session problem was decided with.
+#[derive(Debug, Clone)]
+pub struct SessionGuard {
+    pub used: Option<Secret>,
 }
 
 impl Record {

@@ -195,7 +195,7 @@ fn a_fenced_mark_drops_the_player_frees_the_slot_and_makes_no_call() {
     e.handle(Event::LeaseLost(1), 10, &mut out);
     assert!(calls(&out).is_empty() && marks(&out).is_empty(), "{out:?}");
     assert!(!e.holds(1) && !e.holds(2), "the player's jobs are dropped");
-    assert_eq!(e.players(), Vec::<(String, String)>::new());
+    assert_eq!(e.players(), Vec::new());
     // the slot is free: another player's job starts at once
     let mut other = job(3, "wx");
     other.params.openid = "p".into();
@@ -213,7 +213,11 @@ fn a_player_lost_mid_call_finishes_that_step_then_drops_and_comes_back_when_clai
     assert_eq!(calls(&out), vec![1]);
     out.clear();
     e.handle(
-        Event::PlayersLost(vec![("wx".into(), "o".into())]),
+        Event::PlayersLost(vec![HeldPlayer {
+            appid: "wx".into(),
+            openid: "o".into(),
+            gen: 0,
+        }]),
         2,
         &mut out,
     );
@@ -448,4 +452,56 @@ fn the_balance_fetch_after_a_duplicate_keeps_the_calls_slot() {
         &mut out,
     );
     assert_eq!(marks(&out), vec![2]);
+}
+
+/// A final outcome on a session problem carries the key it was decided with
+/// (the outbox re-opens the job instead when a re-send stored a newer one); the
+/// engine then runs the job again at once with that key.
+#[test]
+fn a_session_failure_written_as_a_reopen_runs_again_with_the_outboxs_key() {
+    let mut e = Engine::new(cfg(), 1);
+    let mut out = Vec::new();
+    e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
+    e.handle(Event::Marked(1, None), 1, &mut out);
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Definitive, 90010)),
+        2,
+        &mut out,
+    );
+    let guard = out.iter().find_map(|a| match a {
+        Action::Record(r) => Some(r.session_guard.clone()),
+        _ => None,
+    });
+    let used = guard.flatten().and_then(|g| g.used);
+    assert_eq!(used.as_ref().map(Secret::expose), Some("k1"));
+    out.clear();
+    e.handle(Event::ReopenedWithKey(1, Secret::new("k2")), 3, &mut out);
+    assert!(e.holds(1), "the job is not over");
+    assert!(
+        matches!(out.as_slice(), [Action::Mark { id: 1, .. }]),
+        "marked again at once: {out:?}"
+    );
+    out.clear();
+    e.handle(Event::Marked(1, None), 4, &mut out);
+    let key = out.iter().find_map(|a| match a {
+        Action::Call { session_key, .. } => session_key.clone(),
+        _ => None,
+    });
+    assert_eq!(key.as_ref().map(Secret::expose), Some("k2"));
+    // an outcome that is not a session problem carries no guard
+    out.clear();
+    e.handle(
+        Event::Answered(1, ans(OutcomeClass::Success, 0)),
+        5,
+        &mut out,
+    );
+    assert!(out.iter().any(|a| matches!(
+        a,
+        Action::Record(Record {
+            session_guard: None,
+            update: Update::Final { .. },
+            ..
+        })
+    )));
 }

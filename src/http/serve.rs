@@ -23,18 +23,21 @@
 //! - **Stall the answer**: a write that makes no progress for
 //!   [`Limits::write_timeout`] drops the connection.
 //!
-//! Handlers get their own deadline from the router (the ops router answers 503
+//! Each request carries its client's address as axum's `ConnectInfo<SocketAddr>`
+//! (the TCP peer). Handlers get their own deadline from the router (the ops router answers 503
 //! after [`super::REQUEST_TIMEOUT`]); keep it below `idle_timeout`.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
 use axum::http::header::{HeaderValue, CONNECTION};
 use axum::Router;
 use hyper::body::Incoming;
@@ -93,10 +96,10 @@ pub async fn serve(
         if *shutdown.borrow() {
             break;
         }
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => continue,
             a = listener.accept() => match a {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 // e.g. EMFILE: pause instead of spinning
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
@@ -125,6 +128,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         tokio::spawn(connection(
             stream,
+            peer,
             slot,
             app.clone(),
             limits,
@@ -139,6 +143,7 @@ pub async fn serve(
 /// Serve one connection under `limits`, holding `slot` until it is closed.
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     slot: OwnedSemaphorePermit,
     app: Router,
     limits: Limits,
@@ -148,7 +153,10 @@ async fn connection(
     let inner = TowerToHyperService::new(app);
     let served = Arc::new(AtomicU32::new(0));
     let count = served.clone();
-    let svc = service_fn(move |req: axum::http::Request<Incoming>| {
+    let svc = service_fn(move |mut req: axum::http::Request<Incoming>| {
+        // the client's address, for handlers that count per client (the console's
+        // failed sign-ins): axum's `ConnectInfo`
+        req.extensions_mut().insert(ConnectInfo(peer));
         let last = count.fetch_add(1, Ordering::Relaxed) + 1 >= limits.max_requests;
         let answer = inner.call(req);
         async move {

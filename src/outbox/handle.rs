@@ -9,7 +9,7 @@ use super::health::WriteStatus;
 use super::postgres::writer::PgWriter;
 use super::pushes::{NewPush, PushStored, UnpublishedEvent};
 use super::query::Gauges;
-use super::writer::{Intake, IntakeOutcome, OutgoingReply, Writer};
+use super::writer::{Intake, IntakeOutcome, Landed, Writer};
 use super::OutboxError;
 use crate::config::OutboxConfig;
 use crate::engine::Record;
@@ -118,7 +118,7 @@ impl Outbox {
     /// Record an outcome; answers the replies to publish. A shared outbox answers
     /// [`OutboxError::LeaseLost`] when another worker holds the job's player now
     /// (the attempts are kept, the job is left to that worker).
-    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+    pub async fn record(&self, r: Record) -> Result<Landed, OutboxError> {
         match self {
             Outbox::Sqlite(w) => w.record(r).await,
             Outbox::Postgres(w) => w.record(r).await,

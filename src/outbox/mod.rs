@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OpenFlags};
 
 pub use handle::{GiveBack, Location, Outbox};
-pub use writer::{Intake, IntakeOutcome, OutgoingReply, Writer};
+pub use writer::{Intake, IntakeOutcome, Landed, OutgoingReply, Writer};
 
 /// The schema, applied at every start (idempotent).
 pub const SCHEMA: &str = include_str!("../../schema.sql");

@@ -1,6 +1,6 @@
 //! Pushes in the SQLite outbox: the statements behind storing a verified push
 //! once per (appid, kind, dedup key), finding events the broker has not
-//! confirmed, marking them confirmed, and the operator's reads. The row types are
+//! confirmed, marking them confirmed, the operator's reads, and `prune`. The row types are
 //! shared with the PostgreSQL outbox ([`super::postgres::pushes`]).
 //!
 //! Reads tolerate a file whose `pushes` table does not exist yet (a file written
@@ -281,6 +281,40 @@ pub fn counts(c: &Connection) -> Result<PushCounts, OutboxError> {
     )?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0, r.get(2)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Pushes `outbox prune` deletes (`?1`: the cutoff): the broker confirmed their
+/// event, and WeChat last sent them before the cutoff. An unconfirmed event is
+/// never pruned, however old: it is still to be published.
+pub(crate) const PRUNABLE: &str = "published_at IS NOT NULL AND last_received_at < ?1";
+
+/// How many pushes `prune` would delete at `cutoff`.
+pub fn prunable(c: &Connection, cutoff: i64) -> Result<i64, OutboxError> {
+    if !has_pushes(c)? {
+        return Ok(0);
+    }
+    Ok(c.query_row(
+        &format!("SELECT COUNT(*) FROM pushes WHERE {PRUNABLE}"),
+        params![cutoff],
+        |r| r.get(0),
+    )?)
+}
+
+/// Delete at most `batch` prunable pushes, in a transaction of its own. Returns
+/// how many.
+pub fn prune_batch(c: &mut Connection, cutoff: i64, batch: i64) -> Result<i64, OutboxError> {
+    if !has_pushes(c)? {
+        return Ok(0);
+    }
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        &format!(
+            "DELETE FROM pushes WHERE id IN (SELECT id FROM pushes WHERE {PRUNABLE} ORDER BY id LIMIT ?2)"
+        ),
+        params![cutoff, batch],
+    )?;
+    tx.commit()?;
+    Ok(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

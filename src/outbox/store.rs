@@ -186,6 +186,23 @@ impl Store {
         }
     }
 
+    /// How many stored pushes `prune` would delete at `cutoff`: confirmed, last
+    /// received before it.
+    pub fn prunable_pushes(&self, cutoff: i64) -> Result<i64, OutboxError> {
+        match self {
+            Store::Sqlite(c) => pushes::prunable(c, cutoff),
+            Store::Postgres(p) => p.prunable_pushes(cutoff),
+        }
+    }
+
+    /// Delete at most `batch` prunable pushes in a transaction of their own.
+    pub fn prune_pushes_batch(&mut self, cutoff: i64, batch: i64) -> Result<i64, OutboxError> {
+        match self {
+            Store::Sqlite(c) => pushes::prune_batch(c, cutoff, batch),
+            Store::Postgres(p) => p.prune_pushes_batch(cutoff, batch),
+        }
+    }
+
     /// Record an operator action on its own (outside any transaction).
     pub fn record_action(
         &self,

@@ -32,6 +32,17 @@ pub struct OutgoingReply {
     pub payload: Arc<[u8]>,
 }
 
+/// What an outcome write did.
+#[derive(Debug, Default)]
+pub struct Landed {
+    /// Replies to publish: a final outcome's, to its targets not published yet.
+    pub replies: Vec<OutgoingReply>,
+    /// A final outcome on a session problem found this newer session_key in the
+    /// outbox (see [`crate::engine::SessionGuard`]) and re-opened the job with it
+    /// instead; nothing is published.
+    pub reopened_with: Option<crate::secret::Secret>,
+}
+
 /// A reply the broker confirmed, to mark published. It carries the bytes that
 /// were published: the mark lands only while they are still the job's reply, so a
 /// late mark cannot stand for a newer reply of a re-opened job.
@@ -105,10 +116,7 @@ pub enum IntakeOutcome {
 #[allow(clippy::large_enum_variant)]
 enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
-    Record(
-        Record,
-        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
-    ),
+    Record(Record, oneshot::Sender<Result<Landed, OutboxError>>),
     Published(Vec<Confirmed>, i64),
     /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
     Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
@@ -181,7 +189,7 @@ impl Writer {
         rx.await.map_err(|_| OutboxError::WriterGone)?
     }
 
-    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+    pub async fn record(&self, r: Record) -> Result<Landed, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Record(r, tx))
@@ -357,8 +365,8 @@ enum Pending {
         Result<IntakeOutcome, OutboxError>,
     ),
     Record(
-        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
-        Result<Vec<OutgoingReply>, OutboxError>,
+        oneshot::Sender<Result<Landed, OutboxError>>,
+        Result<Landed, OutboxError>,
     ),
     Mark(
         oneshot::Sender<Result<(), OutboxError>>,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::writer::{Intake, IntakeOutcome, OutgoingReply};
+use super::writer::{Intake, IntakeOutcome, Landed, OutgoingReply};
 use super::OutboxError;
 use crate::engine::job::{Job, JobState};
 use crate::engine::{Record, Update};
@@ -117,6 +117,12 @@ pub(super) fn intake(c: &Connection, i: &Intake) -> Result<IntakeOutcome, Outbox
              finished_at = NULL, reopened_at = ?3, updated_at = ?3 WHERE id = ?1",
         )?
         .execute(params![id, session_key, i.now])?;
+        // the new final reply goes to every target of the job (contract, guarantee
+        // 4): the earlier commands are owed it too
+        c.prepare_cached(
+            "UPDATE reply_targets SET published_at = NULL, returned = 0 WHERE job_id = ?1",
+        )?
+        .execute(params![id])?;
         add_target(c, id, i, true)?;
         return Ok(IntakeOutcome::Reopened(Job {
             id,
@@ -194,7 +200,7 @@ pub(super) fn add_target(
         })?)
 }
 
-pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+pub(super) fn record(c: &Connection, r: &Record) -> Result<Landed, OutboxError> {
     {
         let mut ins = c.prepare_cached(
             "INSERT INTO attempts (job_id, n, api, started_at, latency_ms, http_status, errcode, errmsg, outcome) \
@@ -232,9 +238,31 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
                 r.now,
                 r.uncertain as i64
             ])?;
-            Ok(Vec::new())
+            Ok(Landed::default())
         }
         Update::Final { state, reply } => {
+            if let Some(key) = newer_session_key(c, r)? {
+                // a re-send brought a new session_key while this was decided: the
+                // job runs again with it instead of ending on the old one's problem
+                c.prepare_cached(
+                    "UPDATE jobs SET attempts = ?2, first_attempt_at = COALESCE(first_attempt_at, ?3), \
+                     next_attempt_at = ?4, last_errcode = ?5, last_error = ?6, updated_at = ?4, \
+                     reopened_at = ?4, uncertain = MAX(uncertain, ?7) WHERE id = ?1 AND state = 'pending'",
+                )?
+                .execute(params![
+                    r.job_id,
+                    r.attempts_total,
+                    r.first_attempt_at,
+                    r.now,
+                    errcode,
+                    error,
+                    r.uncertain as i64
+                ])?;
+                return Ok(Landed {
+                    replies: Vec::new(),
+                    reopened_with: Some(Secret::new(key)),
+                });
+            }
             let payload = String::from_utf8_lossy(reply).into_owned();
             let n = c.prepare_cached(
                 "UPDATE jobs SET state = ?2, attempts = ?3, first_attempt_at = COALESCE(first_attempt_at, ?4), \
@@ -256,7 +284,7 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
             if n == 0 {
                 // the job is final already (a stale re-run of a job the engine
                 // forgot): its stored reply stands, nothing is published again
-                return Ok(Vec::new());
+                return Ok(Landed::default());
             }
             let payload: Arc<[u8]> = Arc::from(reply.clone());
             let mut q = c.prepare_cached(
@@ -270,9 +298,27 @@ pub(super) fn record(c: &Connection, r: &Record) -> Result<Vec<OutgoingReply>, O
                     payload: payload.clone(),
                 })
             })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            Ok(Landed {
+                replies: rows.collect::<Result<Vec<_>, _>>()?,
+                reopened_with: None,
+            })
         }
     }
+}
+
+/// A guarded final outcome ([`crate::engine::SessionGuard`]): the session_key the
+/// pending job holds now, when it is another than the one the outcome was
+/// decided with.
+fn newer_session_key(c: &Connection, r: &Record) -> Result<Option<String>, OutboxError> {
+    let Some(guard) = &r.session_guard else {
+        return Ok(None);
+    };
+    let stored: Option<Option<String>> = c
+        .prepare_cached("SELECT session_key FROM jobs WHERE id = ?1 AND state = 'pending'")?
+        .query_row(params![r.job_id], |row| row.get(0))
+        .optional()?;
+    let used = guard.used.as_ref().map(Secret::expose);
+    Ok(stored.flatten().filter(|k| Some(k.as_str()) != used))
 }
 
 pub(super) fn mark(c: &Connection, marks: &[(i64, i64)]) -> Result<(), OutboxError> {

@@ -484,6 +484,30 @@ pub fn job_field(db: &std::path::Path, bill: &str, op: &str, field: &str) -> Opt
     .flatten()
 }
 
+/// Attempt rows (calls to Midas, one row each) of the jobs of `bill` in the outbox.
+pub fn count_attempts(db: &std::path::Path, bill: &str) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open outbox");
+    c.query_row(
+        "SELECT COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.bill_no = ?1",
+        [bill],
+        |r| r.get(0),
+    )
+    .expect("count attempts")
+}
+
+/// Reply targets of job `job_id` the broker has not confirmed (`published_at` unset).
+pub fn unpublished_targets(db: &std::path::Path, job_id: &str) -> i64 {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open outbox");
+    c.query_row(
+        "SELECT COUNT(*) FROM reply_targets WHERE job_id = CAST(?1 AS INTEGER) AND published_at IS NULL",
+        [job_id],
+        |r| r.get(0),
+    )
+    .expect("count targets")
+}
+
 /// Rows of `SELECT COUNT(*) FROM jobs [WHERE ...]` in the outbox.
 pub fn count_jobs(db: &std::path::Path, filter: &str) -> i64 {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)

@@ -193,6 +193,7 @@ impl Jobber<'_> {
         };
         self.w
             .record(Record {
+                session_guard: None,
                 job_id,
                 attempts_total: n,
                 first_attempt_at: Some(first),
@@ -208,6 +209,7 @@ impl Jobber<'_> {
             })
             .await
             .expect("record")
+            .replies
     }
 
     fn confirm(&self, replies: &[OutgoingReply], returned: bool, now: i64) {

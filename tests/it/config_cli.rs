@@ -267,3 +267,116 @@ fn bad_configs_stop_with_one_line_and_status_2() {
         assert!(stderr.contains(needle), "{needle}: {stderr}");
     }
 }
+
+/// A 2.0 app taking pushes: `check-config` lists the push Token, the
+/// EncodingAESKey and the sandbox AppKey with the variable each was read from,
+/// masked, never their values; a variable the app names but the environment lacks
+/// stops it with one line naming the key.
+#[test]
+fn check_config_lists_the_push_secrets_masked_with_their_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("config.toml");
+    std::fs::write(
+        &file,
+        "[[apps]]\nappid = \"wx2222222\"\noffer_id = \"87654321\"\napi = \"v2\"\n\
+         app_key_env = \"MIDAS_APP_KEY_2\"\napp_secret_env = \"WECHAT_APP_SECRET_2\"\n\
+         sandbox_app_key_env = \"MIDAS_SANDBOX_APP_KEY_2\"\n\
+         push_token_env = \"WECHAT_PUSH_TOKEN_2\"\npush_aes_key_env = \"WECHAT_PUSH_AES_KEY_2\"\n",
+    )
+    .expect("write");
+    let config = file.display().to_string();
+    let aes = "pushaeskeys3cretpushaeskeys3cretpushaeskey0";
+    let secrets = env(&[
+        ("MIDAS_WORKER__MIDAS__ENVIRONMENT", "production"),
+        ("MIDAS_APP_KEY_2", "appkey-s3cret"),
+        ("WECHAT_APP_SECRET_2", "appsecret-s3cret"),
+        ("MIDAS_SANDBOX_APP_KEY_2", "sandboxkey-s3cret"),
+        ("WECHAT_PUSH_TOKEN_2", "pushtokens3cret"),
+        ("WECHAT_PUSH_AES_KEY_2", aes),
+    ]);
+    for json in [false, true] {
+        let mut args = vec!["check-config", "--config", &config];
+        if json {
+            args.push("--json");
+        }
+        let out = finish(worker(&args, &secrets), Duration::from_secs(30));
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        for secret in [
+            "appkey-s3cret",
+            "appsecret-s3cret",
+            "sandboxkey-s3cret",
+            "pushtokens3cret",
+            aes,
+        ] {
+            assert!(
+                !stdout.contains(secret) && !stderr.contains(secret),
+                "{secret} printed: {stdout}{stderr}"
+            );
+        }
+        let listed = [
+            ("apps[0].sandbox_app_key", "MIDAS_SANDBOX_APP_KEY_2"),
+            ("apps[0].push_token", "WECHAT_PUSH_TOKEN_2"),
+            ("apps[0].push_aes_key", "WECHAT_PUSH_AES_KEY_2"),
+        ];
+        if json {
+            let doc: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+            let keys = doc["keys"].as_array().expect("keys");
+            for (key, var) in listed {
+                let k = keys
+                    .iter()
+                    .find(|k| k["key"] == key)
+                    .unwrap_or_else(|| panic!("{key} not listed: {stdout}"));
+                assert_eq!(k["value"], "***", "{key}");
+                assert_eq!(k["source"], var, "{key}");
+            }
+            let notes = doc["notes"].to_string();
+            assert!(
+                notes.contains("wx2222222 has push_token_env but push.listen is not set"),
+                "{notes}"
+            );
+        } else {
+            for (key, var) in listed {
+                let line = stdout
+                    .lines()
+                    .find(|l| l.split_whitespace().next() == Some(key))
+                    .unwrap_or_else(|| panic!("{key} not listed: {stdout}"));
+                assert_eq!(
+                    line.split_whitespace().collect::<Vec<_>>(),
+                    [key, "***", var]
+                );
+            }
+        }
+    }
+    // each push variable is checked: named but unset stops check-config with its key
+    for (var, key) in [
+        ("WECHAT_PUSH_TOKEN_2", "apps[0].push_token_env"),
+        ("WECHAT_PUSH_AES_KEY_2", "apps[0].push_aes_key_env"),
+    ] {
+        let mut without = secrets.clone();
+        without.remove(var);
+        let out = finish(
+            worker(&["check-config", "--config", &config], &without),
+            Duration::from_secs(30),
+        );
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+        let said = format!("{stdout}{stderr}");
+        assert!(said.contains(key) && said.contains(var), "{said}");
+        assert!(
+            !said.contains("pushtokens3cret") && !said.contains(aes),
+            "{said}"
+        );
+    }
+    // a malformed EncodingAESKey is refused without being echoed
+    let mut bad = secrets.clone();
+    bad.insert("WECHAT_PUSH_AES_KEY_2".into(), "short-s3cret-key".into());
+    let out = finish(
+        worker(&["check-config", "--config", &config], &bad),
+        Duration::from_secs(30),
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.contains("apps[0].push_aes_key_env"), "{stderr}");
+    assert!(!stderr.contains("short-s3cret-key") && !stdout.contains("short-s3cret-key"));
+}

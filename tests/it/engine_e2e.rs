@@ -109,6 +109,14 @@ async fn a_session_expired_after_a_lost_answer_is_never_failed() {
     assert_eq!(r.status, Some(Status::Unknown), "{r:?}");
     assert_eq!(r.error.as_deref(), Some("outcome_uncertain"));
     assert_eq!(r.errcode, Some(90010));
+    // the broker's confirm of that reply is recorded before the re-send (so the
+    // re-open must owe it again, not merely find it still unconfirmed)
+    let db = env.outbox_path();
+    let filter = format!(
+        "WHERE bill_no = '{bill}' AND EXISTS (SELECT 1 FROM reply_targets t \
+         WHERE t.job_id = jobs.id AND t.correlation_id = 'u1' AND t.published_at IS NOT NULL)"
+    );
+    assert!(eventually(T, || count_jobs(&db, &filter) == 1).await);
     // re-sent with the new session_key: re-opened, same bill_no, finished
     c.publish(pay_with_key(&bill, "una", 9, "k2").as_bytes(), "u2")
         .await
@@ -117,6 +125,23 @@ async fn a_session_expired_after_a_lost_answer_is_never_failed() {
     assert_eq!(r2.status, Some(Status::Succeeded), "{r2:?}");
     assert_eq!(r2.duplicate, Some(true));
     assert_eq!(orders_for(&sim.ledger(), &bill).len(), 1, "charged once");
+    // the first command is owed the new final reply too (guarantee 4): it
+    // supersedes the `unknown` it got (copies of that one may come first)
+    let mut latest = None;
+    for _ in 0..5 {
+        let r = c
+            .reply_for("u1", T)
+            .await
+            .expect("u1 gets the new reply")
+            .reply;
+        if r.status != Some(Status::Unknown) {
+            latest = Some(r);
+            break;
+        }
+    }
+    let latest = latest.expect("u1 got the new final reply");
+    assert_eq!(latest.status, Some(Status::Succeeded), "{latest:?}");
+    assert_eq!(latest.finished_at, r2.finished_at, "the same final reply");
     worker.stop().await;
     env.cleanup(&c).await;
 }

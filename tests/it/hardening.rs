@@ -402,24 +402,59 @@ async fn stored_reply_targets_are_checked_against_the_allow_list_when_republishe
         &mut out,
     )
     .expect("republish");
-    let mut depth = before;
-    for _ in 0..300 {
-        depth = queue_depth(&results).await;
-        if depth > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // the relay publishes the re-queued target and marks it on the broker's confirm
+    let published = || {
+        job_field(&env.outbox_path(), &bill, "pay", "id")
+            .is_some_and(|id| unpublished_targets(&env.outbox_path(), &id) == 0)
+    };
+    assert!(
+        eventually(Duration::from_secs(30), published).await,
+        "the re-published reply was never confirmed"
+    );
     assert_eq!(
-        depth,
+        queue_depth(&results).await,
         before + 1,
         "the reply went to the configured reply queue"
     );
-    // one publish per target: it did not also reach the stored (disallowed) queue
+    // One publish per target: it did not also reach the stored (disallowed) queue.
+    // A marker is put into that queue now: anything the worker sent there for this
+    // target went out before the target was marked (the mark waits for the
+    // broker's confirm), so it is in the queue ahead of the marker, and the next
+    // message read must be the marker.
+    let conn = connect(BROKER, "test marker").await.expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            c.reply_queue.as_str().into(),
+            lapin::options::BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &first.raw,
+            lapin::BasicProperties::default().with_correlation_id("marker".into()),
+        )
+        .await
+        .expect("publish marker")
+        .await
+        .expect("marker confirmed");
     assert!(
-        c.next_reply(Duration::from_millis(500)).await.is_err(),
-        "published to a queue outside broker.reply_to_allow"
+        confirm.is_ack() && confirm.take_message().is_none(),
+        "marker not queued"
     );
+    let next = c
+        .next_reply(Duration::from_secs(30))
+        .await
+        .expect("the marker");
+    assert_eq!(
+        next.correlation_id, "marker",
+        "published to a queue outside broker.reply_to_allow: {:?}",
+        next.reply
+    );
+    let _ = conn.close(200, "bye".into()).await;
     worker.stop().await;
     env.cleanup(&c).await;
 }

@@ -376,6 +376,7 @@ async fn an_erased_session_key_survives_in_no_file_and_the_files_are_private() {
     for (n, id) in ids.iter().enumerate() {
         let out = w
             .record(Record {
+                session_guard: None,
                 job_id: *id,
                 attempts_total: 1,
                 first_attempt_at: Some(1_700_000_000_000),
@@ -395,7 +396,7 @@ async fn an_erased_session_key_survives_in_no_file_and_the_files_are_private() {
             })
             .await
             .expect("record");
-        assert_eq!(out.len(), 1);
+        assert_eq!(out.replies.len(), 1);
     }
     w.flush().await.expect("flush");
 
@@ -458,6 +459,7 @@ async fn an_idle_writer_clears_erased_session_keys_from_the_wal_by_itself() {
     };
     let files = sidecars(&path);
     w.record(Record {
+        session_guard: None,
         job_id: id,
         attempts_total: 1,
         first_attempt_at: Some(1_700_000_000_000),
@@ -581,6 +583,7 @@ async fn a_failing_request_is_undone_alone_and_its_batch_commits() {
     let path = dir.path().join("outbox.sqlite");
     let (w, join) = Writer::start(&path, None).expect("writer");
     let bad = Record {
+        session_guard: None,
         job_id: 999_999,
         attempts_total: 1,
         first_attempt_at: Some(1),

@@ -104,6 +104,7 @@ fn outcome(
         update,
         now: 2,
         lease_gen: gen,
+        session_guard: None,
     }
 }
 
@@ -160,7 +161,7 @@ async fn a_batch_of_mixed_intakes_and_outcomes_answers_each_row_as_alone() {
         })
         .await
         .expect("90010");
-    assert_eq!(failed.len(), 1);
+    assert_eq!(failed.replies.len(), 1);
     // a player another worker holds, and one with a pending job nobody loaded here
     let admin = db.client().await;
     admin
@@ -283,13 +284,13 @@ async fn a_batch_of_mixed_intakes_and_outcomes_answers_each_row_as_alone() {
         )),
     );
     let a = a.expect("current generation lands");
-    assert_eq!(a.len(), 1, "its reply is owed to its one target");
-    assert_eq!(a[0].correlation_id, "B-MIX-F1");
+    assert_eq!(a.replies.len(), 1, "its reply is owed to its one target");
+    assert_eq!(a.replies[0].correlation_id, "B-MIX-F1");
     assert!(
         matches!(b, Err(midas_worker::outbox::OutboxError::LeaseLost)),
         "{b:?}"
     );
-    assert!(c.expect("retry lands").is_empty());
+    assert!(c.expect("retry lands").replies.is_empty());
     w.flush().await.expect("flush");
     drop(w);
     task.await.expect("writer task");

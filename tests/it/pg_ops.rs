@@ -524,3 +524,110 @@ async fn a_database_without_an_outbox_is_reported_like_a_missing_file() {
         0
     );
 }
+
+/// `prune` deletes the stored pushes whose event the broker confirmed and that
+/// WeChat last sent before the cutoff, the same on both engines: never one whose
+/// event is still to be published, nor one WeChat repeated since the cutoff.
+#[tokio::test]
+async fn prune_deletes_old_confirmed_pushes_only_on_both_engines() {
+    const DAY: i64 = 86_400_000;
+    let fx = fixture().await;
+    let now = midas_worker::command::now_ms();
+    // (dedup key, received, last received, published)
+    let pushes = [
+        (
+            "P-OLD",
+            now - 100 * DAY,
+            now - 100 * DAY,
+            Some(now - 100 * DAY),
+        ),
+        (
+            "P-OLD-2",
+            now - 95 * DAY,
+            now - 94 * DAY,
+            Some(now - 94 * DAY),
+        ),
+        ("P-UNCONFIRMED", now - 100 * DAY, now - 100 * DAY, None),
+        (
+            "P-REPEATED",
+            now - 100 * DAY,
+            now - 3 * DAY,
+            Some(now - 100 * DAY),
+        ),
+        ("P-NEW", now - 3 * DAY, now - 3 * DAY, Some(now - 3 * DAY)),
+    ];
+    {
+        let c = fx.conn();
+        for (key, received, last, published) in pushes {
+            c.execute(
+                "INSERT INTO pushes (appid, kind, dedup_key, event, event_id, openid, out_trade_no, env, \
+                 message, received_at, last_received_at, published_at) \
+                 VALUES ('wx1234567', 'goods_delivered', ?1, 'minigame_game_pay_goods_deliver_notify', \
+                 'evt-' || ?1, 'o', ?1, 0, '{}', ?2, ?3, ?4)",
+                rusqlite::params![key, received, last, published],
+            )
+            .expect("insert push");
+        }
+    }
+    let db = TestDb::new("ops_prune_pushes").await;
+    let source = copy_of(&fx.path);
+    ok(
+        &source.settings,
+        &["migrate", "--to", &plain(&db.url), "--actor", "ops"],
+    );
+    let pg = pg_settings(&plain(&db.url));
+    let keys_lite = || -> Vec<String> {
+        sqlite_rows(&fx.path, "SELECT dedup_key FROM pushes ORDER BY id")
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect()
+    };
+    let keys_pg = || async {
+        pg_rows(&db, "SELECT dedup_key FROM pushes ORDER BY id")
+            .await
+            .into_iter()
+            .map(|r| r[0].clone())
+            .collect::<Vec<String>>()
+    };
+    let all: Vec<String> = pushes.iter().map(|p| p.0.to_string()).collect();
+    assert_eq!(keys_lite(), all);
+    assert_eq!(keys_pg().await, all);
+
+    let args = ["prune", "--dry-run", "--older-than", "90d"];
+    let (lite, post) = (ok(&fx.settings, &args), ok(&pg, &args));
+    assert_eq!(without_times(&lite), without_times(&post));
+    assert!(
+        lite.contains("would delete 2 stored pushes last received before"),
+        "{lite}"
+    );
+    assert_eq!(keys_lite(), all, "a dry run deletes nothing");
+    assert_eq!(keys_pg().await, all, "a dry run deletes nothing");
+
+    let args = ["prune", "--older-than", "90d", "--actor", "ops"];
+    let (lite, post) = (ok(&fx.settings, &args), ok(&pg, &args));
+    assert_eq!(without_times(&lite), without_times(&post));
+    assert!(
+        lite.contains("deleted 2 stored pushes last received before"),
+        "{lite}"
+    );
+    let kept = ["P-UNCONFIRMED", "P-REPEATED", "P-NEW"];
+    assert_eq!(keys_lite(), kept);
+    assert_eq!(keys_pg().await, kept);
+    // recorded with the count, the same on both
+    let recorded = |v: Vec<(String, String, String, Value)>| {
+        v.into_iter()
+            .filter(|a| a.1 == "prune")
+            .map(|a| a.3["pushes_deleted"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(recorded(sqlite_actions(&fx.path)), [Value::from(2)]);
+    assert_eq!(recorded(pg_actions(&db).await), [Value::from(2)]);
+
+    // however old, an unconfirmed push stays
+    let args = ["prune", "--older-than", "48h", "--actor", "ops"];
+    let (lite, post) = (ok(&fx.settings, &args), ok(&pg, &args));
+    assert_eq!(without_times(&lite), without_times(&post));
+    assert!(lite.contains("deleted 2 stored pushes"), "{lite}");
+    assert_eq!(keys_lite(), ["P-UNCONFIRMED"]);
+    assert_eq!(keys_pg().await, ["P-UNCONFIRMED"]);
+}

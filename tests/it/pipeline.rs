@@ -127,17 +127,27 @@ async fn invalid_commands_are_rejected_dead_lettered_and_never_reach_midas() {
         assert_eq!(r.attempts, 0);
         assert!(r.errmsg.is_some());
     }
-    // one reply per command: a valid command sent after all of them (answered only
-    // after a call to Midas, so after every refusal) brings no second refusal along
-    c.publish(pay(&unique("END"), "o", 1).as_bytes(), "end")
-        .await
-        .unwrap();
-    c.reply_for("end", T).await.unwrap();
-    // nothing else: not held back by the client (replies that arrived while it
-    // waited for "end" are kept for later and returned first), nor arriving within
-    // the next second
-    if let Ok(extra) = c.next_reply(Duration::from_secs(1)).await {
-        panic!("a second reply: {} {:?}", extra.correlation_id, extra.reply);
+    // One reply per command. Intake settles deliveries in delivery order and hands
+    // a new job to the dispatcher only once every earlier delivery is settled, i.e.
+    // once each refusal before it was confirmed by the broker and its command acked.
+    // So a valid command sent after all of them (answered after a call to Midas)
+    // is answered after every refusal, a second copy of one included; and a
+    // second one sent after that answer is behind any bad command the broker
+    // delivered again (requeued before the first marker was settled). Every reply
+    // up to the second marker's is read: none but the two markers' may come.
+    for marker in ["end", "end2"] {
+        c.publish(pay(&unique("END"), "o", 1).as_bytes(), marker)
+            .await
+            .unwrap();
+        // (replies that arrived while waiting for another are held by the client
+        // and returned first)
+        let r = c.next_reply(T).await.unwrap();
+        assert_eq!(
+            r.correlation_id, marker,
+            "a second reply: {} {:?}",
+            r.correlation_id, r.reply
+        );
+        assert_eq!(r.reply.status, Some(Status::Succeeded), "{:?}", r.reply);
     }
     let mut dead = env.dead_letters_until(bad.len(), T).await;
     dead.sort();
@@ -146,8 +156,8 @@ async fn invalid_commands_are_rejected_dead_lettered_and_never_reach_midas() {
     assert_eq!(dead, want, "dead-lettered unchanged");
     assert_eq!(
         sim.ledger().calls.get("pay").copied().unwrap_or(0),
-        2,
-        "only the two valid pays reached Midas"
+        3,
+        "only the three valid pays reached Midas"
     );
     worker.stop().await;
     env.cleanup(&c).await;
@@ -246,25 +256,48 @@ async fn retries_stop_at_give_up_after_with_unknown() {
     assert_eq!(r.status, Some(Status::Unknown));
     assert_eq!(r.error.as_deref(), Some("retries_exhausted"));
     assert_eq!(r.errcode, Some(-1));
-    // final in the outbox (a final job is never called again: the simulation checks
-    // it at every step), and nothing was sent between the reply and the stop
+    // final in the outbox, every call recorded as an attempt
     assert_eq!(
         job_field(&env.outbox_path(), &bill, "pay", "state").as_deref(),
         Some("unknown")
     );
     let calls = sim.ledger().calls.get("pay").copied().unwrap_or(0);
-    // still running for three times retry.max (300 ms here): a job still being
-    // retried would have been called again in that time
-    tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(
-        sim.ledger().calls.get("pay").copied().unwrap_or(0),
-        calls,
-        "never sent again while the worker ran"
+        count_attempts(&env.outbox_path(), &bill),
+        calls as i64,
+        "every call is an attempt row"
+    );
+    // Midas answers now, and a marker for the same player follows. Only the head of
+    // a player's queue may call, so the marker is called only once the given-up job
+    // has left the queue for good: had it still been retried, that retry would have
+    // gone out first, succeeded and charged it.
+    sim.set_faults(Faults::default());
+    let marker = unique("UM");
+    c.publish(pay(&marker, "erin", 1).as_bytes(), "marker")
+        .await
+        .unwrap();
+    let m = c.reply_for("marker", T).await.unwrap().reply;
+    assert_eq!(m.status, Some(Status::Succeeded), "{m:?}");
+    let ledger = sim.ledger();
+    assert!(
+        orders_for(&ledger, &bill).is_empty(),
+        "the given-up bill_no was sent again and charged"
+    );
+    assert_eq!(
+        ledger.calls.get("pay").copied().unwrap_or(0),
+        calls + 1,
+        "one call after the give-up: the marker's"
     );
     worker.stop().await;
+    // and in the outbox, after the stop: still unknown, no attempt since the reply
+    assert_eq!(
+        job_field(&env.outbox_path(), &bill, "pay", "state").as_deref(),
+        Some("unknown")
+    );
+    assert_eq!(count_attempts(&env.outbox_path(), &bill), calls as i64);
     assert_eq!(
         sim.ledger().calls.get("pay").copied().unwrap_or(0),
-        calls,
+        calls + 1,
         "never sent again"
     );
     env.cleanup(&c).await;

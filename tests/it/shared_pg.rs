@@ -421,6 +421,7 @@ async fn a_failing_request_does_not_fail_its_postgres_batch() {
         .await
         .expect("writer");
     let bad = Record {
+        session_guard: None,
         job_id: 999_999,
         attempts_total: 1,
         first_attempt_at: Some(1),
@@ -503,6 +504,7 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
         other => panic!("{other:?}"),
     };
     let finish = |n: u32, code: i64, class: OutcomeClass, state, reply: &str| Record {
+        session_guard: None,
         job_id: job.id,
         attempts_total: n,
         first_attempt_at: Some(1),
@@ -538,7 +540,7 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
         ))
         .await
         .expect("record");
-    assert_eq!(old.len(), 1);
+    assert_eq!(old.replies.len(), 1);
     let again = w
         .intake(crate::outbox_schema::intake(
             "wx1234567",
@@ -551,7 +553,10 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
         .expect("re-send");
     assert!(matches!(again, IntakeOutcome::Reopened(_)), "{again:?}");
     w.published(
-        old.iter().filter_map(|r| Confirmed::of(r, false)).collect(),
+        old.replies
+            .iter()
+            .filter_map(|r| Confirmed::of(r, false))
+            .collect(),
         3,
     );
     w.flush().await.expect("flush");
@@ -566,7 +571,8 @@ async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
         .await
         .expect("record");
     assert_eq!(
-        new.iter()
+        new.replies
+            .iter()
             .map(|r| r.correlation_id.as_str())
             .collect::<Vec<_>>(),
         ["c-late"],

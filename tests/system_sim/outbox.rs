@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use midas_worker::command::{Params, Reply};
 use midas_worker::engine::job::{Job, JobState};
-use midas_worker::engine::{Record, Update};
+use midas_worker::engine::{HeldPlayer, Record, Update};
 use midas_worker::secret::Secret;
 
 pub type Player = (String, String);
@@ -79,6 +79,9 @@ pub struct Lease {
 pub struct Fences {
     /// Marks, outcomes and give-backs name the generation they were decided under.
     pub generation: bool,
+    /// A re-send with a new session_key that re-opens a job owes the new final
+    /// reply to every target of the job, not only its own.
+    pub reopen_targets: bool,
 }
 
 #[derive(Debug)]
@@ -95,6 +98,8 @@ pub struct Outbox {
 /// What a landed outcome asks the publisher to send.
 pub struct Landed {
     pub replies: Vec<(String, Vec<u8>, u32)>,
+    /// A guarded final outcome found a newer session_key: re-opened with it.
+    pub reopened_with: Option<String>,
 }
 
 impl Outbox {
@@ -172,22 +177,23 @@ impl Outbox {
     pub fn tick(
         &mut self,
         me: u32,
-        held: &[Player],
+        held: &[HeldPlayer],
         renew: bool,
         now: i64,
-    ) -> (Vec<Player>, Vec<Job>) {
-        let mut lost = Vec::new();
+    ) -> (Vec<HeldPlayer>, Vec<Job>) {
+        let mut lost: Vec<HeldPlayer> = Vec::new();
         if renew {
-            let mut owned = HashSet::new();
+            let mut owned = HashMap::new();
             for (p, l) in self.leases.iter_mut() {
                 if l.owner == me {
                     l.expires = now + self.lease_ms;
-                    owned.insert(p.clone());
+                    owned.insert(p.clone(), l.gen);
                 }
             }
+            // by generation, like the coordinator's renewal
             lost = held
                 .iter()
-                .filter(|p| !owned.contains(*p))
+                .filter(|h| owned.get(&(h.appid.clone(), h.openid.clone())) != Some(&h.gen))
                 .cloned()
                 .collect();
             let pending: HashSet<Player> = self
@@ -198,7 +204,10 @@ impl Outbox {
                 .collect();
             self.leases
                 .retain(|p, l| l.owner != me || pending.contains(p));
-            let held: HashSet<&Player> = held.iter().collect();
+            let held: HashSet<Player> = held
+                .iter()
+                .map(|h| (h.appid.clone(), h.openid.clone()))
+                .collect();
             for r in self.rows.values_mut() {
                 if r.claimed_by == Some(me)
                     && r.state == JobState::Pending
@@ -211,7 +220,10 @@ impl Outbox {
         for r in self.rows.values_mut() {
             if r.claimed_by == Some(me)
                 && r.state == JobState::Pending
-                && lost.contains(&r.player())
+                && lost.iter().any(|h| {
+                    (h.appid.as_str(), h.openid.as_str())
+                        == (r.params.appid.as_str(), r.params.openid.as_str())
+                })
             {
                 r.claimed_by = None;
             }
@@ -253,7 +265,11 @@ impl Outbox {
             if r.state != JobState::Pending || r.claimed_by.is_some() {
                 continue;
             }
-            if let Some(l) = leases.get(&r.player()).filter(|l| l.owner == me) {
+            // only under a lease that has not run out, like the coordinator's claim
+            if let Some(l) = leases
+                .get(&r.player())
+                .filter(|l| l.owner == me && l.expires > now)
+            {
                 r.claimed_by = Some(me);
                 jobs.push(r.job(id, l.gen));
             }
@@ -333,6 +349,20 @@ impl Outbox {
                 row.next_attempt_at = *next_attempt_at;
                 Ok(Some(Landed {
                     replies: Vec::new(),
+                    reopened_with: None,
+                }))
+            }
+            Update::Final { .. }
+                if r.session_guard.as_ref().is_some_and(|g| {
+                    row.key.is_some() && row.key.as_deref() != g.used.as_ref().map(Secret::expose)
+                }) =>
+            {
+                // a re-send brought a new session_key meanwhile: re-opened with it
+                row.next_attempt_at = r.now;
+                row.reopened_at = Some(r.now);
+                Ok(Some(Landed {
+                    replies: Vec::new(),
+                    reopened_with: row.key.clone(),
                 }))
             }
             Update::Final { state, reply } => {
@@ -346,7 +376,10 @@ impl Outbox {
                     .filter(|(_, done)| !**done)
                     .map(|(c, _)| (c.clone(), reply.clone(), row.epoch))
                     .collect();
-                Ok(Some(Landed { replies }))
+                Ok(Some(Landed {
+                    replies,
+                    reopened_with: None,
+                }))
             }
         }
     }

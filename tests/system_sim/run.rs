@@ -135,7 +135,13 @@ impl Sim {
                                 .tasks
                                 .push(Task::Publish(c, reply, epoch, id));
                         }
-                        self.feed(w, Event::Recorded(id))
+                        match landed.reopened_with {
+                            Some(key) => {
+                                self.log(|| format!("w{w} record {id}: re-opened with a new key"));
+                                self.feed(w, Event::ReopenedWithKey(id, Secret::new(key)))
+                            }
+                            None => self.feed(w, Event::Recorded(id)),
+                        }
                     }
                 }
             }
@@ -384,8 +390,10 @@ impl Sim {
         Err("did not drain".into())
     }
 
-    /// After the run: every command answered with its job's final reply, and
-    /// every final reply (still) agrees with the ledger.
+    /// After the run: every command answered with its job's final reply — the
+    /// last one, when the job was re-opened (guarantee 4: the new final reply goes
+    /// to every target of the job) — and every final reply (still) agrees with
+    /// the ledger.
     fn finish(&self) -> Check {
         for (&id, r) in &self.ob.rows {
             self.check_final(id)?;
@@ -399,6 +407,12 @@ impl Sim {
                     .any(|(rep, e)| *e >= asked && (*e < r.epoch || rep == result));
                 if !answered {
                     return Err(format!("{cid} (job {id}) never got a reply"));
+                }
+                if !got.iter().any(|(rep, _)| rep == result) {
+                    return Err(format!(
+                        "{cid} (job {id}) never got the job's last final reply (re-opened to epoch {})",
+                        r.epoch
+                    ));
                 }
             }
         }
@@ -421,12 +435,14 @@ fn run(seed: u64, verbose: bool, fences: Fences) -> Result<(), (String, Vec<Stri
     Ok(())
 }
 
-/// The fences this build runs with (`SIM_REVERT=generation` switches the
-/// generation fence off, to show what it catches).
+/// The fences this build runs with, to show what each catches when switched
+/// off: `SIM_REVERT=generation` (the generation fence), `SIM_REVERT=reopen_targets`
+/// (a re-send's re-open owes the new reply to every target).
 fn fences() -> Fences {
     let revert = std::env::var("SIM_REVERT").unwrap_or_default();
     Fences {
         generation: revert != "generation",
+        reopen_targets: revert != "reopen_targets",
     }
 }
 

@@ -132,7 +132,8 @@ pub enum OutboxCmd {
         who: Operator,
     },
     /// Delete final jobs (with their attempts and reply targets) that finished before
-    /// the cutoff. Pending jobs are never deleted.
+    /// the cutoff, and stored WeChat pushes whose event the broker confirmed, last
+    /// received before it. Pending jobs and unconfirmed pushes are never deleted.
     Prune {
         /// Age cutoff, e.g. `90d` (default: `outbox.retention`; at least 48h).
         #[arg(long, value_name = "DURATION")]

@@ -1,6 +1,8 @@
 //! `outbox prune`: delete final jobs (with their attempts and reply targets) that
 //! finished before a cutoff, never younger than the 48 h bill_no window and never a
-//! pending job, in small transactions so the worker's writer never waits long.
+//! pending job, and stored WeChat pushes whose event the broker confirmed and that
+//! WeChat last sent before the same cutoff (never one whose event is still to be
+//! published), in small transactions so the worker's writer never waits long.
 
 use std::io::Write;
 
@@ -39,11 +41,19 @@ pub(super) fn prune(
     let older = fmt_dur(age_limit);
 
     if dry_run {
-        let n = open_read(settings)?.prunable(cutoff)?;
+        let store = open_read(settings)?;
+        let n = store.prunable(cutoff)?;
+        let p = store.prunable_pushes(cutoff)?;
         writeln!(
             out,
             "dry run: would delete {n} final job{} finished before {} (older than {older}), with their attempts and reply targets; pending jobs are never pruned",
             if n == 1 { "" } else { "s" },
+            rfc3339_s(cutoff)
+        )?;
+        writeln!(
+            out,
+            "dry run: would delete {p} stored push{} last received before {} whose events the broker confirmed; a push whose event is not confirmed is never pruned",
+            if p == 1 { "" } else { "es" },
             rfc3339_s(cutoff)
         )?;
         return Ok(());
@@ -54,10 +64,18 @@ pub(super) fn prune(
         return Err(refused("foreign keys are off on this connection; refusing to prune (attempts and reply targets would be left behind)"));
     }
     let mut deleted: i64 = 0;
+    let mut pushes: i64 = 0;
     let outcome = (|| -> Result<(), AuditError> {
         loop {
             let n = store.prune_batch(cutoff, PRUNE_BATCH)?;
             deleted += n;
+            if n < PRUNE_BATCH {
+                break;
+            }
+        }
+        loop {
+            let n = store.prune_pushes_batch(cutoff, PRUNE_BATCH)?;
+            pushes += n;
             if n < PRUNE_BATCH {
                 return Ok(());
             }
@@ -65,6 +83,7 @@ pub(super) fn prune(
     })();
     let detail = json!({
         "deleted": deleted,
+        "pushes_deleted": pushes,
         "older_than": older,
         "finished_before": rfc3339_ms(cutoff),
         "reason": who.reason,
@@ -83,6 +102,12 @@ pub(super) fn prune(
         out,
         "deleted {deleted} final job{} finished before {} (older than {older}), with their attempts and reply targets",
         if deleted == 1 { "" } else { "s" },
+        rfc3339_s(cutoff)
+    )?;
+    writeln!(
+        out,
+        "deleted {pushes} stored push{} last received before {} whose events the broker confirmed",
+        if pushes == 1 { "" } else { "es" },
         rfc3339_s(cutoff)
     )?;
     Ok(())

@@ -20,7 +20,7 @@ use super::intake::existing;
 use super::writer::{Fence, Stmts};
 use crate::engine::job::Job;
 use crate::engine::{Record, Update};
-use crate::outbox::writer::{Intake, IntakeOutcome, OutgoingReply};
+use crate::outbox::writer::{Intake, IntakeOutcome, Landed, OutgoingReply};
 use crate::outbox::OutboxError;
 use crate::secret::Secret;
 
@@ -266,7 +266,14 @@ async fn take_and_claim<'a>(
 const HELD: &str = "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid \
      AND l.openid = j.openid AND l.owner = $";
 
-/// The outcomes of several requests (job ids distinct: the caller checks) in
+/// Whether an outcome can go with the others in [`records`]: all but a final on
+/// a session problem, whose guard reads and locks the job first (`writes.rs`).
+pub(super) fn batchable(r: &Record) -> bool {
+    !(matches!(r.update, Update::Final { .. }) && r.session_guard.is_some())
+}
+
+/// The outcomes of several requests ([`batchable`], job ids distinct: the caller
+/// checks) in
 /// three statements at most, pipelined; answers in the same order, `None` for an outcome
 /// fenced out (as `writes::record`).
 pub(super) async fn records(
@@ -274,7 +281,12 @@ pub(super) async fn records(
     stmts: &Stmts,
     recs: &[&Record],
     me: &str,
-) -> Result<Vec<Option<Vec<OutgoingReply>>>, OutboxError> {
+) -> Result<Vec<Option<Landed>>, OutboxError> {
+    if !recs.iter().all(|r| batchable(r)) {
+        return Err(OutboxError::Corrupt(
+            "a session-guarded outcome among batched ones".into(),
+        ));
+    }
     // independent of each other: pipelined
     let (a, retried, finished) = tokio::join!(
         attempts(tx, stmts, recs),
@@ -286,8 +298,11 @@ pub(super) async fn records(
     Ok(recs
         .iter()
         .map(|r| match r.update {
-            Update::Retry { .. } => retried.contains(&r.job_id).then(Vec::new),
-            Update::Final { .. } => finished.remove(&r.job_id),
+            Update::Retry { .. } => retried.contains(&r.job_id).then(Landed::default),
+            Update::Final { .. } => finished.remove(&r.job_id).map(|replies| Landed {
+                replies,
+                reopened_with: None,
+            }),
         })
         .collect())
 }

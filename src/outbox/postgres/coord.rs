@@ -16,6 +16,7 @@ use tokio_postgres::Client;
 use super::writer::{job_from_row, Fence};
 use super::NOW_MS;
 use crate::engine::job::Job;
+use crate::engine::HeldPlayer;
 use crate::outbox::query::Gauges;
 use crate::outbox::{OutboxError, OutgoingReply};
 use crate::secret::SecretUrl;
@@ -23,8 +24,9 @@ use crate::secret::SecretUrl;
 /// What one look found.
 #[derive(Debug, Default)]
 pub struct Tick {
-    /// Players this worker held (as the caller said) whose lease it lost.
-    pub lost: Vec<(String, String)>,
+    /// Players this worker held (as the caller said) whose lease it lost: gone,
+    /// or now at another generation than the one the caller named.
+    pub lost: Vec<HeldPlayer>,
     /// Pending jobs of this worker's players, not loaded before, in arrival order.
     pub jobs: Vec<Job>,
     /// Whether this worker runs the reply relay now.
@@ -63,7 +65,7 @@ impl Coordinator {
     /// that cannot gives the relay lease up, so another worker relays.
     pub async fn tick(
         &mut self,
-        held: &[(String, String)],
+        held: &[HeldPlayer],
         room: usize,
         renew: bool,
         relay: bool,
@@ -108,18 +110,23 @@ impl Coordinator {
                            SELECT appid, openid FROM player_leases WHERE owner = $1 \
                            ORDER BY appid, openid FOR UPDATE) mine \
                          WHERE l.appid = mine.appid AND l.openid = mine.openid AND l.owner = $1 \
-                         RETURNING l.appid, l.openid"
+                         RETURNING l.appid, l.openid, l.generation"
                     ),
                     &[&&*me, &lease],
                 )
                 .await?;
-            let mut owned = std::collections::HashSet::with_capacity(rows.len());
+            let mut owned = std::collections::HashMap::with_capacity(rows.len());
             for r in rows {
-                owned.insert((r.try_get::<_, String>(0)?, r.try_get::<_, String>(1)?));
+                owned.insert(
+                    (r.try_get::<_, String>(0)?, r.try_get::<_, String>(1)?),
+                    r.try_get::<_, i64>(2)?,
+                );
             }
+            // by generation: a lease this worker holds again at a newer one (taken
+            // back meanwhile) still means the older tenure's jobs are gone
             out.lost = held
                 .iter()
-                .filter(|p| !owned.contains(*p))
+                .filter(|p| owned.get(&(p.appid.clone(), p.openid.clone())) != Some(&p.gen))
                 .cloned()
                 .collect();
             super::trip();
@@ -135,7 +142,10 @@ impl Coordinator {
             // give-back that failed, a claim whose answer was lost): unclaimed, so
             // the lease holder loads them again. A job claimed an instant ago by
             // intake comes back too; the engine already holding it just joins it.
-            let (apps, openids): (Vec<String>, Vec<String>) = held.iter().cloned().unzip();
+            let (apps, openids): (Vec<String>, Vec<String>) = held
+                .iter()
+                .map(|p| (p.appid.clone(), p.openid.clone()))
+                .unzip();
             super::trip();
             c.execute(
                 "UPDATE jobs j SET claimed_by = NULL WHERE j.claimed_by = $1 AND j.state = 'pending' \
@@ -239,21 +249,21 @@ impl Coordinator {
         let apps: Vec<&str> = players.iter().map(|p| p.appid.as_str()).collect();
         let openids: Vec<&str> = players.iter().map(|p| p.openid.as_str()).collect();
         let gens: Vec<i64> = players.iter().map(|p| p.gen).collect();
+        // One statement, so one transaction: the claims and the lease go together
+        // (a give-back cut between two autocommit statements left the lease held
+        // with its jobs unclaimed, or the jobs claimed with no lease). Both parts
+        // see the snapshot from before the statement.
         super::trip();
         c.execute(
-            "UPDATE jobs j SET claimed_by = NULL \
-             FROM unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
-             WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' \
-             AND j.claimed_by = $1 AND NOT EXISTS (SELECT 1 FROM player_leases l \
-               WHERE l.appid = p.appid AND l.openid = p.openid AND l.owner = $1 \
-               AND l.generation <> p.gen)",
-            &[&&*me, &apps, &openids, &gens],
-        )
-        .await?;
-        super::trip();
-        c.execute(
-            "DELETE FROM player_leases l \
-             USING unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen) \
+            "WITH p AS (SELECT * FROM unnest($2::text[], $3::text[], $4::bigint[]) AS p(appid, openid, gen)), \
+             unclaimed AS ( \
+               UPDATE jobs j SET claimed_by = NULL FROM p \
+               WHERE j.appid = p.appid AND j.openid = p.openid AND j.state = 'pending' \
+               AND j.claimed_by = $1 AND NOT EXISTS (SELECT 1 FROM player_leases l \
+                 WHERE l.appid = p.appid AND l.openid = p.openid AND l.owner = $1 \
+                 AND l.generation <> p.gen) \
+               RETURNING j.id) \
+             DELETE FROM player_leases l USING p \
              WHERE l.owner = $1 AND l.appid = p.appid AND l.openid = p.openid \
              AND l.generation = p.gen",
             &[&&*me, &apps, &openids, &gens],
@@ -353,12 +363,11 @@ impl Coordinator {
 
 /// Jobs of these players claimed by this worker are unclaimed (loaded again by
 /// whoever holds the player next).
-async fn release_claims(
-    c: &Client,
-    me: &str,
-    players: &[(String, String)],
-) -> Result<(), OutboxError> {
-    let (apps, openids): (Vec<String>, Vec<String>) = players.iter().cloned().unzip();
+async fn release_claims(c: &Client, me: &str, players: &[HeldPlayer]) -> Result<(), OutboxError> {
+    let (apps, openids): (Vec<String>, Vec<String>) = players
+        .iter()
+        .map(|p| (p.appid.clone(), p.openid.clone()))
+        .unzip();
     super::trip();
     c.execute(
         "UPDATE jobs j SET claimed_by = NULL FROM unnest($2::text[], $3::text[]) AS p(appid, openid) \

@@ -111,6 +111,16 @@ pub(super) async fn existing(
             .await?;
         super::trip();
         tx.execute(&st, &[&id, &session_key, &i.now]).await?;
+        // the new final reply goes to every target of the job (contract, guarantee
+        // 4): the earlier commands are owed it too
+        let st = stmts
+            .get(
+                tx,
+                "UPDATE reply_targets SET published_at = NULL, returned = 0 WHERE job_id = $1",
+            )
+            .await?;
+        super::trip();
+        tx.execute(&st, &[&id]).await?;
         add_target(tx, stmts, id, i, true).await?;
         if let Some(gen) = take_player(tx, stmts, fence, &p.appid, &p.openid, id).await? {
             job.lease_gen = gen;

@@ -1,7 +1,7 @@
 //! Pushes in the PostgreSQL outbox: the same operations as
 //! [`crate::outbox::pushes`] on SQLite, for the writer (store once, mark
 //! confirmed, find unconfirmed) and for the operator verbs (list, one push,
-//! counts). Two workers storing the same push at once: `ON CONFLICT DO NOTHING`
+//! counts, prune). Two workers storing the same push at once: `ON CONFLICT DO NOTHING`
 //! waits for the first to commit, and the second counts a repeat.
 
 use std::sync::Arc;
@@ -10,6 +10,10 @@ use tokio_postgres::{Client, Row, Transaction};
 
 use super::ops::{refs, Arg, PgStore};
 use super::writer::Stmts;
+
+/// Pushes `outbox prune` deletes (`$1`: the cutoff), as on SQLite
+/// ([`crate::outbox::pushes::PRUNABLE`]).
+const PRUNABLE: &str = "published_at IS NOT NULL AND last_received_at < $1";
 use crate::outbox::pushes::{
     NewPush, PushCounts, PushFilter, PushRow, PushStored, UnpublishedEvent, PUSH_COLS,
 };
@@ -198,6 +202,38 @@ impl PgStore {
             &[&id],
         )?;
         rows.first().map(push_row).transpose()
+    }
+
+    /// As [`crate::outbox::pushes::prunable`].
+    pub fn prunable_pushes(&self, cutoff: i64) -> Result<i64, OutboxError> {
+        if !self.has_pushes()? {
+            return Ok(0);
+        }
+        let rows = self.query(
+            &format!("SELECT COUNT(*) FROM pushes WHERE {PRUNABLE}"),
+            &[&cutoff],
+        )?;
+        Ok(match rows.first() {
+            Some(r) => r.try_get(0)?,
+            None => 0,
+        })
+    }
+
+    /// As [`crate::outbox::pushes::prune_batch`]. The condition is checked again
+    /// on the row being deleted: a repeat stored meanwhile (a newer
+    /// `last_received_at`) keeps its row.
+    pub fn prune_pushes_batch(&self, cutoff: i64, batch: i64) -> Result<i64, OutboxError> {
+        if !self.has_pushes()? {
+            return Ok(0);
+        }
+        let n = self.execute(
+            &format!(
+                "DELETE FROM pushes WHERE id IN (SELECT id FROM pushes WHERE {PRUNABLE} ORDER BY id LIMIT $2) \
+                 AND {PRUNABLE}"
+            ),
+            &[&cutoff, &batch],
+        )?;
+        Ok(i64::try_from(n).unwrap_or(i64::MAX))
     }
 
     /// Counts by kind and whether the event is confirmed.

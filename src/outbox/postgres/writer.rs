@@ -32,7 +32,7 @@ use crate::engine::Record;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
-use crate::outbox::writer::{Confirmed, Intake, IntakeOutcome, OutgoingReply};
+use crate::outbox::writer::{Confirmed, Intake, IntakeOutcome, Landed};
 use crate::outbox::OutboxError;
 use crate::secret::SecretUrl;
 
@@ -43,10 +43,7 @@ const MAX_BATCH: usize = 512;
 #[allow(clippy::large_enum_variant)]
 enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
-    Record(
-        Box<Record>,
-        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
-    ),
+    Record(Box<Record>, oneshot::Sender<Result<Landed, OutboxError>>),
     Mark(
         Vec<(i64, i64, i64)>,
         oneshot::Sender<Result<Marked, OutboxError>>,
@@ -99,7 +96,7 @@ impl PgWriter {
         rx.await.map_err(|_| OutboxError::WriterGone)?
     }
 
-    pub async fn record(&self, r: Record) -> Result<Vec<OutgoingReply>, OutboxError> {
+    pub async fn record(&self, r: Record) -> Result<Landed, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Record(Box::new(r), tx))
@@ -239,8 +236,8 @@ enum Pending {
         Result<IntakeOutcome, OutboxError>,
     ),
     Record(
-        oneshot::Sender<Result<Vec<OutgoingReply>, OutboxError>>,
-        Result<Option<Vec<OutgoingReply>>, OutboxError>,
+        oneshot::Sender<Result<Landed, OutboxError>>,
+        Result<Option<Landed>, OutboxError>,
     ),
     Mark(
         oneshot::Sender<Result<Marked, OutboxError>>,
@@ -280,7 +277,7 @@ macro_rules! in_savepoint {
 #[allow(clippy::large_enum_variant)]
 enum Done {
     Intake(IntakeOutcome),
-    Record(Option<Vec<OutgoingReply>>),
+    Record(Option<Landed>),
     Mark(Marked),
     Push(PushStored),
     Nothing,
@@ -300,15 +297,23 @@ async fn commit_without_savepoints(
     super::trip();
     let tx = c.transaction().await.ok()?;
     let mut done = Vec::with_capacity(batch.len());
-    let recs: Vec<&Record> = batch
+    let ids: Vec<i64> = batch
         .iter()
         .filter_map(|r| match r {
-            Request::Record(r, _) => Some(&**r),
+            Request::Record(r, _) => Some(r.job_id),
             _ => None,
         })
         .collect();
-    let ids: Vec<i64> = recs.iter().map(|r| r.job_id).collect();
-    let all_records = !recs.is_empty() && distinct_ids(&ids);
+    // the outcomes together when no job repeats, a session-guarded final aside
+    let together_ok = distinct_ids(&ids);
+    let recs: Vec<&Record> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Record(r, _) if together_ok && batch::batchable(r) => Some(&**r),
+            _ => None,
+        })
+        .collect();
+    let all_records = !recs.is_empty();
     let intakes: Vec<&Intake> = batch
         .iter()
         .filter_map(|r| match r {
@@ -356,7 +361,7 @@ async fn commit_without_savepoints(
                 seen_intake = true;
                 continue;
             }
-            Request::Record(r, _) => match recorded.as_mut() {
+            Request::Record(r, _) => match recorded.as_mut().filter(|_| batch::batchable(r)) {
                 Some(out) => out
                     .next()
                     .ok_or_else(|| OutboxError::Corrupt("an outcome went unanswered".into()))

@@ -11,8 +11,9 @@ use tokio_postgres::Transaction;
 use super::writer::{Fence, Stmts};
 use crate::engine::{Record, Update};
 use crate::outbox::handle::Marked;
-use crate::outbox::writer::{Confirmed, OutgoingReply};
+use crate::outbox::writer::{Confirmed, Landed, OutgoingReply};
 use crate::outbox::OutboxError;
+use crate::secret::Secret;
 
 /// One statement for every confirm of the request (arrays, not a round trip each).
 pub(super) async fn published(
@@ -90,7 +91,7 @@ pub(super) async fn record(
     stmts: &Stmts,
     r: &Record,
     me: &str,
-) -> Result<Option<Vec<OutgoingReply>>, OutboxError> {
+) -> Result<Option<Landed>, OutboxError> {
     // the calls happened whoever holds the job now: they are kept for the audit
     let ins = stmts
         .get(
@@ -149,8 +150,9 @@ pub(super) async fn record(
                     ],
                 )
                 .await?;
-            Ok((n == 1).then(Vec::new))
+            Ok((n == 1).then(Landed::default))
         }
+        Update::Final { .. } if r.session_guard.is_some() => guarded_final(tx, stmts, r, me).await,
         Update::Final { state, reply } => {
             let payload = String::from_utf8_lossy(reply).into_owned();
             let st = stmts
@@ -206,9 +208,81 @@ pub(super) async fn record(
                     payload: payload.clone(),
                 });
             }
-            Ok(Some(out))
+            Ok(Some(Landed {
+                replies: out,
+                reopened_with: None,
+            }))
         }
     }
+}
+
+/// A final outcome on a session problem ([`crate::engine::SessionGuard`]): when a
+/// re-sent command (on any worker) stored a newer session_key meanwhile, the job
+/// is re-opened with it instead. The row is locked first, so an intake of that
+/// re-send either committed before (its key is seen here) or waits and then
+/// finds the job final (and re-opens it itself).
+async fn guarded_final(
+    tx: &Transaction<'_>,
+    stmts: &Stmts,
+    r: &Record,
+    me: &str,
+) -> Result<Option<Landed>, OutboxError> {
+    let used = r
+        .session_guard
+        .as_ref()
+        .and_then(|g| g.used.as_ref())
+        .map(Secret::expose);
+    let st = stmts
+        .get(
+            tx,
+            "SELECT session_key FROM jobs WHERE id = $1 AND state = 'pending' FOR UPDATE",
+        )
+        .await?;
+    super::trip();
+    let stored: Option<String> = match tx.query_opt(&st, &[&r.job_id]).await? {
+        Some(row) => row.try_get(0)?,
+        None => None,
+    };
+    let Some(key) = stored.filter(|k| Some(k.as_str()) != used) else {
+        let plain = Record {
+            session_guard: None,
+            ..r.clone()
+        };
+        return Box::pin(record(tx, stmts, &plain, me)).await;
+    };
+    let (errcode, error) = r.last_error();
+    let st = stmts
+        .get(
+            tx,
+            concat!(
+                "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
+                 next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $4, reopened_at = $4, \
+                 uncertain = GREATEST(uncertain, $7) WHERE j.id = $1 AND j.state = 'pending' AND ",
+                held_by!("$8", "$9", "")
+            ),
+        )
+        .await?;
+    super::trip();
+    let n = tx
+        .execute(
+            &st,
+            &[
+                &r.job_id,
+                &(r.attempts_total as i64),
+                &r.first_attempt_at,
+                &r.now,
+                &errcode,
+                &error,
+                &(r.uncertain as i64),
+                &me,
+                &r.lease_gen,
+            ],
+        )
+        .await?;
+    Ok((n == 1).then(|| Landed {
+        replies: Vec::new(),
+        reopened_with: Some(Secret::new(key)),
+    }))
 }
 
 /// Whether no id appears twice in `ids` (a batch's statement over all of
