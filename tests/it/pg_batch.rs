@@ -1,7 +1,9 @@
 //! The PostgreSQL writer's batched statements keep every fence per row: the
 //! pre-call marks of a whole writer batch go to the database in one statement
 //! (arrays), and a mark made under a lease generation this worker does not hold
-//! must still be refused alone while the others of the same statement land.
+//! must still be refused alone while the others of the same statement land. The
+//! same holds for a batch's intakes and outcomes, which go in a few statements
+//! for the whole batch: each row is answered as the one-command statements would.
 
 use crate::common::pg::TestDb;
 use midas_worker::command::Op;
@@ -70,4 +72,248 @@ async fn a_stale_generation_mark_in_a_batched_statement_is_refused_while_the_oth
             j.id
         );
     }
+}
+
+fn answer(code: i64, class: midas_worker::midas::OutcomeClass) -> midas_worker::midas::Answer {
+    midas_worker::midas::Answer {
+        api: midas_worker::midas::Api::Pay,
+        class,
+        http_status: Some(200),
+        errcode: Some(code),
+        errmsg: None,
+        body: Default::default(),
+        latency: std::time::Duration::ZERO,
+    }
+}
+
+fn outcome(
+    job: &Job,
+    gen: i64,
+    update: midas_worker::engine::Update,
+) -> midas_worker::engine::Record {
+    midas_worker::engine::Record {
+        job_id: job.id,
+        attempts_total: 1,
+        first_attempt_at: Some(1),
+        uncertain: false,
+        rows: vec![midas_worker::engine::AttemptRow {
+            n: 1,
+            started_at: 1,
+            answer: answer(0, midas_worker::midas::OutcomeClass::Success),
+        }],
+        update,
+        now: 2,
+        lease_gen: gen,
+        session_guard: None,
+    }
+}
+
+/// One writer batch of intakes mixing every kind of row — new jobs (two of one
+/// player), a re-sent command of a pending job, a conflicting one, a repeat of a
+/// new key within the batch, a re-open with a new session_key, a new job of a
+/// player another worker holds and one of a player with a job this worker has not
+/// loaded — then one batch of outcomes, one of them under a lease generation this
+/// worker does not hold: every row gets the answer the one-command statements
+/// give it, and the fenced outcome alone is refused.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_of_mixed_intakes_and_outcomes_answers_each_row_as_alone() {
+    use midas_worker::engine::Update;
+    use midas_worker::job::JobState;
+    use midas_worker::midas::OutcomeClass;
+    let db = TestDb::new("pgmix").await;
+    let fence = Fence {
+        me: "test-worker".into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    };
+    let (w, task) = PgWriter::start(db.secret_url(), fence)
+        .await
+        .expect("writer");
+    let cmd = |bill: &str, player: &str, key: Option<&str>| {
+        let mut i = crate::outbox_schema::intake("wx1234567", Op::Pay, bill, key, bill);
+        i.command.params.openid = player.into();
+        i
+    };
+    let new = |o: Result<IntakeOutcome, _>| match o {
+        Ok(IntakeOutcome::New(j)) => j,
+        other => panic!("not new: {other:?}"),
+    };
+    // before the batch: a pending job, two to finish, one failed on a session problem
+    let pending = new(w.intake(cmd("B-MIX-P", "mix-p", None)).await);
+    let f1 = new(w.intake(cmd("B-MIX-F1", "mix-f1", None)).await);
+    let f2 = new(w.intake(cmd("B-MIX-F2", "mix-f2", None)).await);
+    let sk = new(w.intake(cmd("B-MIX-R", "mix-r", Some("SK-1"))).await);
+    let failed = w
+        .record(midas_worker::engine::Record {
+            rows: vec![midas_worker::engine::AttemptRow {
+                n: 1,
+                started_at: 1,
+                answer: answer(90010, OutcomeClass::Definitive),
+            }],
+            ..outcome(
+                &sk,
+                sk.lease_gen,
+                Update::Final {
+                    state: JobState::Failed,
+                    reply: br#"{"status":"failed"}"#.to_vec(),
+                },
+            )
+        })
+        .await
+        .expect("90010");
+    assert_eq!(failed.replies.len(), 1);
+    // a player another worker holds, and one with a pending job nobody loaded here
+    let admin = db.client().await;
+    admin
+        .batch_execute(
+            "INSERT INTO player_leases (appid, openid, owner, expires_at) \
+             VALUES ('wx1234567', 'mix-held', 'other-worker', 9000000000000); \
+             INSERT INTO jobs (op, bill_no, appid, openid, request, state, next_attempt_at, \
+               received_at, updated_at, claimed_by) \
+             VALUES ('pay', 'B-MIX-GHOST', 'wx1234567', 'mix-u', '{}', 'pending', 1, 1, 1, 'gone-worker')",
+        )
+        .await
+        .expect("set-up rows");
+
+    let mut conflicting = cmd("B-MIX-P", "mix-p", None);
+    conflicting.command.params.amt = Some(99);
+    conflicting.correlation_id = "c-conflict".into();
+    let mut again = cmd("B-MIX-P", "mix-p", None);
+    again.correlation_id = "c-again".into();
+    let mut repeat = cmd("B-MIX-N1", "mix-n", None);
+    repeat.correlation_id = "c-repeat".into();
+    let (n1, n2, joined, conflict, repeated, reopened, held, unloaded) = tokio::join!(
+        w.intake(cmd("B-MIX-N1", "mix-n", None)),
+        w.intake(cmd("B-MIX-N2", "mix-n", None)),
+        w.intake(again),
+        w.intake(conflicting),
+        w.intake(repeat),
+        w.intake(cmd("B-MIX-R", "mix-r", Some("SK-2"))),
+        w.intake(cmd("B-MIX-H", "mix-held", None)),
+        w.intake(cmd("B-MIX-U", "mix-u", None)),
+    );
+    let (n1, n2) = (new(n1), new(n2));
+    assert!(n1.id < n2.id, "arrival order kept: {} {}", n1.id, n2.id);
+    assert_eq!(n1.lease_gen, n2.lease_gen);
+    match joined {
+        Ok(IntakeOutcome::Joined {
+            job_id,
+            reply: None,
+            pending: Some(j),
+        }) => {
+            assert_eq!(job_id, pending.id);
+            assert_eq!(j.lease_gen, pending.lease_gen);
+        }
+        other => panic!("re-sent: {other:?}"),
+    }
+    assert!(
+        matches!(conflict, Ok(IntakeOutcome::Conflict { job_id }) if job_id == pending.id),
+        "{conflict:?}"
+    );
+    match repeated {
+        Ok(IntakeOutcome::Joined {
+            job_id,
+            reply: None,
+            pending: Some(j),
+        }) => {
+            assert_eq!(job_id, n1.id);
+            assert_eq!(j.lease_gen, n1.lease_gen);
+        }
+        other => panic!("repeat within the batch: {other:?}"),
+    }
+    match reopened {
+        Ok(IntakeOutcome::Reopened(j)) => assert_eq!(j.id, sk.id),
+        other => panic!("re-open: {other:?}"),
+    }
+    assert!(
+        matches!(held, Ok(IntakeOutcome::Elsewhere { .. })),
+        "{held:?}"
+    );
+    assert!(
+        matches!(unloaded, Ok(IntakeOutcome::Elsewhere { .. })),
+        "{unloaded:?}"
+    );
+    // what the rows say: every command recorded once with its reply target, the
+    // jobs claimed only where this worker runs them, the ghost job left to a load
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE bill_no LIKE 'B-MIX-%'")
+            .await,
+        9
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM reply_targets t JOIN jobs j ON j.id = t.job_id \
+             WHERE j.bill_no IN ('B-MIX-P', 'B-MIX-N1')"
+        )
+        .await,
+        4,
+        "B-MIX-P: first and c-again (a conflict adds none); B-MIX-N1: first and c-repeat"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM jobs WHERE claimed_by = 'test-worker' \
+             AND bill_no IN ('B-MIX-N1', 'B-MIX-N2', 'B-MIX-R')"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM jobs WHERE claimed_by IS NULL \
+             AND bill_no IN ('B-MIX-H', 'B-MIX-U', 'B-MIX-GHOST')"
+        )
+        .await,
+        3
+    );
+
+    // one batch of outcomes: a final under the current generation, one under a
+    // generation this worker never held, and a retry
+    let done = |state: JobState| Update::Final {
+        state,
+        reply: br#"{"status":"succeeded"}"#.to_vec(),
+    };
+    let (a, b, c) = tokio::join!(
+        w.record(outcome(&f1, f1.lease_gen, done(JobState::Succeeded))),
+        w.record(outcome(&f2, f2.lease_gen + 1, done(JobState::Succeeded))),
+        w.record(outcome(
+            &n1,
+            n1.lease_gen,
+            Update::Retry {
+                next_attempt_at: 77
+            }
+        )),
+    );
+    let a = a.expect("current generation lands");
+    assert_eq!(a.replies.len(), 1, "its reply is owed to its one target");
+    assert_eq!(a.replies[0].correlation_id, "B-MIX-F1");
+    assert!(
+        matches!(b, Err(midas_worker::outbox::OutboxError::LeaseLost)),
+        "{b:?}"
+    );
+    assert!(c.expect("retry lands").replies.is_empty());
+    w.flush().await.expect("flush");
+    drop(w);
+    task.await.expect("writer task");
+    let state = |bill: &str| {
+        format!(
+            "SELECT count(*) FROM jobs WHERE bill_no = '{bill}' AND state = 'succeeded' \
+             AND result IS NOT NULL"
+        )
+    };
+    assert_eq!(db.count(&state("B-MIX-F1")).await, 1);
+    assert_eq!(db.count(&state("B-MIX-F2")).await, 0, "fenced out");
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE bill_no = 'B-MIX-N1' AND next_attempt_at = 77")
+            .await,
+        1
+    );
+    // the calls happened: every attempt is kept, the fenced one's too
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) FROM attempts WHERE job_id IN ({}, {}, {})",
+            f1.id, f2.id, n1.id
+        ))
+        .await,
+        3
+    );
 }

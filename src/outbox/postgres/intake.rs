@@ -26,7 +26,7 @@ const INSERT_JOB: &str = "INSERT INTO jobs (op, bill_no, appid, openid, request,
 
 pub(super) async fn intake(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     i: &Intake,
 ) -> Result<IntakeOutcome, OutboxError> {
@@ -64,7 +64,22 @@ pub(super) async fn intake(
             },
         );
     }
-    // the key exists (perhaps committed a moment ago by another worker)
+    existing(tx, stmts, fence, i).await
+}
+
+/// Intake of a command whose key is already recorded (perhaps committed a moment
+/// ago by another worker, or earlier in this batch): joined, re-opened or a
+/// conflict.
+pub(super) async fn existing(
+    tx: &Transaction<'_>,
+    stmts: &Stmts,
+    fence: &Fence,
+    i: &Intake,
+) -> Result<IntakeOutcome, OutboxError> {
+    let p = &i.command.params;
+    let bill_no = p.bill_no.as_deref().unwrap_or_default();
+    let canonical = p.canonical();
+    let session_key = i.command.session_key.as_ref().map(Secret::expose);
     let st = stmts.get(tx, SELECT_EXISTING).await?;
     super::trip();
     let row = tx
@@ -174,7 +189,7 @@ pub(super) async fn intake(
 /// or this one at its next look — loads it in arrival order.
 async fn take_player(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     appid: &str,
     openid: &str,
@@ -234,7 +249,7 @@ pub(super) const TAKE_LEASE: &str = "INSERT INTO player_leases (appid, openid, o
 
 async fn add_target(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     job_id: i64,
     i: &Intake,
     republish: bool,

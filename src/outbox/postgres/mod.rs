@@ -11,7 +11,10 @@
 //! [`writer`] group-commits intake, pre-call marks and outcomes (one transaction
 //! per batch, as the SQLite writer does); [`coord`] claims, renews and releases
 //! leases and loads the jobs of claimed players; [`ops`] serves the operator verbs.
+//! Here too: who a worker is ([`Fence`]), a pending job from its row, and the
+//! writer's prepared-statement cache.
 
+mod batch;
 pub mod confirms;
 pub mod coord;
 mod intake;
@@ -21,13 +24,17 @@ pub mod tls;
 pub mod writer;
 mod writes;
 
+use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
+use super::writer::decode_params;
 use super::OutboxError;
-use crate::secret::SecretUrl;
+use crate::engine::job::Job;
+use crate::secret::{Secret, SecretUrl};
 
 /// The schema, applied at every start (idempotent).
 pub const SCHEMA: &str = include_str!("../../../schema-postgres.sql");
@@ -247,4 +254,75 @@ pub fn worker_name() -> String {
         std::process::id(),
         rand::random::<u32>()
     )
+}
+
+/// The job columns [`job_from_row`] reads, in its order.
+pub const JOB_COLS: &str =
+    "id, request, session_key, attempts, first_attempt_at, next_attempt_at, \
+     received_at, last_errcode, last_error, reopened_at, calls, uncertain";
+
+/// A pending job from a row selected with [`JOB_COLS`].
+pub fn job_from_row(r: &Row) -> Result<Job, OutboxError> {
+    let id: i64 = r.try_get(0)?;
+    let request: String = r.try_get(1)?;
+    Ok(Job {
+        id,
+        params: decode_params(&request)?,
+        session_key: r.try_get::<_, Option<String>>(2)?.map(Secret::new),
+        attempts: clamp_u32(r.try_get(3)?),
+        calls: clamp_u32(r.try_get(10)?),
+        uncertain: r.try_get::<_, i64>(11)? != 0,
+        token_retries: 0,
+        first_attempt_at: r.try_get(4)?,
+        next_attempt_at: r.try_get(5)?,
+        received_at: r.try_get(6)?,
+        last_errcode: r.try_get(7)?,
+        last_error: r.try_get(8)?,
+        reopened_at: r.try_get(9)?,
+        lease_gen: 0,
+    })
+}
+
+fn clamp_u32(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// Who this worker is and how its leases are judged.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// This worker's name (`player_leases.owner`, `jobs.claimed_by`).
+    pub me: Arc<str>,
+    /// `outbox.lease` in ms.
+    pub lease_ms: i64,
+    /// A call may start only while the lease outlives it by this much (ms):
+    /// `midas.request_timeout` + a margin.
+    pub call_ms: i64,
+}
+
+/// Prepared statements of the current connection. Behind a lock held only for a
+/// lookup or an insert (never across an await), so the statements of one batch
+/// that do not depend on each other can run at once, pipelined on the connection.
+#[derive(Default)]
+pub(super) struct Stmts(std::sync::Mutex<HashMap<&'static str, Statement>>);
+
+impl Stmts {
+    pub(super) async fn get(
+        &self,
+        tx: &Transaction<'_>,
+        sql: &'static str,
+    ) -> Result<Statement, OutboxError> {
+        if let Some(s) = self.cached(sql) {
+            return Ok(s);
+        }
+        trip();
+        let s = tx.prepare(sql).await?;
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(sql, s.clone());
+        }
+        Ok(s)
+    }
+
+    fn cached(&self, sql: &'static str) -> Option<Statement> {
+        self.0.lock().ok().and_then(|m| m.get(sql).cloned())
+    }
 }

@@ -2,7 +2,10 @@
 //! requests (group commit) — the same contract as the SQLite writer (an answer is
 //! sent only after the commit holding it). A batch runs first without savepoints;
 //! if any request fails, it is rolled back and run again with each request in its
-//! own savepoint, so one bad request cannot fail the others.
+//! own savepoint, so one bad request cannot fail the others. Run without
+//! savepoints, a batch's marks, confirms, outcomes and intakes go as a few
+//! statements over arrays for all its requests (`batch.rs`, `writes::together`),
+//! those that do not depend on each other pipelined on the connection.
 //!
 //! What differs is the lease fence. Intake runs a job here only when this worker
 //! holds its player's lease and has loaded every earlier pending job of that
@@ -14,25 +17,24 @@
 //! engine drops the job (and gives the player back unless it holds a newer
 //! generation of it).
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, Row, Statement, Transaction};
+use tokio_postgres::{Client, Transaction};
 
+use super::batch;
 use super::intake::intake;
 use super::pushes;
-use super::writes::{mark, published, record, together, Together};
+use super::writes::{distinct_ids, mark, published, record, together, Together};
+pub(super) use super::Stmts;
+pub use super::{job_from_row, Fence, JOB_COLS};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
-use crate::engine::job::Job;
 use crate::engine::Record;
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
-use crate::outbox::writer::{decode_params, Confirmed, Intake, IntakeOutcome, Landed};
+use crate::outbox::writer::{Confirmed, Intake, IntakeOutcome, Landed};
 use crate::outbox::OutboxError;
-use crate::secret::{Secret, SecretUrl};
+use crate::secret::SecretUrl;
 
 /// Most requests committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -43,49 +45,6 @@ const MAX_BATCH: usize = 512;
 /// as much as one per delivery.
 const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(250);
 const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The job columns [`job_from_row`] reads, in its order.
-pub const JOB_COLS: &str =
-    "id, request, session_key, attempts, first_attempt_at, next_attempt_at, \
-     received_at, last_errcode, last_error, reopened_at, calls, uncertain";
-
-/// A pending job from a row selected with [`JOB_COLS`].
-pub fn job_from_row(r: &Row) -> Result<Job, OutboxError> {
-    let id: i64 = r.try_get(0)?;
-    let request: String = r.try_get(1)?;
-    Ok(Job {
-        id,
-        params: decode_params(&request)?,
-        session_key: r.try_get::<_, Option<String>>(2)?.map(Secret::new),
-        attempts: clamp_u32(r.try_get(3)?),
-        calls: clamp_u32(r.try_get(10)?),
-        uncertain: r.try_get::<_, i64>(11)? != 0,
-        token_retries: 0,
-        first_attempt_at: r.try_get(4)?,
-        next_attempt_at: r.try_get(5)?,
-        received_at: r.try_get(6)?,
-        last_errcode: r.try_get(7)?,
-        last_error: r.try_get(8)?,
-        reopened_at: r.try_get(9)?,
-        lease_gen: 0,
-    })
-}
-
-fn clamp_u32(v: i64) -> u32 {
-    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
-}
-
-/// Who this worker is and how its leases are judged.
-#[derive(Debug, Clone)]
-pub struct Fence {
-    /// This worker's name (`player_leases.owner`, `jobs.claimed_by`).
-    pub me: Arc<str>,
-    /// `outbox.lease` in ms.
-    pub lease_ms: i64,
-    /// A call may start only while the lease outlives it by this much (ms):
-    /// `midas.request_timeout` + a margin.
-    pub call_ms: i64,
-}
 
 // One per command, moved a few times: boxing would add an allocation per job.
 #[allow(clippy::large_enum_variant)]
@@ -195,26 +154,6 @@ impl PgWriter {
             .send(Request::Unpublished(limit, before, tx))
             .map_err(|_| OutboxError::WriterGone)?;
         rx.await.map_err(|_| OutboxError::WriterGone)?
-    }
-}
-
-/// Prepared statements of the current connection.
-#[derive(Default)]
-pub(super) struct Stmts(HashMap<&'static str, Statement>);
-
-impl Stmts {
-    pub(super) async fn get(
-        &mut self,
-        tx: &Transaction<'_>,
-        sql: &'static str,
-    ) -> Result<Statement, OutboxError> {
-        if let Some(s) = self.0.get(sql) {
-            return Ok(s.clone());
-        }
-        super::trip();
-        let s = tx.prepare(sql).await?;
-        self.0.insert(sql, s.clone());
-        Ok(s)
     }
 }
 
@@ -384,19 +323,77 @@ async fn commit_without_savepoints(
     super::trip();
     let tx = c.transaction().await.ok()?;
     let mut done = Vec::with_capacity(batch.len());
-    // the pre-call marks and the reply confirms of every request in one statement
-    // each; `None` when an id repeats (then each request runs its own)
-    let (mut marked, confirmed) = match together_of(&tx, stmts, fence, batch).await {
-        Ok(t) => t,
-        Err(e) => {
+    let ids: Vec<i64> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Record(r, _) => Some(r.job_id),
+            _ => None,
+        })
+        .collect();
+    // the outcomes together when no job repeats, a session-guarded final aside
+    let together_ok = distinct_ids(&ids);
+    let recs: Vec<&Record> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Record(r, _) if together_ok && batch::batchable(r) => Some(&**r),
+            _ => None,
+        })
+        .collect();
+    let all_records = !recs.is_empty();
+    let intakes: Vec<&Intake> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Intake(i, _) => Some(i),
+            _ => None,
+        })
+        .collect();
+    let firsts = batch::firsts(&intakes);
+    // Independent of each other, pipelined on the connection (sent together, then
+    // answered): the pre-call marks and the reply confirms of every request in one
+    // statement each (`None` when an id repeats: then each request runs its own),
+    // the outcomes of every request in a few (when no job repeats), and the new
+    // jobs of the batch's commands. A new job is none of the others' rows.
+    let shared: &Stmts = stmts;
+    let (together, recorded, new) = tokio::join!(
+        together_of(&tx, shared, fence, batch),
+        async {
+            if all_records {
+                batch::records(&tx, shared, &recs, &fence.me)
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+        batch::insert_jobs(&tx, shared, &intakes, &firsts),
+    );
+    let (together, recorded, new) = match (together, recorded, new) {
+        (Ok(t), Ok(r), Ok(n)) => (t, r, n),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
             return None;
         }
     };
+    let (mut marked, confirmed) = together;
+    let mut recorded = recorded.map(Vec::into_iter);
+    let mut seen_intake = false;
     for req in batch {
+        // the intakes come last in the writer's order (they are answered last)
+        if seen_intake && !matches!(req, Request::Intake(..)) {
+            return None;
+        }
         let d = match req {
-            Request::Intake(i, _) => intake(&tx, stmts, fence, i).await.map(Done::Intake),
-            Request::Record(r, _) => record(&tx, stmts, r, &fence.me).await.map(Done::Record),
+            Request::Intake(..) => {
+                seen_intake = true;
+                continue;
+            }
+            Request::Record(r, _) => match recorded.as_mut().filter(|_| batch::batchable(r)) {
+                Some(out) => out
+                    .next()
+                    .ok_or_else(|| OutboxError::Corrupt("an outcome went unanswered".into()))
+                    .map(Done::Record),
+                None => record(&tx, stmts, r, &fence.me).await.map(Done::Record),
+            },
             Request::Mark(marks, _) => match marked.as_mut() {
                 Some((lost, checked_at)) => Ok(Done::Mark(Marked {
                     lost: marks
@@ -427,6 +424,15 @@ async fn commit_without_savepoints(
             }
         }
     }
+    if !intakes.is_empty() {
+        match batch::intakes(&tx, stmts, fence, &intakes, &new).await {
+            Ok(outs) => done.extend(outs.into_iter().map(Done::Intake)),
+            Err(e) => {
+                tracing::debug!(error = %e, requests = batch.len(), "batch failed without savepoints; running it request by request");
+                return None;
+            }
+        }
+    }
     super::trip();
     tx.commit().await.ok()?;
     Some(done)
@@ -435,7 +441,7 @@ async fn commit_without_savepoints(
 /// The batch's marks and confirms for [`together`].
 async fn together_of(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     batch: &[Request],
 ) -> Result<Together, OutboxError> {

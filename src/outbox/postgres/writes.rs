@@ -18,7 +18,7 @@ use crate::secret::Secret;
 /// One statement for every confirm of the request (arrays, not a round trip each).
 pub(super) async fn published(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     targets: &[Confirmed],
     now: i64,
 ) -> Result<(), OutboxError> {
@@ -31,7 +31,7 @@ pub(super) async fn published(
 /// repeats (see [`distinct_ids`]).
 pub(super) async fn published_many(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     requests: &[(&[Confirmed], i64)],
 ) -> Result<(), OutboxError> {
     // only while the published bytes are still the job's reply (see [`Confirmed`])
@@ -88,7 +88,7 @@ macro_rules! held_by {
 /// generation; nothing but the attempts was written).
 pub(super) async fn record(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     r: &Record,
     me: &str,
 ) -> Result<Option<Landed>, OutboxError> {
@@ -223,7 +223,7 @@ pub(super) async fn record(
 /// finds the job final (and re-opens it itself).
 async fn guarded_final(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     r: &Record,
     me: &str,
 ) -> Result<Option<Landed>, OutboxError> {
@@ -300,7 +300,7 @@ pub(super) fn distinct_ids(ids: &[i64]) -> bool {
 /// generation, so the fence is the same per row as with one statement per request.
 pub(super) async fn mark(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     marks: &[(i64, i64, i64)],
 ) -> Result<Marked, OutboxError> {
@@ -359,30 +359,36 @@ pub(super) type Together = (
 /// place in them).
 pub(super) async fn together(
     tx: &Transaction<'_>,
-    stmts: &mut Stmts,
+    stmts: &Stmts,
     fence: &Fence,
     marks: &[&[(i64, i64, i64)]],
     confirms: &[(&[Confirmed], i64)],
 ) -> Result<Together, OutboxError> {
-    let mut marked = None;
-    if marks.len() > 1 {
-        let ids: Vec<i64> = marks.iter().flat_map(|m| m.iter().map(|x| x.0)).collect();
-        if distinct_ids(&ids) {
+    let mark_ids: Vec<i64> = marks.iter().flat_map(|m| m.iter().map(|x| x.0)).collect();
+    let all_marks = marks.len() > 1 && distinct_ids(&mark_ids);
+    let confirm_ids: Vec<i64> = confirms
+        .iter()
+        .flat_map(|(t, _)| t.iter().map(|c| c.target))
+        .collect();
+    let confirmed = confirms.len() > 1 && distinct_ids(&confirm_ids);
+    // independent of each other: pipelined on the connection
+    let (m, c) = tokio::join!(
+        async {
+            if !all_marks {
+                return Ok(None);
+            }
             let all: Vec<(i64, i64, i64)> = marks.iter().flat_map(|m| m.iter().copied()).collect();
-            let m = mark(tx, stmts, fence, &all).await?;
-            marked = Some((m.lost.into_iter().collect(), m.checked_at));
-        }
-    }
-    let mut confirmed = false;
-    if confirms.len() > 1 {
-        let ids: Vec<i64> = confirms
-            .iter()
-            .flat_map(|(t, _)| t.iter().map(|c| c.target))
-            .collect();
-        if distinct_ids(&ids) {
-            published_many(tx, stmts, confirms).await?;
-            confirmed = true;
-        }
-    }
+            mark(tx, stmts, fence, &all).await.map(Some)
+        },
+        async {
+            if confirmed {
+                published_many(tx, stmts, confirms).await
+            } else {
+                Ok(())
+            }
+        },
+    );
+    c?;
+    let marked = m?.map(|m| (m.lost.into_iter().collect(), m.checked_at));
     Ok((marked, confirmed))
 }
