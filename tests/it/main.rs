@@ -25,6 +25,7 @@ mod engine_e2e;
 mod enqueue_cli;
 mod hardening;
 mod http_limits;
+mod lease_rule;
 mod log_secrets;
 mod midas_http_hardening;
 mod ops;
