@@ -165,10 +165,19 @@ pub fn reopens_with_new_session_key(
     uncertain: bool,
 ) -> bool {
     match state {
-        JobState::Failed => last_errcode == Some(errcode::SESSION_EXPIRED),
+        JobState::Failed => matches!(
+            last_errcode,
+            Some(errcode::SESSION_EXPIRED | errcode::V2_SESSION_KEY_EXPIRED)
+        ),
+        // either API's set: a 1.0 job that ran out of retries on a code only 2.0
+        // lists there (90016) is re-opened too — harmless, the same bill_no inside
+        // its window
         JobState::Unknown => {
             uncertain
-                && last_errcode.is_some_and(|c| errcode::says_nothing_about_bill(MidasApi::V1, c))
+                && last_errcode.is_some_and(|c| {
+                    errcode::says_nothing_about_bill(MidasApi::V1, c)
+                        || errcode::says_nothing_about_bill(MidasApi::V2, c)
+                })
         }
         JobState::Pending | JobState::Succeeded => false,
     }

@@ -280,3 +280,80 @@ fn a_new_session_key_reopens_only_jobs_that_ended_on_a_session_problem() {
     assert!(!reopens_with_new_session_key(Unknown, Some(90010), false));
     assert!(!reopens_with_new_session_key(Succeeded, Some(90010), true));
 }
+
+/// Found by a black-box run: a 2.0 refund applied, its answer lost, then (after
+/// a re-send re-opened it) 90016 — the session_key expired — ended `failed`
+/// while the coins had moved. On 2.0, 90016 and any code the table does not list
+/// cannot tell that an earlier unanswered call did not apply.
+#[test]
+fn a_v2_session_expiry_or_unlisted_code_after_an_unanswered_call_is_never_failed() {
+    let v2 = Context {
+        api: MidasApi::V2,
+        ..Context::default()
+    };
+    for code in [90016, 90099] {
+        let mut j = job();
+        j.params.op = Op::CancelPay;
+        let first = decide(
+            &j,
+            &answer(OutcomeClass::Definitive, Some(code)),
+            1,
+            &retry(),
+            v2,
+            0.5,
+        );
+        assert!(
+            matches!(
+                first,
+                Decision::Final {
+                    state: JobState::Failed,
+                    ..
+                }
+            ),
+            "{code} on a first, answered call is failed: {first:?}"
+        );
+        j.uncertain = true;
+        match decide(
+            &j,
+            &answer(OutcomeClass::Definitive, Some(code)),
+            1,
+            &retry(),
+            v2,
+            0.5,
+        ) {
+            Decision::Final { state, reply } => {
+                assert_eq!(state, JobState::Unknown, "{code}");
+                assert_eq!(reply.error.as_deref(), Some("outcome_uncertain"));
+            }
+            other => panic!("{code}: {other:?}"),
+        }
+    }
+    // and a new session_key re-opens such a job (failed with 90016, or uncertain)
+    assert!(reopens_with_new_session_key(
+        JobState::Failed,
+        Some(90016),
+        false
+    ));
+    assert!(reopens_with_new_session_key(
+        JobState::Unknown,
+        Some(90016),
+        true
+    ));
+    // a 2.0 answer about the bill itself stays failed after an unanswered call
+    let mut j = job();
+    j.uncertain = true;
+    assert!(matches!(
+        decide(
+            &j,
+            &answer(OutcomeClass::Definitive, Some(90013)),
+            1,
+            &retry(),
+            v2,
+            0.5
+        ),
+        Decision::Final {
+            state: JobState::Failed,
+            ..
+        }
+    ));
+}

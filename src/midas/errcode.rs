@@ -49,6 +49,9 @@ pub const INSUFFICIENT_BALANCE: i64 = 90013;
 pub const ORDER_CONFIRMED: i64 = 90014;
 pub const ORDER_ROLLED_BACK: i64 = 90015;
 pub const ORDER_PROCESSING: i64 = 90016;
+/// 2.0: the player's session_key expired (the player must log in again); the same
+/// number as 1.0's [`ORDER_PROCESSING`].
+pub const V2_SESSION_KEY_EXPIRED: i64 = 90016;
 pub const NO_PERMISSION: i64 = 90017;
 pub const PARAM_ERROR: i64 = 90018;
 /// 2.0 `queryorderinfo`: no order with this `out_trade_no`.
@@ -115,6 +118,7 @@ pub fn is_listed(api: MidasApi, errcode: i64) -> bool {
                 | SIG_WRONG
                 | ORDER_EXISTS
                 | INSUFFICIENT_BALANCE
+                | V2_SESSION_KEY_EXPIRED
                 | PARAM_ERROR
                 | OUT_TRADE_NO_NOT_FOUND
                 | TOKEN_INVALID
@@ -128,15 +132,26 @@ pub fn is_listed(api: MidasApi, errcode: i64) -> bool {
 /// True for the codes that only report a signature, session or permission problem:
 /// they say nothing about whether an earlier, unanswered call with the same bill_no
 /// was applied (1.0: 90009, 90010, 90011, 90017; 2.0: 90010 `signature` wrong,
-/// 90011 `pay_sig` wrong). After an unanswered call such an answer must end a job
-/// `unknown` / `outcome_uncertain`, never `failed`.
+/// 90011 `pay_sig` wrong, 90016 session_key expired). After an unanswered call such
+/// an answer must end a job `unknown` / `outcome_uncertain`, never `failed`.
+///
+/// On 2.0 a code not in the table counts too: it is final for the bill (the 2.0
+/// pay page), but nothing says it is checked after the bill_no's idempotency, so
+/// it cannot tell that an earlier unanswered call did not apply (found by a
+/// black-box run: a refund applied, its answer lost, then 90016 — `failed` for a
+/// refund that had moved coins).
 pub fn says_nothing_about_bill(api: MidasApi, errcode: i64) -> bool {
     match api {
         MidasApi::V1 => matches!(
             errcode,
             MP_SIG_WRONG | SESSION_EXPIRED | SIG_WRONG | NO_PERMISSION
         ),
-        MidasApi::V2 => matches!(errcode, SESSION_EXPIRED | SIG_WRONG),
+        MidasApi::V2 => {
+            matches!(
+                errcode,
+                SESSION_EXPIRED | SIG_WRONG | V2_SESSION_KEY_EXPIRED
+            ) || !is_listed(MidasApi::V2, errcode)
+        }
     }
 }
 
@@ -228,6 +243,7 @@ mod tests {
             (90011, Definitive),
             (90012, Duplicate),
             (90013, Definitive),
+            (90016, Definitive),
             (90018, Definitive),
             (40001, TokenInvalid),
             (40014, TokenInvalid),
@@ -239,7 +255,7 @@ mod tests {
             assert!(is_listed(MidasApi::V2, *code), "{code}");
         }
         // Not in the 2.0 table: definitive (1.0 would retry these), and not listed.
-        for code in [90016, 90017, 90099, 12345] {
+        for code in [90017, 90099, 12345] {
             assert_eq!(classify_for(MidasApi::V2, code), Definitive, "{code}");
             assert!(!is_listed(MidasApi::V2, code), "{code}");
         }
@@ -250,15 +266,17 @@ mod tests {
         for code in [90009, 90010, 90011, 90017] {
             assert!(says_nothing_about_bill(MidasApi::V1, code), "v1 {code}");
         }
-        for code in [90010, 90011] {
+        // 2.0: 90016 is the session_key expiring; a code not in the table cannot
+        // tell either
+        for code in [90010, 90011, 90016, 90017, 90099] {
             assert!(says_nothing_about_bill(MidasApi::V2, code), "v2 {code}");
         }
         for code in [0, -1, 90000, 90012, 90013, 90018, 40001] {
             assert!(!says_nothing_about_bill(MidasApi::V1, code), "v1 {code}");
             assert!(!says_nothing_about_bill(MidasApi::V2, code), "v2 {code}");
         }
-        // 90009 and 90017 are not 2.0 signature codes.
-        assert!(!says_nothing_about_bill(MidasApi::V2, 90009));
-        assert!(!says_nothing_about_bill(MidasApi::V2, 90017));
+        // 90009 and 90017 are not 2.0 codes at all: like any code the 2.0 table
+        // does not list, they cannot say an earlier unanswered call did not apply
+        assert!(says_nothing_about_bill(MidasApi::V2, 90009));
     }
 }
