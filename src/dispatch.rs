@@ -109,10 +109,6 @@ fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
 /// correlation_id).
 type Waiting = HashMap<(String, String), VecDeque<oneshot::Sender<bool>>>;
 
-/// Most rounds of ready messages and events taken in after the one awaited,
-/// before the actions are performed.
-const DRAIN_MAX: usize = 256;
-
 /// How soon a failed load of operator re-opens is tried again.
 const RELOAD_RETRY: Duration = Duration::from_secs(1);
 
@@ -247,41 +243,30 @@ impl Dispatcher {
             tokio::select! {
                 _ = shutdown.changed() => {}
                 msg = rx.recv() => match msg {
-                    Some(m) => self.on_msg(m, &mut engine, &mut actions, &mut waiting, &mut reload, &mut reload_next),
+                    Some(DispatchMsg::Reload { after_action }) => {
+                        reload = Some(reload.map_or(after_action, |r| r.min(after_action)));
+                        reload_next = tokio::time::Instant::now();
+                    }
+                    Some(DispatchMsg::Job(j)) => engine.handle(Event::Accepted(j), now_ms(), &mut actions),
+                    Some(DispatchMsg::Reopened(j)) => engine.handle(Event::Reopened(j), now_ms(), &mut actions),
+                    Some(DispatchMsg::Rejoin(j)) => engine.handle(Event::Joined(j), now_ms(), &mut actions),
+                    Some(DispatchMsg::Direct(b, done)) => {
+                        waiting
+                            .entry((b.reply_to.clone(), b.correlation_id.clone()))
+                            .or_default()
+                            .push_back(done);
+                        engine.handle(Event::Balance(b), now_ms(), &mut actions)
+                    }
+                    Some(DispatchMsg::Claimed(jobs)) => engine.handle(Event::Claimed(jobs), now_ms(), &mut actions),
+                    Some(DispatchMsg::PlayersLost(p)) => engine.handle(Event::PlayersLost(p), now_ms(), &mut actions),
+                    Some(DispatchMsg::Snapshot(tx)) => {
+                        let room = max_held(&self.settings).saturating_sub(engine.held());
+                        let _ = tx.send((engine.players(), room));
+                    }
                     None => break,
                 },
                 Some(ev) = events.recv() => engine.handle(ev, now_ms(), &mut actions),
                 _ = tokio::time::sleep(sleep_for) => engine.poll(now_ms(), &mut actions),
-            }
-            // Take in whatever else is ready before performing: the pre-call marks
-            // of every job this makes callable go to the writer as one request (one
-            // task, one wake-up of the writer and one of this task per batch, not
-            // per job). Bounded, so a steady stream cannot hold the actions back.
-            for _ in 0..DRAIN_MAX {
-                let more = match events.try_recv() {
-                    Ok(ev) => {
-                        engine.handle(ev, now_ms(), &mut actions);
-                        true
-                    }
-                    Err(_) => false,
-                };
-                let msg = match rx.try_recv() {
-                    Ok(m) => {
-                        self.on_msg(
-                            m,
-                            &mut engine,
-                            &mut actions,
-                            &mut waiting,
-                            &mut reload,
-                            &mut reload_next,
-                        );
-                        true
-                    }
-                    Err(_) => false,
-                };
-                if !more && !msg {
-                    break;
-                }
             }
         }
         // Shutdown: no new steps; let those under way finish and be recorded.
@@ -301,40 +286,6 @@ impl Dispatcher {
                     tracing::warn!(under_way = engine.busy(), "steps did not finish in time; they resume at the next start with the same bill_no");
                     break;
                 }
-            }
-        }
-    }
-
-    /// Feed one message to the engine (or answer it).
-    fn on_msg(
-        &self,
-        msg: DispatchMsg,
-        engine: &mut Engine,
-        actions: &mut Vec<Action>,
-        waiting: &mut Waiting,
-        reload: &mut Option<i64>,
-        reload_next: &mut tokio::time::Instant,
-    ) {
-        match msg {
-            DispatchMsg::Reload { after_action } => {
-                *reload = Some(reload.map_or(after_action, |r| r.min(after_action)));
-                *reload_next = tokio::time::Instant::now();
-            }
-            DispatchMsg::Job(j) => engine.handle(Event::Accepted(j), now_ms(), actions),
-            DispatchMsg::Reopened(j) => engine.handle(Event::Reopened(j), now_ms(), actions),
-            DispatchMsg::Rejoin(j) => engine.handle(Event::Joined(j), now_ms(), actions),
-            DispatchMsg::Direct(b, done) => {
-                waiting
-                    .entry((b.reply_to.clone(), b.correlation_id.clone()))
-                    .or_default()
-                    .push_back(done);
-                engine.handle(Event::Balance(b), now_ms(), actions)
-            }
-            DispatchMsg::Claimed(jobs) => engine.handle(Event::Claimed(jobs), now_ms(), actions),
-            DispatchMsg::PlayersLost(p) => engine.handle(Event::PlayersLost(p), now_ms(), actions),
-            DispatchMsg::Snapshot(tx) => {
-                let room = max_held(&self.settings).saturating_sub(engine.held());
-                let _ = tx.send((engine.players(), room));
             }
         }
     }
