@@ -18,7 +18,7 @@ use std::time::Instant;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation};
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -219,9 +219,22 @@ impl Publisher {
 type Pending =
     std::pin::Pin<Box<dyn std::future::Future<Output = (Req, lapin::Result<Confirmation>)> + Send>>;
 
+/// A publish whose frames are queued for the broker client's I/O loop, awaiting
+/// their write.
+type Sending = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (Req, lapin::Result<PublisherConfirm>)> + Send>,
+>;
+
+/// Start publishing `req`: its frames are queued for lapin's I/O loop at once, in
+/// the order requests come, and the write is awaited with the others in
+/// `sending`. Awaiting each write before the next publish cost a round trip to
+/// the I/O thread (and back) per reply; queued together, the I/O loop writes
+/// every waiting reply in one wake-up. The confirm is awaited as before: nothing
+/// is marked published until the broker acks it.
 async fn publish(
     ch: &Channel,
     req: Req,
+    sending: &mut FuturesUnordered<Sending>,
     confirms: &mut FuturesUnordered<Pending>,
     q: &PublisherQueue,
 ) -> Result<(), BrokerError> {
@@ -239,18 +252,40 @@ async fn publish(
     if let Some(id) = req.reply.target_id {
         lock(&q.inflight).insert(id, Stage::Sent(Instant::now()));
     }
-    let published = ch
-        .basic_publish(
-            "".into(),
-            req.reply.reply_to.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
-            },
-            &req.reply.payload,
-            props,
-        )
-        .await;
+    let ch = ch.clone();
+    let mut write: Sending = Box::pin(async move {
+        let published = ch
+            .basic_publish(
+                "".into(),
+                req.reply.reply_to.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &req.reply.payload,
+                props,
+            )
+            .await;
+        (req, published)
+    });
+    // the first poll queues the frames (and takes the confirm's delivery tag)
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready((req, published)) => written(req, published, confirms, q),
+        std::task::Poll::Pending => {
+            sending.push(write);
+            Ok(())
+        }
+    }
+}
+
+/// A publish's frames were written (or not): await its confirm.
+fn written(
+    req: Req,
+    published: lapin::Result<PublisherConfirm>,
+    confirms: &mut FuturesUnordered<Pending>,
+    q: &PublisherQueue,
+) -> Result<(), BrokerError> {
     match published {
         Ok(confirm) => {
             confirms.push(Box::pin(confirm.map(move |c| (req, c))));
@@ -277,9 +312,13 @@ impl PublisherQueue {
         // here, at the start of the new one (the relay re-sends them from the outbox).
         // Replies still queued stay: this session publishes them.
         self.forget_sent();
+        let mut sending = FuturesUnordered::new();
         let mut confirms = FuturesUnordered::new();
-        let result = self.run_inner(ch, writer, stop, &mut confirms).await;
+        let result = self
+            .run_inner(ch, writer, stop, &mut sending, &mut confirms)
+            .await;
         // Whatever is still unconfirmed on this channel will be relayed from the outbox.
+        drop(sending);
         drop(confirms);
         self.forget_sent();
         result
@@ -290,6 +329,7 @@ impl PublisherQueue {
         ch: &Channel,
         writer: &Outbox,
         stop: &mut watch::Receiver<bool>,
+        sending: &mut FuturesUnordered<Sending>,
         confirms: &mut FuturesUnordered<Pending>,
     ) -> Result<(), BrokerError> {
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -298,7 +338,10 @@ impl PublisherQueue {
         loop {
             if stopping {
                 while let Ok(req) = self.rx.try_recv() {
-                    publish(ch, req, confirms, self).await?;
+                    publish(ch, req, sending, confirms, self).await?;
+                }
+                while let Some((req, published)) = sending.next().await {
+                    written(req, published, confirms, self)?;
                 }
                 let drain = async {
                     let mut marks = Vec::new();
@@ -318,7 +361,17 @@ impl PublisherQueue {
                 _ = stop.changed() => stopping = *stop.borrow(),
                 req = self.rx.recv() => {
                     let Some(req) = req else { return Ok(()) };
-                    publish(ch, req, confirms, self).await?;
+                    publish(ch, req, sending, confirms, self).await?;
+                    // and every other reply already queued, in one go
+                    while let Ok(req) = self.rx.try_recv() {
+                        publish(ch, req, sending, confirms, self).await?;
+                    }
+                }
+                Some((req, published)) = sending.next(), if !sending.is_empty() => {
+                    written(req, published, confirms, self)?;
+                    while let Some(Some((req, published))) = sending.next().now_or_never() {
+                        written(req, published, confirms, self)?;
+                    }
                 }
                 Some((req, c)) = confirms.next(), if !confirms.is_empty() => {
                     let mut marks = Vec::new();

@@ -11,6 +11,12 @@
 //! the per-thread split) are the child's, and this process's own CPU (reply
 //! consumer, publisher) is reported apart as `bench_us`.
 //!
+//! Context switches are read beside the CPU: voluntary (a thread blocked: waiting
+//! for a channel, a lock, the socket, fsync) and involuntary (preempted), summed
+//! over the worker's threads (`/proc/<pid>/task/*/status`; threads that exited
+//! between two readings are not counted). Each hand-off between the worker's
+//! threads that finds the other one asleep costs a voluntary switch on each side.
+//!
 //! The simulator runs as a child process by default, so its CPU is not counted.
 //! The bench's reply consumer (and, in the steady phase, its publisher) share this
 //! process: the ceiling run carries the same reply consumer, so
@@ -50,6 +56,8 @@ pub(super) struct Snapshot {
     bench_us: Option<u64>,
     /// tid → (thread name, µs)
     threads: HashMap<u32, (String, u64)>,
+    /// tid → (voluntary, involuntary) context switches
+    switches: HashMap<u32, (u64, u64)>,
     broker_us: Option<u64>,
     postgres_us: Option<u64>,
     machine_us: Option<u64>,
@@ -80,6 +88,24 @@ pub(super) struct PerJob {
     /// The whole machine's busy time (`/proc/stat`, all cores: every process,
     /// the simulator and other users of the machine included).
     pub machine_us: Option<f64>,
+    /// Context switches of the worker's process per job (all its threads).
+    pub switches: Switches,
+}
+
+/// Context switches per job of the worker's process (the bench process with an
+/// in-process worker, its own threads included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub(super) struct Switches {
+    /// Voluntary (the thread blocked), all threads.
+    pub voluntary: f64,
+    /// Involuntary (the thread was preempted), all threads.
+    pub involuntary: f64,
+    /// Voluntary, of the tokio runtime threads.
+    pub runtime_voluntary: f64,
+    /// Voluntary, of the `outbox-writer` thread.
+    pub writer_voluntary: f64,
+    /// Voluntary, of lapin's I/O threads.
+    pub broker_io_voluntary: f64,
 }
 
 /// (thread name, user+sys µs) from the text of a `/proc/.../stat` file.
@@ -144,6 +170,19 @@ fn parse_machine(text: &str) -> Option<u64> {
     Some(busy * TICK_US)
 }
 
+/// (voluntary, involuntary) context switches from the text of a `/proc/.../status`.
+fn parse_switches(text: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some((
+        field("voluntary_ctxt_switches:")?,
+        field("nonvoluntary_ctxt_switches:")?,
+    ))
+}
+
 fn read_stat(path: &Path) -> Option<(String, u64)> {
     parse_stat(&std::fs::read_to_string(path).ok()?)
 }
@@ -171,6 +210,7 @@ pub(super) fn snapshot(pids: Pids) -> Snapshot {
         .map(|(_, us)| us);
     let broker = pids.broker;
     let mut threads = HashMap::new();
+    let mut switches = HashMap::new();
     if let Ok(dir) = std::fs::read_dir(proc_dir.join("task")) {
         for e in dir.flatten() {
             let Some(tid) = e.file_name().to_str().and_then(|s| s.parse().ok()) else {
@@ -178,6 +218,10 @@ pub(super) fn snapshot(pids: Pids) -> Snapshot {
             };
             if let Some(t) = read_stat(&e.path().join("stat")) {
                 threads.insert(tid, t);
+            }
+            let status = std::fs::read_to_string(e.path().join("status")).ok();
+            if let Some(s) = status.as_deref().and_then(parse_switches) {
+                switches.insert(tid, s);
             }
         }
     }
@@ -188,6 +232,7 @@ pub(super) fn snapshot(pids: Pids) -> Snapshot {
         process_us,
         bench_us,
         threads,
+        switches,
         broker_us,
         postgres_us: postgres_cpu(),
         machine_us: std::fs::read_to_string("/proc/stat")
@@ -200,15 +245,25 @@ pub(super) fn snapshot(pids: Pids) -> Snapshot {
 pub(super) fn per_job(a: &Snapshot, b: &Snapshot, jobs: usize) -> PerJob {
     let n = jobs.max(1) as f64;
     let (mut runtime, mut writer, mut io) = (0u64, 0u64, 0u64);
+    let (mut vol, mut invol) = (0u64, 0u64);
+    let (mut runtime_vol, mut writer_vol, mut io_vol) = (0u64, 0u64, 0u64);
     for (tid, (name, us)) in &b.threads {
         let before = a.threads.get(tid).map_or(0, |(_, us)| *us);
         let d = us.saturating_sub(before);
+        let (v1, i1) = b.switches.get(tid).copied().unwrap_or_default();
+        let (v0, i0) = a.switches.get(tid).copied().unwrap_or_default();
+        let dv = v1.saturating_sub(v0);
+        vol += dv;
+        invol += i1.saturating_sub(i0);
         if name == "outbox-writer" {
             writer += d;
+            writer_vol += dv;
         } else if name.starts_with("tokio-r") {
             runtime += d;
+            runtime_vol += dv;
         } else if name.starts_with("lapin") {
             io += d;
+            io_vol += dv;
         }
     }
     let process = b.process_us.saturating_sub(a.process_us);
@@ -234,6 +289,13 @@ pub(super) fn per_job(a: &Snapshot, b: &Snapshot, jobs: usize) -> PerJob {
             (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / n),
             _ => None,
         },
+        switches: Switches {
+            voluntary: vol as f64 / n,
+            involuntary: invol as f64 / n,
+            runtime_voluntary: runtime_vol as f64 / n,
+            writer_voluntary: writer_vol as f64 / n,
+            broker_io_voluntary: io_vol as f64 / n,
+        },
     }
 }
 
@@ -249,6 +311,9 @@ mod tests {
         assert_eq!(parse_stat_with_children(line), Some((175 * TICK_US, 0)));
         let stat = "cpu  10 1 5 100 7 2 3 0 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n";
         assert_eq!(parse_machine(stat), Some(21 * TICK_US));
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), Some((120, 7)));
+        assert_eq!(parse_switches("Name:\tx\n"), None);
         let reaped = "7 (postgres) S 1 2 3 4 5 6 7 8 9 10 3 2 40 60 20 0 1 0";
         assert_eq!(
             parse_stat_with_children(reaped),
@@ -274,5 +339,16 @@ mod tests {
         assert_eq!(p.writer_us, 0.0, "{p:?}");
         assert!(p.other_us > 0.0, "{p:?}");
         assert!(p.broker_us.is_none());
+    }
+
+    #[test]
+    fn a_thread_that_blocks_counts_voluntary_switches() {
+        let a = snapshot(Pids::default());
+        for _ in 0..200 {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let p = per_job(&a, &snapshot(Pids::default()), 1);
+        // this thread slept 200 times: each sleep is a voluntary switch
+        assert!(p.switches.voluntary >= 200.0, "{p:?}");
     }
 }

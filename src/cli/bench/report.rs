@@ -336,6 +336,24 @@ pub(super) fn print_table(
             c.cpu_backlog.runtime_us, c.cpu_backlog.broker_io_us, c.cpu_backlog.other_us
         )
     });
+    row("ctx switches/job backlog: voluntary / involuntary", &|c| {
+        let s = &c.cpu_backlog.switches;
+        format!("{:.2} / {:.2}", s.voluntary, s.involuntary)
+    });
+    row(
+        "ctx switches/job backlog, voluntary: runtime / writer / lapin io",
+        &|c| {
+            let s = &c.cpu_backlog.switches;
+            format!(
+                "{:.2} / {:.2} / {:.2}",
+                s.runtime_voluntary, s.writer_voluntary, s.broker_io_voluntary
+            )
+        },
+    );
+    row("ctx switches/job steady: voluntary / involuntary", &|c| {
+        let s = &c.cpu_steady.switches;
+        format!("{:.2} / {:.2}", s.voluntary, s.involuntary)
+    });
     if child {
         row("CPU µs/job backlog / steady: bench process", &|c| {
             let f = |p: &cpu::PerJob| p.bench_us.map_or("-".into(), |us| format!("{us:.0}"));
@@ -515,7 +533,7 @@ pub(super) fn to_json(
         "outbox": if a.outbox.is_some() { "postgres" } else { "sqlite" },
         "workers": a.workers,
         "worker": if a.worker == WorkerMode::Child { "child" } else { "inproc" },
-        "cpu_note": "µs of user+sys per job; process = every worker of the case (the sum, with several in-process workers) + the bench's reply consumer (and its publisher in the steady phase), simulator excluded when a child process; with --worker child, process = the child worker alone and bench = this process (reply consumer, publisher); broker = the whole local beam.smp; postgres = every local postgres process (the whole server)",
+        "cpu_note": "µs of user+sys per job; process = every worker of the case (the sum, with several in-process workers) + the bench's reply consumer (and its publisher in the steady phase), simulator excluded when a child process; with --worker child, process = the child worker alone and bench = this process (reply consumer, publisher); broker = the whole local beam.smp; postgres = every local postgres process (the whole server); switches = context switches per job of the worker's process (all its threads, from /proc/<pid>/task/*/status)",
         "cases": cases,
     })
 }
