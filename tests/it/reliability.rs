@@ -63,6 +63,12 @@ async fn all_simulator_faults_together_ledger_agrees_with_three_workers_on_postg
 async fn chaos(shared: Option<&crate::common::pg::TestDb>) {
     let mut env = TestEnv::new("chaos");
     env.set("MIDAS__REQUEST_TIMEOUT", "300ms");
+    // The simulator counts a call as in flight until its handler ends; a stalled
+    // one (600 ms) ends when it notices its client gave up at 300 ms. A retry sent
+    // before it notices (on a loaded machine) counts as an overlap the worker could
+    // not have avoided, so retries here are spread over a longer backoff.
+    env.set("RETRY__INITIAL", "200ms");
+    env.set("RETRY__MAX", "600ms");
     share(&mut env, shared);
     let sim = env
         .simulator(Faults {
