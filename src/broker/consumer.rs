@@ -13,7 +13,7 @@
 //! broker delivers it again, for a fresh answer). On a SQLite outbox it has no
 //! row: it is handed to the dispatcher with a one-shot that reports the confirm.
 //! On a shared outbox it is recorded as a row with a key of its own
-//! ([`read_key`]) and its reply target, so that the worker holding the player's
+//! ([`read_key_prefix`] and 64 random bits) and its reply target, so that the worker holding the player's
 //! lease answers it in the player's order, fenced like any job; this worker
 //! waits for that target's confirm ([`Outbox::reply_confirmed`]). While such a
 //! delivery is outstanding, later acks are sent one by one: a `multiple` ack
@@ -136,7 +136,7 @@ pub async fn run(
                     let ctx = ctx.clone();
                     let tag = delivery.delivery_tag;
                     pending.push_back(async move {
-                        (tag, handle(&ctx, delivery.data, delivery.properties).await)
+                        (tag, handle(&ctx, delivery.data, delivery.properties, delivery.redelivered).await)
                     });
                 }
                 Some(Err(e)) => break Err(e.into()),
@@ -263,7 +263,12 @@ fn target(props: &BasicProperties, ctx: &IntakeCtx, bill_no: Option<&str>) -> (S
     (reply_to, correlation_id)
 }
 
-async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Disposition {
+async fn handle(
+    ctx: &IntakeCtx,
+    body: Vec<u8>,
+    props: BasicProperties,
+    redelivered: bool,
+) -> Disposition {
     let now = now_ms();
     let max = ctx.settings.config.broker.max_command_bytes;
     let decoded =
@@ -306,7 +311,32 @@ async fn handle(ctx: &IntakeCtx, body: Vec<u8>, props: BasicProperties) -> Dispo
     if read {
         // a shared outbox: recorded as a row of its own, run where the player's
         // lease is held (module doc)
-        cmd.params.bill_no = Some(read_key());
+        let (reply_to, correlation_id) = target(&props, ctx, None);
+        let prefix = read_key_prefix(&body, &reply_to, &correlation_id);
+        if redelivered {
+            // an earlier delivery of this message may have recorded its row and
+            // died before the reply: that row's answer is this delivery's
+            let player = (cmd.params.appid.as_str(), cmd.params.openid.as_str());
+            if let Ok(Some(job_id)) = ctx
+                .writer
+                .earlier_read(player, &prefix, &reply_to, &correlation_id)
+                .await
+            {
+                tracing::info!(
+                    job_id,
+                    "a redelivered {op} waits for the row its earlier delivery recorded"
+                );
+                let writer = ctx.writer.clone();
+                let confirmed = async move {
+                    writer
+                        .reply_confirmed(job_id, &reply_to, &correlation_id)
+                        .await
+                }
+                .boxed();
+                return Disposition::Defer(None, confirmed);
+            }
+        }
+        cmd.params.bill_no = Some(format!("{prefix}{:016x}", rand::random::<u64>()));
     }
     let (reply_to, correlation_id) =
         target(&props, ctx, cmd.params.bill_no.as_deref().filter(|_| !read));
@@ -479,12 +509,26 @@ fn balance(ctx: &IntakeCtx, cmd: Command, props: &BasicProperties, now: i64) -> 
     Disposition::Defer(Some(msg), rx.map(|r| r.unwrap_or(false)).boxed())
 }
 
-/// The key of a `balance` or `query_order` row on a shared outbox: `~` and 128
-/// random bits in hex. No client bill_no can equal it (those are
-/// `[A-Za-z0-9_-]`), and each delivery gets its own (a redelivery is answered
-/// afresh, never joined to an earlier row).
-pub fn read_key() -> String {
-    format!("~{:032x}", rand::random::<u128>())
+/// The first half of a `balance`/`query_order` row's key on a shared outbox: `~`
+/// and a digest of the message (64 bits of SHA-1 over its body and reply
+/// target, the same for every delivery of it), so a redelivery finds the row an
+/// earlier delivery recorded ([`Outbox::earlier_read`]). The second half is 64
+/// random bits: the same message published again is a new command, with a row of
+/// its own. No client bill_no can equal such a key (those are `[A-Za-z0-9_-]`).
+pub fn read_key_prefix(body: &[u8], reply_to: &str, correlation_id: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let mut h = Sha1::new();
+    for part in [body, reply_to.as_bytes(), correlation_id.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let d = h.finalize();
+    let mut s = String::with_capacity(17);
+    s.push('~');
+    for b in d.iter().take(8) {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
 }
 
 /// A `balance` or `query_order` recorded on a shared outbox: handed to the

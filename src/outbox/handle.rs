@@ -186,6 +186,27 @@ impl Outbox {
     /// a while, or the row is gone): its delivery is then requeued for a fresh
     /// answer. A pending row is waited for as long as its player's earlier jobs
     /// run. Always `false` on SQLite, which records no such rows.
+    /// Shared outbox: the unanswered row an earlier delivery of a redelivered
+    /// `balance`/`query_order` recorded (see
+    /// [`ReplyWatch::earlier_read`](super::postgres::confirms::ReplyWatch::earlier_read));
+    /// always `None` on SQLite (no rows for these there).
+    pub async fn earlier_read(
+        &self,
+        player: (&str, &str),
+        key_prefix: &str,
+        reply_to: &str,
+        correlation_id: &str,
+    ) -> Result<Option<i64>, OutboxError> {
+        match self {
+            Outbox::Sqlite(_) => Ok(None),
+            Outbox::Postgres(_, watch) => {
+                watch
+                    .earlier_read(player, key_prefix, reply_to, correlation_id)
+                    .await
+            }
+        }
+    }
+
     pub async fn reply_confirmed(&self, job_id: i64, reply_to: &str, correlation_id: &str) -> bool {
         match self {
             Outbox::Sqlite(_) => false,

@@ -284,6 +284,79 @@ async fn a_balance_waiting_on_a_killed_lease_holder_is_answered_once_by_the_next
     env_b.cleanup(&cb).await;
 }
 
+/// The worker that received a balance recorded its row and was SIGKILLed before
+/// the reply: the broker gives the message to another worker, flagged
+/// redelivered. That worker answers it from the row already recorded (one row,
+/// one answer), not from a second row of its own — two rows would both be
+/// answered, with two different balances, to the one command (found by the
+/// black-box run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_balance_is_answered_from_the_row_its_first_delivery_recorded() {
+    let db = TestDb::new("readredeliver").await;
+    let mut env = TestEnv::new("rrd");
+    env.share_outbox(&db);
+    let sim = env
+        .simulator(Faults {
+            latency_ms: 20,
+            busy_rate: 1.0,
+            ..Faults::default()
+        })
+        .await;
+    let mut c = env.client().await;
+    let mut first = env.spawn_child(&sim.base_url());
+    // the child applies the schema as it starts
+    until_count(
+        &db,
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'player_leases'",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    let player = unique("rp");
+    c.publish(balance(&player).as_bytes(), "bal-r")
+        .await
+        .unwrap();
+    let rows = until_count(
+        &db,
+        "SELECT count(*) FROM jobs WHERE op = 'balance' AND attempts >= 1",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        rows, 1,
+        "the first worker recorded the balance and is calling"
+    );
+    kill9(&mut first);
+    sim.set_faults(Faults {
+        latency_ms: 20,
+        ..Faults::default()
+    });
+    // the redelivery goes to the next worker; the player's lease runs out (7 s)
+    let w = env.worker(&sim.base_url()).await;
+    let r = c.reply_for("bal-r", Duration::from_secs(40)).await.unwrap();
+    assert_eq!(r.reply.status, Some(Status::Succeeded), "{:?}", r.reply);
+    until_balance_replies_confirmed(&db, 1).await;
+    w.stop().await;
+    let b = env.settings().config.broker;
+    assert_eq!(
+        queue_depth(&b.command_queue).await,
+        0,
+        "the redelivery was acked"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM jobs WHERE op = 'balance'")
+            .await,
+        1,
+        "the redelivery joined the row of the first delivery"
+    );
+    assert!(
+        c.next_reply(Duration::from_millis(300)).await.is_err(),
+        "one reply for the one command"
+    );
+    env.cleanup(&c).await;
+}
+
 /// A balance row is audited like any job: `outbox list --op balance`, `show`
 /// and `stats` see it; one that ended `unknown` (Midas busy past
 /// `retry.balance_give_up_after`) is re-opened by `outbox retry` and answered

@@ -50,14 +50,47 @@ struct Waiter {
 #[derive(Clone)]
 pub struct ReplyWatch {
     tx: mpsc::UnboundedSender<Waiter>,
+    url: SecretUrl,
 }
 
 impl ReplyWatch {
     /// Start the watch task (it connects when it first has something to watch).
     pub fn start(url: SecretUrl) -> ReplyWatch {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(url, rx));
-        ReplyWatch { tx }
+        tokio::spawn(run(url.clone(), rx));
+        ReplyWatch { tx, url }
+    }
+
+    /// A redelivered `balance`/`query_order`: the newest row an earlier delivery
+    /// of the same message recorded for this player — its key starts with
+    /// `key_prefix` (a digest of the message) and it has this reply target —
+    /// whose reply is not confirmed yet. Its answer is owed to this delivery too,
+    /// so the command is not answered twice with different figures (a worker
+    /// killed after recording the row, before its reply). Rare: a connection of
+    /// its own per lookup.
+    pub async fn earlier_read(
+        &self,
+        player: (&str, &str),
+        key_prefix: &str,
+        reply_to: &str,
+        correlation_id: &str,
+    ) -> Result<Option<i64>, OutboxError> {
+        let c = super::reconnect(&self.url).await?;
+        let pattern = format!("{key_prefix}%");
+        super::trip();
+        let row = c
+            .query_opt(
+                "SELECT j.id FROM jobs j JOIN reply_targets t ON t.job_id = j.id \
+                 WHERE j.openid = $1 AND j.appid = $2 AND j.bill_no LIKE $3 \
+                 AND t.reply_to = $4 AND t.correlation_id = $5 AND t.published_at IS NULL \
+                 ORDER BY j.id DESC LIMIT 1",
+                &[&player.1, &player.0, &pattern, &reply_to, &correlation_id],
+            )
+            .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get(0)?),
+            None => None,
+        })
     }
 
     /// Resolves `true` once the reply of job `job_id` to (`reply_to`,
