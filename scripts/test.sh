@@ -221,6 +221,10 @@ cargo test --locked --test simulation -- --nocapture
 cargo test --locked --test system_simulation -- --nocapture
 # At most two tests at a time: the machine this runs on may have two cores, and a
 # starved scheduler turns a test's definitive Midas answer into a timeout.
-cargo test --locked -- --test-threads 2 --skip simulation
+cargo test --locked -- --test-threads 2 --skip simulation --skip lease_rule::
+# The lease rule at its minimum lease (tests/it/lease_rule.rs) holds when renewals
+# come on time; a worker starved of CPU by the tests running beside it renews late
+# (which no lease rule can cover), so it runs alone.
+cargo test --locked --test it -- --test-threads 1 lease_rule::
 bash deploy/check.sh
 echo "test.sh: all checks passed"
