@@ -185,8 +185,15 @@ async fn a_balance_received_by_another_worker_is_answered_by_the_lease_holder_af
         0,
         "B acked the balance"
     );
-    assert!(
-        cb.next_reply(Duration::from_millis(300)).await.is_err(),
+    // durable, not a quiet window: each delivery has one reply target, on one row
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM reply_targets t JOIN jobs j ON j.id = t.job_id \
+             WHERE j.op = 'balance'"
+        )
+        .await,
+        db.count("SELECT count(*) FROM jobs WHERE op = 'balance'")
+            .await,
         "one reply per delivery"
     );
     env_a.cleanup(&ca).await;
@@ -276,8 +283,15 @@ async fn a_balance_waiting_on_a_killed_lease_holder_is_answered_once_by_the_next
         0,
         "B acked the balance"
     );
-    assert!(
-        cb.next_reply(Duration::from_millis(300)).await.is_err(),
+    // durable, not a quiet window: each delivery has one reply target, on one row
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM reply_targets t JOIN jobs j ON j.id = t.job_id \
+             WHERE j.op = 'balance'"
+        )
+        .await,
+        db.count("SELECT count(*) FROM jobs WHERE op = 'balance'")
+            .await,
         "one reply for the one delivery"
     );
     env_a.cleanup(&ca).await;
@@ -350,8 +364,15 @@ async fn a_redelivered_balance_is_answered_from_the_row_its_first_delivery_recor
         1,
         "the redelivery joined the row of the first delivery"
     );
-    assert!(
-        c.next_reply(Duration::from_millis(300)).await.is_err(),
+    // durable, not a quiet window: each delivery has one reply target, on one row
+    assert_eq!(
+        db.count(
+            "SELECT count(*) FROM reply_targets t JOIN jobs j ON j.id = t.job_id \
+             WHERE j.op = 'balance'"
+        )
+        .await,
+        db.count("SELECT count(*) FROM jobs WHERE op = 'balance'")
+            .await,
         "one reply for the one command"
     );
     env.cleanup(&c).await;
