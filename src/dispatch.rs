@@ -21,8 +21,8 @@ use crate::broker::publisher::Publisher;
 use crate::command::now_ms;
 use crate::config::{Environment, Settings};
 use crate::engine::job::Job;
-use crate::engine::Record;
 use crate::engine::{Action, BalanceCmd, Engine, EngineConfig, Event, HeldPlayer};
+use crate::engine::{PreCallMark, Record};
 use crate::metrics::METRICS;
 use crate::midas::{Answer, Api, Body, MidasClient, OutcomeClass};
 use crate::outbox::{query, GiveBack, Outbox, OutboxError, OutgoingReply};
@@ -97,10 +97,12 @@ pub fn engine_config(settings: &Settings) -> EngineConfig {
 
 /// How many jobs the engine marks beyond the free call slots: a quarter of
 /// `max_in_flight` on a SQLite outbox (enough to cover a group commit at the rates
-/// those slots allow), none on a shared outbox (see [`EngineConfig::mark_ahead`]).
+/// those slots allow); as many as the slots on a shared outbox, whose writer
+/// batches take tens of milliseconds to commit (a mark that waited past the
+/// fence's margin is refreshed, see [`EngineConfig::mark_ahead`]).
 fn mark_ahead(max_in_flight: usize, shared: bool) -> usize {
     if shared {
-        0
+        max_in_flight
     } else {
         max_in_flight / 4
     }
@@ -336,7 +338,17 @@ impl Dispatcher {
         let mut marks = Vec::new();
         for a in actions.drain(..) {
             match a {
-                Action::Mark { id, at, gen } => marks.push((id, at, gen)),
+                Action::Mark {
+                    id,
+                    at,
+                    gen,
+                    refresh,
+                } => marks.push(PreCallMark {
+                    id,
+                    at,
+                    gen,
+                    refresh,
+                }),
                 Action::GiveBack { appid, openid, gen } => {
                     if let Some(release) = &self.release {
                         tracing::warn!(%appid, %openid, "lease on the player lost; its jobs go to the worker holding it");
@@ -424,11 +436,11 @@ impl Dispatcher {
         }
     }
 
-    fn spawn_marks(&self, marks: Vec<(i64, i64, i64)>, tx: mpsc::UnboundedSender<Event>) {
+    fn spawn_marks(&self, marks: Vec<PreCallMark>, tx: mpsc::UnboundedSender<Event>) {
         let writer = self.writer.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
-            let ids: Vec<i64> = marks.iter().map(|(id, _, _)| *id).collect();
+            let ids: Vec<i64> = marks.iter().map(|m| m.id).collect();
             if let WriteEnd::Done(marked) =
                 write_until_done(|| writer.mark_calls(marks.clone()), stop).await
             {

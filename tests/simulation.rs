@@ -216,7 +216,16 @@ impl Sim {
         let mut marks = Vec::new();
         for a in out {
             match a {
-                Action::Mark { id, at, gen } => {
+                Action::Mark {
+                    id,
+                    at,
+                    gen,
+                    refresh,
+                } => {
+                    if refresh {
+                        // only a shared outbox's fence is ever refreshed
+                        return Err(format!("job {id}: a refresh mark without a lease fence"));
+                    }
                     self.check_order(id)?;
                     marks.push((id, at, gen));
                 }

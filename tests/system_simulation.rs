@@ -32,11 +32,15 @@ mod outbox;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+/// Refresh marks made in the run (a marked job that waited for a call slot past
+/// the fence's margin): printed with the summary, so a run shows the path is taken.
+static REFRESHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 use midas_worker::command::{Op, Params, Reply};
 use midas_worker::config::{Dur, RetryConfig};
 use midas_worker::engine::job::{reopens_with_new_session_key, JobState};
-use midas_worker::engine::Record;
 use midas_worker::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
+use midas_worker::engine::{PreCallMark, Record};
 use midas_worker::midas::errcode::MidasApi;
 use midas_worker::midas::{Answer, Api};
 use midas_worker::secret::Secret;
@@ -52,7 +56,7 @@ const MARGIN: i64 = 2_000;
 const LOOK: i64 = 500;
 
 enum Task {
-    Mark(Vec<(i64, i64, i64)>),
+    Mark(Vec<PreCallMark>),
     /// A call out: its request is in `Sim::in_flight` until Midas handles it.
     Call {
         id: i64,
@@ -163,7 +167,7 @@ impl Sim {
             max_rps: 500,
             apps: vec![("wx1".into(), MidasApi::V1), ("wx2".into(), MidasApi::V2)],
             simulated: false,
-            mark_ahead: 0,
+            mark_ahead: rng.random_range(0..3),
             fence_margin_ms: Some(MARGIN),
         };
         let n = rng.random_range(2..4);
@@ -239,7 +243,23 @@ impl Sim {
         let mut marks = Vec::new();
         for a in out {
             match a {
-                Action::Mark { id, at, gen } => marks.push((id, at, gen)),
+                Action::Mark {
+                    id,
+                    at,
+                    gen,
+                    refresh,
+                } => {
+                    if refresh {
+                        REFRESHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.log(|| format!("w{w} refreshes the mark of {id}"));
+                    }
+                    marks.push(PreCallMark {
+                        id,
+                        at,
+                        gen,
+                        refresh,
+                    })
+                }
                 Action::Call {
                     id,
                     api,

@@ -35,6 +35,34 @@ impl Engine {
         }
     }
 
+    /// A marked job that waited for a call slot on a shared outbox, now about to
+    /// take one: when its mark's fence no longer covers a call starting now (it
+    /// waited longer than the fence's margin), the fence is checked again by a
+    /// refresh mark — which does not count a call again, the first mark did — and
+    /// the call waits for it. `true` when such a refresh was asked for.
+    pub(super) fn refresh_if_stale(&mut self, id: i64, now: i64, out: &mut Vec<Action>) -> bool {
+        let margin = self.cfg.fence_margin_ms;
+        let Some(e) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        let stale = match (e.fence_at, margin) {
+            (Some(t), Some(m)) => e.target.is_none() && now + FENCE_SLACK_MS >= t + m,
+            _ => false,
+        };
+        if !stale {
+            return false;
+        }
+        e.phase = Phase::Marking;
+        e.fence_at = None;
+        out.push(Action::Mark {
+            id,
+            at: now,
+            gen: e.job.lease_gen,
+            refresh: true,
+        });
+        true
+    }
+
     /// Just before a marked job's call starts: `false` when it must not start
     /// after all (the step ended here). On a shared outbox the mark's fence covers
     /// a call that starts within the margin of its check: a mark confirmed later

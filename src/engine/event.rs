@@ -74,9 +74,15 @@ pub struct BalanceCmd {
 #[derive(Debug)]
 pub enum Action {
     /// Make durable that a call of job `id` may go out now (calls + 1, window
-    /// start); on a shared outbox only while the player's lease is still at
-    /// generation `gen` and outlives the call.
-    Mark { id: i64, at: i64, gen: i64 },
+    /// start; see [`crate::engine::PreCallMark`]); on a shared outbox only while
+    /// the player's lease is still at generation `gen` and outlives the call.
+    /// `refresh`: the fence checked again for a job marked before (no new count).
+    Mark {
+        id: i64,
+        at: i64,
+        gen: i64,
+        refresh: bool,
+    },
     /// Call Midas; answer with [`Event::Answered`] (or [`Event::BalanceFetched`] when
     /// `then_finish` is set).
     Call {

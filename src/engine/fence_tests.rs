@@ -325,3 +325,83 @@ fn a_lease_lost_at_an_older_generation_keeps_the_jobs_of_a_newer_take() {
     e.handle(Event::PlayersLost(vec![lost]), 30, &mut out);
     assert!(e.holds(1) && !e.holds(2));
 }
+
+fn marks_made(out: &[Action]) -> Vec<(i64, bool)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Mark { id, refresh, .. } => Some((*id, *refresh)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn calls_of(out: &[Action]) -> Vec<i64> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Call { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Marks run ahead of the call slots on a shared outbox too: a job marked while
+/// every slot was busy calls as soon as one frees while its fence still covers
+/// the call; one that waited past the fence's margin is marked again first (a
+/// refresh, which counts no second call) and calls once that lands — its
+/// attempt is still number 1.
+#[test]
+fn a_mark_that_waited_past_the_fence_margin_for_a_slot_is_refreshed_before_its_call() {
+    for (freed_at, refreshed) in [(MARGIN - FENCE_SLACK_MS - 1, false), (MARGIN, true)] {
+        let mut c = cfg();
+        c.fence_margin_ms = Some(MARGIN);
+        c.max_in_flight = 1;
+        c.mark_ahead = 1;
+        let mut e = Engine::new(c, 1);
+        let mut out = Vec::new();
+        let mut second = at_gen(2, 1);
+        second.params.openid = "other".into();
+        e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
+        e.handle(Event::Accepted(second), 0, &mut out);
+        assert_eq!(
+            marks_made(&out),
+            vec![(1, false), (2, false)],
+            "one slot + one ahead"
+        );
+        out.clear();
+        e.handle(Event::Marked(1, Some(0)), 0, &mut out);
+        e.handle(Event::Marked(2, Some(0)), 0, &mut out);
+        assert_eq!(calls_of(&out), vec![1], "job 2 waits for the slot");
+        out.clear();
+        e.handle(
+            Event::Answered(1, ans(OutcomeClass::Success, 0)),
+            freed_at,
+            &mut out,
+        );
+        if !refreshed {
+            assert_eq!(calls_of(&out), vec![2], "the fence still covers it");
+            assert!(marks_made(&out).is_empty());
+        } else {
+            assert!(
+                calls_of(&out).is_empty(),
+                "no call on a stale fence: {out:?}"
+            );
+            assert_eq!(marks_made(&out), vec![(2, true)]);
+            out.clear();
+            e.handle(Event::Marked(2, Some(freed_at)), freed_at, &mut out);
+            assert_eq!(calls_of(&out), vec![2]);
+        }
+        out.clear();
+        e.handle(
+            Event::Answered(2, ans(OutcomeClass::Success, 0)),
+            freed_at + 10,
+            &mut out,
+        );
+        let r = records(&out);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].attempts_total, r[0].rows.first().map(|a| a.n)),
+            (1, Some(1)),
+            "one call, attempt 1 (refreshed: {refreshed})"
+        );
+    }
+}

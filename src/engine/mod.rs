@@ -27,7 +27,7 @@ pub mod scheduler;
 
 pub use event::{Action, BalanceCmd, Event};
 pub use lease::HeldPlayer;
-pub use record::{AttemptRow, Record, SessionGuard, Update};
+pub use record::{AttemptRow, PreCallMark, Record, SessionGuard, Update};
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -51,8 +51,10 @@ pub struct EngineConfig {
     pub simulated: bool,
     /// How many jobs may be marked beyond the free call slots. A slot that frees
     /// then goes to a job already marked instead of idling through a mark's
-    /// commit. 0 for a shared outbox: its lease fence requires the call to start
-    /// within `LEASE_CALL_MARGIN` of the mark, and waiting for a slot could exceed it.
+    /// commit. On a shared outbox the lease fence covers a call that starts
+    /// within `fence_margin_ms` of the mark's check: a marked job that waited
+    /// longer for its slot is marked again (a refresh, no new call count) before
+    /// it calls.
     pub mark_ahead: usize,
     /// Shared outbox: `LEASE_CALL_MARGIN` in ms. A pre-call mark's fence promised
     /// the lease outlives a call whose timeout starts within this much of the
@@ -365,6 +367,11 @@ impl Engine {
                 break;
             }
             self.awaiting.pop_front();
+            if self.refresh_if_stale(id, now, out) {
+                // its slot goes to the next marked job; this one waits for the
+                // refreshed fence and then for a slot again
+                continue;
+            }
             if self.may_call(id, now, out) && self.sched.try_call(&limits(&self.cfg)) {
                 self.call_now(id, out);
             }
@@ -469,6 +476,7 @@ impl Engine {
             id,
             at: now,
             gen: e.job.lease_gen,
+            refresh: false,
         });
     }
 

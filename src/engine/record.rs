@@ -7,6 +7,32 @@ use crate::engine::job::JobState;
 use crate::midas::Answer;
 use crate::secret::Secret;
 
+/// A pre-call mark to make durable: a call of job `id` may go out from `at` on
+/// (the call count raised by one, the bill_no window started); on a shared
+/// outbox only while the player's lease is still this worker's at generation
+/// `gen` and outlives the call. A `refresh` mark is the same check made again
+/// for a job already marked whose call could not start within the fence's
+/// margin (it waited for a call slot): its call was counted by the first mark,
+/// so the count is not raised again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreCallMark {
+    pub id: i64,
+    pub at: i64,
+    pub gen: i64,
+    pub refresh: bool,
+}
+
+impl PreCallMark {
+    /// How much the mark raises the job's durable call count.
+    pub fn counts(&self) -> i64 {
+        if self.refresh {
+            0
+        } else {
+            1
+        }
+    }
+}
+
 /// One Midas call to record.
 #[derive(Debug, Clone)]
 pub struct AttemptRow {

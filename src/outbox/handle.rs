@@ -13,7 +13,7 @@ use super::query::Gauges;
 use super::writer::{Intake, IntakeOutcome, Landed, Writer};
 use super::OutboxError;
 use crate::config::OutboxConfig;
-use crate::engine::Record;
+use crate::engine::{PreCallMark, Record};
 use crate::secret::SecretUrl;
 
 /// Where the outbox is, from `[outbox]`: `url` (PostgreSQL) wins over `path`.
@@ -130,13 +130,10 @@ impl Outbox {
     /// Make durable that a call of each job may go out now. Answers the jobs NOT
     /// marked because this worker's lease on their player is gone or too short to
     /// cover a call (always none with SQLite): those calls must not be made.
-    /// Each mark is (job id, time, lease generation the call was decided under).
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64, i64)>) -> Result<Marked, OutboxError> {
+    /// Each mark names the lease generation its call was decided under.
+    pub async fn mark_calls(&self, marks: Vec<PreCallMark>) -> Result<Marked, OutboxError> {
         match self {
-            Outbox::Sqlite(w) => {
-                let marks = marks.into_iter().map(|(id, at, _)| (id, at)).collect();
-                w.mark_calls(marks).await.map(|()| Marked::default())
-            }
+            Outbox::Sqlite(w) => w.mark_calls(marks).await.map(|()| Marked::default()),
             Outbox::Postgres(w, _) => w.mark_calls(marks).await,
         }
     }

@@ -16,7 +16,7 @@ use super::writes::{in_savepoint, intake, mark, record};
 use super::OutboxError;
 use crate::command::{Command, Params};
 use crate::engine::job::Job;
-use crate::engine::record::Record;
+use crate::engine::record::{PreCallMark, Record};
 use crate::metrics::METRICS;
 
 /// Most requests committed in one transaction.
@@ -118,8 +118,8 @@ enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
     Record(Record, oneshot::Sender<Result<Landed, OutboxError>>),
     Published(Vec<Confirmed>, i64),
-    /// Pre-call marks: (job id, time). Durable before any of those calls goes out.
-    Mark(Vec<(i64, i64)>, oneshot::Sender<Result<(), OutboxError>>),
+    /// Pre-call marks. Durable before any of those calls goes out.
+    Mark(Vec<PreCallMark>, oneshot::Sender<Result<(), OutboxError>>),
     Flush(oneshot::Sender<()>),
     /// A verified push to store once per key.
     Push(NewPush, oneshot::Sender<Result<PushStored, OutboxError>>),
@@ -200,7 +200,7 @@ impl Writer {
     /// Make durable that a call of each job may go out now: `calls + 1` and the
     /// start of the bill_no window (`first_attempt_at`, kept if already set). Only
     /// after this returns may the calls be made, so a crash mid-call leaves a trace.
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64)>) -> Result<(), OutboxError> {
+    pub async fn mark_calls(&self, marks: Vec<PreCallMark>) -> Result<(), OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Mark(marks, tx))

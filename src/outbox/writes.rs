@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::writer::{Intake, IntakeOutcome, Landed, OutgoingReply};
 use super::OutboxError;
 use crate::engine::job::{Job, JobState};
-use crate::engine::{Record, Update};
+use crate::engine::{PreCallMark, Record, Update};
 use crate::secret::Secret;
 
 /// Run one request in its own savepoint: an error rolls back that request only.
@@ -321,13 +321,13 @@ fn newer_session_key(c: &Connection, r: &Record) -> Result<Option<String>, Outbo
     Ok(stored.flatten().filter(|k| Some(k.as_str()) != used))
 }
 
-pub(super) fn mark(c: &Connection, marks: &[(i64, i64)]) -> Result<(), OutboxError> {
+pub(super) fn mark(c: &Connection, marks: &[PreCallMark]) -> Result<(), OutboxError> {
     let mut stmt = c.prepare_cached(
-        "UPDATE jobs SET calls = calls + 1, first_attempt_at = COALESCE(first_attempt_at, ?2), \
+        "UPDATE jobs SET calls = calls + ?3, first_attempt_at = COALESCE(first_attempt_at, ?2), \
          updated_at = ?2 WHERE id = ?1 AND state = 'pending'",
     )?;
-    for (id, at) in marks {
-        stmt.execute(params![id, at])?;
+    for m in marks {
+        stmt.execute(params![m.id, m.at, m.counts()])?;
     }
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! The PostgreSQL writer's batched statements keep every fence per row: the
 //! pre-call marks of a whole writer batch go to the database in one statement
 //! (arrays), and a mark made under a lease generation this worker does not hold
-//! must still be refused alone while the others of the same statement land. The
+//! must still be refused alone while the others of the same statement land; a
+//! refresh mark in the same statement checks its fence without counting a call. The
 //! same holds for a batch's intakes and outcomes, which go in a few statements
 //! for the whole batch: each row is answered as the one-command statements would.
 
 use crate::common::pg::TestDb;
 use midas_worker::command::Op;
 use midas_worker::engine::job::Job;
+use midas_worker::engine::PreCallMark;
 use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
 use midas_worker::outbox::IntakeOutcome;
 
@@ -35,9 +37,15 @@ async fn a_stale_generation_mark_in_a_batched_statement_is_refused_while_the_oth
         }
     }
     let now = 1_700_000_000_100;
-    let good = |j: &Job| (j.id, now, j.lease_gen);
+    let mark = |j: &Job, at: i64, gen: i64, refresh: bool| PreCallMark {
+        id: j.id,
+        at,
+        gen,
+        refresh,
+    };
+    let good = |j: &Job| mark(j, now, j.lease_gen, false);
     // a generation this worker never held for the player (a take it has not seen)
-    let stale = |j: &Job| (j.id, now, j.lease_gen + 1);
+    let stale = |j: &Job| mark(j, now, j.lease_gen + 1, false);
 
     // one request of three rows, the middle one stale
     let one = w
@@ -57,20 +65,36 @@ async fn a_stale_generation_mark_in_a_batched_statement_is_refused_while_the_oth
     assert_eq!(b.lost, vec![jobs[4].id]);
     assert!(c.lost.is_empty(), "{:?}", c.lost);
 
+    // one batch again: a refresh of job 0 (its call waited for a slot past the
+    // fence's margin) beside a second mark of job 5, in one statement
+    let later = now + 5_000;
+    let (r, m) = tokio::join!(
+        w.mark_calls(vec![mark(&jobs[0], later, jobs[0].lease_gen, true)]),
+        w.mark_calls(vec![mark(&jobs[5], later, jobs[5].lease_gen, false)]),
+    );
+    assert!(r.expect("refresh").lost.is_empty());
+    assert!(m.expect("mark").lost.is_empty());
+
     w.flush().await.expect("flush");
     drop(w);
     task.await.expect("writer task");
-    // the refused rows were not marked (no call counted, no attempt time set)
-    let marked = |id: i64| {
-        format!("SELECT count(*) FROM jobs WHERE id = {id} AND calls = 1 AND updated_at = {now}")
-    };
-    for (j, landed) in jobs.iter().zip([true, false, true, true, false, true]) {
-        assert_eq!(
-            db.count(&marked(j.id)).await,
-            i64::from(landed),
-            "job {}",
-            j.id
-        );
+    // the refused rows were not marked (no call counted, no attempt time set); the
+    // refresh counted no call
+    let expected = [(1, later), (0, 0), (1, now), (1, now), (0, 0), (2, later)];
+    for (j, (calls, at)) in jobs.iter().zip(expected) {
+        let sql = if calls == 0 {
+            format!(
+                "SELECT count(*) FROM jobs WHERE id = {} AND calls = 0",
+                j.id
+            )
+        } else {
+            format!(
+                "SELECT count(*) FROM jobs WHERE id = {} AND calls = {calls} AND updated_at = {at} \
+                 AND first_attempt_at = {now}",
+                j.id
+            )
+        };
+        assert_eq!(db.count(&sql).await, 1, "job {}: {sql}", j.id);
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use midas_worker::command::{Params, Reply};
 use midas_worker::engine::job::{Job, JobState};
-use midas_worker::engine::{HeldPlayer, Record, Update};
+use midas_worker::engine::{HeldPlayer, PreCallMark, Record, Update};
 use midas_worker::secret::Secret;
 
 pub type Player = (String, String);
@@ -307,9 +307,11 @@ impl Outbox {
         }
     }
 
-    /// The pre-call mark: `true` when it landed.
-    pub fn mark(&mut self, me: u32, id: i64, at: i64, gen: i64, now: i64) -> bool {
-        if self.fenced(me, id, gen) {
+    /// The pre-call mark (or its refresh, which counts no call): `true` when it
+    /// landed.
+    pub fn mark(&mut self, me: u32, m: &PreCallMark, now: i64) -> bool {
+        let (id, at) = (m.id, m.at);
+        if self.fenced(me, id, m.gen) {
             return false;
         }
         let Some(r) = self.rows.get(&id) else {
@@ -320,7 +322,9 @@ impl Outbox {
             return false;
         }
         if let Some(r) = self.rows.get_mut(&id) {
-            r.calls += 1;
+            if !m.refresh {
+                r.calls += 1;
+            }
             r.first_attempt_at.get_or_insert(at);
         }
         true

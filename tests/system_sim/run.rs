@@ -105,8 +105,9 @@ impl Sim {
                 } else {
                     0
                 };
-                for (id, at, gen) in marks {
-                    let landed = self.ob.mark(me, id, at, gen, self.now);
+                for m in marks {
+                    let (id, gen) = (m.id, m.gen);
+                    let landed = self.ob.mark(me, &m, self.now);
                     self.log(|| format!("w{w} mark {id} gen {gen} landed {landed}"));
                     let ev = if landed {
                         Event::Marked(id, Some(checked))
@@ -315,8 +316,8 @@ impl Sim {
             let lands = self.rng.random_bool(0.5) && !self.workers[w].cut;
             match t {
                 Task::Mark(marks) if lands => {
-                    for (id, at, gen) in marks {
-                        self.ob.mark(me, id, at, gen, self.now);
+                    for m in marks {
+                        self.ob.mark(me, &m, self.now);
                     }
                 }
                 Task::Record(r) if lands && self.ob.record(me, &r)?.is_some() => {
@@ -510,8 +511,9 @@ fn system_simulation() {
         }
     }
     println!(
-        "system simulation: {n} scenarios (2-3 workers), {} invariant violations ({:.1}s)",
+        "system simulation: {n} scenarios (2-3 workers), {} invariant violations, {} fence refreshes ({:.1}s)",
         failures.len(),
+        REFRESHES.load(std::sync::atomic::Ordering::Relaxed),
         started.elapsed().as_secs_f64()
     );
     if let Some((seed, e)) = failures.first() {

@@ -140,10 +140,19 @@ impl Coordinator {
             // expiry and holds the row until it commits; the delete then re-checks
             // that row's expiry and keeps it. Without this, the new job's pre-call
             // mark found no lease (one fenced mark in ~2,000 at steady traffic).
+            // A lease row locked right now (an intake taking or refreshing it in
+            // this worker's open writer transaction) is skipped, not waited for:
+            // waiting made a cycle with that transaction's next statements, which
+            // PostgreSQL broke after its 1 s deadlock timeout by failing one side
+            // (several times a run at full load); the row is kept, as it should be.
             c.execute(
-                "DELETE FROM player_leases l WHERE l.owner = $1 AND l.expires_at <= $2 \
-                 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.appid = l.appid \
-                 AND j.openid = l.openid AND j.state = 'pending')",
+                "DELETE FROM player_leases l USING ( \
+                   SELECT appid, openid FROM player_leases i WHERE i.owner = $1 AND i.expires_at <= $2 \
+                   AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.appid = i.appid \
+                   AND j.openid = i.openid AND j.state = 'pending') \
+                   FOR UPDATE SKIP LOCKED) idle \
+                 WHERE l.appid = idle.appid AND l.openid = idle.openid AND l.owner = $1 \
+                 AND l.expires_at <= $2",
                 &[&&*me, &renewed_until],
             )
             .await?;
@@ -151,15 +160,21 @@ impl Coordinator {
             // give-back that failed, a claim whose answer was lost): unclaimed, so
             // the lease holder loads them again. A job claimed an instant ago by
             // intake comes back too; the engine already holding it just joins it.
+            // A job row locked right now (this worker's writer is marking or
+            // finishing it) is skipped until the next renewal: waiting for it
+            // deadlocked with the writer's transaction (see the give-back above).
             let (apps, openids): (Vec<String>, Vec<String>) = held
                 .iter()
                 .map(|p| (p.appid.clone(), p.openid.clone()))
                 .unzip();
             super::trip();
             c.execute(
-                "UPDATE jobs j SET claimed_by = NULL WHERE j.claimed_by = $1 AND j.state = 'pending' \
-                 AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS h(appid, openid) \
-                   WHERE h.appid = j.appid AND h.openid = j.openid)",
+                "UPDATE jobs j SET claimed_by = NULL WHERE j.id IN ( \
+                   SELECT s.id FROM jobs s WHERE s.claimed_by = $1 AND s.state = 'pending' \
+                   AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS h(appid, openid) \
+                     WHERE h.appid = s.appid AND h.openid = s.openid) \
+                   FOR UPDATE SKIP LOCKED) \
+                 AND j.claimed_by = $1 AND j.state = 'pending'",
                 &[&&*me, &apps, &openids],
             )
             .await?;

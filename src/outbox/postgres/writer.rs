@@ -28,7 +28,7 @@ pub(super) use super::Stmts;
 pub use super::{job_from_row, Fence, JOB_COLS};
 use crate::outbox::health::{WriteHealth, WriteTrouble};
 
-use crate::engine::Record;
+use crate::engine::{PreCallMark, Record};
 use crate::metrics::METRICS;
 use crate::outbox::handle::Marked;
 use crate::outbox::pushes::{NewPush, PushStored, UnpublishedEvent};
@@ -52,7 +52,7 @@ enum Request {
     Intake(Intake, oneshot::Sender<Result<IntakeOutcome, OutboxError>>),
     Record(Box<Record>, oneshot::Sender<Result<Landed, OutboxError>>),
     Mark(
-        Vec<(i64, i64, i64)>,
+        Vec<PreCallMark>,
         oneshot::Sender<Result<Marked, OutboxError>>,
     ),
     Published(Vec<Confirmed>, i64),
@@ -112,7 +112,7 @@ impl PgWriter {
     }
 
     /// Pre-call marks; answers the ids whose lease fence failed (not marked).
-    pub async fn mark_calls(&self, marks: Vec<(i64, i64, i64)>) -> Result<Marked, OutboxError> {
+    pub async fn mark_calls(&self, marks: Vec<PreCallMark>) -> Result<Marked, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Mark(marks, tx))
@@ -398,7 +398,7 @@ async fn commit_without_savepoints(
                 Some((lost, checked_at)) => Ok(Done::Mark(Marked {
                     lost: marks
                         .iter()
-                        .map(|m| m.0)
+                        .map(|m| m.id)
                         .filter(|id| lost.remove(id))
                         .collect(),
                     checked_at: *checked_at,
@@ -445,7 +445,7 @@ async fn together_of(
     fence: &Fence,
     batch: &[Request],
 ) -> Result<Together, OutboxError> {
-    let marks: Vec<&[(i64, i64, i64)]> = batch
+    let marks: Vec<&[PreCallMark]> = batch
         .iter()
         .filter_map(|r| match r {
             Request::Mark(m, _) => Some(m.as_slice()),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio_postgres::Transaction;
 
 use super::writer::{Fence, Stmts};
-use crate::engine::{Record, Update};
+use crate::engine::{PreCallMark, Record, Update};
 use crate::outbox::handle::Marked;
 use crate::outbox::writer::{Confirmed, Landed, OutgoingReply};
 use crate::outbox::OutboxError;
@@ -302,7 +302,7 @@ pub(super) async fn mark(
     tx: &Transaction<'_>,
     stmts: &Stmts,
     fence: &Fence,
-    marks: &[(i64, i64, i64)],
+    marks: &[PreCallMark],
 ) -> Result<Marked, OutboxError> {
     let st = stmts
         .get(
@@ -310,7 +310,7 @@ pub(super) async fn mark(
             concat!(
                 // `id = ANY` keeps the primary-key lookups; each row finds its
                 // time by its place in the arrays
-                "UPDATE jobs j SET calls = calls + 1, \
+                "UPDATE jobs j SET calls = calls + ($6::bigint[])[array_position($1::bigint[], j.id)], \
                  first_attempt_at = COALESCE(first_attempt_at, ($2::bigint[])[array_position($1::bigint[], j.id)]), \
                  updated_at = ($2::bigint[])[array_position($1::bigint[], j.id)] \
                  WHERE j.id = ANY($1::bigint[]) AND j.state = 'pending' AND ",
@@ -324,13 +324,14 @@ pub(super) async fn mark(
         )
         .await?;
     let me: &str = &fence.me;
-    let ids: Vec<i64> = marks.iter().map(|m| m.0).collect();
-    let ats: Vec<i64> = marks.iter().map(|m| m.1).collect();
-    let gens: Vec<i64> = marks.iter().map(|m| m.2).collect();
+    let ids: Vec<i64> = marks.iter().map(|m| m.id).collect();
+    let ats: Vec<i64> = marks.iter().map(|m| m.at).collect();
+    let gens: Vec<i64> = marks.iter().map(|m| m.gen).collect();
+    let counts: Vec<i64> = marks.iter().map(PreCallMark::counts).collect();
     let checked_at = std::time::Instant::now();
     super::trip();
     let rows = tx
-        .query(&st, &[&ids, &ats, &me, &fence.call_ms, &gens])
+        .query(&st, &[&ids, &ats, &me, &fence.call_ms, &gens, &counts])
         .await?;
     let mut landed = std::collections::HashSet::with_capacity(rows.len());
     for r in rows {
@@ -361,10 +362,10 @@ pub(super) async fn together(
     tx: &Transaction<'_>,
     stmts: &Stmts,
     fence: &Fence,
-    marks: &[&[(i64, i64, i64)]],
+    marks: &[&[PreCallMark]],
     confirms: &[(&[Confirmed], i64)],
 ) -> Result<Together, OutboxError> {
-    let mark_ids: Vec<i64> = marks.iter().flat_map(|m| m.iter().map(|x| x.0)).collect();
+    let mark_ids: Vec<i64> = marks.iter().flat_map(|m| m.iter().map(|x| x.id)).collect();
     let all_marks = marks.len() > 1 && distinct_ids(&mark_ids);
     let confirm_ids: Vec<i64> = confirms
         .iter()
@@ -377,7 +378,7 @@ pub(super) async fn together(
             if !all_marks {
                 return Ok(None);
             }
-            let all: Vec<(i64, i64, i64)> = marks.iter().flat_map(|m| m.iter().copied()).collect();
+            let all: Vec<PreCallMark> = marks.iter().flat_map(|m| m.iter().copied()).collect();
             mark(tx, stmts, fence, &all).await.map(Some)
         },
         async {
