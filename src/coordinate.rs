@@ -1,8 +1,9 @@
 //! The shared outbox's coordination loop: the async shell around
 //! [`outbox::postgres::coord::Coordinator`](crate::outbox::postgres::coord).
 //!
-//! Every second it asks the dispatcher which players its engine holds and how
-//! much room it has, lets the coordinator renew, give back, take over and load
+//! Twice a second — and at once when another worker's commit says it recorded a
+//! job for a player this one may hold — it asks the dispatcher which players its
+//! engine holds and how much room it has, lets the coordinator renew, give back, take over and load
 //! (see that module), and hands the result to the dispatcher: jobs to run, players
 //! lost. Players the dispatcher gives back after a fenced write are released here,
 //! fenced by the generation the write was made under. A worker whose broker
@@ -29,6 +30,11 @@ const RELAY_AFTER_MS: i64 = 10_000;
 /// How often a worker looks for players and jobs to take.
 pub const LOOK_EVERY: Duration = Duration::from_millis(500);
 
+/// Woken by another worker's notification (a job recorded for a player held
+/// here), a worker looks at once, but not within this long of its last look: a
+/// burst of notifications costs one look.
+pub const WOKEN_GAP: Duration = Duration::from_millis(25);
+
 /// Run until `shutdown`; answers the coordinator so the caller can give the
 /// leases back once the steps under way are recorded.
 pub async fn run(
@@ -46,6 +52,7 @@ pub async fn run(
     let mut failing = 0u32;
     let mut back = Vec::new();
     let mut cursor = crate::outbox::query::RelayCursor::default();
+    let wake = coord.wake();
     loop {
         while let Ok(p) = give_back.try_recv() {
             back.push(p);
@@ -116,6 +123,9 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(LOOK_EVERY) => {}
+            _ = wake.notified() => {
+                tokio::time::sleep(WOKEN_GAP.saturating_sub(started.elapsed())).await;
+            }
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {

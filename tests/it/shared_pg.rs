@@ -741,3 +741,66 @@ async fn the_relay_lease_goes_to_a_worker_that_can_publish() {
     );
     assert!(!a.tick(&[], 0, false, false).await.expect("a").relay);
 }
+
+/// A job recorded by worker B for a player worker A holds wakes A's coordinator
+/// (B notifies at its commit), so A loads the job at once instead of at its next
+/// look, up to 500 ms later; A's look then loads it. Without the notification the
+/// second wait below runs out.
+#[tokio::test]
+async fn a_job_recorded_for_another_workers_player_wakes_that_worker_at_once() {
+    use midas_worker::command::Op;
+    use midas_worker::engine::HeldPlayer;
+    use midas_worker::outbox::postgres::coord::Coordinator;
+    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
+    use midas_worker::outbox::IntakeOutcome;
+    use std::time::Duration;
+    let db = TestDb::new("spwake").await;
+    midas_worker::outbox::postgres::open(&db.secret_url())
+        .await
+        .expect("schema");
+    let fence = |me: &str| Fence {
+        me: me.into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    };
+    let (wa, _ta) = PgWriter::start(db.secret_url(), fence("a"))
+        .await
+        .expect("writer a");
+    let (wb, _tb) = PgWriter::start(db.secret_url(), fence("b"))
+        .await
+        .expect("writer b");
+    let mut coord = Coordinator::new(db.secret_url(), fence("a"));
+    coord.tick(&[], 0, false, true).await.expect("first look");
+    let wake = coord.wake();
+    // connecting wakes once (notifications sent while away are lost)
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("the connection's own wake-up");
+    let command = |bill: &str| {
+        let mut i = crate::outbox_schema::intake("wx1234567", Op::Pay, bill, None, bill);
+        i.command.params.openid = "wake-player".into();
+        i
+    };
+    let first = match wa.intake(command("B-WAKE-1")).await {
+        Ok(IntakeOutcome::New(j)) => j,
+        other => panic!("a takes the player: {other:?}"),
+    };
+    let second = match wb.intake(command("B-WAKE-2")).await {
+        Ok(IntakeOutcome::Elsewhere { job_id }) => job_id,
+        other => panic!("b records it for a: {other:?}"),
+    };
+    tokio::time::timeout(Duration::from_secs(10), wake.notified())
+        .await
+        .expect("b's commit wakes a");
+    let held = [HeldPlayer {
+        appid: first.params.appid.clone(),
+        openid: first.params.openid.clone(),
+        gen: first.lease_gen,
+    }];
+    let t = coord.tick(&held, 10, false, true).await.expect("look");
+    assert!(
+        t.jobs.iter().any(|j| j.id == second),
+        "a loads b's job: {:?}",
+        t.jobs.iter().map(|j| j.id).collect::<Vec<_>>()
+    );
+}

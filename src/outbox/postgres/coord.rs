@@ -34,11 +34,15 @@ pub struct Tick {
 }
 
 /// The coordination connection of one worker (separate from the writer's, so
-/// lease work never waits behind a group commit).
+/// lease work never waits behind a group commit). It listens on
+/// [`super::JOBS_CHANNEL`]: a worker that recorded a job for a player this one
+/// holds says so at its commit, and [`Coordinator::wake`] fires, so the job is
+/// loaded at once instead of at the next look.
 pub struct Coordinator {
     url: SecretUrl,
     client: Option<Client>,
     fence: Fence,
+    wake: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Coordinator {
@@ -47,12 +51,21 @@ impl Coordinator {
             url,
             client: None,
             fence,
+            wake: std::sync::Arc::default(),
         }
+    }
+
+    /// Fires when another worker recorded a job that may be for a player this
+    /// worker holds (a notification on its connection).
+    pub fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 
     async fn client(&mut self) -> Result<&mut Client, OutboxError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(super::reconnect(&self.url).await?);
+            self.client = Some(super::reconnect_listening(&self.url, self.wake.clone()).await?);
+            // notifications sent while it was away are lost: look once anyway
+            self.wake.notify_one();
         }
         self.client
             .as_mut()
@@ -408,6 +421,7 @@ pub async fn gauges_at(url: &SecretUrl) -> Result<Gauges, OutboxError> {
     let mut c = Coordinator {
         url: url.clone(),
         client: Some(client),
+        wake: std::sync::Arc::default(),
         fence: Fence {
             me: std::sync::Arc::from(""),
             lease_ms: 0,

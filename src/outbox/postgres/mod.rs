@@ -99,22 +99,75 @@ pub fn is_postgres_url(url: &str) -> bool {
 /// time, loopback included. The password never appears in errors: tokio-postgres
 /// does not echo the URL.
 pub async fn connect(url: &SecretUrl) -> Result<Client, OutboxError> {
-    connect_with(url, true).await.map(|(client, _)| client)
+    connect_with(url, true, None)
+        .await
+        .map(|(client, _)| client)
 }
 
 /// [`connect`] again after a connection was lost: a plain-text connection is not
 /// warned about again (the writer and the coordinator reconnect in a loop while
 /// PostgreSQL restarts; the warning came with the first connection).
 pub async fn reconnect(url: &SecretUrl) -> Result<Client, OutboxError> {
-    connect_with(url, false).await.map(|(client, _)| client)
+    connect_with(url, false, None)
+        .await
+        .map(|(client, _)| client)
+}
+
+/// The channel on which a writer that recorded a job for another worker's player
+/// tells the lease holders to look now (see [`Coordinator`](coord::Coordinator)).
+pub const JOBS_CHANNEL: &str = "midas_worker_jobs";
+
+/// [`reconnect`], and listen on [`JOBS_CHANNEL`]: each notification wakes `wake`.
+pub async fn reconnect_listening(
+    url: &SecretUrl,
+    wake: Arc<tokio::sync::Notify>,
+) -> Result<Client, OutboxError> {
+    let (client, _) = connect_with(url, false, Some(wake)).await?;
+    trip();
+    client
+        .batch_execute(&format!("LISTEN {JOBS_CHANNEL}"))
+        .await?;
+    Ok(client)
 }
 
 /// [`connect`], also saying whether the connection is encrypted.
 pub async fn connect_reporting(url: &SecretUrl) -> Result<(Client, bool), OutboxError> {
-    connect_with(url, true).await
+    connect_with(url, true, None).await
 }
 
-async fn connect_with(url: &SecretUrl, warn: bool) -> Result<(Client, bool), OutboxError> {
+/// Drive a connection on its own task; a notification (LISTEN) wakes `wake`.
+fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, wake: Option<Arc<tokio::sync::Notify>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use std::task::Poll;
+    tokio::spawn(async move {
+        let ended = std::future::poll_fn(|cx| loop {
+            match conn.poll_message(cx) {
+                Poll::Ready(Some(Ok(tokio_postgres::AsyncMessage::Notification(_)))) => {
+                    if let Some(w) = &wake {
+                        w.notify_one();
+                    }
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        })
+        .await;
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+}
+
+async fn connect_with(
+    url: &SecretUrl,
+    warn: bool,
+    wake: Option<Arc<tokio::sync::Notify>>,
+) -> Result<(Client, bool), OutboxError> {
     use tokio_postgres::config::SslMode;
     let (rest, params) = tls::split(url.expose())?;
     let mut cfg = tokio_postgres::Config::from_str(&rest)?;
@@ -141,24 +194,20 @@ async fn connect_with(url: &SecretUrl, warn: bool) -> Result<(Client, bool), Out
     if params.mode == tls::SslMode::Disable {
         cfg.ssl_mode(SslMode::Disable);
         plain_text_warning("sslmode=disable", warn);
-        return Ok((plain(&cfg).await?, false));
+        return Ok((plain(&cfg, wake).await?, false));
     }
     cfg.ssl_mode(SslMode::Require);
     let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls::client_config(&params)?);
     match cfg.connect(tls).await {
         Ok((client, conn)) => {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "PostgreSQL connection ended");
-                }
-            });
+            drive(conn, wake);
             Ok((client, true))
         }
         // libpq's prefer: when TLS fails (no TLS on the server), try plain text
         Err(e) if params.mode == tls::SslMode::Prefer && e.as_db_error().is_none() => {
             tracing::debug!(error = %describe(&e), "PostgreSQL TLS failed; sslmode=prefer tries plain text");
             cfg.ssl_mode(SslMode::Disable);
-            let client = plain(&cfg).await?;
+            let client = plain(&cfg, wake).await?;
             plain_text_warning("sslmode=prefer and the server offers no TLS", warn);
             Ok((client, false))
         }
@@ -166,13 +215,12 @@ async fn connect_with(url: &SecretUrl, warn: bool) -> Result<(Client, bool), Out
     }
 }
 
-async fn plain(cfg: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+async fn plain(
+    cfg: &tokio_postgres::Config,
+    wake: Option<Arc<tokio::sync::Notify>>,
+) -> Result<Client, tokio_postgres::Error> {
     let (client, conn) = cfg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "PostgreSQL connection ended");
-        }
-    });
+    drive(conn, wake);
     Ok(client)
 }
 

@@ -433,9 +433,26 @@ async fn commit_without_savepoints(
             }
         }
     }
+    if done
+        .iter()
+        .any(|d| matches!(d, Done::Intake(IntakeOutcome::Elsewhere { .. })))
+    {
+        notify_holders(&tx).await.ok()?;
+    }
     super::trip();
     tx.commit().await.ok()?;
     Some(done)
+}
+
+/// Jobs were recorded for players another worker holds: wake the lease holders
+/// (delivered at this transaction's commit; see
+/// [`Coordinator`](super::coord::Coordinator)) so they load them at once rather
+/// than at their next look.
+async fn notify_holders(tx: &tokio_postgres::Transaction<'_>) -> Result<(), OutboxError> {
+    super::trip();
+    tx.batch_execute(&format!("NOTIFY {}", super::JOBS_CHANNEL))
+        .await
+        .map_err(OutboxError::from)
 }
 
 /// The batch's marks and confirms for [`together`].
@@ -571,6 +588,14 @@ async fn commit_batch(
             }
             Request::Unpublished(_, _, s) => drop(s.send(Ok(Vec::new()))),
         }
+    }
+    if answers
+        .iter()
+        .any(|a| matches!(a, Pending::Intake(_, Ok(IntakeOutcome::Elsewhere { .. }))))
+    {
+        // only a wake-up (the holders look twice a second anyway): a failure
+        // rolls back to the savepoint and the batch commits without it
+        let _ = in_savepoint!(tx, notify_holders(&tx));
     }
     super::trip();
     match tx.commit().await {
