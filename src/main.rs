@@ -189,7 +189,7 @@ fn main() -> ExitCode {
             // says otherwise (tokio reads it when no count is set): the outbox
             // writer and the broker client's I/O have threads of their own, and the
             // rest of a job's path is hand-offs between tasks, which cost less on
-            // one thread than across two (docs/bench.md, "One runtime thread").
+            // one thread than across two (docs/bench-history.md, "One runtime thread").
             // The other verbs keep one thread per core (`bench` runs its load
             // generator and an in-process worker on it).
             if matches!(verb, Verb::Run(_)) && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {

@@ -110,7 +110,7 @@ fn pragmas(conn: &Connection) -> Result<(), rusqlite::Error> {
     // free space.
     conn.pragma_update(None, "secure_delete", "ON")?;
     // Savepoint journals only serve rollback inside an open transaction: keeping them
-    // in memory costs no durability and saves a temp file per request (docs/bench.md).
+    // in memory costs no durability and saves a temp file per request (docs/bench-history.md).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(())
 }
