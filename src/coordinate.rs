@@ -3,9 +3,9 @@
 //!
 //! Twice a second — and at once when another worker's commit says it recorded a
 //! job for a player this one may hold — it asks the dispatcher which players its
-//! engine holds and how much room it has, lets the coordinator renew, give back, take over and load
-//! (see that module), and hands the result to the dispatcher: jobs to run, players
-//! lost. Players the dispatcher gives back after a fenced write are released here,
+//! engine holds and how much room it has, lets the coordinator renew, give back,
+//! take over and load (see that module), and hands the result to the dispatcher:
+//! jobs to run, players lost. Players the dispatcher gives back after a fenced write are released here,
 //! fenced by the generation the write was made under. A worker whose broker
 //! connection is down gives the relay lease up; the relay reads on from a cursor.
 //! Whichever worker holds the `relay` lease re-publishes unconfirmed replies, so
