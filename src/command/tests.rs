@@ -2,6 +2,7 @@
 //! reply's serialized form.
 
 use super::*;
+use crate::config::Settings;
 use std::collections::BTreeMap;
 
 pub(crate) fn settings() -> Settings {

@@ -1,4 +1,4 @@
-//! The JSON Schemas in `schema/` and the decoder in `src/command.rs` must agree.
+//! The JSON Schemas in `schema/` and the decoder in `src/command/decode.rs` must agree.
 //!
 //! `deploy/check.sh` validates the same example files against
 //! `schema/command.schema.json` (valid ones must pass, invalid ones must fail); this
