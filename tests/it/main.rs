@@ -12,7 +12,9 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod audit_actions;
 mod audit_cli;
+mod audit_reads;
 mod config_cli;
 mod console;
 mod console_limit;

@@ -4,6 +4,7 @@
 //! fields. Kept apart from the 1.0 client so that an app is dispatched to one or the
 //! other by its configured API; both produce the same [`Answer`](super::Answer).
 
+mod answer;
 pub mod client;
 pub mod sign;
 

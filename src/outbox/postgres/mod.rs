@@ -9,12 +9,13 @@
 //! workers' clocks never have to agree.
 //!
 //! [`writer`] group-commits intake, pre-call marks and outcomes (one transaction
-//! per batch, as the SQLite writer does); [`coord`] claims, renews and releases
+//! per batch, as the SQLite writer does; a batch's statements in `commit.rs`); [`coord`] claims, renews and releases
 //! leases and loads the jobs of claimed players; [`ops`] serves the operator verbs.
 //! Here too: who a worker is ([`Fence`]), a pending job from its row, and the
 //! writer's prepared-statement cache.
 
 mod batch;
+mod commit;
 pub mod confirms;
 pub mod coord;
 mod intake;
