@@ -53,13 +53,7 @@ impl Engine {
             return false;
         }
         e.phase = Phase::Marking;
-        e.fence_at = None;
-        out.push(Action::Mark {
-            id,
-            at: now,
-            gen: e.job.lease_gen,
-            refresh: true,
-        });
+        out.push(e.mark(id, now, true));
         true
     }
 

@@ -1,7 +1,7 @@
 //! Unit tests of the engine's lease generations (fencing tokens) and the checks
 //! made when a call is about to start, driven event by event without a runtime.
 
-use super::tests::{ans, cfg, job};
+use super::tests::{ans, calls, cfg, job};
 use super::*;
 
 const MARGIN: i64 = 2_000;
@@ -43,12 +43,22 @@ fn gave_back(out: &[Action]) -> Vec<i64> {
         .collect()
 }
 
-fn mark_gens(out: &[Action]) -> Vec<(i64, i64)> {
+/// The marks among `out`: (job id, generation, refresh).
+fn mark_list(out: &[Action]) -> Vec<(i64, i64, bool)> {
     out.iter()
         .filter_map(|a| match a {
-            Action::Mark { id, gen, .. } => Some((*id, *gen)),
+            Action::Mark {
+                id, gen, refresh, ..
+            } => Some((*id, *gen, *refresh)),
             _ => None,
         })
+        .collect()
+}
+
+fn mark_gens(out: &[Action]) -> Vec<(i64, i64)> {
+    mark_list(out)
+        .into_iter()
+        .map(|(id, g, _)| (id, g))
         .collect()
 }
 
@@ -326,21 +336,11 @@ fn a_lease_lost_at_an_older_generation_keeps_the_jobs_of_a_newer_take() {
     assert!(e.holds(1) && !e.holds(2));
 }
 
+/// The marks among `out`: (job id, refresh).
 fn marks_made(out: &[Action]) -> Vec<(i64, bool)> {
-    out.iter()
-        .filter_map(|a| match a {
-            Action::Mark { id, refresh, .. } => Some((*id, *refresh)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn calls_of(out: &[Action]) -> Vec<i64> {
-    out.iter()
-        .filter_map(|a| match a {
-            Action::Call { id, .. } => Some(*id),
-            _ => None,
-        })
+    mark_list(out)
+        .into_iter()
+        .map(|(id, _, r)| (id, r))
         .collect()
 }
 
@@ -370,7 +370,7 @@ fn a_mark_that_waited_past_the_fence_margin_for_a_slot_is_refreshed_before_its_c
         out.clear();
         e.handle(Event::Marked(1, Some(0)), 0, &mut out);
         e.handle(Event::Marked(2, Some(0)), 0, &mut out);
-        assert_eq!(calls_of(&out), vec![1], "job 2 waits for the slot");
+        assert_eq!(calls(&out), vec![1], "job 2 waits for the slot");
         out.clear();
         e.handle(
             Event::Answered(1, ans(OutcomeClass::Success, 0)),
@@ -378,17 +378,14 @@ fn a_mark_that_waited_past_the_fence_margin_for_a_slot_is_refreshed_before_its_c
             &mut out,
         );
         if !refreshed {
-            assert_eq!(calls_of(&out), vec![2], "the fence still covers it");
+            assert_eq!(calls(&out), vec![2], "the fence still covers it");
             assert!(marks_made(&out).is_empty());
         } else {
-            assert!(
-                calls_of(&out).is_empty(),
-                "no call on a stale fence: {out:?}"
-            );
+            assert!(calls(&out).is_empty(), "no call on a stale fence: {out:?}");
             assert_eq!(marks_made(&out), vec![(2, true)]);
             out.clear();
             e.handle(Event::Marked(2, Some(freed_at)), freed_at, &mut out);
-            assert_eq!(calls_of(&out), vec![2]);
+            assert_eq!(calls(&out), vec![2]);
         }
         out.clear();
         e.handle(

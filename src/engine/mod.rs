@@ -111,6 +111,18 @@ struct Entry {
 }
 
 impl Entry {
+    /// The pre-call mark of this entry's job `id` (a refresh counts no call); its
+    /// fence is unchecked until the mark lands.
+    fn mark(&mut self, id: i64, now: i64, refresh: bool) -> Action {
+        self.fence_at = None;
+        Action::Mark {
+            id,
+            at: now,
+            gen: self.job.lease_gen,
+            refresh,
+        }
+    }
+
     fn waiting(job: Job, order: Order, target: Option<(String, String)>) -> Entry {
         Entry {
             job,
@@ -471,13 +483,7 @@ impl Engine {
         e.phase = Phase::Marking;
         e.job.calls += 1;
         e.job.first_attempt_at.get_or_insert(now);
-        e.fence_at = None;
-        out.push(Action::Mark {
-            id,
-            at: now,
-            gen: e.job.lease_gen,
-            refresh: false,
-        });
+        out.push(e.mark(id, now, false));
     }
 
     /// A picked job (marked, or a balance) calls now if a call slot is free, or

@@ -173,7 +173,7 @@ fn marks(out: &[Action]) -> Vec<i64> {
         .collect()
 }
 
-fn calls(out: &[Action]) -> Vec<i64> {
+pub(super) fn calls(out: &[Action]) -> Vec<i64> {
     out.iter()
         .filter_map(|a| match a {
             Action::Call { id, .. } => Some(*id),

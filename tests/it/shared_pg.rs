@@ -409,14 +409,10 @@ async fn an_operator_retry_on_the_shared_outbox_is_picked_up_by_a_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_request_does_not_fail_its_postgres_batch() {
     use midas_worker::engine::{AttemptRow, Record, Update};
-    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
+    use midas_worker::outbox::postgres::writer::PgWriter;
     use midas_worker::outbox::IntakeOutcome;
     let db = TestDb::new("spfail").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
+    let fence = fence("test-worker");
     let (w, task) = PgWriter::start(db.secret_url(), fence)
         .await
         .expect("writer");
@@ -476,15 +472,11 @@ async fn a_failing_request_does_not_fail_its_postgres_batch() {
 async fn a_late_confirm_after_a_reopen_leaves_the_new_reply_owed_on_postgres() {
     use midas_worker::engine::{AttemptRow, Record, Update};
     use midas_worker::midas::{Answer, Api, OutcomeClass};
-    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
+    use midas_worker::outbox::postgres::writer::PgWriter;
     use midas_worker::outbox::writer::Confirmed;
     use midas_worker::outbox::IntakeOutcome;
     let db = TestDb::new("splate").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
+    let fence = fence("test-worker");
     let (w, task) = PgWriter::start(db.secret_url(), fence)
         .await
         .expect("writer");
@@ -716,16 +708,10 @@ fn pg_authority(url: &str) -> (String, std::net::SocketAddr) {
 #[tokio::test]
 async fn the_relay_lease_goes_to_a_worker_that_can_publish() {
     use midas_worker::outbox::postgres::coord::Coordinator;
-    use midas_worker::outbox::postgres::writer::Fence;
     let db = TestDb::new("sprelay").await;
     midas_worker::outbox::postgres::open(&db.secret_url())
         .await
         .expect("schema");
-    let fence = |me: &str| Fence {
-        me: me.into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
     let mut a = Coordinator::new(db.secret_url(), fence("a"));
     let mut b = Coordinator::new(db.secret_url(), fence("b"));
     assert!(a.tick(&[], 0, false, true).await.expect("a").relay);
@@ -751,18 +737,13 @@ async fn a_job_recorded_for_another_workers_player_wakes_that_worker_at_once() {
     use midas_worker::command::Op;
     use midas_worker::engine::HeldPlayer;
     use midas_worker::outbox::postgres::coord::Coordinator;
-    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
+    use midas_worker::outbox::postgres::writer::PgWriter;
     use midas_worker::outbox::IntakeOutcome;
     use std::time::Duration;
     let db = TestDb::new("spwake").await;
     midas_worker::outbox::postgres::open(&db.secret_url())
         .await
         .expect("schema");
-    let fence = |me: &str| Fence {
-        me: me.into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
     let (wa, _ta) = PgWriter::start(db.secret_url(), fence("a"))
         .await
         .expect("writer a");
@@ -803,4 +784,13 @@ async fn a_job_recorded_for_another_workers_player_wakes_that_worker_at_once() {
         "a loads b's job: {:?}",
         t.jobs.iter().map(|j| j.id).collect::<Vec<_>>()
     );
+}
+
+/// The lease fence of a test worker named `me` (a 30 s lease, 3 s per call).
+fn fence(me: &str) -> midas_worker::outbox::postgres::writer::Fence {
+    midas_worker::outbox::postgres::writer::Fence {
+        me: me.into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    }
 }
