@@ -145,7 +145,7 @@ impl TestEnv {
     }
 
     /// The worker binary as a child process, Midas at `midas_url`.
-    pub fn spawn_child(&self, midas_url: &str) -> std::process::Child {
+    pub fn spawn_child(&self, midas_url: &str) -> ChildWorker {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_midas-worker"));
         cmd.arg("run")
             .arg("--config")
@@ -155,7 +155,7 @@ impl TestEnv {
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
-        cmd.spawn().expect("spawn worker")
+        ChildWorker(cmd.spawn().expect("spawn worker"))
     }
 
     pub async fn cleanup(&self, client: &GameClient) {
@@ -538,11 +538,7 @@ pub fn cancel_pay(bill: &str, openid: &str) -> String {
 impl TestEnv {
     /// Like [`TestEnv::spawn_child`], with the child's log (RUST_LOG=warn) written to
     /// `log` instead of the test's stderr.
-    pub fn spawn_child_logged(
-        &self,
-        midas_url: &str,
-        log: &std::path::Path,
-    ) -> std::process::Child {
+    pub fn spawn_child_logged(&self, midas_url: &str, log: &std::path::Path) -> ChildWorker {
         self.spawn_child_logged_at(midas_url, log, "warn")
     }
 
@@ -552,7 +548,7 @@ impl TestEnv {
         midas_url: &str,
         log: &std::path::Path,
         rust_log: &str,
-    ) -> std::process::Child {
+    ) -> ChildWorker {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -568,7 +564,35 @@ impl TestEnv {
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
             .stderr(file);
-        cmd.spawn().expect("spawn worker")
+        ChildWorker(cmd.spawn().expect("spawn worker"))
+    }
+}
+
+/// A worker binary run as a child process, killed (and reaped) if it is still
+/// running when dropped: a test that fails before it stops its workers leaves
+/// none behind (a leftover worker keeps consuming its queue and holds the test
+/// runner's stderr open). Derefs to the [`std::process::Child`].
+pub struct ChildWorker(pub std::process::Child);
+
+impl std::ops::Deref for ChildWorker {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildWorker {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildWorker {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 

@@ -388,7 +388,7 @@ async fn three_workers_ride_out_a_postgresql_restart_and_a_stop_losing_nothing()
     env.set("OUTBOX__LEASE", "7s");
     let sim = env.simulator(Faults::default()).await;
     let logs = tempfile::tempdir().expect("tempdir");
-    let mut workers: Vec<(Child, u16, PathBuf)> = (0..3)
+    let mut workers: Vec<(crate::common::ChildWorker, u16, PathBuf)> = (0..3)
         .map(|i| {
             let port = free_port();
             let mut e = TestEnv {

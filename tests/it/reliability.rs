@@ -667,7 +667,7 @@ async fn kill5(shared: Option<&crate::common::pg::TestDb>) {
     let mut got = Vec::new();
     // with a shared outbox, two more workers run all along (one killed each round,
     // restarted, except the first, which never comes back)
-    let mut others: Vec<Option<std::process::Child>> = if shared.is_some() {
+    let mut others: Vec<Option<crate::common::ChildWorker>> = if shared.is_some() {
         (0..2)
             .map(|_| Some(env.spawn_child_logged(&sim.base_url(), &log)))
             .collect()

@@ -171,7 +171,7 @@ async fn three_workers_under_sigkill_and_one_gone_for_good_lose_nothing() {
             ..Faults::default()
         })
         .await;
-    let mut children: Vec<Option<std::process::Child>> = (0..3)
+    let mut children: Vec<Option<crate::common::ChildWorker>> = (0..3)
         .map(|_| Some(env.spawn_child(&sim.base_url())))
         .collect();
     let mut c = env.client().await;
