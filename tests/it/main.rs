@@ -16,6 +16,7 @@ mod audit_actions;
 mod audit_cli;
 mod audit_reads;
 mod config_cli;
+mod confirm_race;
 mod console;
 mod console_limit;
 mod contract;

@@ -34,18 +34,28 @@ pub(super) async fn published_many(
     stmts: &Stmts,
     requests: &[(&[Confirmed], i64)],
 ) -> Result<(), OutboxError> {
-    // only while the published bytes are still the job's reply (see [`Confirmed`])
+    // Only while the published bytes are still the job's reply (see [`Confirmed`]),
+    // judged on the job's row under a share lock: a re-open of the job in another
+    // transaction (a re-sent command with a new session_key, on another worker or
+    // another writer connection) clears the reply and owes every target the next
+    // one. Without the lock the confirm, waiting on the re-opened target row, would
+    // re-check it against the job row of its own snapshot — the old reply — and
+    // mark that target published for good (bug R, tests/it/confirm_race.rs). The
+    // lock waits for the re-open and reads the row it left. Locked in id order.
     let st = stmts
         .get(
             tx,
             // `id = ANY` keeps the primary-key lookups whatever the planner thinks
             // of the arrays; each row finds its own values by its place in them
-            "UPDATE reply_targets t \
+            "WITH locked AS (SELECT j.id, j.result FROM jobs j \
+             WHERE j.id IN (SELECT job_id FROM reply_targets WHERE id = ANY($2::bigint[])) \
+             ORDER BY j.id FOR SHARE OF j) \
+             UPDATE reply_targets t \
              SET published_at = ($1::bigint[])[array_position($2::bigint[], t.id)], \
              returned = ($3::bigint[])[array_position($2::bigint[], t.id)] \
-             WHERE t.id = ANY($2::bigint[]) AND t.published_at IS NULL \
-             AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = t.job_id \
-             AND j.result = ($4::text[])[array_position($2::bigint[], t.id)])",
+             FROM locked WHERE t.id = ANY($2::bigint[]) AND t.published_at IS NULL \
+             AND locked.id = t.job_id \
+             AND locked.result = ($4::text[])[array_position($2::bigint[], t.id)]",
         )
         .await?;
     let (mut ats, mut ids, mut returned, mut payloads) =
