@@ -341,3 +341,56 @@ async fn a_batch_of_mixed_intakes_and_outcomes_answers_each_row_as_alone() {
         3
     );
 }
+
+/// A writer batch is sorted by player (leases are locked in one order), yet a
+/// player's commands still get their job ids — the order its jobs run in — in the
+/// order they came, whichever players' commands come between them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_players_jobs_keep_their_arrival_order_through_a_sorted_batch() {
+    let db = TestDb::new("pgorder").await;
+    let fence = Fence {
+        me: "test-worker".into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    };
+    let (w, task) = PgWriter::start(db.secret_url(), fence)
+        .await
+        .expect("writer");
+    // 7 players × 40 commands, interleaved, sent before any is answered
+    let sends = (0..40).flat_map(|n| {
+        (0..7).map(move |p| {
+            let bill = format!("B-ORDER-{p}-{n:02}");
+            let mut i = crate::outbox_schema::intake("wx1234567", Op::Pay, &bill, None, &bill);
+            i.command.params.openid = format!("order-player-{p}");
+            i
+        })
+    });
+    let answers = futures_util::future::join_all(sends.map(|i| w.intake(i))).await;
+    for a in answers {
+        assert!(
+            matches!(
+                a,
+                Ok(IntakeOutcome::New(_)) | Ok(IntakeOutcome::Elsewhere { .. })
+            ),
+            "{a:?}"
+        );
+    }
+    w.flush().await.expect("flush");
+    drop(w);
+    task.await.expect("writer task");
+    let c = db.client().await;
+    for p in 0..7 {
+        let rows = c
+            .query(
+                "SELECT bill_no FROM jobs WHERE openid = $1 ORDER BY id",
+                &[&format!("order-player-{p}")],
+            )
+            .await
+            .expect("jobs");
+        let bills: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let mut sorted = bills.clone();
+        sorted.sort();
+        assert_eq!(bills.len(), 40);
+        assert_eq!(bills, sorted, "player {p}'s jobs in arrival order");
+    }
+}

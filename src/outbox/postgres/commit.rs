@@ -258,7 +258,8 @@ pub(super) async fn commit_batch(
     batch: &mut Vec<Request>,
 ) -> Result<(), OutboxError> {
     // Workers lock player leases in one order (appid, openid), so two intake
-    // batches rarely wait on each other in a cycle.
+    // batches rarely wait on each other in a cycle. A stable sort: a player's
+    // commands keep their arrival order, and so their job ids.
     batch.sort_by(|a, b| player_key(a).cmp(&player_key(b)));
     if let Some(done) = commit_without_savepoints(c, stmts, fence, batch).await {
         for (req, d) in batch.drain(..).zip(done) {
