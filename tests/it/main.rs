@@ -36,6 +36,7 @@ mod outbox_schema;
 mod outbox_unwritable;
 mod pg_batch;
 mod pg_ops;
+mod pg_plans;
 mod pg_tls;
 mod pipeline;
 mod promises;

@@ -110,7 +110,7 @@ fn answer(code: i64, class: midas_worker::midas::OutcomeClass) -> midas_worker::
     }
 }
 
-fn outcome(
+pub(crate) fn outcome(
     job: &Job,
     gen: i64,
     update: midas_worker::engine::Update,

@@ -263,6 +263,9 @@ async fn take_and_claim<'a>(
 
 /// The lease condition of an outcome row (see `writes.rs`): the player's lease is
 /// still this worker's (`$owner`) at the row's generation (`u.gen`).
+/// See [`super::still_pending`].
+const PENDING: &str = super::still_pending!("j.");
+
 const HELD: &str = "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid \
      AND l.openid = j.openid AND l.owner = $";
 
@@ -403,7 +406,7 @@ async fn retries(
              FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], \
                $6::text[], $7::bigint[], $8::bigint[], $9::bigint[]) \
                AS u(id, attempts, first_attempt_at, next_attempt_at, errcode, error, now, uncertain, gen) \
-             WHERE j.id = u.id AND j.id = ANY($1::bigint[]) AND j.state = 'pending' \
+             WHERE j.id = u.id AND j.id = ANY($1::bigint[]) AND {PENDING} \
              AND {HELD}10 AND l.generation = u.gen) RETURNING j.id"
         )
     });
@@ -465,7 +468,7 @@ async fn finals(
                FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
                  $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[]) \
                  AS u(id, state, attempts, first_attempt_at, errcode, error, result, now, uncertain, gen) \
-               WHERE j.id = u.id AND j.id = ANY($1::bigint[]) AND j.state = 'pending' \
+               WHERE j.id = u.id AND j.id = ANY($1::bigint[]) AND {PENDING} \
                AND {HELD}11 AND l.generation = u.gen) RETURNING j.id) \
              SELECT upd.id, t.id, t.reply_to, t.correlation_id FROM upd \
              LEFT JOIN reply_targets t ON t.job_id = upd.id AND t.published_at IS NULL \

@@ -118,6 +118,22 @@ pub async fn reconnect(url: &SecretUrl) -> Result<Client, OutboxError> {
 /// tells the lease holders to look now (see [`Coordinator`](coord::Coordinator)).
 pub const JOBS_CHANNEL: &str = "midas_worker_jobs";
 
+/// How a write that finds its jobs by id tests that a job is still pending
+/// (`$alias` is the table's alias with its dot, or ""): the rows of
+/// `state = 'pending'` (the table's CHECK allows four states), spelled so that it
+/// does not imply the predicate of the partial indexes on pending jobs. With
+/// `state = 'pending'` the planner may take `jobs_pending_player (appid, openid, id)`
+/// for `id = ANY($1)` — an index it believes small while statistics say few jobs
+/// are pending (a fresh outbox, or any outbox before an outage) — and scan it whole
+/// once per id: 200–350 ms per batch statement with a backlog pending (bug S in
+/// RELIABILITY.md). Spelled this way, only the primary key serves the lookup.
+macro_rules! still_pending {
+    ($alias:literal) => {
+        concat!($alias, "state NOT IN ('succeeded', 'failed', 'unknown')")
+    };
+}
+pub(super) use still_pending;
+
 /// [`reconnect`], and listen on [`JOBS_CHANNEL`]: each notification wakes `wake`.
 pub async fn reconnect_listening(
     url: &SecretUrl,

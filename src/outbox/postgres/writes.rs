@@ -137,7 +137,9 @@ pub(super) async fn record(
                     concat!(
                         "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
                          next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $7, \
-                         uncertain = GREATEST(uncertain, $8) WHERE j.id = $1 AND j.state = 'pending' AND ",
+                         uncertain = GREATEST(uncertain, $8) WHERE j.id = $1 AND ",
+                        super::still_pending!("j."),
+                        " AND ",
                         held_by!("$9", "$10", "")
                     ),
                 )
@@ -172,7 +174,9 @@ pub(super) async fn record(
                         "UPDATE jobs j SET state = $2, attempts = $3, first_attempt_at = COALESCE(first_attempt_at, $4), \
                          last_errcode = COALESCE($5, last_errcode), last_error = COALESCE($6, last_error), result = $7, \
                          session_key = NULL, finished_at = $8, updated_at = $8, uncertain = GREATEST(uncertain, $9) \
-                         WHERE j.id = $1 AND j.state = 'pending' AND ",
+                         WHERE j.id = $1 AND ",
+                        super::still_pending!("j."),
+                        " AND ",
                         held_by!("$10", "$11", "")
                     ),
                 )
@@ -245,7 +249,11 @@ async fn guarded_final(
     let st = stmts
         .get(
             tx,
-            "SELECT session_key FROM jobs WHERE id = $1 AND state = 'pending' FOR UPDATE",
+            concat!(
+                "SELECT session_key FROM jobs WHERE id = $1 AND ",
+                super::still_pending!(""),
+                " FOR UPDATE"
+            ),
         )
         .await?;
     super::trip();
@@ -267,7 +275,9 @@ async fn guarded_final(
             concat!(
                 "UPDATE jobs j SET attempts = $2, first_attempt_at = COALESCE(first_attempt_at, $3), \
                  next_attempt_at = $4, last_errcode = $5, last_error = $6, updated_at = $4, reopened_at = $4, \
-                 uncertain = GREATEST(uncertain, $7) WHERE j.id = $1 AND j.state = 'pending' AND ",
+                 uncertain = GREATEST(uncertain, $7) WHERE j.id = $1 AND ",
+                 super::still_pending!("j."),
+                 " AND ",
                 held_by!("$8", "$9", "")
             ),
         )
@@ -318,12 +328,14 @@ pub(super) async fn mark(
         .get(
             tx,
             concat!(
-                // `id = ANY` keeps the primary-key lookups; each row finds its
-                // time by its place in the arrays
+                // `id = ANY` and `still_pending!` keep the primary-key lookups;
+                // each row finds its time by its place in the arrays
                 "UPDATE jobs j SET calls = calls + ($6::bigint[])[array_position($1::bigint[], j.id)], \
                  first_attempt_at = COALESCE(first_attempt_at, ($2::bigint[])[array_position($1::bigint[], j.id)]), \
                  updated_at = ($2::bigint[])[array_position($1::bigint[], j.id)] \
-                 WHERE j.id = ANY($1::bigint[]) AND j.state = 'pending' AND ",
+                 WHERE j.id = ANY($1::bigint[]) AND ",
+                super::still_pending!("j."),
+                " AND ",
                 held_by!(
                     "$3",
                     "($5::bigint[])[array_position($1::bigint[], j.id)]",
