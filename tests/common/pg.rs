@@ -47,6 +47,19 @@ impl TestDb {
         SecretUrl::new(self.url.clone())
     }
 
+    /// The PostgreSQL outbox writer of a worker named `test-worker` (30 s leases,
+    /// 3 s calls) on this database, and its task (ends once the writer is dropped).
+    pub async fn writer(
+        &self,
+    ) -> (
+        midas_worker::outbox::postgres::writer::PgWriter,
+        tokio::task::JoinHandle<()>,
+    ) {
+        midas_worker::outbox::postgres::writer::PgWriter::start(self.secret_url(), test_fence())
+            .await
+            .expect("writer")
+    }
+
     /// A connection to this test's database.
     pub async fn client(&self) -> tokio_postgres::Client {
         client(&self.url).await
@@ -92,4 +105,13 @@ pub async fn client(url: &str) -> tokio_postgres::Client {
         let _ = conn.await;
     });
     c
+}
+
+/// The fence of the worker [`TestDb::writer`] writes as.
+pub fn test_fence() -> midas_worker::outbox::postgres::writer::Fence {
+    midas_worker::outbox::postgres::writer::Fence {
+        me: "test-worker".into(),
+        lease_ms: 30_000,
+        call_ms: 3_000,
+    }
 }

@@ -11,24 +11,15 @@ use std::time::Duration;
 
 use crate::common::pg::TestDb;
 use midas_worker::command::Op;
-use midas_worker::engine::{AttemptRow, PreCallMark, Record, Update};
+use midas_worker::engine::{PreCallMark, Update};
 use midas_worker::job::JobState;
-use midas_worker::midas::{Answer, Api, OutcomeClass};
-use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
 use midas_worker::outbox::writer::Confirmed;
 use midas_worker::outbox::IntakeOutcome;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirm_waiting_on_a_reopen_leaves_the_target_owed_the_next_reply() {
     let db = TestDb::new("confirmrace").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
-    let (w, task) = PgWriter::start(db.secret_url(), fence)
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     let bill = "B-CONFIRM-RACE";
     let i = crate::outbox_schema::intake("wx1234567", Op::Pay, bill, Some("key-1"), "c1");
     let job = match w.intake(i).await {
@@ -47,32 +38,14 @@ async fn a_confirm_waiting_on_a_reopen_leaves_the_target_owed_the_next_reply() {
     assert!(marked.lost.is_empty());
     let reply = br#"{"status":"failed","errcode":90010}"#.to_vec();
     let landed = w
-        .record(Record {
-            job_id: job.id,
-            attempts_total: 1,
-            first_attempt_at: Some(1),
-            uncertain: false,
-            rows: vec![AttemptRow {
-                n: 1,
-                started_at: 1,
-                answer: Answer {
-                    api: Api::Pay,
-                    class: OutcomeClass::Definitive,
-                    http_status: Some(200),
-                    errcode: Some(90010),
-                    errmsg: None,
-                    body: Default::default(),
-                    latency: Duration::ZERO,
-                },
-            }],
-            update: Update::Final {
+        .record(crate::pg_batch::outcome(
+            &job,
+            job.lease_gen,
+            Update::Final {
                 state: JobState::Failed,
                 reply,
             },
-            now: 2,
-            lease_gen: job.lease_gen,
-            session_guard: None,
-        })
+        ))
         .await
         .expect("final outcome");
     let published = landed.replies.first().expect("the reply to publish");

@@ -10,7 +10,6 @@ use crate::common::pg::TestDb;
 use midas_worker::command::Op;
 use midas_worker::engine::job::Job;
 use midas_worker::engine::PreCallMark;
-use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
 use midas_worker::outbox::IntakeOutcome;
 
 /// A current-thread runtime: the marks sent together by `join!` are all queued
@@ -18,14 +17,7 @@ use midas_worker::outbox::IntakeOutcome;
 #[tokio::test(flavor = "current_thread")]
 async fn a_stale_generation_mark_in_a_batched_statement_is_refused_while_the_others_land() {
     let db = TestDb::new("pgbatch").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
-    let (w, task) = PgWriter::start(db.secret_url(), fence)
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     let mut jobs: Vec<Job> = Vec::new();
     for n in 0..6 {
         let bill = format!("B-PGMK-{n}");
@@ -145,14 +137,7 @@ async fn a_batch_of_mixed_intakes_and_outcomes_answers_each_row_as_alone() {
     use midas_worker::job::JobState;
     use midas_worker::midas::OutcomeClass;
     let db = TestDb::new("pgmix").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
-    let (w, task) = PgWriter::start(db.secret_url(), fence)
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     let cmd = |bill: &str, player: &str, key: Option<&str>| {
         let mut i = crate::outbox_schema::intake("wx1234567", Op::Pay, bill, key, bill);
         i.command.params.openid = player.into();
@@ -348,14 +333,7 @@ async fn a_batch_of_mixed_intakes_and_outcomes_answers_each_row_as_alone() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_players_jobs_keep_their_arrival_order_through_a_sorted_batch() {
     let db = TestDb::new("pgorder").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
-    let (w, task) = PgWriter::start(db.secret_url(), fence)
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     // 7 players × 40 commands, interleaved, sent before any is answered
     let sends = (0..40).flat_map(|n| {
         (0..7).map(move |p| {

@@ -11,7 +11,6 @@ use crate::common::pg::TestDb;
 use midas_worker::command::Op;
 use midas_worker::engine::{PreCallMark, Update};
 use midas_worker::job::JobState;
-use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
 use midas_worker::outbox::IntakeOutcome;
 
 /// Index scans of the partial indexes on pending jobs, and of the primary key, as
@@ -47,14 +46,7 @@ async fn settled(db: &TestDb) -> (i64, i64) {
 #[tokio::test(flavor = "current_thread")]
 async fn marks_and_outcomes_find_their_jobs_by_primary_key_when_statistics_say_few_are_pending() {
     let db = TestDb::new("pgplans").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
-    let (w, task) = PgWriter::start(db.secret_url(), fence.clone())
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     let c = db.client().await;
     // history: 20,000 finished jobs, and statistics taken then (none pending)
     c.batch_execute(
@@ -87,9 +79,7 @@ async fn marks_and_outcomes_find_their_jobs_by_primary_key_when_statistics_say_f
     let before = settled(&db).await;
 
     // a writer of its own for the marks and the outcomes, each in one statement
-    let (w, task) = PgWriter::start(db.secret_url(), fence)
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     let marks: Vec<PreCallMark> = jobs
         .iter()
         .map(|j| PreCallMark {

@@ -172,16 +172,8 @@ async fn sqlite_a_new_session_key_during_a_session_failure_runs_the_job_again() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_new_session_key_during_a_session_failure_runs_the_job_again() {
-    use midas_worker::outbox::postgres::writer::{Fence, PgWriter};
     let db = TestDb::new("sessrace").await;
-    let fence = Fence {
-        me: "test-worker".into(),
-        lease_ms: 30_000,
-        call_ms: 3_000,
-    };
-    let (w, task) = PgWriter::start(db.secret_url(), fence)
-        .await
-        .expect("writer");
+    let (w, task) = db.writer().await;
     let landed = race(|i| w.intake(i), |r| w.record(r), "B-SR-2").await;
     check(&landed);
     drop(w);
