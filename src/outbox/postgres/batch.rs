@@ -261,11 +261,11 @@ async fn take_and_claim<'a>(
     Ok(taken)
 }
 
-/// The lease condition of an outcome row (see `writes.rs`): the player's lease is
-/// still this worker's (`$owner`) at the row's generation (`u.gen`).
-/// See [`super::still_pending`].
+/// An outcome row's job is still pending (see [`super::still_pending`]).
 const PENDING: &str = super::still_pending!("j.");
 
+/// The lease condition of an outcome row (see `writes.rs`): the player's lease is
+/// still this worker's (`$owner`) at the row's generation (`u.gen`).
 const HELD: &str = "EXISTS (SELECT 1 FROM player_leases l WHERE l.appid = j.appid \
      AND l.openid = j.openid AND l.owner = $";
 

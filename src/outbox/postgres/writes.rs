@@ -36,9 +36,9 @@ pub(super) async fn published_many(
 ) -> Result<(), OutboxError> {
     // Only while the published bytes are still the job's reply (see [`Confirmed`]),
     // judged on the job's row under a share lock: a re-open of the job in another
-    // transaction (a re-sent command with a new session_key, on another worker or
-    // another writer connection) clears the reply and owes every target the next
-    // one. Without the lock the confirm, waiting on the re-opened target row, would
+    // transaction (a re-sent command with a new session_key taken in by another
+    // worker, or an operator's retry) clears the reply and owes every target the
+    // next one. Without the lock the confirm, waiting on the re-opened target row, would
     // re-check it against the job row of its own snapshot — the old reply — and
     // mark that target published for good (bug R, tests/it/confirm_race.rs). The
     // lock waits for the re-open and reads the row it left. Locked in id order.
