@@ -181,13 +181,18 @@ impl Coordinator {
                 .map(|p| (p.appid.clone(), p.openid.clone()))
                 .unzip();
             super::trip();
+            // the rows picked are found again by id: on the primary key (see
+            // `still_pending!`)
             c.execute(
-                "UPDATE jobs j SET claimed_by = NULL WHERE j.id IN ( \
-                   SELECT s.id FROM jobs s WHERE s.claimed_by = $1 AND s.state = 'pending' \
-                   AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS h(appid, openid) \
-                     WHERE h.appid = s.appid AND h.openid = s.openid) \
-                   FOR UPDATE SKIP LOCKED) \
-                 AND j.claimed_by = $1 AND j.state = 'pending'",
+                concat!(
+                    "UPDATE jobs j SET claimed_by = NULL WHERE j.id IN ( \
+                       SELECT s.id FROM jobs s WHERE s.claimed_by = $1 AND s.state = 'pending' \
+                       AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS h(appid, openid) \
+                         WHERE h.appid = s.appid AND h.openid = s.openid) \
+                       FOR UPDATE SKIP LOCKED) \
+                     AND j.claimed_by = $1 AND ",
+                    super::still_pending!("j.")
+                ),
                 &[&&*me, &apps, &openids],
             )
             .await?;
