@@ -77,9 +77,10 @@ async fn a_confirm_waiting_on_a_reopen_leaves_the_target_owed_the_next_reply() {
         let w = w.clone();
         async move { w.flush().await }
     });
-    // it waits for the re-open's locks (or, without the row lock, lands at once)
+    // it waits for the re-open's row locks (with or without the fix: the target
+    // row is locked too); the re-open commits only once it is seen waiting
     let watch = db.client().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let waiting: i64 = watch
             .query_one(
@@ -90,9 +91,17 @@ async fn a_confirm_waiting_on_a_reopen_leaves_the_target_owed_the_next_reply() {
             .await
             .expect("pg_stat_activity")
             .get(0);
-        if waiting > 0 || flushed.is_finished() || tokio::time::Instant::now() > deadline {
+        if waiting > 0 {
             break;
         }
+        assert!(
+            !flushed.is_finished(),
+            "the confirm landed without waiting for the re-open"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the confirm never reached the re-open's locks"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     reopen.commit().await.expect("commit the re-open");

@@ -13,34 +13,50 @@ use midas_worker::engine::{PreCallMark, Update};
 use midas_worker::job::JobState;
 use midas_worker::outbox::IntakeOutcome;
 
-/// Index scans of the partial indexes on pending jobs, and of the primary key, as
-/// PostgreSQL's statistics count them (each backend reports at its exit).
-async fn scans(db: &TestDb) -> (i64, i64) {
+/// What PostgreSQL's statistics count on `jobs` so far: index scans of the partial
+/// indexes on pending jobs, of the primary key, and rows updated. A backend
+/// reports its counts at once when it exits (all of them in one go).
+#[derive(Debug, Clone, Copy)]
+struct Counts {
+    partial: i64,
+    pkey: i64,
+    updated: i64,
+}
+
+async fn counts(db: &TestDb) -> Counts {
     let c = db.client().await;
     let row = c
         .query_one(
-            "SELECT COALESCE(sum(idx_scan) FILTER (WHERE indexrelname IN ('jobs_pending_player', 'jobs_unclaimed')), 0)::bigint, \
-             COALESCE(sum(idx_scan) FILTER (WHERE indexrelname = 'jobs_pkey'), 0)::bigint \
-             FROM pg_stat_user_indexes WHERE relname = 'jobs'",
+            "SELECT COALESCE((SELECT sum(idx_scan) FROM pg_stat_user_indexes WHERE relname = 'jobs' \
+               AND indexrelname IN ('jobs_pending_player', 'jobs_unclaimed')), 0)::bigint, \
+             COALESCE((SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'jobs_pkey'), 0)::bigint, \
+             COALESCE((SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'jobs'), 0)::bigint",
             &[],
         )
         .await
-        .expect("index statistics");
-    (row.get(0), row.get(1))
+        .expect("statistics");
+    Counts {
+        partial: row.get(0),
+        pkey: row.get(1),
+        updated: row.get(2),
+    }
 }
 
-/// Wait until the statistics stop moving (the writers' backends have exited).
-async fn settled(db: &TestDb) -> (i64, i64) {
-    let mut last = scans(db).await;
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = scans(db).await;
-        if now == last {
+/// The counts once a writer that updated `rows` rows of `jobs` has reported them
+/// (this test's own client updates none).
+async fn reported(db: &TestDb, rows: i64) -> Counts {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = counts(db).await;
+        if now.updated >= rows {
             return now;
         }
-        last = now;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer's statistics never arrived: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    last
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -76,7 +92,8 @@ async fn marks_and_outcomes_find_their_jobs_by_primary_key_when_statistics_say_f
     .expect("backlog");
     drop(w);
     task.await.expect("writer task");
-    let before = settled(&db).await;
+    // the intake claimed each of its jobs (one update each)
+    let before = reported(&db, jobs.len() as i64).await;
 
     // a writer of its own for the marks and the outcomes, each in one statement
     let (w, task) = db.writer().await;
@@ -105,12 +122,13 @@ async fn marks_and_outcomes_find_their_jobs_by_primary_key_when_statistics_say_f
     assert!(landed.iter().all(|l| l.is_ok()), "every outcome landed");
     drop(w);
     task.await.expect("writer task");
-    let after = settled(&db).await;
+    // each job marked once and finished once
+    let after = reported(&db, before.updated + 2 * jobs.len() as i64).await;
 
     assert_eq!(
-        after.0 - before.0,
+        after.partial - before.partial,
         0,
         "the marks and outcomes scanned a partial index on pending jobs"
     );
-    assert!(after.1 > before.1, "they used the primary key");
+    assert!(after.pkey > before.pkey, "they used the primary key");
 }
