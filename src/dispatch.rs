@@ -338,17 +338,7 @@ impl Dispatcher {
         let mut marks = Vec::new();
         for a in actions.drain(..) {
             match a {
-                Action::Mark {
-                    id,
-                    at,
-                    gen,
-                    refresh,
-                } => marks.push(PreCallMark {
-                    id,
-                    at,
-                    gen,
-                    refresh,
-                }),
+                Action::Mark(m) => marks.push(m),
                 Action::GiveBack { appid, openid, gen } => {
                     if let Some(release) = &self.release {
                         tracing::warn!(%appid, %openid, "lease on the player lost; its jobs go to the worker holding it");

@@ -16,7 +16,7 @@ use midas_worker::command::{Op, Params, Reply, Status};
 use midas_worker::config::{Dur, RetryConfig};
 use midas_worker::engine::job::{Job, JobState};
 use midas_worker::engine::{Action, BalanceCmd, Engine, EngineConfig, Event};
-use midas_worker::engine::{HeldPlayer, Record, Update};
+use midas_worker::engine::{HeldPlayer, PreCallMark, Record, Update};
 use midas_worker::midas::{errcode, Answer, Api, Body, OutcomeClass};
 use midas_worker::secret::Secret;
 use rand::rngs::SmallRng;
@@ -216,12 +216,12 @@ impl Sim {
         let mut marks = Vec::new();
         for a in out {
             match a {
-                Action::Mark {
+                Action::Mark(PreCallMark {
                     id,
                     at,
                     gen,
                     refresh,
-                } => {
+                }) => {
                     if refresh {
                         // only a shared outbox's fence is ever refreshed
                         return Err(format!("job {id}: a refresh mark without a lease fence"));

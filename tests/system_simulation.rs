@@ -243,22 +243,12 @@ impl Sim {
         let mut marks = Vec::new();
         for a in out {
             match a {
-                Action::Mark {
-                    id,
-                    at,
-                    gen,
-                    refresh,
-                } => {
-                    if refresh {
+                Action::Mark(m) => {
+                    if m.refresh {
                         REFRESHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        self.log(|| format!("w{w} refreshes the mark of {id}"));
+                        self.log(|| format!("w{w} refreshes the mark of {}", m.id));
                     }
-                    marks.push(PreCallMark {
-                        id,
-                        at,
-                        gen,
-                        refresh,
-                    })
+                    marks.push(m)
                 }
                 Action::Call {
                     id,

@@ -73,16 +73,11 @@ pub struct BalanceCmd {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Action {
-    /// Make durable that a call of job `id` may go out now (calls + 1, window
-    /// start; see [`crate::engine::PreCallMark`]); on a shared outbox only while
-    /// the player's lease is still at generation `gen` and outlives the call.
-    /// `refresh`: the fence checked again for a job marked before (no new count).
-    Mark {
-        id: i64,
-        at: i64,
-        gen: i64,
-        refresh: bool,
-    },
+    /// Make durable that a call of the mark's job may go out now (calls + 1,
+    /// window start); on a shared outbox only while the player's lease is still
+    /// at the mark's generation and outlives the call (see
+    /// [`crate::engine::PreCallMark`], a refresh included).
+    Mark(crate::engine::PreCallMark),
     /// Call Midas; answer with [`Event::Answered`] (or [`Event::BalanceFetched`] when
     /// `then_finish` is set).
     Call {

@@ -47,9 +47,7 @@ fn gave_back(out: &[Action]) -> Vec<i64> {
 fn mark_list(out: &[Action]) -> Vec<(i64, i64, bool)> {
     out.iter()
         .filter_map(|a| match a {
-            Action::Mark {
-                id, gen, refresh, ..
-            } => Some((*id, *gen, *refresh)),
+            Action::Mark(m) => Some((m.id, m.gen, m.refresh)),
             _ => None,
         })
         .collect()
@@ -336,14 +334,6 @@ fn a_lease_lost_at_an_older_generation_keeps_the_jobs_of_a_newer_take() {
     assert!(e.holds(1) && !e.holds(2));
 }
 
-/// The marks among `out`: (job id, refresh).
-fn marks_made(out: &[Action]) -> Vec<(i64, bool)> {
-    mark_list(out)
-        .into_iter()
-        .map(|(id, _, r)| (id, r))
-        .collect()
-}
-
 /// Marks run ahead of the call slots on a shared outbox too: a job marked while
 /// every slot was busy calls as soon as one frees while its fence still covers
 /// the call; one that waited past the fence's margin is marked again first (a
@@ -363,8 +353,8 @@ fn a_mark_that_waited_past_the_fence_margin_for_a_slot_is_refreshed_before_its_c
         e.handle(Event::Accepted(at_gen(1, 1)), 0, &mut out);
         e.handle(Event::Accepted(second), 0, &mut out);
         assert_eq!(
-            marks_made(&out),
-            vec![(1, false), (2, false)],
+            mark_list(&out),
+            vec![(1, 1, false), (2, 1, false)],
             "one slot + one ahead"
         );
         out.clear();
@@ -379,10 +369,10 @@ fn a_mark_that_waited_past_the_fence_margin_for_a_slot_is_refreshed_before_its_c
         );
         if !refreshed {
             assert_eq!(calls(&out), vec![2], "the fence still covers it");
-            assert!(marks_made(&out).is_empty());
+            assert!(mark_list(&out).is_empty());
         } else {
             assert!(calls(&out).is_empty(), "no call on a stale fence: {out:?}");
-            assert_eq!(marks_made(&out), vec![(2, true)]);
+            assert_eq!(mark_list(&out), vec![(2, 1, true)]);
             out.clear();
             e.handle(Event::Marked(2, Some(freed_at)), freed_at, &mut out);
             assert_eq!(calls(&out), vec![2]);

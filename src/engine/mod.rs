@@ -115,12 +115,12 @@ impl Entry {
     /// fence is unchecked until the mark lands.
     fn mark(&mut self, id: i64, now: i64, refresh: bool) -> Action {
         self.fence_at = None;
-        Action::Mark {
+        Action::Mark(PreCallMark {
             id,
             at: now,
             gen: self.job.lease_gen,
             refresh,
-        }
+        })
     }
 
     fn waiting(job: Job, order: Order, target: Option<(String, String)>) -> Entry {

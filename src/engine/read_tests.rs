@@ -47,7 +47,7 @@ fn balance_answer(class: OutcomeClass, code: i64, balance: Option<i64>) -> Box<A
 fn marks(out: &[Action]) -> Vec<(i64, i64)> {
     out.iter()
         .filter_map(|a| match a {
-            Action::Mark { id, gen, .. } => Some((*id, *gen)),
+            Action::Mark(m) => Some((m.id, m.gen)),
             _ => None,
         })
         .collect()

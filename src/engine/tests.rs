@@ -74,7 +74,10 @@ fn a_reopen_during_the_final_write_runs_the_job_again_with_the_new_key() {
     let mut e = Engine::new(cfg(), 1);
     let mut out = Vec::new();
     e.handle(Event::Accepted(job(1, "wx")), 0, &mut out);
-    assert!(matches!(out.as_slice(), [Action::Mark { id: 1, .. }]));
+    assert!(matches!(
+        out.as_slice(),
+        [Action::Mark(PreCallMark { id: 1, .. })]
+    ));
     out.clear();
     e.handle(Event::Marked(1, None), 0, &mut out);
     out.clear();
@@ -97,7 +100,7 @@ fn a_reopen_during_the_final_write_runs_the_job_again_with_the_new_key() {
     e.handle(Event::Recorded(1), 3, &mut out);
     assert!(e.holds(1), "the job is pending again");
     match out.as_slice() {
-        [Action::Mark { id: 1, .. }] => {}
+        [Action::Mark(PreCallMark { id: 1, .. })] => {}
         other => panic!("{other:?}"),
     }
     out.clear();
@@ -125,7 +128,7 @@ fn a_job_of_a_removed_app_is_never_called() {
     assert_eq!(out.first().and_then(final_state), Some(JobState::Unknown));
     assert!(!out
         .iter()
-        .any(|a| matches!(a, Action::Call { .. } | Action::Mark { .. })));
+        .any(|a| matches!(a, Action::Call { .. } | Action::Mark(_))));
 }
 
 #[test]
@@ -167,7 +170,7 @@ fn a_call_cut_off_by_a_crash_makes_the_job_uncertain() {
 fn marks(out: &[Action]) -> Vec<i64> {
     out.iter()
         .filter_map(|a| match a {
-            Action::Mark { id, .. } => Some(*id),
+            Action::Mark(m) => Some(m.id),
             _ => None,
         })
         .collect()
@@ -351,7 +354,7 @@ fn a_job_answered_transient_retries_until_its_deadline_and_ends_there() {
         let mut next = Vec::new();
         for a in out.drain(..) {
             match a {
-                Action::Mark { id, .. } => e.handle(Event::Marked(id, None), now, &mut next),
+                Action::Mark(m) => e.handle(Event::Marked(m.id, None), now, &mut next),
                 Action::Call { id, .. } => {
                     calls += 1;
                     last_call = now;
@@ -479,7 +482,7 @@ fn a_session_failure_written_as_a_reopen_runs_again_with_the_outboxs_key() {
     e.handle(Event::ReopenedWithKey(1, Secret::new("k2")), 3, &mut out);
     assert!(e.holds(1), "the job is not over");
     assert!(
-        matches!(out.as_slice(), [Action::Mark { id: 1, .. }]),
+        matches!(out.as_slice(), [Action::Mark(PreCallMark { id: 1, .. })]),
         "marked again at once: {out:?}"
     );
     out.clear();
