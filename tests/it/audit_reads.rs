@@ -372,48 +372,34 @@ async fn csv_cells_that_look_like_formulas_are_not_run_by_a_spreadsheet() {
     let (w, join) = Writer::start(&f.path, None).expect("writer");
     let j = Jobber { w: &w };
     let now = now_ms();
-    let id = j
-        .intake(
-            Op::Pay,
+    // an openid and an errmsg that a spreadsheet would run as formulas
+    for (bill, openid, corr, errmsg) in [
+        (
             "B-CSV",
             "=HYPERLINK(\"http://evil\",\"x\")",
             "c-csv",
-            now,
-        )
-        .await;
-    j.attempt(
-        id,
-        1,
-        now,
-        now,
-        answer(
-            Api::Pay,
-            OutcomeClass::Definitive,
-            Some(200),
-            Some(90013),
             "@SUM(1+1)",
         ),
-        Some(JobState::Failed),
-        reply("B-CSV", "failed", 90013, 1),
-    )
-    .await;
-    let id = j.intake(Op::Pay, "B-CSV2", "+1-555", "c-csv2", now).await;
-    j.attempt(
-        id,
-        1,
-        now,
-        now,
-        answer(
-            Api::Pay,
-            OutcomeClass::Definitive,
-            Some(200),
-            Some(90013),
-            "-2+3\tx",
-        ),
-        Some(JobState::Failed),
-        reply("B-CSV2", "failed", 90013, 1),
-    )
-    .await;
+        ("B-CSV2", "+1-555", "c-csv2", "-2+3\tx"),
+    ] {
+        let id = j.intake(Op::Pay, bill, openid, corr, now).await;
+        j.attempt(
+            id,
+            1,
+            now,
+            now,
+            answer(
+                Api::Pay,
+                OutcomeClass::Definitive,
+                Some(200),
+                Some(90013),
+                errmsg,
+            ),
+            Some(JobState::Failed),
+            reply(bill, "failed", 90013, 1),
+        )
+        .await;
+    }
     w.flush().await.expect("flush");
     drop(w);
     join.join().expect("writer thread");
